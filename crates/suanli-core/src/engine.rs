@@ -1,0 +1,1747 @@
+//! The engine: a deterministic state machine from commands to events.
+//!
+//! [`Engine::apply`] takes a [`Command`] and the caller's `now` and returns what happened as
+//! [`Event`]s. A rejected command changes nothing and yields one [`Event::Rejected`].
+//!
+//! # Scheduling
+//! A submitted request is placed at once when nothing of its class or a more important one is
+//! waiting for capacity; otherwise it waits for the next [`Command::Tick`]. A tick first expires
+//! leases whose time is up, then runs one pass over the queue:
+//! - classes in order (critical, standard, spot); inside a class the tenant with the smallest
+//!   weighted share (usage over weight) goes next, and a tenant's own requests go FIFO;
+//! - a request that fits, and whose tenant stays within quota plus borrowing limit, is placed;
+//! - a critical or standard request that does not fit may preempt spot leases, and, when its
+//!   tenant is within its nominal quota, leases that other tenants placed on borrowed capacity;
+//! - the first request that still does not fit gets a reservation: the time its capacity frees up,
+//!   estimated from lease end times, and the groups it could use. Later requests are backfilled
+//!   only if they end before that time or use none of those groups (EASY backfill).
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BinaryHeap};
+use std::hash::{Hash, Hasher};
+
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
+
+use crate::capacity::Slice;
+use crate::catalogue::Catalogue;
+use crate::digest::Fnv64;
+use crate::error::CoreError;
+use crate::fleet::{Fleet, FleetError, PoolSpec};
+use crate::placement::{Filter, Plan, Policy, PoolHealth, Supply};
+use crate::queue::WaitQueue;
+use crate::request::{
+    EndReason, Priority, RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
+};
+use crate::units::{Millis, PoolIx, RequestId, TenantIx, Tflops};
+
+/// Longest duration a request may ask for: one year.
+pub const MAX_DURATION_MS: Millis = 366 * 24 * 3600 * 1000;
+
+/// Settings of the engine that are not per request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Placement policy for requests that name none.
+    pub default_policy: Policy,
+}
+
+/// What the engine is asked to do. Every command is applied at a caller-given `now`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Add a pool with all its nodes free.
+    RegisterPool(PoolSpec),
+    /// Change a registered pool: name, kind, region, RTT, zone, prices, interconnect, and node
+    /// counts (nodes can be added; removed only when they are free). Models and node sizes of
+    /// its groups cannot change.
+    UpdatePool(PoolSpec),
+    /// Keep the pool's leases but place nothing new there.
+    DrainPool {
+        /// Pool id.
+        pool: String,
+    },
+    /// Let a draining pool take new work again.
+    UndrainPool {
+        /// Pool id.
+        pool: String,
+    },
+    /// The pool is gone: its leases end as lost, or go back to the queue when they asked to.
+    LosePool {
+        /// Pool id.
+        pool: String,
+    },
+    /// A lost pool is back, with all its nodes free.
+    RestorePool {
+        /// Pool id.
+        pool: String,
+    },
+    /// Create or change a tenant.
+    SetTenant(TenantSpec),
+    /// A tenant asks for compute.
+    Submit(RequestSpec),
+    /// The tenant withdraws a queued request or stops a placed one.
+    Cancel {
+        /// The request.
+        request: RequestId,
+    },
+    /// The tenant is done with a placed request before its time.
+    Release {
+        /// The request.
+        request: RequestId,
+    },
+    /// The pool confirms that a placed lease started.
+    LeaseStarted {
+        /// The request.
+        request: RequestId,
+    },
+    /// The pool reports that a lease's job ended.
+    LeaseFinished {
+        /// The request.
+        request: RequestId,
+        /// Whether the job failed.
+        failed: bool,
+    },
+    /// Expire leases whose time is up and schedule what waits.
+    Tick,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A pool joined the fleet.
+    PoolRegistered {
+        /// Pool id.
+        pool: String,
+    },
+    /// A pool's specification changed.
+    PoolUpdated {
+        /// Pool id.
+        pool: String,
+    },
+    /// A pool's health changed.
+    PoolHealthChanged {
+        /// Pool id.
+        pool: String,
+        /// New health.
+        health: PoolHealth,
+    },
+    /// A tenant was created or changed.
+    TenantSet {
+        /// Tenant name.
+        tenant: String,
+    },
+    /// A request was accepted and queued.
+    Submitted {
+        /// The new request's id.
+        request: RequestId,
+    },
+    /// A request got a lease.
+    Placed {
+        /// The request.
+        request: RequestId,
+    },
+    /// The pool confirmed the lease started.
+    Started {
+        /// The request.
+        request: RequestId,
+    },
+    /// A lease ended but the request went back to the queue.
+    Requeued {
+        /// The request.
+        request: RequestId,
+        /// Why its lease ended.
+        reason: EndReason,
+    },
+    /// A request reached a final state; the engine forgets it.
+    Ended {
+        /// The request.
+        request: RequestId,
+        /// Its final state.
+        state: RequestState,
+        /// Why.
+        reason: EndReason,
+    },
+    /// The command was rejected and changed nothing.
+    Rejected {
+        /// Why.
+        error: CoreError,
+    },
+}
+
+#[derive(Clone, Debug, Hash)]
+pub(crate) struct Tenant {
+    pub spec: TenantSpec,
+    pub used: Tflops,
+    pub borrowed: Tflops,
+    pub live_leases: u32,
+    pub queued: u32,
+}
+
+impl Tenant {
+    fn limit(&self) -> Tflops {
+        self.spec
+            .quota_tflops
+            .saturating_add(self.spec.borrow_limit_tflops.unwrap_or(Tflops::MAX))
+    }
+}
+
+#[derive(Clone, Debug, Hash)]
+pub(crate) struct Lease {
+    pub slices: Vec<Slice>,
+    pub start: Millis,
+    pub end: Millis,
+    pub tflops: Tflops,
+    pub price_fen_per_hour: u64,
+    /// TFLOPS of this lease above its tenant's quota when it was placed: reclaimable.
+    pub borrowed: Tflops,
+}
+
+#[derive(Clone, Debug, Hash)]
+pub(crate) struct Request {
+    pub tenant: TenantIx,
+    pub shape: Shape,
+    pub duration: Millis,
+    pub priority: Priority,
+    pub filter: Filter,
+    /// Hash of the filter, so the pass can remember shapes that did not fit.
+    pub filter_key: u64,
+    pub policy: Policy,
+    pub start_after: Millis,
+    pub deadline: Option<Millis>,
+    pub requeue: bool,
+    pub submitted_at: Millis,
+    pub state: RequestState,
+    pub reason: WaitReason,
+    pub position: u32,
+    /// Fleet epoch at which `matchable` was computed.
+    pub match_epoch: u64,
+    pub matchable: bool,
+    pub lease: Option<Lease>,
+}
+
+/// The reservation of the first request that could not be placed in the last pass.
+#[derive(Clone, Debug)]
+pub(crate) struct Reservation {
+    pub request: RequestId,
+    /// When enough capacity frees up, by lease end times; `None` if it never does by itself.
+    pub at: Option<Millis>,
+    /// The groups it could use.
+    pub groups: Vec<bool>,
+}
+
+/// Share of a tenant for fair-share ordering: usage over weight, compared exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Share {
+    used: Tflops,
+    weight: u32,
+    tenant: TenantIx,
+}
+
+impl Ord for Share {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let a = self.used as u128 * other.weight as u128;
+        let b = other.used as u128 * self.weight as u128;
+        a.cmp(&b).then(self.tenant.cmp(&other.tenant))
+    }
+}
+
+impl PartialOrd for Share {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The allocation engine. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    pub(crate) config: EngineConfig,
+    pub(crate) supply: Supply,
+    pub(crate) tenants: Vec<Tenant>,
+    pub(crate) tenant_ids: BTreeMap<String, TenantIx>,
+    pub(crate) requests: FxHashMap<RequestId, Request>,
+    pub(crate) queue: WaitQueue,
+    /// Lease end times; entries of leases that ended early are dropped lazily.
+    ends: BinaryHeap<Reverse<(Millis, RequestId)>>,
+    live_leases: usize,
+    /// Queued requests per class that wait for capacity (or have not been looked at yet).
+    capacity_waiting: [u32; 3],
+    spot_leases: u32,
+    borrowing_leases: u32,
+    pub(crate) reservation: Option<Reservation>,
+    /// Bumped whenever the fleet changes shape, so cached `matchable` answers are recomputed.
+    fleet_epoch: u64,
+    next_request: u64,
+    pub(crate) now: Millis,
+}
+
+/// Outcome of trying to start one queued request.
+enum Start {
+    Placed,
+    Waits,
+    Gone,
+}
+
+impl Engine {
+    /// An engine with a catalogue and no pools or tenants.
+    pub fn new(config: EngineConfig, catalogue: Catalogue) -> Self {
+        Engine {
+            config,
+            supply: Supply::new(catalogue),
+            tenants: Vec::new(),
+            tenant_ids: BTreeMap::new(),
+            requests: FxHashMap::default(),
+            queue: WaitQueue::default(),
+            ends: BinaryHeap::new(),
+            live_leases: 0,
+            capacity_waiting: [0; 3],
+            spot_leases: 0,
+            borrowing_leases: 0,
+            reservation: None,
+            fleet_epoch: 0,
+            next_request: 1,
+            now: 0,
+        }
+    }
+
+    /// An engine with every pool of a fleet registered at time 0.
+    pub fn with_fleet(
+        config: EngineConfig,
+        catalogue: Catalogue,
+        fleet: &Fleet,
+    ) -> Result<Self, CoreError> {
+        let mut e = Engine::new(config, catalogue);
+        for pool in &fleet.pools {
+            e.register_pool(pool.clone())?;
+        }
+        Ok(e)
+    }
+
+    /// Applies a command at `now` and returns its events.
+    pub fn apply(&mut self, command: Command, now: Millis) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.apply_into(command, now, &mut out);
+        out
+    }
+
+    /// Applies a command at `now`, appending its events to `out`. Time never goes backwards: an
+    /// earlier `now` is taken as the latest time seen.
+    pub fn apply_into(&mut self, command: Command, now: Millis, out: &mut Vec<Event>) {
+        self.now = self.now.max(now);
+        let result = match command {
+            Command::RegisterPool(spec) => self.register_pool(spec).map(|p| {
+                out.push(Event::PoolRegistered { pool: p });
+            }),
+            Command::UpdatePool(spec) => self.update_pool(spec, out),
+            Command::DrainPool { pool } => self.set_health(&pool, PoolHealth::Draining, out),
+            Command::UndrainPool { pool } => self.set_health(&pool, PoolHealth::Healthy, out),
+            Command::LosePool { pool } => self.set_health(&pool, PoolHealth::Lost, out),
+            Command::RestorePool { pool } => self.set_health(&pool, PoolHealth::Healthy, out),
+            Command::SetTenant(spec) => self.set_tenant(spec, out),
+            Command::Submit(spec) => self.submit(spec, out),
+            Command::Cancel { request } => self.cancel(request, out),
+            Command::Release { request } => self.end_live(
+                request,
+                "release",
+                RequestState::Completed,
+                EndReason::Released,
+                out,
+            ),
+            Command::LeaseStarted { request } => self.started(request, out),
+            Command::LeaseFinished { request, failed } => {
+                let (state, reason) = if failed {
+                    (RequestState::Failed, EndReason::JobFailed)
+                } else {
+                    (RequestState::Completed, EndReason::Finished)
+                };
+                self.end_live(request, "finish", state, reason, out)
+            }
+            Command::Tick => {
+                self.expire(out);
+                self.schedule(out);
+                Ok(())
+            }
+        };
+        if let Err(error) = result {
+            out.push(Event::Rejected { error });
+        }
+    }
+
+    // ----- pools -----
+
+    fn register_pool(&mut self, spec: PoolSpec) -> Result<String, CoreError> {
+        spec.validate(&self.supply.catalogue)?;
+        if self.supply.pool_ids.contains_key(&spec.id) {
+            return Err(CoreError::DuplicatePool { pool: spec.id });
+        }
+        let id = spec.id.clone();
+        let (_, models) = self.supply.add_pool(spec);
+        self.supply.rebuild(models);
+        self.fleet_epoch += 1;
+        Ok(id)
+    }
+
+    fn pool_ix(&self, pool: &str) -> Result<PoolIx, CoreError> {
+        self.supply
+            .pool_ids
+            .get(pool)
+            .copied()
+            .ok_or_else(|| CoreError::UnknownPool {
+                pool: pool.to_string(),
+            })
+    }
+
+    fn update_pool(&mut self, spec: PoolSpec, out: &mut Vec<Event>) -> Result<(), CoreError> {
+        let ix = self.pool_ix(&spec.id)?;
+        spec.validate(&self.supply.catalogue)?;
+        let pool = &self.supply.pools[ix.0 as usize];
+        let bad = |field: String, reason: &str| {
+            CoreError::InvalidPool(FleetError::Invalid {
+                pool: spec.id.clone(),
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if spec.groups.len() != pool.spec.groups.len() {
+            return Err(bad(
+                "group".into(),
+                "the number of node groups cannot change",
+            ));
+        }
+        for (i, (new, old)) in spec.groups.iter().zip(&pool.spec.groups).enumerate() {
+            if new.model != old.model {
+                return Err(bad(format!("group[{i}].model"), "cannot change"));
+            }
+            if new.devices_per_node != old.devices_per_node {
+                return Err(bad(format!("group[{i}].devices_per_node"), "cannot change"));
+            }
+            let g = &self.supply.groups[pool.groups.start as usize + i];
+            if new.nodes < old.nodes
+                && g.nodes.free_per_node()[new.nodes as usize..]
+                    .iter()
+                    .any(|&f| f != new.devices_per_node)
+            {
+                return Err(bad(
+                    format!("group[{i}].nodes"),
+                    "the nodes to remove still hold leases",
+                ));
+            }
+        }
+        // Checked: now apply.
+        let first = pool.groups.start;
+        let mut models = 0u64;
+        for (i, new) in spec.groups.iter().enumerate() {
+            let g = &mut self.supply.groups[first as usize + i];
+            models |= 1 << g.model.0;
+            g.price = new.price_fen_per_device_hour;
+            let have = g.nodes.nodes();
+            if new.nodes > have {
+                g.nodes.grow(new.nodes - have);
+            } else {
+                g.nodes.shrink(have - new.nodes);
+            }
+        }
+        let region = self.supply.regions.intern(&spec.region);
+        let zone = self.supply.zones.intern(&spec.data_zone);
+        let pool = &mut self.supply.pools[ix.0 as usize];
+        pool.region = region;
+        pool.zone = zone;
+        let id = spec.id.clone();
+        pool.spec = spec;
+        self.supply.rebuild(models);
+        self.fleet_epoch += 1;
+        out.push(Event::PoolUpdated { pool: id });
+        Ok(())
+    }
+
+    fn set_health(
+        &mut self,
+        pool: &str,
+        to: PoolHealth,
+        out: &mut Vec<Event>,
+    ) -> Result<(), CoreError> {
+        let ix = self.pool_ix(pool)?;
+        let from = self.supply.pools[ix.0 as usize].health;
+        let allowed = matches!(
+            (from, to),
+            (PoolHealth::Healthy, PoolHealth::Draining)
+                | (PoolHealth::Draining | PoolHealth::Lost, PoolHealth::Healthy)
+                | (PoolHealth::Healthy | PoolHealth::Draining, PoolHealth::Lost)
+        );
+        if !allowed {
+            return Err(CoreError::PoolState {
+                pool: pool.to_string(),
+                health: from.as_str(),
+                action: match to {
+                    PoolHealth::Healthy => "restore or undrain",
+                    PoolHealth::Draining => "drain",
+                    PoolHealth::Lost => "lose",
+                },
+            });
+        }
+        self.supply.pools[ix.0 as usize].health = to;
+        if to == PoolHealth::Lost {
+            let groups = self.supply.pools[ix.0 as usize].groups.clone();
+            let mut lost: Vec<RequestId> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| {
+                    r.lease
+                        .as_ref()
+                        .is_some_and(|l| l.slices.iter().any(|s| groups.contains(&s.group)))
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            lost.sort_unstable();
+            for id in lost {
+                self.end_lease(id, RequestState::Lost, EndReason::PoolLost, out);
+            }
+        }
+        for g in self.supply.pools[ix.0 as usize].groups.clone() {
+            self.supply.refresh(g);
+        }
+        out.push(Event::PoolHealthChanged {
+            pool: pool.to_string(),
+            health: to,
+        });
+        Ok(())
+    }
+
+    // ----- tenants -----
+
+    fn set_tenant(&mut self, spec: TenantSpec, out: &mut Vec<Event>) -> Result<(), CoreError> {
+        let invalid = |field, reason: &str| CoreError::InvalidTenant {
+            tenant: spec.name.clone(),
+            field,
+            reason: reason.to_string(),
+        };
+        if spec.name.is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+        if spec.weight == 0 {
+            return Err(invalid("weight", "must be at least 1"));
+        }
+        let name = spec.name.clone();
+        match self.tenant_ids.get(&spec.name) {
+            Some(&t) => self.tenants[t.0 as usize].spec = spec,
+            None => {
+                let t = TenantIx(self.tenants.len() as u32);
+                self.tenant_ids.insert(spec.name.clone(), t);
+                self.tenants.push(Tenant {
+                    spec,
+                    used: 0,
+                    borrowed: 0,
+                    live_leases: 0,
+                    queued: 0,
+                });
+            }
+        }
+        out.push(Event::TenantSet { tenant: name });
+        Ok(())
+    }
+
+    // ----- requests -----
+
+    fn resolve_filter(&self, spec: &RequestSpec) -> Result<Filter, CoreError> {
+        let c = &spec.constraints;
+        let mut models = 0u64;
+        for (i, m) in c.models.iter().enumerate() {
+            let ix = self.supply.catalogue.lookup(m).ok_or_else(|| {
+                CoreError::field(
+                    format!("constraints.models[{i}]"),
+                    format!("unknown accelerator model {m:?}"),
+                )
+            })?;
+            models |= 1 << ix.0;
+        }
+        if models == 0 {
+            models = self.supply.all_models();
+        }
+        let mut regions = Vec::with_capacity(c.regions.len());
+        for (i, r) in c.regions.iter().enumerate() {
+            regions.push(self.supply.regions.get(r).ok_or_else(|| {
+                CoreError::field(
+                    format!("constraints.regions[{i}]"),
+                    format!("no pool is in region {r:?}"),
+                )
+            })?);
+        }
+        regions.sort_unstable();
+        regions.dedup();
+        let mut pools = Vec::with_capacity(c.pools.len());
+        for (i, p) in c.pools.iter().enumerate() {
+            let ix = self.supply.pool_ids.get(p).ok_or_else(|| {
+                CoreError::field(
+                    format!("constraints.pools[{i}]"),
+                    format!("unknown pool {p:?}"),
+                )
+            })?;
+            pools.push(ix.0);
+        }
+        pools.sort_unstable();
+        pools.dedup();
+        let zone = match &c.data_zone {
+            Some(z) => Some(self.supply.zones.get(z).ok_or_else(|| {
+                CoreError::field(
+                    "constraints.data_zone",
+                    format!("no pool is in data zone {z:?}"),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Filter {
+            models,
+            regions,
+            pools,
+            max_rtt_ms: c.max_rtt_ms.unwrap_or(u32::MAX),
+            zone,
+            max_price: c.max_price_fen_per_device_hour.unwrap_or(u64::MAX),
+        })
+    }
+
+    fn validate_shape(shape: &Shape) -> Result<(), CoreError> {
+        match *shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => {
+                if nodes == 0 {
+                    return Err(CoreError::field("shape.nodes", "must be at least 1"));
+                }
+                if devices_per_node == 0 || devices_per_node > crate::fleet::MAX_DEVICES_PER_NODE {
+                    return Err(CoreError::field(
+                        "shape.devices_per_node",
+                        format!("must be 1..={}", crate::fleet::MAX_DEVICES_PER_NODE),
+                    ));
+                }
+            }
+            Shape::Elastic {
+                tflops,
+                min_chunk_tflops,
+            } => {
+                if tflops == 0 {
+                    return Err(CoreError::field("shape.tflops", "must be at least 1"));
+                }
+                if min_chunk_tflops > tflops {
+                    return Err(CoreError::field(
+                        "shape.min_chunk_tflops",
+                        format!("{min_chunk_tflops} is larger than the amount asked, {tflops}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, spec: RequestSpec, out: &mut Vec<Event>) -> Result<(), CoreError> {
+        let now = self.now;
+        let tenant =
+            *self
+                .tenant_ids
+                .get(&spec.tenant)
+                .ok_or_else(|| CoreError::UnknownTenant {
+                    tenant: spec.tenant.clone(),
+                })?;
+        Self::validate_shape(&spec.shape)?;
+        if spec.duration_ms == 0 || spec.duration_ms > MAX_DURATION_MS {
+            return Err(CoreError::field(
+                "duration_ms",
+                format!("must be 1..={MAX_DURATION_MS}"),
+            ));
+        }
+        let start_after = spec.start_after_ms.unwrap_or(0);
+        if let Some(deadline) = spec.deadline_ms {
+            let earliest_end = now.max(start_after).saturating_add(spec.duration_ms);
+            if deadline < earliest_end {
+                return Err(CoreError::field(
+                    "deadline_ms",
+                    format!(
+                        "{deadline} cannot be met: the earliest possible end is {earliest_end}"
+                    ),
+                ));
+            }
+        }
+        let filter = self.resolve_filter(&spec)?;
+        let t = &self.tenants[tenant.0 as usize];
+        let need = self.supply.min_tflops(&filter, &spec.shape);
+        if need > t.limit() {
+            return Err(CoreError::ExceedsQuota {
+                tenant: spec.tenant,
+                need,
+                limit: t.limit(),
+            });
+        }
+        let mut h = FxHasher::default();
+        filter.hash(&mut h);
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        self.requests.insert(
+            id,
+            Request {
+                tenant,
+                shape: spec.shape,
+                duration: spec.duration_ms,
+                priority: spec.priority,
+                filter,
+                filter_key: h.finish(),
+                policy: spec.policy.unwrap_or(self.config.default_policy),
+                start_after,
+                deadline: spec.deadline_ms,
+                requeue: spec.requeue,
+                submitted_at: now,
+                state: RequestState::Queued,
+                reason: WaitReason::Pending,
+                position: self.queue.len() as u32 + 1,
+                match_epoch: u64::MAX,
+                matchable: false,
+                lease: None,
+            },
+        );
+        self.enqueue(id);
+        out.push(Event::Submitted { request: id });
+        let ahead: u32 = self.capacity_waiting[..spec.priority.rank()].iter().sum();
+        // It is counted itself while pending, hence the 1.
+        if ahead == 0 && self.capacity_waiting[spec.priority.rank()] == 1 {
+            self.try_start(id, None, out);
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, id: RequestId) {
+        let r = &self.requests[&id];
+        let (class, tenant) = (r.priority, r.tenant);
+        self.queue.push(class, tenant, id);
+        self.tenants[tenant.0 as usize].queued += 1;
+        self.capacity_waiting[class.rank()] += 1;
+    }
+
+    fn waits_for_capacity(reason: WaitReason) -> bool {
+        matches!(
+            reason,
+            WaitReason::Pending | WaitReason::CapacityBusy | WaitReason::BehindReservation
+        )
+    }
+
+    fn set_reason(&mut self, id: RequestId, reason: WaitReason) {
+        let r = self.requests.get_mut(&id).expect("queued request");
+        let class = r.priority.rank();
+        let was = Self::waits_for_capacity(r.reason);
+        r.reason = reason;
+        let is = Self::waits_for_capacity(reason);
+        if was && !is {
+            self.capacity_waiting[class] -= 1;
+        } else if is && !was {
+            self.capacity_waiting[class] += 1;
+        }
+    }
+
+    /// Takes a queued request out of the queue's books (the deque entry goes lazily).
+    fn dequeue(&mut self, id: RequestId) {
+        let r = &self.requests[&id];
+        let (class, tenant, waiting) = (
+            r.priority.rank(),
+            r.tenant,
+            Self::waits_for_capacity(r.reason),
+        );
+        if waiting {
+            self.capacity_waiting[class] -= 1;
+        }
+        self.tenants[tenant.0 as usize].queued -= 1;
+        self.queue.left();
+        if self.queue.wants_compaction() {
+            let requests = &self.requests;
+            self.queue.compact(|q| {
+                q != id
+                    && requests
+                        .get(&q)
+                        .is_some_and(|r| r.state == RequestState::Queued)
+            });
+        }
+    }
+
+    fn cancel(&mut self, id: RequestId, out: &mut Vec<Event>) -> Result<(), CoreError> {
+        let r = self
+            .requests
+            .get(&id)
+            .ok_or(CoreError::UnknownRequest { request: id })?;
+        if r.state == RequestState::Queued {
+            self.dequeue(id);
+            self.requests.remove(&id);
+            out.push(Event::Ended {
+                request: id,
+                state: RequestState::Cancelled,
+                reason: EndReason::Cancelled,
+            });
+            return Ok(());
+        }
+        self.end_live(
+            id,
+            "cancel",
+            RequestState::Cancelled,
+            EndReason::Cancelled,
+            out,
+        )
+    }
+
+    fn started(&mut self, id: RequestId, out: &mut Vec<Event>) -> Result<(), CoreError> {
+        let r = self
+            .requests
+            .get_mut(&id)
+            .ok_or(CoreError::UnknownRequest { request: id })?;
+        if r.state != RequestState::Placed {
+            return Err(CoreError::InvalidTransition {
+                request: id,
+                state: r.state.as_str(),
+                action: "start",
+            });
+        }
+        r.state = RequestState::Running;
+        out.push(Event::Started { request: id });
+        Ok(())
+    }
+
+    /// Ends a live lease on the tenant's or the pool's word.
+    fn end_live(
+        &mut self,
+        id: RequestId,
+        action: &'static str,
+        state: RequestState,
+        reason: EndReason,
+        out: &mut Vec<Event>,
+    ) -> Result<(), CoreError> {
+        let r = self
+            .requests
+            .get(&id)
+            .ok_or(CoreError::UnknownRequest { request: id })?;
+        if !r.state.is_live_lease() {
+            return Err(CoreError::InvalidTransition {
+                request: id,
+                state: r.state.as_str(),
+                action,
+            });
+        }
+        self.end_lease(id, state, reason, out);
+        Ok(())
+    }
+
+    /// Frees a live lease. Preempted and lost leases of requests that asked for it go back to
+    /// the queue; everything else ends and is forgotten.
+    fn end_lease(
+        &mut self,
+        id: RequestId,
+        state: RequestState,
+        reason: EndReason,
+        out: &mut Vec<Event>,
+    ) {
+        let r = self.requests.get_mut(&id).expect("live lease");
+        let lease = r.lease.take().expect("live lease has a lease");
+        let requeue = r.requeue && matches!(state, RequestState::Preempted | RequestState::Lost);
+        let (tenant, priority) = (r.tenant, r.priority);
+        self.supply.give_back(&lease.slices);
+        let t = &mut self.tenants[tenant.0 as usize];
+        t.used -= lease.tflops;
+        t.borrowed -= lease.borrowed;
+        t.live_leases -= 1;
+        self.live_leases -= 1;
+        if priority == Priority::Spot {
+            self.spot_leases -= 1;
+        }
+        if lease.borrowed > 0 {
+            self.borrowing_leases -= 1;
+        }
+        if requeue {
+            let r = self.requests.get_mut(&id).expect("live lease");
+            r.state = RequestState::Queued;
+            r.reason = WaitReason::Pending;
+            self.enqueue(id);
+            out.push(Event::Requeued {
+                request: id,
+                reason,
+            });
+        } else {
+            self.requests.remove(&id);
+            out.push(Event::Ended {
+                request: id,
+                state,
+                reason,
+            });
+        }
+        self.maybe_trim_ends();
+    }
+
+    fn maybe_trim_ends(&mut self) {
+        if self.ends.len() > 2 * self.live_leases + 1024 {
+            let requests = &self.requests;
+            self.ends.retain(|&Reverse((t, id))| {
+                requests
+                    .get(&id)
+                    .and_then(|r| r.lease.as_ref())
+                    .is_some_and(|l| l.end == t)
+            });
+        }
+    }
+
+    fn expire(&mut self, out: &mut Vec<Event>) {
+        while let Some(&Reverse((t, id))) = self.ends.peek() {
+            if t > self.now {
+                break;
+            }
+            self.ends.pop();
+            let live = self
+                .requests
+                .get(&id)
+                .and_then(|r| r.lease.as_ref())
+                .is_some_and(|l| l.end == t);
+            if live {
+                self.end_lease(id, RequestState::Completed, EndReason::Expired, out);
+            }
+        }
+    }
+
+    // ----- scheduling -----
+
+    fn quota_allows(&self, tenant: TenantIx, tflops: Tflops) -> bool {
+        let t = &self.tenants[tenant.0 as usize];
+        t.used.saturating_add(tflops) <= t.limit()
+    }
+
+    fn refresh_matchable(&mut self, id: RequestId) -> bool {
+        let epoch = self.fleet_epoch;
+        let r = &self.requests[&id];
+        if r.match_epoch == epoch {
+            return r.matchable;
+        }
+        let m = self.supply.matchable(&r.filter, &r.shape);
+        let r = self.requests.get_mut(&id).expect("queued request");
+        r.matchable = m;
+        r.match_epoch = epoch;
+        m
+    }
+
+    /// Tries to place one queued request now. `failed` remembers shapes that found no capacity
+    /// in this pass. Sets the wait reason when it stays queued.
+    fn try_start(
+        &mut self,
+        id: RequestId,
+        mut failed: Option<&mut FxHashSet<(u64, Shape, Policy)>>,
+        out: &mut Vec<Event>,
+    ) -> Start {
+        let now = self.now;
+        let r = &self.requests[&id];
+        if let Some(deadline) = r.deadline
+            && now.max(r.start_after) + r.duration > deadline
+        {
+            self.dequeue(id);
+            self.requests.remove(&id);
+            out.push(Event::Ended {
+                request: id,
+                state: RequestState::Failed,
+                reason: EndReason::DeadlineMissed,
+            });
+            return Start::Gone;
+        }
+        if r.start_after > now {
+            self.set_reason(id, WaitReason::NotYetStartable);
+            return Start::Waits;
+        }
+        let tenant = r.tenant;
+        if !self.quota_allows(tenant, self.supply.min_tflops(&r.filter, &r.shape)) {
+            self.set_reason(id, WaitReason::Quota);
+            return Start::Waits;
+        }
+        let memo = (r.filter_key, r.shape, r.policy);
+        if failed.as_ref().is_some_and(|f| f.contains(&memo)) {
+            self.set_reason(id, WaitReason::CapacityBusy);
+            return Start::Waits;
+        }
+        let r = &self.requests[&id];
+        let Some(mut plan) = self.supply.plan(&r.filter, &r.shape, r.policy, None) else {
+            if !self.refresh_matchable(id) {
+                self.set_reason(id, WaitReason::NoMatchingPool);
+                return Start::Waits;
+            }
+            if let Some(f) = failed.as_mut() {
+                if self.try_preempt(id, out) {
+                    f.clear();
+                    return Start::Placed;
+                }
+                f.insert(memo);
+                if self.reservation.is_none() {
+                    self.reservation = Some(self.reserve(id));
+                }
+            }
+            self.set_reason(id, WaitReason::CapacityBusy);
+            return Start::Waits;
+        };
+        let (tflops, _) = self.supply.plan_size(&plan, &r.shape);
+        if !self.quota_allows(tenant, tflops) {
+            self.set_reason(id, WaitReason::Quota);
+            return Start::Waits;
+        }
+        if let Some(res) = &self.reservation {
+            let ends_in_time = res.at.is_some_and(|at| now + r.duration <= at);
+            if res.request != id && !ends_in_time && plan_touches(&plan, &res.groups) {
+                match self
+                    .supply
+                    .plan(&r.filter, &r.shape, r.policy, Some(&res.groups))
+                {
+                    Some(p) if self.quota_allows(tenant, self.supply.plan_size(&p, &r.shape).0) => {
+                        plan = p
+                    }
+                    _ => {
+                        self.set_reason(id, WaitReason::BehindReservation);
+                        return Start::Waits;
+                    }
+                }
+            }
+        }
+        self.dequeue(id);
+        self.place(id, &plan, out);
+        Start::Placed
+    }
+
+    /// Commits a plan for a request that has left the queue.
+    fn place(&mut self, id: RequestId, plan: &Plan, out: &mut Vec<Event>) {
+        let now = self.now;
+        let r = self.requests.get_mut(&id).expect("request to place");
+        let (tflops, price) = self.supply.plan_size(plan, &r.shape);
+        let mut slices = Vec::new();
+        self.supply.commit(plan, &r.shape, &mut slices);
+        let t = &mut self.tenants[r.tenant.0 as usize];
+        let over_before = t.used.saturating_sub(t.spec.quota_tflops);
+        t.used += tflops;
+        let borrowed = t.used.saturating_sub(t.spec.quota_tflops) - over_before;
+        t.borrowed += borrowed;
+        t.live_leases += 1;
+        let end = now.saturating_add(r.duration);
+        r.lease = Some(Lease {
+            slices,
+            start: now,
+            end,
+            tflops,
+            price_fen_per_hour: price,
+            borrowed,
+        });
+        r.state = RequestState::Placed;
+        self.live_leases += 1;
+        if r.priority == Priority::Spot {
+            self.spot_leases += 1;
+        }
+        if borrowed > 0 {
+            self.borrowing_leases += 1;
+        }
+        self.ends.push(Reverse((end, id)));
+        out.push(Event::Placed { request: id });
+    }
+
+    /// One scheduling pass over the queue (see the module documentation). It walks a snapshot
+    /// of the queue: requests requeued during the pass (preemption victims) wait for the next.
+    fn schedule(&mut self, out: &mut Vec<Event>) {
+        self.reservation = None;
+        let mut failed = FxHashSet::default();
+        let mut position = 0u32;
+        for class in Priority::ALL {
+            let snapshot: Vec<(TenantIx, Vec<RequestId>)> = self.queue.classes[class.rank()]
+                .iter()
+                .map(|(&t, q)| (t, q.iter().copied().collect()))
+                .collect();
+            let mut heap: BinaryHeap<Reverse<(Share, usize, usize)>> = snapshot
+                .iter()
+                .enumerate()
+                .map(|(i, &(t, _))| Reverse((self.share(t), i, 0)))
+                .collect();
+            while let Some(Reverse((share, i, mut cursor))) = heap.pop() {
+                let ids = &snapshot[i].1;
+                // Next request of this tenant that is still queued.
+                while cursor < ids.len()
+                    && self
+                        .requests
+                        .get(&ids[cursor])
+                        .is_none_or(|r| r.state != RequestState::Queued)
+                {
+                    cursor += 1;
+                }
+                let Some(&id) = ids.get(cursor) else {
+                    continue;
+                };
+                position += 1;
+                self.requests.get_mut(&id).expect("queued").position = position;
+                self.try_start(id, Some(&mut failed), out);
+                heap.push(Reverse((self.share(share.tenant), i, cursor + 1)));
+            }
+        }
+    }
+
+    fn share(&self, t: TenantIx) -> Share {
+        let tenant = &self.tenants[t.0 as usize];
+        Share {
+            used: tenant.used,
+            weight: tenant.spec.weight,
+            tenant: t,
+        }
+    }
+
+    /// The reservation of a request that does not fit now.
+    fn reserve(&self, id: RequestId) -> Reservation {
+        let r = &self.requests[&id];
+        let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
+        let mut groups = vec![false; self.supply.groups.len()];
+        for &g in &candidates {
+            groups[g as usize] = true;
+        }
+        Reservation {
+            request: id,
+            at: self.earliest_fit(r, &candidates, &groups),
+            groups,
+        }
+    }
+
+    /// When the request would fit if leases ended at their end times and nothing else were
+    /// placed: a scratch copy of the candidate groups is refilled lease by lease.
+    pub(crate) fn earliest_fit(
+        &self,
+        r: &Request,
+        candidates: &[u32],
+        is_candidate: &[bool],
+    ) -> Option<Millis> {
+        let mut ends: Vec<(Millis, RequestId)> = self
+            .requests
+            .iter()
+            .filter_map(|(&id, q)| {
+                let l = q.lease.as_ref()?;
+                l.slices
+                    .iter()
+                    .any(|s| is_candidate[s.group as usize])
+                    .then_some((l.end, id))
+            })
+            .collect();
+        ends.sort_unstable();
+        let mut scratch: FxHashMap<u32, Vec<u16>> = candidates
+            .iter()
+            .map(|&g| {
+                (
+                    g,
+                    self.supply.groups[g as usize]
+                        .nodes
+                        .free_per_node()
+                        .to_vec(),
+                )
+            })
+            .collect();
+        let fits = |scratch: &FxHashMap<u32, Vec<u16>>| -> bool {
+            match r.shape {
+                Shape::Gang {
+                    nodes,
+                    devices_per_node,
+                } => scratch.values().any(|free| {
+                    free.iter().filter(|&&f| f >= devices_per_node).count() as u64 >= nodes as u64
+                }),
+                Shape::Elastic { tflops, .. } => {
+                    let total: Tflops = scratch
+                        .iter()
+                        .map(|(&g, free)| {
+                            free.iter().map(|&f| f as u64).sum::<u64>()
+                                * self.supply.groups[g as usize].tflops_per_device as u64
+                        })
+                        .sum();
+                    total >= tflops
+                }
+            }
+        };
+        if fits(&scratch) {
+            return Some(self.now.max(r.start_after));
+        }
+        for (end, id) in ends {
+            for s in &self.requests[&id].lease.as_ref().expect("live").slices {
+                if let Some(free) = scratch.get_mut(&s.group) {
+                    free[s.node as usize] += s.devices;
+                }
+            }
+            if fits(&scratch) {
+                return Some(end.max(r.start_after));
+            }
+        }
+        None
+    }
+
+    /// Frees capacity for a critical or standard request by preempting spot leases and leases
+    /// on borrowed capacity, fewest victims first; then places it. Returns whether it was placed.
+    fn try_preempt(&mut self, id: RequestId, out: &mut Vec<Event>) -> bool {
+        let r = &self.requests[&id];
+        if r.priority == Priority::Spot {
+            return false;
+        }
+        let t = &self.tenants[r.tenant.0 as usize];
+        let need = self.supply.min_tflops(&r.filter, &r.shape);
+        let within_quota = t.used + need <= t.spec.quota_tflops;
+        if self.spot_leases == 0 && (!within_quota || self.borrowing_leases == 0) {
+            return false;
+        }
+        let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
+        let mut is_candidate = vec![false; self.supply.groups.len()];
+        for &g in &candidates {
+            is_candidate[g as usize] = true;
+        }
+        // Victims, most expendable first: spot before reclaimed borrowing, youngest first.
+        let mut victims: Vec<(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)> = self
+            .requests
+            .iter()
+            .filter(|(_, v)| {
+                let Some(l) = v.lease.as_ref() else {
+                    return false;
+                };
+                let eligible = v.priority == Priority::Spot
+                    || (within_quota
+                        && l.borrowed > 0
+                        && v.tenant != r.tenant
+                        && v.priority >= r.priority);
+                eligible && l.slices.iter().any(|s| is_candidate[s.group as usize])
+            })
+            .map(|(&vid, v)| {
+                (
+                    Reverse(v.priority),
+                    Reverse(v.lease.as_ref().expect("lease").start),
+                    Reverse(vid),
+                )
+            })
+            .collect();
+        victims.sort_unstable();
+        let chosen = match r.shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => self.gang_victims(&candidates, &victims, nodes, devices_per_node),
+            Shape::Elastic { tflops, .. } => {
+                self.elastic_victims(&is_candidate, &candidates, &victims, tflops)
+            }
+        };
+        let Some(chosen) = chosen else {
+            return false;
+        };
+        for v in chosen {
+            self.end_lease(v, RequestState::Preempted, EndReason::Preempted, out);
+        }
+        let r = &self.requests[&id];
+        match self.supply.plan(&r.filter, &r.shape, r.policy, None) {
+            Some(plan) if self.quota_allows(r.tenant, self.supply.plan_size(&plan, &r.shape).0) => {
+                self.dequeue(id);
+                self.place(id, &plan, out);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The smallest set of victims (in preference order) that lets the gang fit in one group.
+    fn gang_victims(
+        &self,
+        candidates: &[u32],
+        victims: &[(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)],
+        nodes: u32,
+        m: u16,
+    ) -> Option<Vec<RequestId>> {
+        let mut best: Option<(usize, Tflops, Vec<RequestId>)> = None;
+        for &g in candidates {
+            let mut free = self.supply.groups[g as usize]
+                .nodes
+                .free_per_node()
+                .to_vec();
+            let mut fit = free.iter().filter(|&&f| f >= m).count() as u32;
+            let mut chosen = Vec::new();
+            let mut freed: Tflops = 0;
+            for &(_, _, Reverse(vid)) in victims {
+                if fit >= nodes || best.as_ref().is_some_and(|b| chosen.len() >= b.0) {
+                    break;
+                }
+                let lease = self.requests[&vid].lease.as_ref().expect("victim lease");
+                let mut touches = false;
+                for s in lease.slices.iter().filter(|s| s.group == g) {
+                    let before = free[s.node as usize];
+                    free[s.node as usize] += s.devices;
+                    if before < m && free[s.node as usize] >= m {
+                        fit += 1;
+                    }
+                    touches = true;
+                }
+                if touches {
+                    chosen.push(vid);
+                    freed += lease.tflops;
+                }
+            }
+            if fit >= nodes
+                && best
+                    .as_ref()
+                    .is_none_or(|b| (chosen.len(), freed) < (b.0, b.1))
+            {
+                best = Some((chosen.len(), freed, chosen));
+            }
+        }
+        best.map(|b| b.2)
+    }
+
+    /// Victims (in preference order) until the candidate groups hold the elastic amount.
+    fn elastic_victims(
+        &self,
+        is_candidate: &[bool],
+        candidates: &[u32],
+        victims: &[(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)],
+        tflops: Tflops,
+    ) -> Option<Vec<RequestId>> {
+        let group_tflops = |g: u32| self.supply.groups[g as usize].tflops_per_device as u64;
+        let mut free: Tflops = candidates
+            .iter()
+            .map(|&g| self.supply.groups[g as usize].nodes.free_devices() * group_tflops(g))
+            .sum();
+        let mut chosen = Vec::new();
+        for &(_, _, Reverse(vid)) in victims {
+            if free >= tflops {
+                break;
+            }
+            let lease = self.requests[&vid].lease.as_ref().expect("victim lease");
+            free += lease
+                .slices
+                .iter()
+                .filter(|s| is_candidate[s.group as usize])
+                .map(|s| s.devices as u64 * group_tflops(s.group))
+                .sum::<u64>();
+            chosen.push(vid);
+        }
+        (free >= tflops).then_some(chosen)
+    }
+
+    // ----- digest -----
+
+    /// A stable digest of the whole state: equal digests mean equal engines.
+    pub fn digest(&self) -> u64 {
+        let mut h = Fnv64::default();
+        self.now.hash(&mut h);
+        self.next_request.hash(&mut h);
+        self.tenants.hash(&mut h);
+        for p in &self.supply.pools {
+            (&p.spec, p.health).hash(&mut h);
+        }
+        for g in &self.supply.groups {
+            (g.price, g.nodes.free_per_node()).hash(&mut h);
+        }
+        let mut ids: Vec<&RequestId> = self.requests.keys().collect();
+        ids.sort_unstable();
+        for id in ids {
+            (id, &self.requests[id]).hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+fn plan_touches(plan: &Plan, groups: &[bool]) -> bool {
+    match plan {
+        Plan::Gang { group } => groups[*group as usize],
+        Plan::Elastic { parts } => parts.iter().any(|&(g, _)| groups[g as usize]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::PoolKind::{External, LocalCentre};
+    use crate::testkit::*;
+
+    fn pool_of(e: &Engine, id: RequestId) -> String {
+        e.request(id).unwrap().lease.unwrap().parts[0].pool.clone()
+    }
+
+    fn three_pools() -> Engine {
+        engine(vec![
+            pool("local", LocalCentre, 1, &[("h100", 8, 2, 3000)]),
+            pool("cheap-far", External, 40, &[("h100", 8, 2, 1500)]),
+            pool("mid", External, 10, &[("h100", 8, 1, 2000)]),
+        ])
+    }
+
+    #[test]
+    fn cheapest_picks_the_lowest_price() {
+        let mut e = three_pools();
+        let id = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        assert_eq!(pool_of(&e, id), "cheap-far");
+    }
+
+    #[test]
+    fn lowest_latency_picks_local_first() {
+        let mut e = three_pools();
+        let mut spec = gang("a", 1, 8, "h100");
+        spec.policy = Some(Policy::LowestLatency);
+        let id = submit(&mut e, spec.clone(), 0);
+        assert_eq!(pool_of(&e, id), "local");
+        let id2 = submit(&mut e, spec.clone(), 0);
+        assert_eq!(pool_of(&e, id2), "local");
+        let id3 = submit(&mut e, spec, 0);
+        assert_eq!(pool_of(&e, id3), "mid", "then the shortest round trip");
+    }
+
+    #[test]
+    fn best_fit_keeps_whole_groups_free() {
+        let mut e = three_pools();
+        let mut spec = gang("a", 1, 8, "h100");
+        spec.policy = Some(Policy::BestFit);
+        let id = submit(&mut e, spec, 0);
+        assert_eq!(pool_of(&e, id), "mid", "the smallest group that fits");
+        // A 2-node gang still finds a whole group.
+        let id2 = submit(&mut e, gang("a", 2, 8, "h100"), 0);
+        assert!(e.request(id2).unwrap().lease.is_some());
+    }
+
+    #[test]
+    fn a_gang_is_placed_whole_in_one_group_or_waits() {
+        let mut e = engine(vec![
+            pool("p1", External, 5, &[("h100", 8, 2, 1000)]),
+            pool("p2", External, 5, &[("h100", 8, 2, 1000)]),
+        ]);
+        // 3 nodes exist in no single group: never matchable.
+        let id = submit(&mut e, gang("a", 3, 8, "h100"), 0);
+        assert_eq!(e.request(id).unwrap().state, RequestState::Queued);
+        ok(e.apply(Command::Tick, 1));
+        assert_eq!(e.explain(id).unwrap().reason, WaitReason::NoMatchingPool);
+        let id2 = submit(&mut e, gang("a", 2, 8, "h100"), 2);
+        let parts = e.request(id2).unwrap().lease.unwrap().parts;
+        assert_eq!(parts.len(), 2);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.pool == parts[0].pool && p.devices == 8)
+        );
+    }
+
+    #[test]
+    fn elastic_splits_across_pools_in_chunks() {
+        let mut e = engine(vec![
+            pool("p1", External, 5, &[("h100", 8, 1, 1000)]),
+            pool("p2", External, 9, &[("a800", 8, 1, 200)]),
+        ]);
+        // 8 x 312 = 2496 on the cheaper-per-TFLOPS a800 (0.64 fen against 1.01), the rest on h100.
+        let id = submit(&mut e, elastic("a", 5000, 900), 0);
+        let lease = e.request(id).unwrap().lease.unwrap();
+        let on = |p: &str| {
+            lease
+                .parts
+                .iter()
+                .filter(|x| x.pool == p)
+                .map(|x| x.devices as u64)
+                .sum::<u64>()
+        };
+        assert_eq!(on("p2"), 8);
+        assert_eq!(on("p1"), (5000 - 2496u64).div_ceil(989));
+        assert!(lease.tflops >= 5000);
+    }
+
+    #[test]
+    fn elastic_refuses_chunks_below_the_minimum() {
+        let mut e = engine(vec![pool("p1", External, 5, &[("h100", 8, 1, 1000)])]);
+        let first = submit(&mut e, elastic("a", 989 * 7, 1), 0);
+        assert!(e.request(first).unwrap().lease.is_some());
+        // One device (989) is left: below the 2000 chunk, so the request waits.
+        let id = submit(&mut e, elastic("a", 2000, 2000), 0);
+        assert_eq!(e.request(id).unwrap().state, RequestState::Queued);
+    }
+
+    #[test]
+    fn priority_classes_go_first_and_fifo_within_a_tenant() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let hold = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let std1 = submit(&mut e, gang("a", 1, 8, "h100"), 1);
+        let std2 = submit(&mut e, gang("a", 1, 8, "h100"), 2);
+        let mut crit = gang("a", 1, 8, "h100");
+        crit.priority = Priority::Critical;
+        let crit = submit(&mut e, crit, 3);
+        ok(e.apply(Command::Release { request: hold }, 4));
+        let ev = ok(e.apply(Command::Tick, 5));
+        assert!(placed(&ev, crit));
+        assert!(!placed(&ev, std1) && !placed(&ev, std2));
+        ok(e.apply(Command::Release { request: crit }, 6));
+        let ev = ok(e.apply(Command::Tick, 7));
+        assert!(placed(&ev, std1), "FIFO inside the tenant");
+        assert_eq!(e.explain(std2).unwrap().position, 2);
+    }
+
+    #[test]
+    fn weighted_fair_share_serves_the_smallest_share_first() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 1, 4, 1000)])]);
+        ok(e.apply(Command::SetTenant(tenant("heavy", 10_000_000, None, 1)), 0));
+        ok(e.apply(Command::SetTenant(tenant("light", 10_000_000, None, 3)), 0));
+        let h = submit(&mut e, gang("heavy", 1, 1, "h100"), 0);
+        let h2 = submit(&mut e, gang("heavy", 1, 1, "h100"), 0);
+        assert!(e.request(h).unwrap().lease.is_some() && e.request(h2).unwrap().lease.is_some());
+        let h3 = submit(&mut e, gang("heavy", 1, 1, "h100"), 0);
+        let h4 = submit(&mut e, gang("heavy", 1, 1, "h100"), 0);
+        let l1 = submit(&mut e, gang("light", 1, 1, "h100"), 1);
+        let l2 = submit(&mut e, gang("light", 1, 1, "h100"), 1);
+        let l3 = submit(&mut e, gang("light", 1, 1, "h100"), 1);
+        // h3 and h4 were placed at once (nothing waited). Fill: now 4/4 busy.
+        assert!(e.request(h3).unwrap().lease.is_some() && e.request(h4).unwrap().lease.is_some());
+        for id in [h, h2, h3] {
+            ok(e.apply(Command::Release { request: id }, 2));
+        }
+        let ev = ok(e.apply(Command::Tick, 3));
+        // heavy holds 1 device at weight 1, light 0: light gets all three freed devices even
+        // after it holds 2 (2/3 < 1).
+        assert!(placed(&ev, l1) && placed(&ev, l2) && placed(&ev, l3));
+    }
+
+    #[test]
+    fn backfill_runs_short_jobs_that_end_before_the_reserved_head() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 2, 1000)])]);
+        let long = submit(&mut e, gang("a", 1, 8, "h100"), 0); // ends at 3_600_000
+        let mut half = gang("a", 1, 4, "h100");
+        half.duration_ms = 10_000_000;
+        let half = submit(&mut e, half, 0);
+        let head = submit(&mut e, gang("a", 2, 8, "h100"), 1); // needs both nodes
+        let mut short = gang("a", 1, 2, "h100");
+        short.duration_ms = 1_000_000;
+        let short = submit(&mut e, short, 2);
+        let mut too_long = gang("a", 1, 2, "h100");
+        too_long.duration_ms = 20_000_000;
+        let too_long = submit(&mut e, too_long, 2);
+        let ev = ok(e.apply(Command::Tick, 3));
+        assert!(!placed(&ev, head));
+        assert!(placed(&ev, short), "ends before the head's reserved start");
+        assert!(!placed(&ev, too_long));
+        let w = e.explain(head).unwrap();
+        assert_eq!(w.reason, WaitReason::CapacityBusy);
+        assert_eq!(
+            w.earliest_start,
+            Some(10_000_000),
+            "when both nodes are free"
+        );
+        assert_eq!(
+            e.explain(too_long).unwrap().reason,
+            WaitReason::BehindReservation
+        );
+        let _ = (long, half);
+    }
+
+    #[test]
+    fn standard_work_preempts_spot() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let mut spot = gang("a", 1, 8, "h100");
+        spot.priority = Priority::Spot;
+        spot.requeue = true;
+        let spot = submit(&mut e, spot, 0);
+        let std = submit(&mut e, gang("a", 1, 8, "h100"), 1);
+        let ev = ok(e.apply(Command::Tick, 2));
+        assert!(placed(&ev, std));
+        assert!(ev.contains(&Event::Requeued {
+            request: spot,
+            reason: EndReason::Preempted
+        }));
+        assert_eq!(e.request(spot).unwrap().state, RequestState::Queued);
+    }
+
+    #[test]
+    fn spot_never_preempts_and_standard_never_preempts_standard() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let first = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let second = submit(&mut e, gang("a", 1, 8, "h100"), 1);
+        let ev = ok(e.apply(Command::Tick, 2));
+        assert!(!placed(&ev, second));
+        assert_eq!(e.request(first).unwrap().state, RequestState::Placed);
+    }
+
+    #[test]
+    fn borrowed_capacity_is_reclaimed_for_a_tenant_within_quota() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 1, 4, 1000)])]);
+        ok(e.apply(Command::SetTenant(tenant("owner", 2 * 989, Some(0), 1)), 0));
+        ok(e.apply(Command::SetTenant(tenant("borrower", 989, None, 1)), 0));
+        let b: Vec<RequestId> = (0..4)
+            .map(|_| submit(&mut e, gang("borrower", 1, 1, "h100"), 0))
+            .collect();
+        assert_eq!(e.tenant_usage("borrower").unwrap().borrowed_tflops, 3 * 989);
+        let o = submit(&mut e, gang("owner", 1, 1, "h100"), 1);
+        let ev = ok(e.apply(Command::Tick, 2));
+        assert!(placed(&ev, o));
+        // The youngest borrowed lease went.
+        assert!(ev.contains(&Event::Ended {
+            request: b[3],
+            state: RequestState::Preempted,
+            reason: EndReason::Preempted
+        }));
+        assert_eq!(e.tenant_usage("borrower").unwrap().used_tflops, 3 * 989);
+    }
+
+    #[test]
+    fn quota_and_borrowing_limit_hold() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 1, 8, 1000)])]);
+        ok(e.apply(Command::SetTenant(tenant("t", 989, Some(989), 1)), 0));
+        let a = submit(&mut e, gang("t", 1, 1, "h100"), 0);
+        let b = submit(&mut e, gang("t", 1, 1, "h100"), 0);
+        let c = submit(&mut e, gang("t", 1, 1, "h100"), 0);
+        assert!(e.request(a).unwrap().lease.is_some() && e.request(b).unwrap().lease.is_some());
+        assert_eq!(e.explain(c).unwrap().reason, WaitReason::Quota);
+        let ev = e.apply(Command::Submit(gang("t", 1, 3, "h100")), 0);
+        assert!(matches!(
+            ev[0],
+            Event::Rejected {
+                error: CoreError::ExceedsQuota { .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn leases_expire_and_pools_lost_requeue_what_asked() {
+        let mut e = engine(vec![
+            pool("p1", External, 5, &[("h100", 8, 1, 1000)]),
+            pool("p2", External, 5, &[("h100", 8, 1, 2000)]),
+        ]);
+        let mut keep = gang("a", 1, 8, "h100");
+        keep.requeue = true;
+        let keep = submit(&mut e, keep, 0);
+        let drop = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        assert_eq!(pool_of(&e, keep), "p1");
+        let ev = ok(e.apply(Command::LosePool { pool: "p1".into() }, 10));
+        assert!(ev.contains(&Event::Requeued {
+            request: keep,
+            reason: EndReason::PoolLost
+        }));
+        let ev = ok(e.apply(Command::Tick, 3_600_000));
+        assert!(ev.contains(&Event::Ended {
+            request: drop,
+            state: RequestState::Completed,
+            reason: EndReason::Expired
+        }));
+        assert!(placed(&ev, keep));
+        assert_eq!(pool_of(&e, keep), "p2", "p1 is lost");
+        ok(e.apply(Command::RestorePool { pool: "p1".into() }, 3_600_001));
+    }
+
+    #[test]
+    fn draining_pools_keep_leases_and_take_nothing_new() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 2, 1000)])]);
+        let a = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        ok(e.apply(Command::DrainPool { pool: "p".into() }, 1));
+        let b = submit(&mut e, gang("a", 1, 8, "h100"), 2);
+        assert_eq!(e.request(a).unwrap().state, RequestState::Placed);
+        assert_eq!(e.request(b).unwrap().state, RequestState::Queued);
+        ok(e.apply(Command::UndrainPool { pool: "p".into() }, 3));
+        assert!(placed(&ok(e.apply(Command::Tick, 4)), b));
+        let err = e.apply(Command::UndrainPool { pool: "p".into() }, 5);
+        assert!(matches!(
+            err[0],
+            Event::Rejected {
+                error: CoreError::PoolState { .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn deadlines_and_start_times() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let hold = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let mut d = gang("a", 1, 8, "h100");
+        d.deadline_ms = Some(5_000_000);
+        let d = submit(&mut e, d, 0);
+        let ev = ok(e.apply(Command::Tick, 2_000_000));
+        assert!(ev.contains(&Event::Ended {
+            request: d,
+            state: RequestState::Failed,
+            reason: EndReason::DeadlineMissed
+        }));
+        ok(e.apply(Command::Release { request: hold }, 2_000_001));
+        let mut later = gang("a", 1, 8, "h100");
+        later.start_after_ms = Some(9_000_000);
+        let later = submit(&mut e, later, 2_000_002);
+        assert_eq!(
+            e.explain(later).unwrap().reason,
+            WaitReason::NotYetStartable
+        );
+        assert_eq!(e.explain(later).unwrap().earliest_start, Some(9_000_000));
+        assert!(placed(&ok(e.apply(Command::Tick, 9_000_000)), later));
+    }
+
+    #[test]
+    fn invalid_commands_are_rejected_with_the_field() {
+        let mut e = three_pools();
+        let cases: Vec<(RequestSpec, &str)> = vec![
+            (gang("nobody", 1, 8, "h100"), "unknown tenant \"nobody\""),
+            (
+                gang("a", 0, 8, "h100"),
+                "request field shape.nodes: must be at least 1",
+            ),
+            (
+                gang("a", 1, 17, "h100"),
+                "request field shape.devices_per_node: must be 1..=16",
+            ),
+            (
+                gang("a", 1, 8, "z9"),
+                "request field constraints.models[0]: unknown accelerator model \"z9\"",
+            ),
+            (
+                elastic("a", 10, 20),
+                "request field shape.min_chunk_tflops: 20 is larger than the amount asked, 10",
+            ),
+            (
+                RequestSpec {
+                    duration_ms: 0,
+                    ..gang("a", 1, 8, "h100")
+                },
+                "request field duration_ms",
+            ),
+        ];
+        for (spec, want) in cases {
+            let ev = e.apply(Command::Submit(spec), 0);
+            match &ev[..] {
+                [Event::Rejected { error }] => {
+                    assert!(error.to_string().starts_with(want), "{error} vs {want}")
+                }
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+        }
+        let ev = e.apply(
+            Command::Release {
+                request: RequestId(999),
+            },
+            0,
+        );
+        assert!(matches!(
+            ev[0],
+            Event::Rejected {
+                error: CoreError::UnknownRequest { .. }
+            }
+        ));
+        let dup = pool("local", LocalCentre, 1, &[("h100", 8, 1, 1)]);
+        let ev = e.apply(Command::RegisterPool(dup), 0);
+        assert_eq!(
+            ev,
+            [Event::Rejected {
+                error: CoreError::DuplicatePool {
+                    pool: "local".into()
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn update_pool_grows_and_refuses_to_remove_busy_nodes() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let a = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let grown = pool("p", External, 5, &[("h100", 8, 2, 900)]);
+        ok(e.apply(Command::UpdatePool(grown), 1));
+        let b = submit(&mut e, gang("a", 1, 8, "h100"), 2);
+        assert!(e.request(b).unwrap().lease.is_some());
+        let shrunk = pool("p", External, 5, &[("h100", 8, 1, 900)]);
+        let ev = e.apply(Command::UpdatePool(shrunk), 3);
+        assert_eq!(
+            match &ev[0] {
+                Event::Rejected { error } => error.to_string(),
+                _ => String::new(),
+            },
+            "pool p: field group[0].nodes: the nodes to remove still hold leases"
+        );
+        let _ = a;
+    }
+
+    #[test]
+    fn utilisation_by_kind_and_model() {
+        let mut e = three_pools();
+        submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let u = e.fleet_usage();
+        assert_eq!(u.total.capacity_devices, 40);
+        assert_eq!(u.external.allocated_devices, 8);
+        assert_eq!(u.local.allocated_devices, 0);
+        assert_eq!(u.by_model["h100"].allocated_tflops, 8 * 989);
+        assert_eq!(u.by_kind["external"].capacity_devices, 24);
+    }
+}

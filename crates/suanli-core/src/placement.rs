@@ -1,0 +1,558 @@
+//! The supply side and the placement policies.
+//!
+//! [`Supply`] holds every pool and node group with its free capacity and the [`Index`] over them.
+//! [`Supply::plan`] answers "where would this request go now under this policy?" without changing
+//! anything; [`Supply::commit`] then takes the devices. Keeping the two apart lets the engine
+//! check quota and reservations against a concrete plan before it commits.
+
+use std::ops::Range;
+
+use rustc_hash::FxHashMap;
+
+use crate::capacity::{NodeSet, Slice};
+use crate::catalogue::Catalogue;
+use crate::fleet::PoolSpec;
+use crate::index::{GroupStats, Index, OrderKeys};
+use crate::request::Shape;
+use crate::units::{ModelIx, PoolIx, Tflops};
+
+/// How to choose among the node groups that satisfy a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Policy {
+    /// Lowest price: per device-hour for gangs, per TFLOPS-hour for elastic requests.
+    #[default]
+    Cheapest,
+    /// Local pools first, then the shortest round trip.
+    LowestLatency,
+    /// The group with the least free capacity that still fits: keeps large holes for large jobs.
+    BestFit,
+}
+
+impl Policy {
+    /// The name used in configuration and requests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Cheapest => "cheapest",
+            Policy::LowestLatency => "lowest_latency",
+            Policy::BestFit => "best_fit",
+        }
+    }
+
+    /// Parses a name from [`Policy::as_str`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "cheapest" => Some(Policy::Cheapest),
+            "lowest_latency" => Some(Policy::LowestLatency),
+            "best_fit" => Some(Policy::BestFit),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a pool takes new work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PoolHealth {
+    /// Takes new work.
+    Healthy,
+    /// Keeps its leases but takes no new work.
+    Draining,
+    /// Its agent is gone: its leases were ended or requeued and it takes no work.
+    Lost,
+}
+
+impl PoolHealth {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolHealth::Healthy => "healthy",
+            PoolHealth::Draining => "draining",
+            PoolHealth::Lost => "lost",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Pool {
+    pub spec: PoolSpec,
+    pub region: u32,
+    pub zone: u32,
+    pub health: PoolHealth,
+    pub groups: Range<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub pool: PoolIx,
+    pub model: ModelIx,
+    pub tflops_per_device: u32,
+    pub price: u64,
+    pub nodes: NodeSet,
+}
+
+/// Interned names (regions, data zones), in first-seen order.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Names {
+    ids: FxHashMap<String, u32>,
+}
+
+impl Names {
+    pub fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.ids.len() as u32;
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+}
+
+/// A request's constraints resolved to indexes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Filter {
+    /// Bit `i` set: model `i` allowed.
+    pub models: u64,
+    /// Sorted region ids; empty = any.
+    pub regions: Vec<u32>,
+    /// Sorted pool indexes; empty = any.
+    pub pools: Vec<u32>,
+    pub max_rtt_ms: u32,
+    pub zone: Option<u32>,
+    pub max_price: u64,
+}
+
+impl Filter {
+    fn admits_pool(&self, ix: PoolIx, pool: &Pool) -> bool {
+        pool.spec.rtt_ms <= self.max_rtt_ms
+            && self.zone.is_none_or(|z| z == pool.zone)
+            && (self.regions.is_empty() || self.regions.binary_search(&pool.region).is_ok())
+            && (self.pools.is_empty() || self.pools.binary_search(&ix.0).is_ok())
+    }
+}
+
+/// Where a request would go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// The whole gang in one group.
+    Gang { group: u32 },
+    /// Devices per group.
+    Elastic { parts: Vec<(u32, u64)> },
+}
+
+/// Every pool and node group, with free capacity and the placement index.
+#[derive(Clone, Debug)]
+pub(crate) struct Supply {
+    pub catalogue: Catalogue,
+    pub pools: Vec<Pool>,
+    pub groups: Vec<Group>,
+    pub pool_ids: FxHashMap<String, PoolIx>,
+    pub regions: Names,
+    pub zones: Names,
+    pub index: Index,
+    /// For each model, its groups: the members of its index.
+    model_groups: Vec<Vec<u32>>,
+}
+
+impl Supply {
+    pub fn new(catalogue: Catalogue) -> Self {
+        let models = catalogue.len();
+        Supply {
+            catalogue,
+            pools: Vec::new(),
+            groups: Vec::new(),
+            pool_ids: FxHashMap::default(),
+            regions: Names::default(),
+            zones: Names::default(),
+            index: Index::new(models),
+            model_groups: vec![Vec::new(); models],
+        }
+    }
+
+    pub fn all_models(&self) -> u64 {
+        if self.catalogue.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.catalogue.len()) - 1
+        }
+    }
+
+    /// What the index should record for a group now.
+    pub fn stats(&self, g: u32) -> GroupStats {
+        let group = &self.groups[g as usize];
+        if self.pools[group.pool.0 as usize].health != PoolHealth::Healthy {
+            return GroupStats::default();
+        }
+        GroupStats {
+            max_node_free: group.nodes.max_node_free(),
+            free_devices: group.nodes.free_devices(),
+        }
+    }
+
+    pub fn refresh(&mut self, g: u32) {
+        let s = self.stats(g);
+        let model = self.groups[g as usize].model.0 as usize;
+        self.index.refresh(model, g, s);
+    }
+
+    fn order_keys(&self, g: u32) -> OrderKeys {
+        let group = &self.groups[g as usize];
+        let pool = &self.pools[group.pool.0 as usize];
+        OrderKeys {
+            price: group.price,
+            rtt_ms: pool.spec.rtt_ms,
+            local: pool.spec.kind.is_local(),
+        }
+    }
+
+    /// Rebuilds the index of every model in `models` (a bit set).
+    pub fn rebuild(&mut self, models: u64) {
+        let stats: Vec<GroupStats> = (0..self.groups.len() as u32)
+            .map(|g| self.stats(g))
+            .collect();
+        for m in 0..self.catalogue.len() {
+            if models & (1 << m) == 0 {
+                continue;
+            }
+            let keyed: Vec<(u32, OrderKeys)> = self.model_groups[m]
+                .iter()
+                .map(|&g| (g, self.order_keys(g)))
+                .collect();
+            self.index.rebuild_model(m, &keyed, &stats);
+        }
+    }
+
+    /// Adds a validated pool (its id is new) and returns its index and the models it touches.
+    pub fn add_pool(&mut self, spec: PoolSpec) -> (PoolIx, u64) {
+        let ix = PoolIx(self.pools.len() as u32);
+        let first = self.groups.len() as u32;
+        let mut models = 0u64;
+        for g in &spec.groups {
+            let model = self.catalogue.lookup(&g.model).expect("validated pool");
+            models |= 1 << model.0;
+            self.model_groups[model.0 as usize].push(self.groups.len() as u32);
+            self.groups.push(Group {
+                pool: ix,
+                model,
+                tflops_per_device: self.catalogue.model(model).fp16_dense_tflops,
+                price: g.price_fen_per_device_hour,
+                nodes: NodeSet::new(g.nodes, g.devices_per_node),
+            });
+        }
+        self.pool_ids.insert(spec.id.clone(), ix);
+        self.pools.push(Pool {
+            region: self.regions.intern(&spec.region),
+            zone: self.zones.intern(&spec.data_zone),
+            health: PoolHealth::Healthy,
+            groups: first..self.groups.len() as u32,
+            spec,
+        });
+        (ix, models)
+    }
+
+    /// Whether a group satisfies a filter, ignoring its current load and health.
+    pub fn admits(&self, f: &Filter, g: u32) -> bool {
+        let group = &self.groups[g as usize];
+        f.models & (1 << group.model.0) != 0
+            && group.price <= f.max_price
+            && f.admits_pool(group.pool, &self.pools[group.pool.0 as usize])
+    }
+
+    /// Whether a group could ever hold the shape, were it empty.
+    pub fn could_hold(&self, g: u32, shape: &Shape) -> bool {
+        let nodes = &self.groups[g as usize].nodes;
+        match *shape {
+            Shape::Gang {
+                nodes: n,
+                devices_per_node: m,
+            } => nodes.devices_per_node() >= m && nodes.nodes() >= n,
+            Shape::Elastic { .. } => true,
+        }
+    }
+
+    /// Groups that satisfy the filter, could hold the shape, and sit in a healthy pool.
+    pub fn candidate_groups(&self, f: &Filter, shape: &Shape) -> Vec<u32> {
+        (0..self.groups.len() as u32)
+            .filter(|&g| {
+                self.pools[self.groups[g as usize].pool.0 as usize].health == PoolHealth::Healthy
+                    && self.admits(f, g)
+                    && self.could_hold(g, shape)
+            })
+            .collect()
+    }
+
+    /// Whether any pool, healthy or not, could ever run the request.
+    pub fn matchable(&self, f: &Filter, shape: &Shape) -> bool {
+        match *shape {
+            Shape::Gang { .. } => (0..self.groups.len() as u32)
+                .any(|g| self.admits(f, g) && self.could_hold(g, shape)),
+            Shape::Elastic { tflops, .. } => {
+                let mut total: Tflops = 0;
+                for g in 0..self.groups.len() as u32 {
+                    if self.admits(f, g) {
+                        let group = &self.groups[g as usize];
+                        total += group.nodes.capacity() * group.tflops_per_device as u64;
+                        if total >= tflops {
+                            return true;
+                        }
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// The smallest TFLOPS the request can take: the cheapest allowed model for a gang.
+    pub fn min_tflops(&self, f: &Filter, shape: &Shape) -> Tflops {
+        match *shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => {
+                let per_device = (0..self.catalogue.len())
+                    .filter(|m| f.models & (1 << m) != 0)
+                    .map(|m| self.catalogue.model(ModelIx(m as u16)).fp16_dense_tflops as u64)
+                    .min()
+                    .unwrap_or(0);
+                nodes as u64 * devices_per_node as u64 * per_device
+            }
+            Shape::Elastic { tflops, .. } => tflops,
+        }
+    }
+
+    /// The key under which a group competes across models: smaller is better.
+    fn key(&self, policy: Policy, g: u32, elastic: bool) -> (u64, u64, u64) {
+        let group = &self.groups[g as usize];
+        let pool = &self.pools[group.pool.0 as usize];
+        let rtt = pool.spec.rtt_ms as u64;
+        match policy {
+            Policy::Cheapest if elastic => (
+                group.price * 1_000_000 / group.tflops_per_device as u64,
+                rtt,
+                g as u64,
+            ),
+            Policy::Cheapest => (group.price, rtt, g as u64),
+            Policy::LowestLatency => (
+                (!pool.spec.kind.is_local() as u64) << 32 | rtt,
+                group.price,
+                g as u64,
+            ),
+            Policy::BestFit if elastic => (
+                group.nodes.free_devices() * group.tflops_per_device as u64,
+                g as u64,
+                0,
+            ),
+            Policy::BestFit => (group.nodes.free_devices(), g as u64, 0),
+        }
+    }
+
+    /// The next group of one model, in policy order after `cursor`, that may have a node with
+    /// `m` free devices and `need` free devices in all. Advances the cursor past it.
+    fn next_in_model(
+        &self,
+        policy: Policy,
+        model: usize,
+        cursor: &mut Cursor,
+        m: u16,
+        need: u64,
+    ) -> Option<u32> {
+        let mi = &self.index.models[model];
+        match policy {
+            Policy::Cheapest | Policy::LowestLatency => {
+                let tree = if policy == Policy::Cheapest {
+                    &mi.cheapest
+                } else {
+                    &mi.latency
+                };
+                let leaf = tree.find_first(cursor.leaf, m, need)?;
+                cursor.leaf = leaf + 1;
+                Some(tree.group(leaf))
+            }
+            Policy::BestFit => {
+                let start = cursor.after.map_or((need, 0), |(f, g)| (f, g + 1));
+                let &(f, g) = mi
+                    .by_free
+                    .range(start..)
+                    .find(|&&(_, g)| self.groups[g as usize].nodes.max_node_free() >= m)?;
+                cursor.after = Some((f, g));
+                Some(g)
+            }
+        }
+    }
+
+    /// Where a request would be placed now, or `None`. `avoid` marks groups it must not use.
+    pub fn plan(
+        &self,
+        f: &Filter,
+        shape: &Shape,
+        policy: Policy,
+        avoid: Option<&[bool]>,
+    ) -> Option<Plan> {
+        match *shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => self.plan_gang(f, nodes, devices_per_node, policy, avoid),
+            Shape::Elastic {
+                tflops,
+                min_chunk_tflops,
+            } => self.plan_elastic(f, tflops, min_chunk_tflops, policy, avoid),
+        }
+    }
+
+    fn usable(&self, f: &Filter, g: u32, avoid: Option<&[bool]>) -> bool {
+        avoid.is_none_or(|a| !a[g as usize]) && self.admits(f, g)
+    }
+
+    fn plan_gang(
+        &self,
+        f: &Filter,
+        n: u32,
+        m: u16,
+        policy: Policy,
+        avoid: Option<&[bool]>,
+    ) -> Option<Plan> {
+        let need = n as u64 * m as u64;
+        let mut best: Option<((u64, u64, u64), u32)> = None;
+        for model in models_of(f.models, self.catalogue.len()) {
+            let mut cursor = Cursor::default();
+            while let Some(g) = self.next_in_model(policy, model, &mut cursor, m, need) {
+                if self.usable(f, g, avoid)
+                    && self.groups[g as usize].nodes.nodes_with_at_least(m) >= n
+                {
+                    let key = self.key(policy, g, false);
+                    if best.is_none_or(|(k, _)| key < k) {
+                        best = Some((key, g));
+                    }
+                    break;
+                }
+            }
+        }
+        best.map(|(_, group)| Plan::Gang { group })
+    }
+
+    fn plan_elastic(
+        &self,
+        f: &Filter,
+        tflops: Tflops,
+        min_chunk: Tflops,
+        policy: Policy,
+        avoid: Option<&[bool]>,
+    ) -> Option<Plan> {
+        // One cursor per allowed model, merged by key so that models compete group by group.
+        let mut heads: Vec<(usize, Cursor, Option<u32>)> =
+            models_of(f.models, self.catalogue.len())
+                .map(|model| {
+                    let mut c = Cursor::default();
+                    let g = self.next_in_model(policy, model, &mut c, 1, 1);
+                    (model, c, g)
+                })
+                .collect();
+        let mut parts = Vec::new();
+        let mut missing = tflops;
+        while missing > 0 {
+            let (i, g) = heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.2.map(|g| (self.key(policy, g, true), i, g)))
+                .min()
+                .map(|(_, i, g)| (i, g))?;
+            let (model, cursor, next) = &mut heads[i];
+            *next = self.next_in_model(policy, *model, cursor, 1, 1);
+            if !self.usable(f, g, avoid) {
+                continue;
+            }
+            let group = &self.groups[g as usize];
+            let per_device = group.tflops_per_device as u64;
+            let devices = group.nodes.free_devices().min(missing.div_ceil(per_device));
+            let chunk = devices * per_device;
+            if devices == 0 || chunk < min_chunk.min(missing) {
+                continue;
+            }
+            parts.push((g, devices));
+            missing = missing.saturating_sub(chunk);
+        }
+        Some(Plan::Elastic { parts })
+    }
+
+    /// Compute a plan would take, in TFLOPS, and its price per hour in fen.
+    pub fn plan_size(&self, plan: &Plan, shape: &Shape) -> (Tflops, u64) {
+        let mut tflops = 0;
+        let mut price = 0;
+        let mut add = |g: u32, devices: u64| {
+            let group = &self.groups[g as usize];
+            tflops += devices * group.tflops_per_device as u64;
+            price += devices * group.price;
+        };
+        match (plan, shape) {
+            (
+                Plan::Gang { group },
+                Shape::Gang {
+                    nodes,
+                    devices_per_node,
+                },
+            ) => add(*group, *nodes as u64 * *devices_per_node as u64),
+            (Plan::Elastic { parts }, _) => parts.iter().for_each(|&(g, d)| add(g, d)),
+            _ => unreachable!("a plan matches its shape"),
+        }
+        (tflops, price)
+    }
+
+    /// Takes the devices of a plan made just before, and refreshes the index.
+    pub fn commit(&mut self, plan: &Plan, shape: &Shape, out: &mut Vec<Slice>) {
+        match (plan, shape) {
+            (
+                Plan::Gang { group },
+                Shape::Gang {
+                    nodes,
+                    devices_per_node,
+                },
+            ) => {
+                self.groups[*group as usize].nodes.take_gang(
+                    *group,
+                    *nodes,
+                    *devices_per_node,
+                    out,
+                );
+                self.refresh(*group);
+            }
+            (Plan::Elastic { parts }, _) => {
+                for &(g, devices) in parts {
+                    self.groups[g as usize].nodes.take_devices(g, devices, out);
+                    self.refresh(g);
+                }
+            }
+            _ => unreachable!("a plan matches its shape"),
+        }
+    }
+
+    /// Gives a lease's devices back and refreshes the index.
+    pub fn give_back(&mut self, slices: &[Slice]) {
+        let mut last = None;
+        for s in slices {
+            self.groups[s.group as usize].nodes.give(s.node, s.devices);
+            if last != Some(s.group) {
+                if let Some(g) = last {
+                    self.refresh(g);
+                }
+                last = Some(s.group);
+            }
+        }
+        if let Some(g) = last {
+            self.refresh(g);
+        }
+    }
+}
+
+/// Position of a walk through one model's order.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cursor {
+    leaf: usize,
+    after: Option<(u64, u32)>,
+}
+
+fn models_of(mask: u64, count: usize) -> impl Iterator<Item = usize> {
+    (0..count).filter(move |m| mask & (1 << m) != 0)
+}

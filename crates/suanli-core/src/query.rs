@@ -1,0 +1,365 @@
+//! Read-only views of the engine: fleet utilisation (by pool, model, region and pool kind),
+//! tenants' usage, requests and leases, and why a queued request waits.
+
+use std::collections::BTreeMap;
+
+use crate::engine::Engine;
+use crate::fleet::PoolKind;
+use crate::placement::PoolHealth;
+use crate::request::{Priority, RequestState, Shape, WaitReason};
+use crate::units::{Millis, RequestId, Tflops};
+
+/// Capacity and allocation of some part of the fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Utilisation {
+    /// Rated capacity.
+    pub capacity_tflops: Tflops,
+    /// Capacity held by leases.
+    pub allocated_tflops: Tflops,
+    /// Devices in all.
+    pub capacity_devices: u64,
+    /// Devices held by leases.
+    pub allocated_devices: u64,
+}
+
+impl Utilisation {
+    /// Allocated over capacity, 0 when there is no capacity.
+    pub fn fraction(&self) -> f64 {
+        if self.capacity_tflops == 0 {
+            0.0
+        } else {
+            self.allocated_tflops as f64 / self.capacity_tflops as f64
+        }
+    }
+
+    fn add(&mut self, other: &Utilisation) {
+        self.capacity_tflops += other.capacity_tflops;
+        self.allocated_tflops += other.allocated_tflops;
+        self.capacity_devices += other.capacity_devices;
+        self.allocated_devices += other.allocated_devices;
+    }
+}
+
+/// One pool's state and utilisation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Pool id.
+    pub id: String,
+    /// Pool name.
+    pub name: String,
+    /// Local centre, local cloud or external.
+    pub kind: PoolKind,
+    /// Region.
+    pub region: String,
+    /// Data zone.
+    pub data_zone: String,
+    /// Round trip from the district.
+    pub rtt_ms: u32,
+    /// Health.
+    pub health: PoolHealth,
+    /// Utilisation.
+    pub usage: Utilisation,
+}
+
+/// Utilisation of the whole fleet and its breakdowns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetUsage {
+    /// The whole fleet.
+    pub total: Utilisation,
+    /// Local pools (the centre and the clouds).
+    pub local: Utilisation,
+    /// External pools.
+    pub external: Utilisation,
+    /// By accelerator model id.
+    pub by_model: BTreeMap<String, Utilisation>,
+    /// By region.
+    pub by_region: BTreeMap<String, Utilisation>,
+    /// By pool kind name.
+    pub by_kind: BTreeMap<&'static str, Utilisation>,
+    /// Every pool, in registration order.
+    pub pools: Vec<PoolUsage>,
+}
+
+/// A tenant's quota and usage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// Tenant name.
+    pub name: String,
+    /// Nominal quota.
+    pub quota_tflops: Tflops,
+    /// Borrowing limit (`None` = unlimited).
+    pub borrow_limit_tflops: Option<Tflops>,
+    /// Fair-share weight.
+    pub weight: u32,
+    /// Capacity held now.
+    pub used_tflops: Tflops,
+    /// Part of it beyond the quota (borrowed, reclaimable).
+    pub borrowed_tflops: Tflops,
+    /// Live leases.
+    pub live_leases: u32,
+    /// Queued requests.
+    pub queued: u32,
+}
+
+/// Where one part of a lease sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeasePart {
+    /// Pool id.
+    pub pool: String,
+    /// Index of the node group in the pool.
+    pub group: u32,
+    /// Accelerator model id.
+    pub model: String,
+    /// Node index in the group.
+    pub node: u32,
+    /// Devices on that node.
+    pub devices: u16,
+}
+
+/// A placed request's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseView {
+    /// When it was placed.
+    pub start: Millis,
+    /// When it expires.
+    pub end: Millis,
+    /// Compute held.
+    pub tflops: Tflops,
+    /// Price per hour fixed at placement, in fen.
+    pub price_fen_per_hour: u64,
+    /// Part of the compute placed on borrowed quota.
+    pub borrowed_tflops: Tflops,
+    /// Node by node.
+    pub parts: Vec<LeasePart>,
+}
+
+/// A live request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestView {
+    /// Id.
+    pub id: RequestId,
+    /// Tenant name.
+    pub tenant: String,
+    /// State.
+    pub state: RequestState,
+    /// Priority class.
+    pub priority: Priority,
+    /// Shape.
+    pub shape: Shape,
+    /// Estimated duration.
+    pub duration_ms: Millis,
+    /// Submission time.
+    pub submitted_at: Millis,
+    /// Why it waits, when queued.
+    pub reason: Option<WaitReason>,
+    /// Its lease, when placed or running.
+    pub lease: Option<LeaseView>,
+}
+
+/// Why a queued request waits and when it may start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitInfo {
+    /// 1-based position in the order of the last scheduling pass (or at submission).
+    pub position: u32,
+    /// The reason.
+    pub reason: WaitReason,
+    /// Earliest start estimated from lease end times, ignoring the requests ahead of it, when
+    /// one can be given (capacity waits and start times).
+    pub earliest_start: Option<Millis>,
+}
+
+impl Engine {
+    /// Utilisation of the fleet, by pool, model, region and pool kind.
+    pub fn fleet_usage(&self) -> FleetUsage {
+        let s = &self.supply;
+        let mut usage = FleetUsage::default();
+        for pool in &s.pools {
+            let mut pu = Utilisation::default();
+            for g in pool.groups.clone() {
+                let group = &s.groups[g as usize];
+                let per = group.tflops_per_device as u64;
+                let cap = group.nodes.capacity();
+                let used = cap - group.nodes.free_devices();
+                let u = Utilisation {
+                    capacity_tflops: cap * per,
+                    allocated_tflops: used * per,
+                    capacity_devices: cap,
+                    allocated_devices: used,
+                };
+                pu.add(&u);
+                let model = s.catalogue.model(group.model).id.clone();
+                usage.by_model.entry(model).or_default().add(&u);
+            }
+            usage.total.add(&pu);
+            if pool.spec.kind.is_local() {
+                usage.local.add(&pu);
+            } else {
+                usage.external.add(&pu);
+            }
+            usage
+                .by_region
+                .entry(pool.spec.region.clone())
+                .or_default()
+                .add(&pu);
+            usage
+                .by_kind
+                .entry(pool.spec.kind.as_str())
+                .or_default()
+                .add(&pu);
+            usage.pools.push(PoolUsage {
+                id: pool.spec.id.clone(),
+                name: pool.spec.name.clone(),
+                kind: pool.spec.kind,
+                region: pool.spec.region.clone(),
+                data_zone: pool.spec.data_zone.clone(),
+                rtt_ms: pool.spec.rtt_ms,
+                health: pool.health,
+                usage: pu,
+            });
+        }
+        usage
+    }
+
+    /// Every tenant's usage, by name.
+    pub fn tenant_usages(&self) -> Vec<TenantUsage> {
+        self.tenant_ids
+            .keys()
+            .filter_map(|name| self.tenant_usage(name))
+            .collect()
+    }
+
+    /// One tenant's usage.
+    pub fn tenant_usage(&self, name: &str) -> Option<TenantUsage> {
+        let t = &self.tenants[self.tenant_ids.get(name)?.0 as usize];
+        Some(TenantUsage {
+            name: t.spec.name.clone(),
+            quota_tflops: t.spec.quota_tflops,
+            borrow_limit_tflops: t.spec.borrow_limit_tflops,
+            weight: t.spec.weight,
+            used_tflops: t.used,
+            borrowed_tflops: t.borrowed,
+            live_leases: t.live_leases,
+            queued: t.queued,
+        })
+    }
+
+    /// A live (queued, placed or running) request.
+    pub fn request(&self, id: RequestId) -> Option<RequestView> {
+        let r = self.requests.get(&id)?;
+        let s = &self.supply;
+        let lease = r.lease.as_ref().map(|l| LeaseView {
+            start: l.start,
+            end: l.end,
+            tflops: l.tflops,
+            price_fen_per_hour: l.price_fen_per_hour,
+            borrowed_tflops: l.borrowed,
+            parts: l
+                .slices
+                .iter()
+                .map(|sl| {
+                    let g = &s.groups[sl.group as usize];
+                    let pool = &s.pools[g.pool.0 as usize];
+                    LeasePart {
+                        pool: pool.spec.id.clone(),
+                        group: sl.group - pool.groups.start,
+                        model: s.catalogue.model(g.model).id.clone(),
+                        node: sl.node,
+                        devices: sl.devices,
+                    }
+                })
+                .collect(),
+        });
+        Some(RequestView {
+            id,
+            tenant: self.tenants[r.tenant.0 as usize].spec.name.clone(),
+            state: r.state,
+            priority: r.priority,
+            shape: r.shape,
+            duration_ms: r.duration,
+            submitted_at: r.submitted_at,
+            reason: (r.state == RequestState::Queued).then_some(r.reason),
+            lease,
+        })
+    }
+
+    /// Ids of all live requests, ascending.
+    pub fn live_requests(&self) -> Vec<RequestId> {
+        let mut ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Why a queued request waits, its position, and its earliest estimated start.
+    pub fn explain(&self, id: RequestId) -> Option<WaitInfo> {
+        let r = self.requests.get(&id)?;
+        if r.state != RequestState::Queued {
+            return None;
+        }
+        let earliest_start = match r.reason {
+            WaitReason::NotYetStartable => Some(r.start_after),
+            WaitReason::CapacityBusy | WaitReason::BehindReservation | WaitReason::Pending => {
+                match &self.reservation {
+                    Some(res) if res.request == id => res.at,
+                    _ => {
+                        let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
+                        let mut is = vec![false; self.supply.groups.len()];
+                        for &g in &candidates {
+                            is[g as usize] = true;
+                        }
+                        self.earliest_fit(r, &candidates, &is)
+                    }
+                }
+            }
+            WaitReason::Quota | WaitReason::NoMatchingPool => None,
+        };
+        Some(WaitInfo {
+            position: r.position,
+            reason: r.reason,
+            earliest_start,
+        })
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Leases holding capacity.
+    pub fn live_lease_count(&self) -> usize {
+        self.requests.values().filter(|r| r.lease.is_some()).count()
+    }
+
+    /// The earliest time a lease expires, so a shell knows when to tick next.
+    pub fn next_lease_end(&self) -> Option<Millis> {
+        self.requests
+            .values()
+            .filter_map(|r| r.lease.as_ref().map(|l| l.end))
+            .min()
+    }
+
+    /// The time of the last command.
+    pub fn now(&self) -> Millis {
+        self.now
+    }
+
+    /// The catalogue in use.
+    pub fn catalogue(&self) -> &crate::Catalogue {
+        &self.supply.catalogue
+    }
+
+    /// For every node group: (pool id, free devices per node, devices per node). For checks
+    /// and tests of conservation.
+    pub fn node_free_table(&self) -> Vec<(String, Vec<u16>, u16)> {
+        self.supply
+            .groups
+            .iter()
+            .map(|g| {
+                (
+                    self.supply.pools[g.pool.0 as usize].spec.id.clone(),
+                    g.nodes.free_per_node().to_vec(),
+                    g.nodes.devices_per_node(),
+                )
+            })
+            .collect()
+    }
+}

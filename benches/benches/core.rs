@@ -1,1 +1,80 @@
-fn main() {}
+//! Benchmarks of the allocation engine. The ids are stable so figures can be compared across
+//! changes (BENCHMARKS.md):
+//! - `place_release/futian-2024`, `place_release/futian-2025`: one submit that places at once
+//!   plus its release, on the fleet already 70% occupied by the realistic mix;
+//! - `schedule_backlog/100k`: one scheduling pass over 100,000 mixed waiting requests on an
+//!   empty futian-2025;
+//! - `pools_scaling/{150,1500,15000}`: place_release on synthetic fleets of that many pools.
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use suanli_benches::{Workload, engine_with_tenants, fill, place_release, probes, submit};
+use suanli_core::fleet::{FUTIAN_2024, FUTIAN_2025};
+use suanli_core::{Catalogue, Command, Fleet};
+use suanli_fleetgen::synthetic;
+
+const PROBES: usize = 64;
+
+fn bench_place_release(c: &mut Criterion, group: &str, name: &str, fleet_text: &str) {
+    let fleet = Fleet::from_toml(fleet_text, &Catalogue::builtin()).expect("valid fleet");
+    let mut engine = engine_with_tenants(&fleet);
+    let mut workload = Workload::new(7, &fleet);
+    fill(&mut engine, &mut workload, 0.7);
+    let probes = probes(&mut engine, &mut workload, PROBES);
+    let mut g = c.benchmark_group(group);
+    let mut i = 0;
+    let mut events = Vec::new();
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            i = (i + 1) % PROBES;
+            black_box(place_release(&mut engine, probes[i].clone(), &mut events))
+        })
+    });
+    g.finish();
+}
+
+fn place_release_futian(c: &mut Criterion) {
+    bench_place_release(c, "place_release", "futian-2024", FUTIAN_2024);
+    bench_place_release(c, "place_release", "futian-2025", FUTIAN_2025);
+}
+
+fn pools_scaling(c: &mut Criterion) {
+    for pools in [150, 1500, 15000] {
+        bench_place_release(c, "pools_scaling", &pools.to_string(), &synthetic(pools, 1));
+    }
+}
+
+fn schedule_backlog(c: &mut Criterion) {
+    let fleet = Fleet::from_toml(FUTIAN_2025, &Catalogue::builtin()).expect("valid fleet");
+    let mut engine = engine_with_tenants(&fleet);
+    let mut workload = Workload::new(11, &fleet);
+    for p in &fleet.pools {
+        engine.apply(Command::DrainPool { pool: p.id.clone() }, 0);
+    }
+    for _ in 0..100_000 {
+        submit(&mut engine, workload.request(), 0);
+    }
+    for p in &fleet.pools {
+        engine.apply(Command::UndrainPool { pool: p.id.clone() }, 0);
+    }
+    assert_eq!(engine.queue_len(), 100_000);
+    let mut g = c.benchmark_group("schedule_backlog");
+    g.sample_size(10);
+    g.bench_function("100k", |b| {
+        b.iter_batched(
+            || engine.clone(),
+            |mut e| black_box(e.apply(Command::Tick, 1).len()),
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    place_release_futian,
+    schedule_backlog,
+    pools_scaling
+);
+criterion_main!(benches);

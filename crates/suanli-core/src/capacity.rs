@@ -192,6 +192,16 @@ impl NodeSet {
     pub fn free_per_node(&self) -> &[u16] {
         &self.free
     }
+
+    /// The nodes filed under each free count, for audits.
+    pub(crate) fn buckets(&self) -> &[Vec<u32>] {
+        &self.buckets
+    }
+
+    /// Where each node sits in its bucket, for audits.
+    pub(crate) fn positions(&self) -> &[u32] {
+        &self.pos
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,7 @@
 //! memory and vendor. It is data (`deploy/catalogue.toml`, each figure with its source), compiled
 //! in as the default.
 
-use std::collections::BTreeMap;
-
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 
 use crate::units::ModelIx;
@@ -58,7 +57,7 @@ struct CatalogueFile {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Catalogue {
     models: Vec<AcceleratorModel>,
-    by_id: BTreeMap<String, ModelIx>,
+    by_id: FxHashMap<String, ModelIx>,
 }
 
 impl Catalogue {
@@ -77,7 +76,7 @@ impl Catalogue {
                 models.len()
             )));
         }
-        let mut by_id = BTreeMap::new();
+        let mut by_id = FxHashMap::default();
         for (i, m) in models.iter().enumerate() {
             let invalid = |field, reason: &str| CatalogueError::Invalid {
                 model: m.id.clone(),

@@ -17,7 +17,7 @@
 //!   only if they end before that time or use none of those groups (EASY backfill).
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::hash::{Hash, Hasher};
 
 use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
@@ -209,6 +209,8 @@ pub(crate) struct Request {
     pub requeue: bool,
     pub submitted_at: Millis,
     pub state: RequestState,
+    /// Whether it sits in the wait queue (a new request is tried before it is queued).
+    pub in_queue: bool,
     pub reason: WaitReason,
     pub position: u32,
     /// Fleet epoch at which `matchable` was computed.
@@ -255,7 +257,7 @@ pub struct Engine {
     pub(crate) config: EngineConfig,
     pub(crate) supply: Supply,
     pub(crate) tenants: Vec<Tenant>,
-    pub(crate) tenant_ids: BTreeMap<String, TenantIx>,
+    pub(crate) tenant_ids: FxHashMap<String, TenantIx>,
     pub(crate) requests: FxHashMap<RequestId, Request>,
     pub(crate) queue: WaitQueue,
     /// Lease end times; entries of leases that ended early are dropped lazily.
@@ -286,7 +288,7 @@ impl Engine {
             config,
             supply: Supply::new(catalogue),
             tenants: Vec::new(),
-            tenant_ids: BTreeMap::new(),
+            tenant_ids: FxHashMap::default(),
             requests: FxHashMap::default(),
             queue: WaitQueue::default(),
             ends: BinaryHeap::new(),
@@ -322,8 +324,10 @@ impl Engine {
     }
 
     /// Applies a command at `now`, appending its events to `out`. Time never goes backwards: an
-    /// earlier `now` is taken as the latest time seen.
+    /// earlier `now` is taken as the latest time seen. A rejected command changes nothing, not
+    /// even the time.
     pub fn apply_into(&mut self, command: Command, now: Millis, out: &mut Vec<Event>) {
+        let before = self.now;
         self.now = self.now.max(now);
         let result = match command {
             Command::RegisterPool(spec) => self.register_pool(spec).map(|p| {
@@ -360,6 +364,7 @@ impl Engine {
             }
         };
         if let Err(error) = result {
+            self.now = before;
             out.push(Event::Rejected { error });
         }
     }
@@ -687,6 +692,7 @@ impl Engine {
                 requeue: spec.requeue,
                 submitted_at: now,
                 state: RequestState::Queued,
+                in_queue: false,
                 reason: WaitReason::Pending,
                 position: self.queue.len() as u32 + 1,
                 match_epoch: u64::MAX,
@@ -694,22 +700,26 @@ impl Engine {
                 lease: None,
             },
         );
-        self.enqueue(id);
         out.push(Event::Submitted { request: id });
-        let ahead: u32 = self.capacity_waiting[..spec.priority.rank()].iter().sum();
-        // It is counted itself while pending, hence the 1.
-        if ahead == 0 && self.capacity_waiting[spec.priority.rank()] == 1 {
-            self.try_start(id, None, out);
+        // Placed at once only if nothing of its class or above waits for capacity; otherwise
+        // the next pass decides, in fair-share order.
+        let ahead: u32 = self.capacity_waiting[..=spec.priority.rank()].iter().sum();
+        if ahead == 0 && matches!(self.try_start(id, None, out), Start::Placed | Start::Gone) {
+            return Ok(());
         }
+        self.enqueue(id);
         Ok(())
     }
 
     fn enqueue(&mut self, id: RequestId) {
-        let r = &self.requests[&id];
-        let (class, tenant) = (r.priority, r.tenant);
+        let r = self.requests.get_mut(&id).expect("request to queue");
+        r.in_queue = true;
+        let (class, tenant, reason) = (r.priority, r.tenant, r.reason);
         self.queue.push(class, tenant, id);
         self.tenants[tenant.0 as usize].queued += 1;
-        self.capacity_waiting[class.rank()] += 1;
+        if Self::waits_for_capacity(reason) {
+            self.capacity_waiting[class.rank()] += 1;
+        }
     }
 
     fn waits_for_capacity(reason: WaitReason) -> bool {
@@ -724,6 +734,9 @@ impl Engine {
         let class = r.priority.rank();
         let was = Self::waits_for_capacity(r.reason);
         r.reason = reason;
+        if !r.in_queue {
+            return;
+        }
         let is = Self::waits_for_capacity(reason);
         if was && !is {
             self.capacity_waiting[class] -= 1;
@@ -732,9 +745,13 @@ impl Engine {
         }
     }
 
-    /// Takes a queued request out of the queue's books (the deque entry goes lazily).
+    /// Takes a request out of the queue's books (the deque entry goes lazily). A request that
+    /// was never queued needs nothing.
     fn dequeue(&mut self, id: RequestId) {
-        let r = &self.requests[&id];
+        let r = self.requests.get_mut(&id).expect("queued request");
+        if !std::mem::take(&mut r.in_queue) {
+            return;
+        }
         let (class, tenant, waiting) = (
             r.priority.rank(),
             r.tenant,
@@ -747,12 +764,8 @@ impl Engine {
         self.queue.left();
         if self.queue.wants_compaction() {
             let requests = &self.requests;
-            self.queue.compact(|q| {
-                q != id
-                    && requests
-                        .get(&q)
-                        .is_some_and(|r| r.state == RequestState::Queued)
-            });
+            self.queue
+                .compact(|q| requests.get(&q).is_some_and(|r| r.in_queue));
         }
     }
 
@@ -926,7 +939,7 @@ impl Engine {
         let now = self.now;
         let r = &self.requests[&id];
         if let Some(deadline) = r.deadline
-            && now.max(r.start_after) + r.duration > deadline
+            && now.max(r.start_after).saturating_add(r.duration) > deadline
         {
             self.dequeue(id);
             self.requests.remove(&id);
@@ -970,21 +983,21 @@ impl Engine {
             self.set_reason(id, WaitReason::CapacityBusy);
             return Start::Waits;
         };
-        let (tflops, _) = self.supply.plan_size(&plan, &r.shape);
-        if !self.quota_allows(tenant, tflops) {
+        let mut size = self.supply.plan_size(&plan, &r.shape);
+        if !self.quota_allows(tenant, size.0) {
             self.set_reason(id, WaitReason::Quota);
             return Start::Waits;
         }
         if let Some(res) = &self.reservation {
-            let ends_in_time = res.at.is_some_and(|at| now + r.duration <= at);
+            let ends_in_time = res
+                .at
+                .is_some_and(|at| now.saturating_add(r.duration) <= at);
             if res.request != id && !ends_in_time && plan_touches(&plan, &res.groups) {
-                match self
+                let other = self
                     .supply
-                    .plan(&r.filter, &r.shape, r.policy, Some(&res.groups))
-                {
-                    Some(p) if self.quota_allows(tenant, self.supply.plan_size(&p, &r.shape).0) => {
-                        plan = p
-                    }
+                    .plan(&r.filter, &r.shape, r.policy, Some(&res.groups));
+                match other.map(|p| (self.supply.plan_size(&p, &r.shape), p)) {
+                    Some((s, p)) if self.quota_allows(tenant, s.0) => (size, plan) = (s, p),
                     _ => {
                         self.set_reason(id, WaitReason::BehindReservation);
                         return Start::Waits;
@@ -993,15 +1006,20 @@ impl Engine {
             }
         }
         self.dequeue(id);
-        self.place(id, &plan, out);
+        self.place(id, &plan, size, out);
         Start::Placed
     }
 
     /// Commits a plan for a request that has left the queue.
-    fn place(&mut self, id: RequestId, plan: &Plan, out: &mut Vec<Event>) {
+    fn place(
+        &mut self,
+        id: RequestId,
+        plan: &Plan,
+        (tflops, price): (Tflops, u64),
+        out: &mut Vec<Event>,
+    ) {
         let now = self.now;
         let r = self.requests.get_mut(&id).expect("request to place");
-        let (tflops, price) = self.supply.plan_size(plan, &r.shape);
         let mut slices = Vec::new();
         self.supply.commit(plan, &r.shape, &mut slices);
         let t = &mut self.tenants[r.tenant.0 as usize];
@@ -1040,7 +1058,13 @@ impl Engine {
         for class in Priority::ALL {
             let snapshot: Vec<(TenantIx, Vec<RequestId>)> = self.queue.classes[class.rank()]
                 .iter()
-                .map(|(&t, q)| (t, q.iter().copied().collect()))
+                .map(|(&t, q)| {
+                    let queued = q
+                        .iter()
+                        .copied()
+                        .filter(|id| self.requests.get(id).is_some_and(|r| r.in_queue));
+                    (t, queued.collect())
+                })
                 .collect();
             let mut heap: BinaryHeap<Reverse<(Share, usize, usize)>> = snapshot
                 .iter()
@@ -1220,9 +1244,13 @@ impl Engine {
         }
         let r = &self.requests[&id];
         match self.supply.plan(&r.filter, &r.shape, r.policy, None) {
-            Some(plan) if self.quota_allows(r.tenant, self.supply.plan_size(&plan, &r.shape).0) => {
+            Some(plan) => {
+                let size = self.supply.plan_size(&plan, &r.shape);
+                if !self.quota_allows(r.tenant, size.0) {
+                    return false;
+                }
                 self.dequeue(id);
-                self.place(id, &plan, out);
+                self.place(id, &plan, size, out);
                 true
             }
             _ => false,
@@ -1304,6 +1332,22 @@ impl Engine {
             chosen.push(vid);
         }
         (free >= tflops).then_some(chosen)
+    }
+
+    /// Counters kept for speed, for audits: live leases, requests waiting for capacity by
+    /// class, spot leases, and leases on borrowed capacity.
+    pub(crate) fn counters(&self) -> (usize, [u32; 3], u32, u32) {
+        (
+            self.live_leases,
+            self.capacity_waiting,
+            self.spot_leases,
+            self.borrowing_leases,
+        )
+    }
+
+    /// Lease end times waiting to expire, stale entries included, for audits.
+    pub(crate) fn pending_ends(&self) -> impl Iterator<Item = (Millis, RequestId)> + '_ {
+        self.ends.iter().map(|&Reverse(e)| e)
     }
 
     // ----- digest -----
@@ -1649,6 +1693,28 @@ mod tests {
         );
         assert_eq!(e.explain(later).unwrap().earliest_start, Some(9_000_000));
         assert!(placed(&ok(e.apply(Command::Tick, 9_000_000)), later));
+    }
+
+    #[test]
+    fn a_start_and_deadline_at_the_end_of_time_do_not_overflow() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let mut spec = gang("a", 1, 8, "h100");
+        spec.start_after_ms = Some(u64::MAX);
+        spec.deadline_ms = Some(u64::MAX);
+        let id = submit(&mut e, spec, 0);
+        ok(e.apply(Command::Tick, 1));
+        assert_eq!(e.explain(id).unwrap().reason, WaitReason::NotYetStartable);
+    }
+
+    #[test]
+    fn a_rejected_command_does_not_move_the_clock() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let before = e.digest();
+        let ev = e.apply(Command::Submit(gang("nobody", 1, 8, "h100")), 5_000);
+        assert!(matches!(ev[..], [Event::Rejected { .. }]));
+        assert_eq!((e.now(), e.digest()), (0, before));
+        ok(e.apply(Command::Tick, 6_000));
+        assert_eq!(e.now(), 6_000);
     }
 
     #[test]

@@ -58,9 +58,14 @@ impl OrderTree {
         }
         self.max_node_free[i] = s.max_node_free;
         self.free[i] = s.free_devices;
+        // Climb only while the aggregates change: a maximum over many groups rarely does.
         while i > 1 {
             i /= 2;
+            let before = (self.max_node_free[i], self.free[i]);
             self.pull(i);
+            if before == (self.max_node_free[i], self.free[i]) {
+                break;
+            }
         }
     }
 
@@ -70,36 +75,50 @@ impl OrderTree {
 
     /// The first leaf at or after `from` whose group may hold a node with `m` free devices and
     /// `need` free devices in all. A necessary condition only: the caller checks the group.
+    ///
+    /// An in-order walk without recursion: a subtree that may fit is entered at its left child,
+    /// one that cannot is skipped for the next subtree to its right. The two maxima of a subtree
+    /// may come from different leaves, so entering a subtree can still end in a dead end; the walk
+    /// then simply moves on.
     pub fn find_first(&self, from: usize, m: u16, need: u64) -> Option<usize> {
-        if from >= self.groups.len() || !self.fits(1, m, need) {
+        if from >= self.groups.len() {
             return None;
         }
-        self.descend(1, 0, self.size, from, m, need)
-    }
-
-    fn descend(
-        &self,
-        i: usize,
-        lo: usize,
-        hi: usize,
-        from: usize,
-        m: u16,
-        need: u64,
-    ) -> Option<usize> {
-        if hi <= from || !self.fits(i, m, need) {
-            return None;
+        let mut i = self.size + from;
+        loop {
+            if self.fits(i, m, need) {
+                if i >= self.size {
+                    let leaf = i - self.size;
+                    return (leaf < self.groups.len()).then_some(leaf);
+                }
+                i *= 2;
+                continue;
+            }
+            while i & 1 == 1 {
+                i >>= 1; // a right child: what follows it starts right of its parent
+            }
+            if i == 0 {
+                return None;
+            }
+            i += 1;
         }
-        if hi - lo == 1 {
-            return Some(lo);
-        }
-        let mid = (lo + hi) / 2;
-        self.descend(2 * i, lo, mid, from, m, need)
-            .or_else(|| self.descend(2 * i + 1, mid, hi, from, m, need))
     }
 
     /// The group at a leaf.
     pub fn group(&self, leaf: usize) -> u32 {
         self.groups[leaf]
+    }
+
+    /// Every leaf in order with the stats recorded for its group, for audits.
+    pub(crate) fn leaves(&self) -> impl Iterator<Item = (u32, GroupStats)> + '_ {
+        self.groups.iter().enumerate().map(|(leaf, &g)| {
+            let i = self.size + leaf;
+            let s = GroupStats {
+                max_node_free: self.max_node_free[i],
+                free_devices: self.free[i],
+            };
+            (g, s)
+        })
     }
 }
 
@@ -121,6 +140,10 @@ pub(crate) struct OrderKeys {
 }
 
 /// Indexes of every model, and where each group sits in them.
+///
+/// The static orders are kept current on every change. The best-fit set is brought up to date
+/// lazily, when a best-fit placement asks ([`Index::flush_best_fit`]): most requests use another
+/// policy, and a sorted-set update on every allocation would cost them for nothing.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Index {
     pub models: Vec<ModelIndex>,
@@ -128,6 +151,14 @@ pub(crate) struct Index {
     leaf_latency: Vec<u32>,
     /// The key under which a group is in `by_free`, if it is.
     free_key: Vec<Option<u64>>,
+    /// The key it should have now; differs from `free_key` only for groups in `dirty`.
+    latest_key: Vec<Option<u64>>,
+    dirty: Vec<u32>,
+    is_dirty: Vec<bool>,
+}
+
+fn best_fit_key(s: GroupStats) -> Option<u64> {
+    (s.max_node_free > 0).then_some(s.free_devices)
 }
 
 impl Index {
@@ -150,6 +181,8 @@ impl Index {
         self.leaf_cheapest.resize(n, 0);
         self.leaf_latency.resize(n, 0);
         self.free_key.resize(n, None);
+        self.latest_key.resize(n, None);
+        self.is_dirty.resize(n, false);
 
         let mut by_price: Vec<(u64, u32, u32)> = groups
             .iter()
@@ -173,12 +206,12 @@ impl Index {
         mi.latency = OrderTree::build(by_latency.iter().map(|e| e.3).collect(), stats);
         mi.by_free.clear();
         for &(g, _) in groups {
-            let s = stats[g as usize];
-            let key = (s.max_node_free > 0).then_some(s.free_devices);
+            let key = best_fit_key(stats[g as usize]);
             if let Some(k) = key {
                 mi.by_free.insert((k, g));
             }
             self.free_key[g as usize] = key;
+            self.latest_key[g as usize] = key;
         }
     }
 
@@ -188,16 +221,36 @@ impl Index {
         let mi = &mut self.models[model];
         mi.cheapest.set(self.leaf_cheapest[g] as usize, s);
         mi.latency.set(self.leaf_latency[g] as usize, s);
-        let key = (s.max_node_free > 0).then_some(s.free_devices);
-        if self.free_key[g] != key {
-            if let Some(old) = self.free_key[g] {
-                mi.by_free.remove(&(old, group));
-            }
-            if let Some(k) = key {
-                mi.by_free.insert((k, group));
-            }
-            self.free_key[g] = key;
+        self.latest_key[g] = best_fit_key(s);
+        if !self.is_dirty[g] && self.latest_key[g] != self.free_key[g] {
+            self.is_dirty[g] = true;
+            self.dirty.push(group);
         }
+    }
+
+    /// Brings every best-fit set up to date. `model_of` gives a group's model.
+    pub fn flush_best_fit(&mut self, model_of: impl Fn(u32) -> usize) {
+        for group in std::mem::take(&mut self.dirty) {
+            let g = group as usize;
+            self.is_dirty[g] = false;
+            let (old, new) = (self.free_key[g], self.latest_key[g]);
+            if old == new {
+                continue;
+            }
+            let set = &mut self.models[model_of(group)].by_free;
+            if let Some(k) = old {
+                set.remove(&(k, group));
+            }
+            if let Some(k) = new {
+                set.insert((k, group));
+            }
+            self.free_key[g] = new;
+        }
+    }
+
+    /// The key each group should have in the best-fit set once flushed, for audits.
+    pub fn best_fit_keys(&self) -> &[Option<u64>] {
+        &self.latest_key
     }
 }
 
@@ -224,6 +277,22 @@ mod tests {
         assert_eq!(t.find_first(3, 8, 16), Some(4));
         assert_eq!(t.find_first(0, 9, 1), None);
         assert_eq!(t.find_first(5, 1, 1), None);
+    }
+
+    proptest::proptest! {
+        /// The tree finds exactly the first leaf a linear scan finds, from any start.
+        #[test]
+        fn find_first_agrees_with_a_linear_scan(
+            leaves in proptest::collection::vec((0u16..9, 0u64..40), 1..40),
+            from in 0usize..45,
+            m in 1u16..9,
+            need in 1u64..40,
+        ) {
+            let s = stats(&leaves);
+            let t = OrderTree::build((0..leaves.len() as u32).collect(), &s);
+            let scan = (from..leaves.len()).find(|&l| leaves[l].0 >= m && leaves[l].1 >= need);
+            proptest::prop_assert_eq!(t.find_first(from, m, need), scan);
+        }
     }
 
     #[test]
@@ -280,6 +349,9 @@ mod tests {
                 free_devices: 4,
             },
         );
-        assert_eq!(ix.models[0].by_free.iter().next(), Some(&(4, 1)));
+        let first = |ix: &Index| ix.models[0].by_free.iter().next().copied();
+        assert_eq!(first(&ix), Some((8, 0)), "not yet flushed");
+        ix.flush_best_fit(|_| 0);
+        assert_eq!(first(&ix), Some((4, 1)));
     }
 }

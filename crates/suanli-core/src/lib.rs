@@ -31,6 +31,7 @@ pub mod query;
 pub mod request;
 pub mod units;
 
+mod audit;
 mod capacity;
 mod digest;
 mod index;
@@ -39,6 +40,7 @@ mod queue;
 #[cfg(test)]
 mod testkit;
 
+pub use audit::AuditError;
 pub use catalogue::{AcceleratorModel, Catalogue};
 pub use engine::{Command, Engine, EngineConfig, Event};
 pub use error::CoreError;

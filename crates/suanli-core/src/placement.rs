@@ -154,6 +154,9 @@ pub(crate) struct Supply {
     pub index: Index,
     /// For each model, its groups: the members of its index.
     model_groups: Vec<Vec<u32>>,
+    /// Models whose index must be rebuilt before the next placement (bit set). Registering a
+    /// fleet of many pools then rebuilds each model once, not once per pool.
+    stale_models: u64,
 }
 
 impl Supply {
@@ -168,6 +171,7 @@ impl Supply {
             zones: Names::default(),
             index: Index::new(models),
             model_groups: vec![Vec::new(); models],
+            stale_models: 0,
         }
     }
 
@@ -192,9 +196,30 @@ impl Supply {
     }
 
     pub fn refresh(&mut self, g: u32) {
-        let s = self.stats(g);
         let model = self.groups[g as usize].model.0 as usize;
+        if self.stale_models & (1 << model) != 0 {
+            return; // rebuilt from scratch before the next placement
+        }
+        let s = self.stats(g);
         self.index.refresh(model, g, s);
+    }
+
+    /// Models whose index waits for a rebuild (bit set), for audits.
+    pub fn stale_models(&self) -> u64 {
+        self.stale_models
+    }
+
+    /// Makes the index current for a placement under `policy`.
+    fn prepare(&mut self, policy: Policy) {
+        if self.stale_models != 0 {
+            let models = std::mem::take(&mut self.stale_models);
+            self.rebuild_now(models);
+        }
+        if policy == Policy::BestFit {
+            let groups = &self.groups;
+            self.index
+                .flush_best_fit(|g| groups[g as usize].model.0 as usize);
+        }
     }
 
     fn order_keys(&self, g: u32) -> OrderKeys {
@@ -207,8 +232,12 @@ impl Supply {
         }
     }
 
-    /// Rebuilds the index of every model in `models` (a bit set).
+    /// Marks the index of every model in `models` (a bit set) for a rebuild.
     pub fn rebuild(&mut self, models: u64) {
+        self.stale_models |= models;
+    }
+
+    fn rebuild_now(&mut self, models: u64) {
         let stats: Vec<GroupStats> = (0..self.groups.len() as u32)
             .map(|g| self.stats(g))
             .collect();
@@ -383,13 +412,15 @@ impl Supply {
     }
 
     /// Where a request would be placed now, or `None`. `avoid` marks groups it must not use.
+    /// Changes nothing but the index's own bookkeeping.
     pub fn plan(
-        &self,
+        &mut self,
         f: &Filter,
         shape: &Shape,
         policy: Policy,
         avoid: Option<&[bool]>,
     ) -> Option<Plan> {
+        self.prepare(policy);
         match *shape {
             Shape::Gang {
                 nodes,

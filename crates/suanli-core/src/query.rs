@@ -222,8 +222,10 @@ impl Engine {
 
     /// Every tenant's usage, by name.
     pub fn tenant_usages(&self) -> Vec<TenantUsage> {
-        self.tenant_ids
-            .keys()
+        let mut names: Vec<&String> = self.tenant_ids.keys().collect();
+        names.sort_unstable();
+        names
+            .into_iter()
             .filter_map(|name| self.tenant_usage(name))
             .collect()
     }

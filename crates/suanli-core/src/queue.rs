@@ -20,13 +20,19 @@ pub(crate) struct WaitQueue {
 
 impl WaitQueue {
     /// Adds a request at its place in submission order (at the back for a new request; a
-    /// requeued one goes back where its id puts it).
+    /// requeued one goes back where its id puts it). A requeued request whose entry from an
+    /// earlier wait is still there, not yet compacted, takes that entry back: it is never filed
+    /// twice.
     pub fn push(&mut self, class: Priority, tenant: TenantIx, id: RequestId) {
         let q = self.classes[class.rank()].entry(tenant).or_default();
         if q.back().is_none_or(|&last| last < id) {
             q.push_back(id);
         } else {
             let at = q.partition_point(|&x| x < id);
+            if q.get(at) == Some(&id) {
+                self.stale -= 1;
+                return;
+            }
             q.insert(at, id);
         }
         self.entries += 1;
@@ -82,5 +88,47 @@ mod tests {
         q.left();
         q.compact(|id| id != RequestId(2));
         assert_eq!(q.len(), 3);
+    }
+
+    #[test]
+    fn a_request_requeued_before_compaction_is_filed_once() {
+        let mut q = WaitQueue::default();
+        let t = TenantIx(0);
+        for id in [1, 2] {
+            q.push(Priority::Spot, t, RequestId(id));
+        }
+        q.left(); // 1 is placed; its entry stays until compaction
+        q.push(Priority::Spot, t, RequestId(1)); // 1 is preempted and requeued
+        let order: Vec<u64> = q.classes[2][&t].iter().map(|r| r.0).collect();
+        assert_eq!(order, [1, 2]);
+        assert_eq!(q.len(), 2);
+        q.compact(|_| true);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn a_request_preempted_twice_keeps_one_place_in_the_pass() {
+        use crate::engine::Command;
+        use crate::fleet::PoolKind::External;
+        use crate::testkit::*;
+
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let mut spot = gang("a", 1, 8, "h100");
+        spot.priority = Priority::Spot;
+        spot.requeue = true;
+        let s = submit(&mut e, spot.clone(), 0);
+        let x = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        ok(e.apply(Command::Tick, 1)); // x preempts s, which waits
+        ok(e.apply(Command::Release { request: x }, 2));
+        ok(e.apply(Command::Tick, 3)); // s runs again
+        submit(&mut e, gang("a", 1, 8, "h100"), 4);
+        ok(e.apply(Command::Tick, 4)); // and is preempted again
+        spot.requeue = false;
+        let y = submit(&mut e, spot, 5);
+        ok(e.apply(Command::Tick, 6));
+        assert_eq!(e.queue_len(), 2);
+        assert_eq!(e.explain(s).unwrap().position, 1);
+        assert_eq!(e.explain(y).unwrap().position, 2, "s was ranked once");
+        assert_eq!(e.audit(), Ok(()));
     }
 }

@@ -45,7 +45,7 @@ pub struct EngineConfig {
 }
 
 /// What the engine is asked to do. Every command is applied at a caller-given `now`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Command {
     /// Add a pool with all its nodes free.
     RegisterPool(PoolSpec),
@@ -217,6 +217,56 @@ pub(crate) struct Request {
     pub match_epoch: u64,
     pub matchable: bool,
     pub lease: Option<Lease>,
+}
+
+/// What [`Engine::earliest_fit`] needs of a request.
+pub(crate) struct Probe {
+    pub shape: Shape,
+    pub start_after: Millis,
+}
+
+impl Request {
+    pub(crate) fn probe(&self) -> Probe {
+        Probe {
+            shape: self.shape,
+            start_after: self.start_after,
+        }
+    }
+}
+
+/// A dry run of a submission: where it would go now, or why it would wait.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quote {
+    /// Where it would be placed, when it would be placed at once.
+    pub placement: Option<QuotePlacement>,
+    /// Why it would wait otherwise.
+    pub reason: Option<WaitReason>,
+    /// When it could start, estimated from lease end times, when it would wait.
+    pub earliest_start: Option<Millis>,
+}
+
+/// The placement of a quote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotePlacement {
+    /// Devices per node group.
+    pub parts: Vec<QuotePart>,
+    /// Compute it would hold.
+    pub tflops: Tflops,
+    /// Price per hour in fen.
+    pub price_fen_per_hour: u64,
+}
+
+/// Devices a quote takes in one node group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotePart {
+    /// Pool id.
+    pub pool: String,
+    /// Index of the group in the pool.
+    pub group: u32,
+    /// Accelerator model id.
+    pub model: String,
+    /// Devices.
+    pub devices: u64,
 }
 
 /// The reservation of the first request that could not be placed in the last pass.
@@ -635,7 +685,9 @@ impl Engine {
         Ok(())
     }
 
-    fn submit(&mut self, spec: RequestSpec, out: &mut Vec<Event>) -> Result<(), CoreError> {
+    /// Checks a request spec against the tenant, the catalogue, the fleet and the clock, and
+    /// resolves its constraints.
+    fn admit(&self, spec: &RequestSpec) -> Result<(TenantIx, Filter), CoreError> {
         let now = self.now;
         let tenant =
             *self
@@ -663,16 +715,93 @@ impl Engine {
                 ));
             }
         }
-        let filter = self.resolve_filter(&spec)?;
+        let filter = self.resolve_filter(spec)?;
         let t = &self.tenants[tenant.0 as usize];
         let need = self.supply.min_tflops(&filter, &spec.shape);
         if need > t.limit() {
             return Err(CoreError::ExceedsQuota {
-                tenant: spec.tenant,
+                tenant: spec.tenant.clone(),
                 need,
                 limit: t.limit(),
             });
         }
+        Ok((tenant, filter))
+    }
+
+    /// Where and at what price a request would be placed if it were submitted at `now`,
+    /// without submitting it. Changes nothing but the placement index's bookkeeping (and the
+    /// clock, which never goes back).
+    pub fn quote(&mut self, spec: &RequestSpec, now: Millis) -> Result<Quote, CoreError> {
+        self.now = self.now.max(now);
+        let (tenant, filter) = self.admit(spec)?;
+        let policy = spec.policy.unwrap_or(self.config.default_policy);
+        let waits = |reason, earliest_start| Quote {
+            placement: None,
+            reason: Some(reason),
+            earliest_start,
+        };
+        if spec.start_after_ms.is_some_and(|t| t > self.now) {
+            return Ok(waits(WaitReason::NotYetStartable, spec.start_after_ms));
+        }
+        let ahead: u32 = self.capacity_waiting[..=spec.priority.rank()].iter().sum();
+        let plan = self.supply.plan(&filter, &spec.shape, policy, None);
+        let Some(plan) = plan.filter(|_| ahead == 0) else {
+            if !self.supply.matchable(&filter, &spec.shape) {
+                return Ok(waits(WaitReason::NoMatchingPool, None));
+            }
+            let candidates = self.supply.candidate_groups(&filter, &spec.shape);
+            let mut is = vec![false; self.supply.groups.len()];
+            for &g in &candidates {
+                is[g as usize] = true;
+            }
+            let probe = Probe {
+                shape: spec.shape,
+                start_after: spec.start_after_ms.unwrap_or(0),
+            };
+            let at = self.earliest_fit(&probe, &candidates, &is);
+            return Ok(waits(WaitReason::CapacityBusy, at));
+        };
+        let (tflops, price) = self.supply.plan_size(&plan, &spec.shape);
+        if !self.quota_allows(tenant, tflops) {
+            return Ok(waits(WaitReason::Quota, None));
+        }
+        let mut parts: Vec<QuotePart> = Vec::new();
+        let mut add = |g: u32, devices: u64| {
+            let group = &self.supply.groups[g as usize];
+            let pool = &self.supply.pools[group.pool.0 as usize];
+            parts.push(QuotePart {
+                pool: pool.spec.id.clone(),
+                group: g - pool.groups.start,
+                model: self.supply.catalogue.model(group.model).id.clone(),
+                devices,
+            });
+        };
+        match (&plan, spec.shape) {
+            (
+                Plan::Gang { group },
+                Shape::Gang {
+                    nodes,
+                    devices_per_node,
+                },
+            ) => add(*group, nodes as u64 * devices_per_node as u64),
+            (Plan::Elastic { parts }, _) => parts.iter().for_each(|&(g, d)| add(g, d)),
+            _ => unreachable!("a plan matches its shape"),
+        }
+        Ok(Quote {
+            placement: Some(QuotePlacement {
+                parts,
+                tflops,
+                price_fen_per_hour: price,
+            }),
+            reason: None,
+            earliest_start: None,
+        })
+    }
+
+    fn submit(&mut self, spec: RequestSpec, out: &mut Vec<Event>) -> Result<(), CoreError> {
+        let now = self.now;
+        let (tenant, filter) = self.admit(&spec)?;
+        let start_after = spec.start_after_ms.unwrap_or(0);
         let mut h = FxHasher::default();
         filter.hash(&mut h);
         let id = RequestId(self.next_request);
@@ -1112,7 +1241,7 @@ impl Engine {
         }
         Reservation {
             request: id,
-            at: self.earliest_fit(r, &candidates, &groups),
+            at: self.earliest_fit(&r.probe(), &candidates, &groups),
             groups,
         }
     }
@@ -1121,7 +1250,7 @@ impl Engine {
     /// placed: a scratch copy of the candidate groups is refilled lease by lease.
     pub(crate) fn earliest_fit(
         &self,
-        r: &Request,
+        r: &Probe,
         candidates: &[u32],
         is_candidate: &[bool],
     ) -> Option<Millis> {
@@ -1797,6 +1926,29 @@ mod tests {
             "pool p: field group[0].nodes: the nodes to remove still hold leases"
         );
         let _ = a;
+    }
+
+    #[test]
+    fn quote_tells_where_and_at_what_price_without_placing() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let digest = e.digest();
+        let q = e.quote(&gang("a", 1, 8, "h100"), 0).unwrap();
+        let placement = q.placement.unwrap();
+        assert_eq!(placement.price_fen_per_hour, 8 * 1000);
+        assert_eq!(placement.parts[0].pool, "p");
+        assert_eq!(e.digest(), digest, "a quote changes nothing");
+        let held = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let q = e.quote(&gang("a", 1, 8, "h100"), 10).unwrap();
+        assert_eq!(q.reason, Some(WaitReason::CapacityBusy));
+        assert_eq!(
+            q.earliest_start,
+            Some(3_600_000),
+            "when the held lease ends"
+        );
+        let q = e.quote(&gang("a", 2, 8, "h100"), 10).unwrap();
+        assert_eq!(q.reason, Some(WaitReason::NoMatchingPool));
+        assert!(e.quote(&gang("nobody", 1, 8, "h100"), 10).is_err());
+        let _ = held;
     }
 
     #[test]

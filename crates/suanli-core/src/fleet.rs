@@ -48,7 +48,7 @@ impl PoolKind {
 }
 
 /// A validated pool: where it is and what node groups it holds.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PoolSpec {
     /// Unique id, e.g. `futian-aicc`.
     pub id: String,
@@ -67,7 +67,7 @@ pub struct PoolSpec {
 }
 
 /// A validated node group: `nodes` identical nodes of `devices_per_node` devices of one model.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct GroupSpec {
     /// Catalogue id of the accelerator model.
     pub model: String,

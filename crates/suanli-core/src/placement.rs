@@ -17,7 +17,19 @@ use crate::request::Shape;
 use crate::units::{ModelIx, PoolIx, Tflops};
 
 /// How to choose among the node groups that satisfy a request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum Policy {
     /// Lowest price: per device-hour for gangs, per TFLOPS-hour for elastic requests.
     #[default]
@@ -50,7 +62,9 @@ impl Policy {
 }
 
 /// Whether a pool takes new work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum PoolHealth {
     /// Takes new work.
     Healthy,

@@ -156,6 +156,23 @@ pub struct RequestView {
     pub lease: Option<LeaseView>,
 }
 
+/// A queued request as the queue shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedRequest {
+    /// Id.
+    pub id: RequestId,
+    /// Tenant name.
+    pub tenant: String,
+    /// Priority class.
+    pub priority: Priority,
+    /// Position in the last pass.
+    pub position: u32,
+    /// Why it waits.
+    pub reason: WaitReason,
+    /// Submission time.
+    pub submitted_at: Millis,
+}
+
 /// Why a queued request waits and when it may start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaitInfo {
@@ -308,7 +325,7 @@ impl Engine {
                         for &g in &candidates {
                             is[g as usize] = true;
                         }
-                        self.earliest_fit(r, &candidates, &is)
+                        self.earliest_fit(&r.probe(), &candidates, &is)
                     }
                 }
             }
@@ -319,6 +336,26 @@ impl Engine {
             reason: r.reason,
             earliest_start,
         })
+    }
+
+    /// Every queued request in queue order (the order of the last scheduling pass; requests
+    /// submitted since come after, by id).
+    pub fn queued(&self) -> Vec<QueuedRequest> {
+        let mut out: Vec<QueuedRequest> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.state == RequestState::Queued)
+            .map(|(&id, r)| QueuedRequest {
+                id,
+                tenant: self.tenants[r.tenant.0 as usize].spec.name.clone(),
+                priority: r.priority,
+                position: r.position,
+                reason: r.reason,
+                submitted_at: r.submitted_at,
+            })
+            .collect();
+        out.sort_unstable_by_key(|q| (q.position, q.id));
+        out
     }
 
     /// Requests waiting in the queue.
@@ -337,6 +374,12 @@ impl Engine {
             .values()
             .filter_map(|r| r.lease.as_ref().map(|l| l.end))
             .min()
+    }
+
+    /// A registered pool's specification.
+    pub fn pool_spec(&self, id: &str) -> Option<&crate::PoolSpec> {
+        let ix = self.supply.pool_ids.get(id)?;
+        Some(&self.supply.pools[ix.0 as usize].spec)
     }
 
     /// The time of the last command.

@@ -5,7 +5,7 @@ use crate::placement::Policy;
 use crate::units::{Millis, Tflops};
 
 /// An AI company using the platform.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TenantSpec {
     /// Unique tenant name.
     pub name: String,
@@ -19,7 +19,9 @@ pub struct TenantSpec {
 }
 
 /// Priority class: the first key of the queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Priority {
     /// Must start as soon as possible; may preempt spot and reclaim borrowed capacity.
     Critical,
@@ -49,7 +51,7 @@ impl Priority {
 }
 
 /// The shape of a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Shape {
     /// `nodes` nodes with `devices_per_node` free devices each, of one model, in one node group of
     /// one pool: all or nothing (training).
@@ -71,7 +73,7 @@ pub enum Shape {
 }
 
 /// Where a request may run. Empty lists mean "any".
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Constraints {
     /// Allowed accelerator models (catalogue ids).
     pub models: Vec<String>,
@@ -88,7 +90,7 @@ pub struct Constraints {
 }
 
 /// A request as submitted by a tenant.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RequestSpec {
     /// The tenant's name.
     pub tenant: String,
@@ -111,7 +113,9 @@ pub struct RequestSpec {
 }
 
 /// Where a request is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum RequestState {
     /// Waiting for capacity (or its start time, or quota).
     Queued,
@@ -161,7 +165,9 @@ impl RequestState {
 }
 
 /// Why a queued request is not running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum WaitReason {
     /// Not yet looked at by a scheduling pass.
     Pending,
@@ -192,7 +198,9 @@ impl WaitReason {
 }
 
 /// Why a request reached a final state (or went back to the queue).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum EndReason {
     /// The tenant released it.
     Released,

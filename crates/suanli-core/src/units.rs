@@ -16,7 +16,9 @@ pub type Fen = u64;
 pub const TFLOPS_PER_P: Tflops = 1000;
 
 /// The engine's identifier of a request, assigned in submission order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct RequestId(pub u64);
 
 impl fmt::Display for RequestId {

@@ -1,0 +1,294 @@
+//! Broker configuration: the zero-config default (the Futian 2024 fleet on simulated execution,
+//! development tenants) and the TOML file that changes it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use suanli_core::fleet::FUTIAN_2024;
+use suanli_core::{Catalogue, EngineConfig, Fleet, Policy, TFLOPS_PER_P, TenantSpec};
+
+use crate::error::BrokerError;
+
+/// How a pool's leases are carried out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Execution {
+    /// The broker itself starts each lease at once and finishes it after its duration
+    /// (divided by the speed-up). For demonstrations and the zero-config default.
+    Simulated,
+    /// A pool agent connects over `PoolService.ConnectAgent`, is told which leases to start
+    /// and stop, and reports them; a missing heartbeat makes the pool lost.
+    Agent,
+}
+
+/// A configured tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantConfig {
+    /// Quota, borrowing limit and weight.
+    pub spec: TenantSpec,
+    /// Its token; generated when absent.
+    pub token: Option<String>,
+}
+
+/// Everything the broker needs to run.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Data folder: the store and the credentials file.
+    pub data_dir: PathBuf,
+    /// The fleet registered at first start (pools missing from the log are registered later).
+    pub fleet: Fleet,
+    /// Engine settings (default placement policy).
+    pub engine: EngineConfig,
+    /// Pools carried out by agents; every other pool is simulated.
+    pub agent_pools: Vec<String>,
+    /// Whether every pool is simulated unless named in `agent_pools`.
+    pub simulate_others: bool,
+    /// Simulated leases finish after duration / speedup.
+    pub simulated_speedup: f64,
+    /// Tenants set at start.
+    pub tenants: Vec<TenantConfig>,
+    /// The operator's token; generated when absent.
+    pub operator_token: Option<String>,
+    /// How often the engine ticks (expiry and scheduling).
+    pub tick_interval: Duration,
+    /// A pool whose agent is silent this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// Commands that may wait for the writer; beyond that, RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Largest incoming message.
+    pub max_message_bytes: usize,
+    /// TLS certificate and key (PEM files), when TLS is wanted.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The district's capacity target, shown in the fleet summary.
+    pub target_tflops: u64,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Print the credentials at start-up (for a person starting the broker by hand).
+    pub announce: bool,
+}
+
+impl BrokerConfig {
+    /// The zero-config broker: futian-2024 on simulated execution, four development tenants,
+    /// data in `./suanli-data`, gRPC on 127.0.0.1:50051.
+    pub fn dev_default() -> Self {
+        let fleet = Fleet::from_toml(FUTIAN_2024, &Catalogue::builtin())
+            .expect("the built-in fleet is valid (tested in suanli-core)");
+        let tenant = |name: &str, quota_p: u64, weight: u32| TenantConfig {
+            spec: TenantSpec {
+                name: name.into(),
+                quota_tflops: quota_p * TFLOPS_PER_P,
+                borrow_limit_tflops: None,
+                weight,
+            },
+            token: None,
+        };
+        BrokerConfig {
+            data_dir: PathBuf::from("suanli-data"),
+            fleet,
+            engine: EngineConfig::default(),
+            agent_pools: Vec::new(),
+            simulate_others: true,
+            simulated_speedup: 1.0,
+            tenants: vec![
+                tenant("tenant-a", 2000, 2),
+                tenant("tenant-b", 1000, 1),
+                tenant("tenant-c", 1000, 1),
+                tenant("tenant-d", 500, 1),
+            ],
+            operator_token: None,
+            tick_interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_secs(15),
+            heartbeat_interval: Duration::from_secs(3),
+            queue_capacity: 65_536,
+            max_message_bytes: 1 << 20,
+            tls: None,
+            target_tflops: 20_000 * TFLOPS_PER_P,
+            listen: "127.0.0.1:50051".parse().expect("address"),
+            announce: false,
+        }
+    }
+
+    /// How a pool's leases run.
+    pub fn execution(&self, pool: &str) -> Option<Execution> {
+        if self.agent_pools.iter().any(|p| p == pool) {
+            Some(Execution::Agent)
+        } else if self.simulate_others {
+            Some(Execution::Simulated)
+        } else {
+            None
+        }
+    }
+
+    /// Reads a configuration file over the defaults. Relative paths are taken from the file's
+    /// folder.
+    pub fn from_file(path: &Path) -> Result<Self, BrokerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BrokerError::Config(format!("config {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base)
+            .map_err(|e| BrokerError::Config(format!("config {}: {e}", path.display())))
+    }
+
+    /// Parses a configuration over the defaults.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, String> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut c = BrokerConfig::dev_default();
+        if let Some(l) = file.listen {
+            c.listen = l.parse().map_err(|e| format!("field listen: {e}"))?;
+        }
+        if let Some(d) = file.data_dir {
+            c.data_dir = base.join(d);
+        }
+        if let Some(f) = file.fleet {
+            c.fleet = load_fleet(&base.join(f))?;
+        }
+        if let Some(p) = file.default_policy {
+            c.engine.default_policy = Policy::from_name(&p).ok_or_else(|| {
+                format!("field default_policy: {p:?} is not cheapest, lowest_latency or best_fit")
+            })?;
+        }
+        let pools = file.pools.unwrap_or_default();
+        match pools.simulated.as_slice() {
+            [] => c.simulate_others = false,
+            [one] if one == "*" => c.simulate_others = true,
+            listed => {
+                // Only the listed pools are simulated; every other pool joins through its agent.
+                c.simulate_others = false;
+                c.agent_pools = c
+                    .fleet
+                    .pools
+                    .iter()
+                    .map(|p| p.id.clone())
+                    .filter(|id| !listed.contains(id))
+                    .collect();
+            }
+        }
+        if !pools.agent.is_empty() {
+            c.agent_pools = pools.agent;
+        }
+        if !c.simulate_others {
+            // Every pool must be stated: simulated or agent. Nothing is simulated silently.
+            let listed = |id: &String| pools.simulated.contains(id) || c.agent_pools.contains(id);
+            if let Some(p) = c.fleet.pools.iter().find(|p| !listed(&p.id)) {
+                return Err(format!(
+                    "pool {} is neither in pools.simulated nor in pools.agent",
+                    p.id
+                ));
+            }
+        }
+        if let Some(s) = pools.simulated_speedup {
+            if !(s.is_finite() && s >= 1.0) {
+                return Err("field pools.simulated_speedup: must be at least 1".into());
+            }
+            c.simulated_speedup = s;
+        }
+        if let Some(t) = file.tenant {
+            c.tenants = t
+                .into_iter()
+                .map(|t| TenantConfig {
+                    spec: TenantSpec {
+                        name: t.name,
+                        quota_tflops: t.quota_tflops,
+                        borrow_limit_tflops: t.borrow_limit_tflops,
+                        weight: t.weight.unwrap_or(1),
+                    },
+                    token: t.token,
+                })
+                .collect();
+        }
+        c.operator_token = file.operator_token;
+        if let Some(ms) = file.tick_interval_ms {
+            c.tick_interval = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = file.heartbeat_timeout_ms {
+            c.heartbeat_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = file.queue_capacity {
+            c.queue_capacity = n.max(1);
+        }
+        if let Some(tls) = file.tls {
+            c.tls = Some((base.join(tls.cert), base.join(tls.key)));
+        }
+        Ok(c)
+    }
+}
+
+/// Reads a fleet file.
+pub fn load_fleet(path: &Path) -> Result<Fleet, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("fleet {}: {e}", path.display()))?;
+    Fleet::from_toml(&text, &Catalogue::builtin())
+        .map_err(|e| format!("fleet {}: {e}", path.display()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<String>,
+    data_dir: Option<String>,
+    fleet: Option<String>,
+    default_policy: Option<String>,
+    operator_token: Option<String>,
+    tick_interval_ms: Option<u64>,
+    heartbeat_timeout_ms: Option<u64>,
+    queue_capacity: Option<usize>,
+    pools: Option<PoolsFile>,
+    tenant: Option<Vec<TenantFile>>,
+    tls: Option<TlsFile>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolsFile {
+    #[serde(default)]
+    simulated: Vec<String>,
+    #[serde(default)]
+    agent: Vec<String>,
+    simulated_speedup: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantFile {
+    name: String,
+    quota_tflops: u64,
+    borrow_limit_tflops: Option<u64>,
+    weight: Option<u32>,
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: String,
+    key: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pool_must_be_stated_when_not_all_are_simulated() {
+        let e = BrokerConfig::from_toml("[pools]\nagent = [\"futian-aicc\"]\n", Path::new("."))
+            .unwrap_err();
+        assert!(
+            e.contains("is neither in pools.simulated nor in pools.agent"),
+            "{e}"
+        );
+        let c = BrokerConfig::from_toml("[pools]\nsimulated = [\"*\"]\n", Path::new(".")).unwrap();
+        assert_eq!(c.execution("futian-aicc"), Some(Execution::Simulated));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_policies_are_named() {
+        let e = BrokerConfig::from_toml("bogus = 1\n", Path::new(".")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e =
+            BrokerConfig::from_toml("default_policy = \"fastest\"\n", Path::new(".")).unwrap_err();
+        assert!(e.contains("default_policy"), "{e}");
+    }
+}

@@ -1,0 +1,513 @@
+//! Conversions between the `suanli.v1` messages and the core's types. Every field of every
+//! incoming message is checked here, and a bad one is named in the error.
+
+use suanli_core::query::{FleetUsage, LeaseView, PoolUsage, RequestView, TenantUsage, Utilisation};
+use suanli_core::{
+    Constraints, EndReason, GroupSpec, Policy, PoolHealth, PoolKind, PoolSpec, Priority,
+    RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
+};
+use suanli_proto::v1 as pb;
+
+use crate::error::BrokerError;
+
+/// Longest string the broker accepts in an identifier-like field.
+pub const MAX_NAME_LEN: usize = 128;
+
+fn check_name(field: &str, value: &str) -> Result<(), BrokerError> {
+    if value.len() > MAX_NAME_LEN {
+        return Err(BrokerError::field(
+            field,
+            format!("longer than {MAX_NAME_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_names(field: &str, values: &[String]) -> Result<(), BrokerError> {
+    if values.len() > 64 {
+        return Err(BrokerError::field(field, "more than 64 entries"));
+    }
+    for (i, v) in values.iter().enumerate() {
+        check_name(&format!("{field}[{i}]"), v)?;
+    }
+    Ok(())
+}
+
+/// A request spec from the wire, for `tenant`.
+pub fn request_spec(
+    tenant: &str,
+    spec: Option<pb::RequestSpec>,
+    field: &str,
+) -> Result<RequestSpec, BrokerError> {
+    let spec = spec.ok_or_else(|| BrokerError::field(field, "required"))?;
+    let shape = match spec.shape {
+        Some(pb::request_spec::Shape::Gang(g)) => Shape::Gang {
+            nodes: g.nodes,
+            devices_per_node: u16::try_from(g.devices_per_node).map_err(|_| {
+                BrokerError::field(format!("{field}.gang.devices_per_node"), "too large")
+            })?,
+        },
+        Some(pb::request_spec::Shape::Elastic(e)) => Shape::Elastic {
+            tflops: e.tflops,
+            min_chunk_tflops: e.min_chunk_tflops,
+        },
+        None => {
+            return Err(BrokerError::field(
+                format!("{field}.shape"),
+                "gang or elastic is required",
+            ));
+        }
+    };
+    let priority = match pb::Priority::try_from(spec.priority) {
+        Ok(pb::Priority::Critical) => Priority::Critical,
+        Ok(pb::Priority::Standard) | Ok(pb::Priority::Unspecified) => Priority::Standard,
+        Ok(pb::Priority::Spot) => Priority::Spot,
+        Err(_) => {
+            return Err(BrokerError::field(
+                format!("{field}.priority"),
+                format!("unknown value {}", spec.priority),
+            ));
+        }
+    };
+    let policy = match pb::Policy::try_from(spec.policy) {
+        Ok(pb::Policy::Unspecified) => None,
+        Ok(pb::Policy::Cheapest) => Some(Policy::Cheapest),
+        Ok(pb::Policy::LowestLatency) => Some(Policy::LowestLatency),
+        Ok(pb::Policy::BestFit) => Some(Policy::BestFit),
+        Err(_) => {
+            return Err(BrokerError::field(
+                format!("{field}.policy"),
+                format!("unknown value {}", spec.policy),
+            ));
+        }
+    };
+    let c = spec.constraints.unwrap_or_default();
+    check_names(&format!("{field}.constraints.models"), &c.models)?;
+    check_names(&format!("{field}.constraints.regions"), &c.regions)?;
+    check_names(&format!("{field}.constraints.pools"), &c.pools)?;
+    if let Some(z) = &c.data_zone {
+        check_name(&format!("{field}.constraints.data_zone"), z)?;
+    }
+    Ok(RequestSpec {
+        tenant: tenant.to_string(),
+        shape,
+        duration_ms: spec.duration_ms,
+        priority,
+        constraints: Constraints {
+            models: c.models,
+            regions: c.regions,
+            pools: c.pools,
+            max_rtt_ms: c.max_rtt_ms,
+            data_zone: c.data_zone,
+            max_price_fen_per_device_hour: c.max_price_fen_per_device_hour,
+        },
+        policy,
+        start_after_ms: spec.start_after_unix_ms,
+        deadline_ms: spec.deadline_unix_ms,
+        requeue: spec.requeue,
+    })
+}
+
+/// The wire form of a core request spec.
+pub fn spec_to_pb(spec: &RequestSpec) -> pb::RequestSpec {
+    pb::RequestSpec {
+        shape: Some(match spec.shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => pb::request_spec::Shape::Gang(pb::GangShape {
+                nodes,
+                devices_per_node: devices_per_node as u32,
+            }),
+            Shape::Elastic {
+                tflops,
+                min_chunk_tflops,
+            } => pb::request_spec::Shape::Elastic(pb::ElasticShape {
+                tflops,
+                min_chunk_tflops,
+            }),
+        }),
+        duration_ms: spec.duration_ms,
+        priority: priority_to_pb(spec.priority) as i32,
+        constraints: Some(pb::Constraints {
+            models: spec.constraints.models.clone(),
+            regions: spec.constraints.regions.clone(),
+            pools: spec.constraints.pools.clone(),
+            max_rtt_ms: spec.constraints.max_rtt_ms,
+            data_zone: spec.constraints.data_zone.clone(),
+            max_price_fen_per_device_hour: spec.constraints.max_price_fen_per_device_hour,
+        }),
+        policy: match spec.policy {
+            None => pb::Policy::Unspecified,
+            Some(Policy::Cheapest) => pb::Policy::Cheapest,
+            Some(Policy::LowestLatency) => pb::Policy::LowestLatency,
+            Some(Policy::BestFit) => pb::Policy::BestFit,
+        } as i32,
+        start_after_unix_ms: spec.start_after_ms,
+        deadline_unix_ms: spec.deadline_ms,
+        requeue: spec.requeue,
+    }
+}
+
+/// Wire priority.
+pub fn priority_to_pb(p: Priority) -> pb::Priority {
+    match p {
+        Priority::Critical => pb::Priority::Critical,
+        Priority::Standard => pb::Priority::Standard,
+        Priority::Spot => pb::Priority::Spot,
+    }
+}
+
+/// Wire request state.
+pub fn state_to_pb(s: RequestState) -> pb::RequestState {
+    match s {
+        RequestState::Queued => pb::RequestState::Queued,
+        RequestState::Placed => pb::RequestState::Placed,
+        RequestState::Running => pb::RequestState::Running,
+        RequestState::Completed => pb::RequestState::Completed,
+        RequestState::Failed => pb::RequestState::Failed,
+        RequestState::Cancelled => pb::RequestState::Cancelled,
+        RequestState::Preempted => pb::RequestState::Preempted,
+        RequestState::Lost => pb::RequestState::Lost,
+    }
+}
+
+/// Wire wait reason.
+pub fn reason_to_pb(r: WaitReason) -> pb::WaitReason {
+    match r {
+        WaitReason::Pending => pb::WaitReason::Pending,
+        WaitReason::NotYetStartable => pb::WaitReason::NotYetStartable,
+        WaitReason::NoMatchingPool => pb::WaitReason::NoMatchingPool,
+        WaitReason::Quota => pb::WaitReason::Quota,
+        WaitReason::CapacityBusy => pb::WaitReason::CapacityBusy,
+        WaitReason::BehindReservation => pb::WaitReason::BehindReservation,
+    }
+}
+
+/// Wire end reason.
+pub fn end_to_pb(r: EndReason) -> pb::EndReason {
+    match r {
+        EndReason::Released => pb::EndReason::Released,
+        EndReason::Expired => pb::EndReason::Expired,
+        EndReason::Finished => pb::EndReason::Finished,
+        EndReason::JobFailed => pb::EndReason::JobFailed,
+        EndReason::Cancelled => pb::EndReason::Cancelled,
+        EndReason::DeadlineMissed => pb::EndReason::DeadlineMissed,
+        EndReason::Preempted => pb::EndReason::Preempted,
+        EndReason::PoolLost => pb::EndReason::PoolLost,
+    }
+}
+
+/// The resource name of a request.
+pub fn request_name(tenant: &str, id: u64) -> String {
+    format!("tenants/{tenant}/requests/{id}")
+}
+
+/// Parses `tenants/{tenant}/requests/{id}`.
+pub fn parse_request_name(name: &str, field: &str) -> Result<(String, u64), BrokerError> {
+    let bad = || {
+        BrokerError::field(
+            field,
+            format!("{name:?} is not tenants/{{tenant}}/requests/{{id}}"),
+        )
+    };
+    let mut parts = name.split('/');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("tenants"), Some(t), Some("requests"), Some(id), None) if !t.is_empty() => {
+            Ok((t.to_string(), id.parse().map_err(|_| bad())?))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Parses `pools/{pool}` (or a bare pool id).
+pub fn parse_pool_name(name: &str, field: &str) -> Result<String, BrokerError> {
+    let id = name.strip_prefix("pools/").unwrap_or(name);
+    if id.is_empty() || id.contains('/') {
+        return Err(BrokerError::field(
+            field,
+            format!("{name:?} is not pools/{{pool}}"),
+        ));
+    }
+    check_name(field, id)?;
+    Ok(id.to_string())
+}
+
+fn lease_to_pb(l: &LeaseView) -> pb::Lease {
+    pb::Lease {
+        start_unix_ms: l.start,
+        end_unix_ms: l.end,
+        tflops: l.tflops,
+        price_fen_per_hour: l.price_fen_per_hour,
+        borrowed_tflops: l.borrowed_tflops,
+        parts: l
+            .parts
+            .iter()
+            .map(|p| pb::LeasePart {
+                pool: p.pool.clone(),
+                group: p.group,
+                model: p.model.clone(),
+                node: p.node,
+                devices: p.devices as u32,
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of a live request.
+pub fn request_to_pb(v: &RequestView, spec: &pb::RequestSpec, now: u64) -> pb::Request {
+    pb::Request {
+        name: request_name(&v.tenant, v.id.0),
+        id: v.id.0,
+        tenant: v.tenant.clone(),
+        spec: Some(spec.clone()),
+        state: state_to_pb(v.state) as i32,
+        wait: v.reason.map(|r| pb::WaitInfo {
+            reason: reason_to_pb(r) as i32,
+            position: 0,
+            earliest_start_unix_ms: None,
+        }),
+        lease: v.lease.as_ref().map(lease_to_pb),
+        end_reason: pb::EndReason::Unspecified as i32,
+        submit_time_unix_ms: v.submitted_at,
+        update_time_unix_ms: now,
+    }
+}
+
+/// Wire utilisation.
+pub fn utilisation_to_pb(u: &Utilisation) -> pb::Utilisation {
+    pb::Utilisation {
+        capacity_tflops: u.capacity_tflops,
+        allocated_tflops: u.allocated_tflops,
+        capacity_devices: u.capacity_devices,
+        allocated_devices: u.allocated_devices,
+    }
+}
+
+fn kind_to_pb(k: PoolKind) -> pb::PoolKind {
+    match k {
+        PoolKind::LocalCentre => pb::PoolKind::LocalCentre,
+        PoolKind::LocalCloud => pb::PoolKind::LocalCloud,
+        PoolKind::External => pb::PoolKind::External,
+    }
+}
+
+/// Wire pool health.
+pub fn health_to_pb(h: PoolHealth) -> pb::PoolHealth {
+    match h {
+        PoolHealth::Healthy => pb::PoolHealth::Healthy,
+        PoolHealth::Draining => pb::PoolHealth::Draining,
+        PoolHealth::Lost => pb::PoolHealth::Lost,
+    }
+}
+
+/// The wire form of a pool with its utilisation.
+pub fn pool_to_pb(spec: &PoolSpec, usage: &PoolUsage) -> pb::Pool {
+    pb::Pool {
+        name: format!("pools/{}", spec.id),
+        id: spec.id.clone(),
+        display_name: spec.name.clone(),
+        kind: kind_to_pb(spec.kind) as i32,
+        region: spec.region.clone(),
+        rtt_ms: spec.rtt_ms,
+        data_zone: spec.data_zone.clone(),
+        groups: spec
+            .groups
+            .iter()
+            .map(|g| pb::NodeGroup {
+                model: g.model.clone(),
+                devices_per_node: g.devices_per_node as u32,
+                nodes: g.nodes,
+                interconnect: g.interconnect.clone(),
+                price_fen_per_device_hour: g.price_fen_per_device_hour,
+            })
+            .collect(),
+        health: health_to_pb(usage.health) as i32,
+        utilisation: Some(utilisation_to_pb(&usage.usage)),
+    }
+}
+
+/// A pool spec from the wire.
+pub fn pool_from_pb(p: Option<pb::Pool>, field: &str) -> Result<PoolSpec, BrokerError> {
+    let p = p.ok_or_else(|| BrokerError::field(field, "required"))?;
+    let id = if p.id.is_empty() {
+        p.name.strip_prefix("pools/").unwrap_or(&p.name).to_string()
+    } else {
+        p.id
+    };
+    check_name(&format!("{field}.id"), &id)?;
+    let kind = match pb::PoolKind::try_from(p.kind) {
+        Ok(pb::PoolKind::LocalCentre) => PoolKind::LocalCentre,
+        Ok(pb::PoolKind::LocalCloud) => PoolKind::LocalCloud,
+        Ok(pb::PoolKind::External) => PoolKind::External,
+        _ => {
+            return Err(BrokerError::field(
+                format!("{field}.kind"),
+                "local_centre, local_cloud or external is required",
+            ));
+        }
+    };
+    let mut groups = Vec::with_capacity(p.groups.len());
+    for (i, g) in p.groups.into_iter().enumerate() {
+        groups.push(GroupSpec {
+            model: g.model,
+            devices_per_node: u16::try_from(g.devices_per_node).map_err(|_| {
+                BrokerError::field(format!("{field}.groups[{i}].devices_per_node"), "too large")
+            })?,
+            nodes: g.nodes,
+            interconnect: g.interconnect,
+            price_fen_per_device_hour: g.price_fen_per_device_hour,
+        });
+    }
+    Ok(PoolSpec {
+        name: if p.display_name.is_empty() {
+            id.clone()
+        } else {
+            p.display_name
+        },
+        id,
+        kind,
+        region: p.region,
+        rtt_ms: p.rtt_ms,
+        data_zone: p.data_zone,
+        groups,
+    })
+}
+
+/// The wire form of a tenant with its usage.
+pub fn tenant_to_pb(t: &TenantUsage) -> pb::Tenant {
+    pb::Tenant {
+        name: format!("tenants/{}", t.name),
+        id: t.name.clone(),
+        quota_tflops: t.quota_tflops,
+        borrow_limit_tflops: t.borrow_limit_tflops,
+        weight: t.weight,
+        usage: Some(pb::TenantUsage {
+            used_tflops: t.used_tflops,
+            borrowed_tflops: t.borrowed_tflops,
+            live_leases: t.live_leases,
+            queued: t.queued,
+        }),
+    }
+}
+
+/// A tenant spec from the wire.
+pub fn tenant_from_pb(t: Option<pb::Tenant>, field: &str) -> Result<TenantSpec, BrokerError> {
+    let t = t.ok_or_else(|| BrokerError::field(field, "required"))?;
+    let name = if t.id.is_empty() {
+        t.name
+            .strip_prefix("tenants/")
+            .unwrap_or(&t.name)
+            .to_string()
+    } else {
+        t.id
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(BrokerError::field(
+            format!("{field}.id"),
+            "a tenant name without '/' is required",
+        ));
+    }
+    check_name(&format!("{field}.id"), &name)?;
+    Ok(TenantSpec {
+        name,
+        quota_tflops: t.quota_tflops,
+        borrow_limit_tflops: t.borrow_limit_tflops,
+        weight: t.weight,
+    })
+}
+
+/// Fleet-wide figures.
+pub fn fleet_to_pb(
+    u: &FleetUsage,
+) -> (
+    pb::Utilisation,
+    Vec<pb::KeyedUtilisation>,
+    Vec<pb::KeyedUtilisation>,
+    Vec<pb::KeyedUtilisation>,
+) {
+    let keyed = |m: &std::collections::BTreeMap<String, Utilisation>| {
+        m.iter()
+            .map(|(k, v)| pb::KeyedUtilisation {
+                key: k.clone(),
+                utilisation: Some(utilisation_to_pb(v)),
+            })
+            .collect()
+    };
+    let kinds = u
+        .by_kind
+        .iter()
+        .map(|(k, v)| pb::KeyedUtilisation {
+            key: k.to_string(),
+            utilisation: Some(utilisation_to_pb(v)),
+        })
+        .collect();
+    (
+        utilisation_to_pb(&u.total),
+        keyed(&u.by_model),
+        keyed(&u.by_region),
+        kinds,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_names_parse_and_name_the_field() {
+        assert_eq!(
+            parse_request_name("tenants/a/requests/7", "name").unwrap(),
+            ("a".into(), 7)
+        );
+        let e = parse_request_name("tenants/a/requests/x", "name").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "field name: \"tenants/a/requests/x\" is not tenants/{tenant}/requests/{id}"
+        );
+        assert!(parse_request_name("tenants//requests/1", "name").is_err());
+    }
+
+    #[test]
+    fn a_spec_without_shape_is_refused_by_field() {
+        let e = request_spec("a", Some(pb::RequestSpec::default()), "spec").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "field spec.shape: gang or elastic is required"
+        );
+        let e = request_spec("a", None, "spec").unwrap_err();
+        assert_eq!(e.to_string(), "field spec: required");
+    }
+
+    #[test]
+    fn specs_round_trip() {
+        let spec = RequestSpec {
+            tenant: "a".into(),
+            shape: Shape::Gang {
+                nodes: 2,
+                devices_per_node: 8,
+            },
+            duration_ms: 5,
+            priority: Priority::Spot,
+            constraints: Constraints {
+                models: vec!["h100".into()],
+                max_rtt_ms: Some(3),
+                ..Default::default()
+            },
+            policy: Some(Policy::BestFit),
+            start_after_ms: Some(9),
+            deadline_ms: None,
+            requeue: true,
+        };
+        assert_eq!(
+            request_spec("a", Some(spec_to_pb(&spec)), "spec").unwrap(),
+            spec
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! The one place where errors become gRPC statuses.
+
+use suanli_core::CoreError;
+use tonic::{Code, Status};
+
+/// What can go wrong in the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The engine rejected a command.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// A field of a call is invalid.
+    #[error("field {field}: {reason}")]
+    InvalidArgument {
+        /// The field, e.g. `spec.shape`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The caller's token is missing or unknown.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The thing asked for does not exist (or belongs to someone else).
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing is in a state that does not allow the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The command queue is full: the broker is overloaded.
+    #[error("the broker is overloaded: command queue full, retry later")]
+    Overloaded,
+    /// The broker is stopping or its writer has failed.
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
+    /// The durable store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Configuration or start-up failed.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl BrokerError {
+    /// An invalid field of a call.
+    pub fn field(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        BrokerError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let code = match &e {
+            BrokerError::Core(c) => match c {
+                CoreError::InvalidPool(_)
+                | CoreError::InvalidTenant { .. }
+                | CoreError::InvalidRequest { .. } => Code::InvalidArgument,
+                CoreError::DuplicatePool { .. } => Code::AlreadyExists,
+                CoreError::UnknownPool { .. }
+                | CoreError::UnknownTenant { .. }
+                | CoreError::UnknownRequest { .. } => Code::NotFound,
+                CoreError::PoolState { .. }
+                | CoreError::InvalidTransition { .. }
+                | CoreError::ExceedsQuota { .. } => Code::FailedPrecondition,
+            },
+            BrokerError::InvalidArgument { .. } => Code::InvalidArgument,
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
+            BrokerError::NotFound(_) => Code::NotFound,
+            BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            BrokerError::Overloaded => Code::ResourceExhausted,
+            BrokerError::Unavailable(_) => Code::Unavailable,
+            BrokerError::Store(_) | BrokerError::Config(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

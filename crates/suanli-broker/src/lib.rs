@@ -1,0 +1,89 @@
+//! The suanli broker: the allocation engine of `suanli-core` behind gRPC.
+//!
+//! AI companies (tenants), pool agents and operators talk to it over the `suanli.v1` API. One
+//! thread (the writer) owns the engine and applies commands in batches; each batch is made
+//! durable in the command log (one sync per batch) before any of its callers is answered, and
+//! queries read published views without waiting for the writer.
+//!
+//! # Layout
+//! - [`server`]: start-up (recovery, fleet, tenants, tokens) and the gRPC server.
+//! - `writer`: the engine's thread: batches, group commit, simulated execution, agents, ticks.
+//! - [`store`]: the durable command log behind a trait (redb by default).
+//! - `views`: what queries read.
+//! - `service`: the three gRPC services; `convert`: messages to core types and back.
+//! - [`auth`]: bearer tokens and principals; [`error`]: the one mapping of errors to gRPC codes.
+//! - [`config`], [`credentials`]: configuration and the credentials file.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod server;
+pub mod store;
+
+mod convert;
+mod service;
+mod views;
+mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+pub use server::{RunSummary, recovered_digest, run};
+
+/// What `suanli serve` was asked for on its command line.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// gRPC listen address; default 127.0.0.1:50051.
+    pub listen: Option<SocketAddr>,
+    /// Data folder (store and credentials); default `./suanli-data`.
+    pub data_dir: Option<PathBuf>,
+    /// Fleet file; default the built-in futian-2024.
+    pub fleet: Option<PathBuf>,
+    /// Configuration file (TOML).
+    pub config: Option<PathBuf>,
+}
+
+/// Starts a broker as `suanli serve` does: the configuration file or the zero-config default,
+/// overridden by the options; prints where it listens and the credentials file; runs until
+/// `shutdown` completes.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut config = match &opts.config {
+        Some(path) => BrokerConfig::from_file(path)?,
+        None => BrokerConfig::dev_default(),
+    };
+    if let Some(l) = opts.listen {
+        config.listen = l;
+    }
+    if let Some(d) = opts.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(f) = opts.fleet {
+        config.fleet = config::load_fleet(&f)?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("listen on {}: {e}", config.listen))?;
+    config.announce = true;
+    println!(
+        "suanli broker: gRPC on {}, fleet {} ({} pools), data in {}",
+        listener.local_addr()?,
+        config.fleet.name,
+        config.fleet.pools.len(),
+        config.data_dir.display()
+    );
+    let summary = run(listener, config, shutdown).await?;
+    println!(
+        "suanli broker stopped cleanly (state digest {:016x})",
+        summary.digest
+    );
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Start-up and the gRPC server: recover the log, make sure the fleet, tenants and tokens are
+//! there, start the writer, serve until shutdown, then let the writer finish its last batch.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use suanli_core::Command;
+use suanli_proto::v1::operator_service_server::OperatorServiceServer;
+use suanli_proto::v1::pool_service_server::PoolServiceServer;
+use suanli_proto::v1::tenant_service_server::TenantServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::info;
+
+use crate::auth::{Principal, Tokens, new_token};
+use crate::config::{BrokerConfig, Execution};
+use crate::credentials::{self, AgentToken, Credentials, TenantToken};
+use crate::error::BrokerError;
+use crate::service::{Shared, operator::OperatorApi, pool::PoolApi, tenant::TenantApi};
+use crate::store::RedbStore;
+use crate::views::Views;
+use crate::writer::{self, Writer};
+
+/// What a broker run ends with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSummary {
+    /// The engine digest after the last batch.
+    pub digest: u64,
+}
+
+/// Runs a broker on a bound listener until `shutdown` completes. The data folder holds the log
+/// and `credentials.toml`; on return every acknowledged command is durable.
+pub async fn run(
+    listener: TcpListener,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, BrokerError> {
+    let config = Arc::new(config);
+    let store = RedbStore::open(&config.data_dir)?;
+    let views = Arc::new(Views::default());
+    let tokens = Tokens::default();
+    let (watch, _) = broadcast::channel(4096);
+    let mut w = Writer::recover(
+        config.clone(),
+        Box::new(store),
+        views.clone(),
+        tokens.clone(),
+        watch.clone(),
+    )?;
+    let (commands, grants) = start_up(&config, &w, &tokens);
+    w.bootstrap(commands, grants)?;
+    let creds = credentials_of(&tokens);
+    creds
+        .save(&config.data_dir.join(credentials::FILE_NAME))
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    if config.announce {
+        announce(&config, &creds);
+    }
+    let (handle, join) = writer::spawn(w, config.queue_capacity);
+
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let shared = Shared {
+        writer: handle,
+        views,
+        watch,
+        stopping,
+    };
+    let max = config.max_message_bytes;
+    let auth = move |t: Tokens| move |req| t.authenticate(req);
+    let tenant = InterceptedService::new(
+        TenantServiceServer::new(TenantApi(shared.clone())).max_decoding_message_size(max),
+        auth(tokens.clone()),
+    );
+    let pool = InterceptedService::new(
+        PoolServiceServer::new(PoolApi(shared.clone())).max_decoding_message_size(max),
+        auth(tokens.clone()),
+    );
+    let operator = InterceptedService::new(
+        OperatorServiceServer::new(OperatorApi(shared.clone())).max_decoding_message_size(max),
+        auth(tokens.clone()),
+    );
+    drop(shared);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TenantServiceServer<TenantApi>>().await;
+    health.set_serving::<PoolServiceServer<PoolApi>>().await;
+    health
+        .set_serving::<OperatorServiceServer<OperatorApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(suanli_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| BrokerError::Config(format!("reflection: {e}")))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(suanli_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| BrokerError::Config(format!("reflection: {e}")))?;
+
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| BrokerError::Config(format!("tls {}: {e}", p.display())))
+        };
+        builder = builder
+            .tls_config(
+                ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)),
+            )
+            .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
+    }
+    let addr = listener
+        .local_addr()
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    info!(%addr, data_dir = %config.data_dir.display(), "serving");
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(tenant)
+        .add_service(pool)
+        .add_service(operator)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("server: {e}")))?;
+    info!("stopped accepting; finishing the last batch");
+    let digest = tokio::task::spawn_blocking(move || join.join())
+        .await
+        .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+        .map_err(|_| BrokerError::Unavailable("the writer panicked".into()))??;
+    info!(digest, "stopped");
+    Ok(RunSummary { digest })
+}
+
+/// The engine digest that recovery from the data folder gives, without serving: equal to the
+/// digest a stopped broker reported, since the engine is deterministic.
+pub fn recovered_digest(config: &BrokerConfig) -> Result<u64, BrokerError> {
+    let store = RedbStore::open(&config.data_dir)?;
+    let (watch, _) = broadcast::channel(1);
+    let w = Writer::recover(
+        Arc::new(config.clone()),
+        Box::new(store),
+        Arc::new(Views::default()),
+        Tokens::default(),
+        watch,
+    )?;
+    Ok(w.engine().digest())
+}
+
+/// What start-up must add to a recovered engine: missing pools, changed tenants, missing tokens.
+fn start_up(
+    config: &BrokerConfig,
+    w: &Writer,
+    tokens: &Tokens,
+) -> (Vec<Command>, Vec<(Principal, String)>) {
+    let engine = w.engine();
+    let mut commands = Vec::new();
+    for p in &config.fleet.pools {
+        if engine.pool_spec(&p.id).is_none() {
+            commands.push(Command::RegisterPool(p.clone()));
+        }
+    }
+    for t in &config.tenants {
+        let same = engine.tenant_usage(&t.spec.name).is_some_and(|u| {
+            u.quota_tflops == t.spec.quota_tflops
+                && u.borrow_limit_tflops == t.spec.borrow_limit_tflops
+                && u.weight == t.spec.weight
+        });
+        if !same {
+            commands.push(Command::SetTenant(t.spec.clone()));
+        }
+    }
+    let have = tokens.all();
+    let has = |p: &Principal| have.iter().find(|(q, _)| q == p).map(|(_, t)| t.clone());
+    let mut grants = Vec::new();
+    let mut want =
+        |p: Principal, configured: Option<&String>, prefix: &str| match (configured, has(&p)) {
+            (Some(t), Some(cur)) if *t == cur => {}
+            (Some(t), _) => grants.push((p, t.clone())),
+            (None, Some(_)) => {}
+            (None, None) => grants.push((p, new_token(prefix))),
+        };
+    want(
+        Principal::Operator,
+        config.operator_token.as_ref(),
+        "operator",
+    );
+    for t in &config.tenants {
+        want(
+            Principal::Tenant(t.spec.name.clone()),
+            t.token.as_ref(),
+            "tenant",
+        );
+    }
+    for p in &config.fleet.pools {
+        if config.execution(&p.id) == Some(Execution::Agent) {
+            want(Principal::Agent(p.id.clone()), None, "agent");
+        }
+    }
+    (commands, grants)
+}
+
+/// Prints the credentials for a person starting the broker by hand.
+fn announce(config: &BrokerConfig, c: &Credentials) {
+    println!(
+        "credentials (also in {}):",
+        config.data_dir.join(credentials::FILE_NAME).display()
+    );
+    println!("  operator  {}", c.operator);
+    for t in &c.tenants {
+        println!("  tenant    {:<14} {}", t.name, t.token);
+    }
+    for a in &c.agents {
+        println!("  agent     {:<14} {}", a.pool, a.token);
+    }
+}
+
+fn credentials_of(tokens: &Tokens) -> Credentials {
+    let mut c = Credentials::default();
+    for (p, token) in tokens.all() {
+        match p {
+            Principal::Operator => c.operator = token,
+            Principal::Tenant(name) => c.tenants.push(TenantToken { name, token }),
+            Principal::Agent(pool) => c.agents.push(AgentToken { pool, token }),
+        }
+    }
+    c
+}

@@ -1,0 +1,100 @@
+//! The gRPC services. Each checks who calls, converts and validates the message (see
+//! `convert`), sends commands to the writer and answers from the read views.
+
+pub mod operator;
+pub mod pool;
+pub mod tenant;
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch};
+
+use crate::error::BrokerError;
+use crate::store::IdemKey;
+use crate::views::Views;
+use crate::writer::{Handle, WatchEvent};
+
+/// What every service shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub(crate) writer: Handle,
+    pub(crate) views: Arc<Views>,
+    pub(crate) watch: broadcast::Sender<Arc<WatchEvent>>,
+    /// Turns true when the server stops: open streams end so the stop can finish.
+    pub(crate) stopping: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// A response stream that ends when the server stops (or the client goes away), so that a
+    /// graceful stop does not wait forever on watchers and agents.
+    pub fn until_stopped<S, T>(&self, stream: S) -> tokio_stream::wrappers::ReceiverStream<T>
+    where
+        S: tokio_stream::Stream<Item = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        use tokio_stream::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let stopped = self.stopped();
+        tokio::spawn(async move {
+            tokio::pin!(stream);
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tx.closed() => break,
+                    item = stream.next() => match item {
+                        Some(item) => {
+                            if tx.send(item).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// Completes when the server stops.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+/// Default and largest page sizes of list calls.
+pub const DEFAULT_PAGE: usize = 100;
+/// Largest page size.
+pub const MAX_PAGE: usize = 1000;
+
+/// The page size a caller asked for, bounded.
+pub fn page_size(asked: u32) -> usize {
+    match asked as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+/// The offset or id a page token carries.
+pub fn page_from(token: &str) -> Result<u64, BrokerError> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .parse()
+        .map_err(|_| BrokerError::field("page_token", "not a token this server issued"))
+}
+
+/// The idempotency key of a mutating call (none when the caller sent no request_id).
+pub fn idem_key(caller: String, request_id: &str) -> Result<Option<IdemKey>, BrokerError> {
+    if request_id.len() > 128 {
+        return Err(BrokerError::field("request_id", "longer than 128 bytes"));
+    }
+    Ok((!request_id.is_empty()).then(|| IdemKey {
+        caller,
+        request_id: request_id.to_string(),
+    }))
+}

@@ -1,0 +1,185 @@
+//! `OperatorService`: what the platform's operators call.
+
+use suanli_core::Command;
+use suanli_proto::v1 as pb;
+use suanli_proto::v1::operator_service_server::OperatorService;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{Shared, idem_key, page_from, page_size};
+use crate::auth::{Principal, new_token, principal};
+use crate::convert;
+use crate::error::BrokerError;
+
+/// The operator service.
+pub struct OperatorApi(pub Shared);
+
+impl OperatorApi {
+    fn pool(&self, id: &str) -> Result<pb::Pool, BrokerError> {
+        self.0
+            .views
+            .snapshot()
+            .pools
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("pool {id} not found")))
+    }
+}
+
+fn page<T: Clone>(items: &[T], size: u32, token: &str) -> Result<(Vec<T>, String), BrokerError> {
+    let from = page_from(token)? as usize;
+    let to = (from + page_size(size)).min(items.len());
+    let next = if to < items.len() {
+        to.to_string()
+    } else {
+        String::new()
+    };
+    Ok((items.get(from..to).unwrap_or_default().to_vec(), next))
+}
+
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    #[instrument(skip_all, fields(rpc = "GetFleetSummary"))]
+    async fn get_fleet_summary(
+        &self,
+        req: Request<pb::GetFleetSummaryRequest>,
+    ) -> Result<Response<pb::FleetSummary>, Status> {
+        principal(&req)?.operator()?;
+        Ok(Response::new(self.0.views.snapshot().fleet.clone()))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListPools"))]
+    async fn list_pools(
+        &self,
+        req: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        principal(&req)?.operator()?;
+        let r = req.get_ref();
+        let (pools, next_page_token) =
+            page(&self.0.views.snapshot().pools, r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools,
+            next_page_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetPool"))]
+    async fn get_pool(
+        &self,
+        req: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        principal(&req)?.operator()?;
+        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
+        Ok(Response::new(self.pool(&id)?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "DrainPool"))]
+    async fn drain_pool(
+        &self,
+        req: Request<pb::DrainPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
+        let key = idem_key(who.key(), &req.get_ref().request_id)?;
+        self.0
+            .writer
+            .apply(Command::DrainPool { pool: id.clone() }, key)
+            .await?;
+        Ok(Response::new(self.pool(&id)?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "UndrainPool"))]
+    async fn undrain_pool(
+        &self,
+        req: Request<pb::UndrainPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
+        if self.pool(&id)?.health == pb::PoolHealth::Lost as i32 {
+            return Err(Status::failed_precondition(format!(
+                "pool {id} is lost: it comes back when its agent reconnects"
+            )));
+        }
+        let key = idem_key(who.key(), &req.get_ref().request_id)?;
+        self.0
+            .writer
+            .apply(Command::UndrainPool { pool: id.clone() }, key)
+            .await?;
+        Ok(Response::new(self.pool(&id)?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "SetTenant"))]
+    async fn set_tenant(
+        &self,
+        req: Request<pb::SetTenantRequest>,
+    ) -> Result<Response<pb::SetTenantResponse>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id)?;
+        let spec = convert::tenant_from_pb(req.tenant, "tenant")?;
+        let name = spec.name.clone();
+        let is_new = !self.0.views.snapshot().tenants.iter().any(|t| t.id == name);
+        self.0.writer.apply(Command::SetTenant(spec), key).await?;
+        let mut credential = String::new();
+        if is_new || req.rotate_credential {
+            credential = new_token("tenant");
+            self.0
+                .writer
+                .grant(Principal::Tenant(name.clone()), credential.clone())
+                .await?;
+        }
+        let tenant = self
+            .0
+            .views
+            .snapshot()
+            .tenants
+            .iter()
+            .find(|t| t.id == name)
+            .cloned();
+        Ok(Response::new(pb::SetTenantResponse { tenant, credential }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListTenants"))]
+    async fn list_tenants(
+        &self,
+        req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        principal(&req)?.operator()?;
+        let r = req.get_ref();
+        let (tenants, next_page_token) =
+            page(&self.0.views.snapshot().tenants, r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants,
+            next_page_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListQueue"))]
+    async fn list_queue(
+        &self,
+        req: Request<pb::ListQueueRequest>,
+    ) -> Result<Response<pb::ListQueueResponse>, Status> {
+        principal(&req)?.operator()?;
+        let r = req.get_ref();
+        let snapshot = self.0.views.snapshot();
+        let wanted: Vec<_> = snapshot
+            .queue
+            .iter()
+            .filter(|q| r.priorities.is_empty() || r.priorities.contains(&(q.priority as i32)))
+            .map(|q| q.id)
+            .collect();
+        let (ids, next_page_token) = page(&wanted, r.page_size, &r.page_token)?;
+        let requests = ids
+            .into_iter()
+            .filter_map(|id| self.0.views.request(id))
+            .collect();
+        Ok(Response::new(pb::ListQueueResponse {
+            requests,
+            next_page_token,
+        }))
+    }
+}

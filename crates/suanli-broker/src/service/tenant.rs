@@ -1,0 +1,287 @@
+//! `TenantService`: what AI companies call.
+
+use std::pin::Pin;
+
+use suanli_core::{Command, CoreError, Event, RequestId};
+use suanli_proto::v1 as pb;
+use suanli_proto::v1::tenant_service_server::TenantService;
+use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{Shared, idem_key, page_from, page_size};
+use crate::auth::principal;
+use crate::convert;
+use crate::error::BrokerError;
+
+/// The tenant service.
+pub struct TenantApi(pub Shared);
+
+impl TenantApi {
+    /// A request of `tenant` by name: someone else's is NOT_FOUND.
+    fn owned(&self, tenant: &str, name: &str) -> Result<u64, BrokerError> {
+        let (owner, id) = convert::parse_request_name(name, "name")?;
+        let exists = self
+            .0
+            .views
+            .requests
+            .get(&id)
+            .is_some_and(|r| r.tenant == tenant);
+        if owner != tenant || !exists {
+            return Err(BrokerError::NotFound(format!("request {name} not found")));
+        }
+        Ok(id)
+    }
+
+    /// An engine that no longer knows a request the views show as ended: the call came too late.
+    fn ended_is_a_precondition<T>(
+        &self,
+        result: Result<T, BrokerError>,
+        name: &str,
+    ) -> Result<T, BrokerError> {
+        match result {
+            Err(BrokerError::Core(CoreError::UnknownRequest { .. })) => Err(
+                BrokerError::FailedPrecondition(format!("request {name} has already ended")),
+            ),
+            other => other,
+        }
+    }
+
+    fn view(&self, id: u64) -> Result<pb::Request, BrokerError> {
+        self.0
+            .views
+            .request(id)
+            .ok_or_else(|| BrokerError::NotFound(format!("request {id} not found")))
+    }
+}
+
+fn submitted(events: &[Event]) -> Option<RequestId> {
+    events.iter().find_map(|e| match e {
+        Event::Submitted { request } => Some(*request),
+        _ => None,
+    })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RequestEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TenantService for TenantApi {
+    #[instrument(skip_all, fields(rpc = "SubmitRequest"))]
+    async fn submit_request(
+        &self,
+        req: Request<pb::SubmitRequestRequest>,
+    ) -> Result<Response<pb::Request>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?.to_string();
+        let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id)?;
+        let spec = convert::request_spec(&tenant, req.spec, "spec")?;
+        let events = self.0.writer.apply(Command::Submit(spec), key).await?;
+        let id =
+            submitted(&events).ok_or_else(|| Status::internal("submission without a request"))?;
+        Ok(Response::new(self.view(id.0)?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetRequest"))]
+    async fn get_request(
+        &self,
+        req: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::Request>, Status> {
+        let who = principal(&req)?;
+        let id = self.owned(who.tenant()?, &req.get_ref().name)?;
+        Ok(Response::new(self.view(id)?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListRequests"))]
+    async fn list_requests(
+        &self,
+        req: Request<pb::ListRequestsRequest>,
+    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?;
+        let req = req.get_ref();
+        let size = page_size(req.page_size);
+        let after = page_from(&req.page_token)?;
+        for (i, s) in req.states.iter().enumerate() {
+            if pb::RequestState::try_from(*s).is_err() {
+                return Err(BrokerError::field(
+                    format!("states[{i}]"),
+                    format!("unknown state {s}"),
+                )
+                .into());
+            }
+        }
+        let ids: Vec<u64> = self
+            .0
+            .views
+            .by_tenant
+            .get(tenant)
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let start = ids.partition_point(|&id| id <= after);
+        let mut requests = Vec::new();
+        let mut last = None;
+        for &id in &ids[start..] {
+            let Some(r) = self.0.views.request(id) else {
+                continue;
+            };
+            last = Some(id);
+            if req.states.is_empty() || req.states.contains(&r.state) {
+                requests.push(r);
+                if requests.len() == size {
+                    break;
+                }
+            }
+        }
+        let more = last.is_some_and(|l| ids.last().is_some_and(|&m| m > l));
+        Ok(Response::new(pb::ListRequestsResponse {
+            requests,
+            next_page_token: if more {
+                last.unwrap_or(0).to_string()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "CancelRequest"))]
+    async fn cancel_request(
+        &self,
+        req: Request<pb::CancelRequestRequest>,
+    ) -> Result<Response<pb::Request>, Status> {
+        let who = principal(&req)?;
+        let key = idem_key(who.key(), &req.get_ref().request_id)?;
+        let name = &req.get_ref().name;
+        let id = self.owned(who.tenant()?, name)?;
+        let result = self
+            .0
+            .writer
+            .apply(
+                Command::Cancel {
+                    request: RequestId(id),
+                },
+                key,
+            )
+            .await;
+        self.ended_is_a_precondition(result, name)?;
+        Ok(Response::new(self.view(id)?))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ReleaseRequest"))]
+    async fn release_request(
+        &self,
+        req: Request<pb::ReleaseRequestRequest>,
+    ) -> Result<Response<pb::Request>, Status> {
+        let who = principal(&req)?;
+        let key = idem_key(who.key(), &req.get_ref().request_id)?;
+        let name = &req.get_ref().name;
+        let id = self.owned(who.tenant()?, name)?;
+        let result = self
+            .0
+            .writer
+            .apply(
+                Command::Release {
+                    request: RequestId(id),
+                },
+                key,
+            )
+            .await;
+        self.ended_is_a_precondition(result, name)?;
+        Ok(Response::new(self.view(id)?))
+    }
+
+    type WatchRequestsStream = EventStream;
+
+    #[instrument(skip_all, fields(rpc = "WatchRequests"))]
+    async fn watch_requests(
+        &self,
+        req: Request<pb::WatchRequestsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?.to_string();
+        let one = match req.get_ref().name.as_str() {
+            "" => None,
+            name => Some(self.owned(&tenant, name)?),
+        };
+        // Subscribe first, then take the snapshot: nothing falls between the two.
+        let live = BroadcastStream::new(self.0.watch.subscribe());
+        let ids: Vec<u64> = match one {
+            Some(id) => vec![id],
+            None => self
+                .0
+                .views
+                .by_tenant
+                .get(&tenant)
+                .map(|v| v.clone())
+                .unwrap_or_default(),
+        };
+        let snapshot: Vec<Result<pb::RequestEvent, Status>> = ids
+            .into_iter()
+            .filter_map(|id| self.0.views.request(id))
+            .filter(|r| one.is_some() || r.end_reason == pb::EndReason::Unspecified as i32)
+            .map(|r| {
+                Ok(pb::RequestEvent {
+                    time_unix_ms: r.update_time_unix_ms,
+                    request: Some(r),
+                    kind: pb::RequestEventKind::Snapshot as i32,
+                })
+            })
+            .collect();
+        let updates = live.filter_map(move |item| match item {
+            Ok(ev) if ev.tenant == tenant => {
+                let id = ev.event.request.as_ref().map(|r| r.id);
+                (one.is_none() || id == one).then(|| Ok(ev.event.clone()))
+            }
+            Ok(_) => None,
+            Err(_) => Some(Err(Status::aborted("the watcher fell behind; watch again"))),
+        });
+        let stream = self
+            .0
+            .until_stopped(tokio_stream::iter(snapshot).chain(updates));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "QuoteRequest"))]
+    async fn quote_request(
+        &self,
+        req: Request<pb::QuoteRequestRequest>,
+    ) -> Result<Response<pb::Quote>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?.to_string();
+        let spec = convert::request_spec(&tenant, req.into_inner().spec, "spec")?;
+        let duration = spec.duration_ms;
+        let q = self.0.writer.quote(spec).await?;
+        let now = crate::writer::wall_ms();
+        let mut out = pb::Quote {
+            quote_time_unix_ms: now,
+            placeable_now: q.placement.is_some(),
+            wait_reason: q
+                .reason
+                .map_or(pb::WaitReason::Unspecified, convert::reason_to_pb)
+                as i32,
+            earliest_start_unix_ms: q.earliest_start,
+            ..Default::default()
+        };
+        if let Some(p) = q.placement {
+            let mut pools: Vec<String> = p.parts.iter().map(|x| x.pool.clone()).collect();
+            pools.dedup();
+            out.pools = pools;
+            out.parts = p
+                .parts
+                .iter()
+                .map(|x| pb::LeasePart {
+                    pool: x.pool.clone(),
+                    group: x.group,
+                    model: x.model.clone(),
+                    node: 0,
+                    devices: x.devices as u32,
+                })
+                .collect();
+            out.tflops = p.tflops;
+            out.price_fen_per_hour = p.price_fen_per_hour;
+            out.estimated_cost_fen =
+                (p.price_fen_per_hour as u128 * duration as u128).div_ceil(3_600_000) as u64;
+        }
+        Ok(Response::new(out))
+    }
+}

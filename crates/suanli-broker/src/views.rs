@@ -1,0 +1,72 @@
+//! Read views: what queries read, published by the writer after every batch, so that a read
+//! never waits for the writer. Requests (live and ended) sit in a concurrent map; the fleet,
+//! pools, tenants and the queue are swapped in whole as one immutable snapshot.
+
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+use rustc_hash::FxHashMap;
+use suanli_proto::v1 as pb;
+
+/// A queued request as the queue view shows it.
+#[derive(Clone, Debug)]
+pub struct Queued {
+    /// Request id.
+    pub id: u64,
+    /// Priority (wire value).
+    pub priority: pb::Priority,
+    /// Why it waits.
+    pub reason: pb::WaitReason,
+    /// Position in the last pass.
+    pub position: u32,
+}
+
+/// The whole-fleet part of the views, replaced at once.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The fleet summary.
+    pub fleet: pb::FleetSummary,
+    /// Every pool, in registration order.
+    pub pools: Vec<pb::Pool>,
+    /// Every tenant, by name.
+    pub tenants: Vec<pb::Tenant>,
+    /// The queue in order.
+    pub queue: Vec<Queued>,
+    /// Wait reason and position of every queued request.
+    pub wait: FxHashMap<u64, (pb::WaitReason, u32)>,
+}
+
+/// Everything queries read.
+#[derive(Debug, Default)]
+pub struct Views {
+    /// Every request ever submitted, by id.
+    pub requests: DashMap<u64, Arc<pb::Request>>,
+    /// Each tenant's request ids, ascending.
+    pub by_tenant: DashMap<String, Vec<u64>>,
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl Views {
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("views").clone()
+    }
+
+    /// Replaces the snapshot.
+    pub fn publish(&self, s: Snapshot) {
+        *self.snapshot.write().expect("views") = Arc::new(s);
+    }
+
+    /// A request with its current wait information.
+    pub fn request(&self, id: u64) -> Option<pb::Request> {
+        let r = self.requests.get(&id)?;
+        let mut r = (**r).clone();
+        if let Some(w) = r.wait.as_mut()
+            && let Some(&(reason, position)) = self.snapshot().wait.get(&id)
+        {
+            w.reason = reason as i32;
+            w.position = position;
+        }
+        Some(r)
+    }
+}

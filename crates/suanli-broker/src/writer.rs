@@ -1,0 +1,817 @@
+//! The writer: the one thread that owns the engine.
+//!
+//! Services send it [`Op`]s over a bounded channel (full: RESOURCE_EXHAUSTED). It takes what has
+//! arrived as one batch, applies each command with the same `now`, appends the batch to the log
+//! with one sync, publishes the read views and only then answers the callers and tells the
+//! watchers: a reply means the command is durable. It also ticks the engine, carries out leases
+//! on simulated pools, tells pool agents which leases to start and stop, and marks pools whose
+//! agent fell silent as lost.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustc_hash::FxHashMap;
+use suanli_core::{Command, EndReason, Engine, Event, PoolHealth, Quote, RequestId, RequestSpec};
+use suanli_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::auth::{Principal, Tokens};
+use crate::config::{BrokerConfig, Execution};
+use crate::convert;
+use crate::error::BrokerError;
+use crate::store::{Entry, IdemKey, Store};
+use crate::views::{Queued, Snapshot, Views};
+
+/// Largest batch the writer takes at once.
+const MAX_BATCH: usize = 4096;
+
+/// A change to one request, for watchers.
+#[derive(Clone, Debug)]
+pub struct WatchEvent {
+    /// The tenant that owns the request.
+    pub tenant: String,
+    /// The event as sent on the wire.
+    pub event: pb::RequestEvent,
+}
+
+/// What services ask of the writer.
+pub(crate) enum Op {
+    Apply {
+        command: Command,
+        key: Option<IdemKey>,
+        reply: oneshot::Sender<Result<Vec<Event>, BrokerError>>,
+    },
+    Grant {
+        principal: Principal,
+        token: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Quote {
+        spec: RequestSpec,
+        reply: oneshot::Sender<Result<Quote, BrokerError>>,
+    },
+    AgentHello {
+        pool: String,
+        running: Vec<u64>,
+        tx: mpsc::Sender<pb::BrokerMessage>,
+    },
+    Heartbeat {
+        pool: String,
+    },
+}
+
+/// The services' end of the writer's channel.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    tx: SyncSender<Op>,
+}
+
+impl Handle {
+    fn send(&self, op: Op) -> Result<(), BrokerError> {
+        self.tx.try_send(op).map_err(|e| match e {
+            TrySendError::Full(_) => BrokerError::Overloaded,
+            TrySendError::Disconnected(_) => {
+                BrokerError::Unavailable("the writer has stopped".into())
+            }
+        })
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(op(reply))?;
+        rx.await
+            .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))
+    }
+
+    /// Applies a command; answers once it is durable. A rejection is an error.
+    pub async fn apply(
+        &self,
+        command: Command,
+        key: Option<IdemKey>,
+    ) -> Result<Vec<Event>, BrokerError> {
+        self.ask(|reply| Op::Apply {
+            command,
+            key,
+            reply,
+        })
+        .await?
+    }
+
+    /// Grants a token durably.
+    pub async fn grant(&self, principal: Principal, token: String) -> Result<(), BrokerError> {
+        self.ask(|reply| Op::Grant {
+            principal,
+            token,
+            reply,
+        })
+        .await?
+    }
+
+    /// A dry run of a submission.
+    pub async fn quote(&self, spec: RequestSpec) -> Result<Quote, BrokerError> {
+        self.ask(|reply| Op::Quote { spec, reply }).await?
+    }
+
+    /// An agent joined (or came back).
+    pub fn agent_hello(
+        &self,
+        pool: String,
+        running: Vec<u64>,
+        tx: mpsc::Sender<pb::BrokerMessage>,
+    ) -> Result<(), BrokerError> {
+        self.send(Op::AgentHello { pool, running, tx })
+    }
+
+    /// An agent is alive.
+    pub fn heartbeat(&self, pool: String) -> Result<(), BrokerError> {
+        self.send(Op::Heartbeat { pool })
+    }
+}
+
+struct AgentLink {
+    tx: mpsc::Sender<pb::BrokerMessage>,
+    last_heartbeat: u64,
+}
+
+enum Reply {
+    Events(
+        oneshot::Sender<Result<Vec<Event>, BrokerError>>,
+        Result<Vec<Event>, BrokerError>,
+    ),
+    Unit(oneshot::Sender<Result<(), BrokerError>>),
+}
+
+/// The writer's state. See the module documentation.
+pub(crate) struct Writer {
+    engine: Engine,
+    store: Box<dyn Store>,
+    views: Arc<Views>,
+    tokens: Tokens,
+    config: Arc<BrokerConfig>,
+    idem: FxHashMap<IdemKey, Vec<Event>>,
+    watch: broadcast::Sender<Arc<WatchEvent>>,
+    pending_watch: Vec<Arc<WatchEvent>>,
+    /// Commands that follow from events (a simulated lease starting), applied in the same batch.
+    followups: Vec<Command>,
+    /// (due, request) of simulated leases to finish.
+    timers: BinaryHeap<Reverse<(u64, u64)>>,
+    agents: HashMap<String, AgentLink>,
+    /// The spec of the submission being applied, for its new record.
+    submitting: Option<RequestSpec>,
+    started_at: u64,
+    last_queue_publish: u64,
+    now: u64,
+    live: bool,
+}
+
+/// Wall-clock unix milliseconds.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Writer {
+    /// Replays the log into a fresh engine and rebuilds the views, tokens and idempotency keys.
+    pub fn recover(
+        config: Arc<BrokerConfig>,
+        store: Box<dyn Store>,
+        views: Arc<Views>,
+        tokens: Tokens,
+        watch: broadcast::Sender<Arc<WatchEvent>>,
+    ) -> Result<Self, BrokerError> {
+        let engine = Engine::new(config.engine.clone(), suanli_core::Catalogue::builtin());
+        let mut w = Writer {
+            engine,
+            store,
+            views,
+            tokens,
+            config,
+            idem: FxHashMap::default(),
+            watch,
+            pending_watch: Vec::new(),
+            followups: Vec::new(),
+            timers: BinaryHeap::new(),
+            agents: HashMap::new(),
+            submitting: None,
+            started_at: 0,
+            last_queue_publish: 0,
+            now: 0,
+            live: false,
+        };
+        let entries = w.store.replay()?;
+        let count = entries.len();
+        for entry in entries {
+            match entry {
+                Entry::Command { now, command, key } => {
+                    w.now = w.now.max(now);
+                    if let Command::Submit(spec) = &command {
+                        w.submitting = Some(spec.clone());
+                    }
+                    let events = w.engine.apply(command, now);
+                    w.process(&events, now);
+                    if let Some(k) = key {
+                        w.idem.insert(k, events);
+                    }
+                }
+                Entry::Credential { principal, token } => w.tokens.grant(principal, token),
+            }
+        }
+        w.followups.clear();
+        w.pending_watch.clear();
+        info!(
+            entries = count,
+            digest = w.engine.digest(),
+            "recovered the command log"
+        );
+        Ok(w)
+    }
+
+    /// The engine (for start-up checks).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Applies and logs commands before the writer runs (registering the fleet, tenants).
+    pub fn bootstrap(
+        &mut self,
+        commands: Vec<Command>,
+        grants: Vec<(Principal, String)>,
+    ) -> Result<(), BrokerError> {
+        let now = self.clock();
+        let mut entries = Vec::new();
+        for c in commands {
+            if let Err(e) = self.apply_logged(c, now, None, &mut entries) {
+                return Err(BrokerError::Config(format!(
+                    "start-up command rejected: {e}"
+                )));
+            }
+        }
+        for (principal, token) in grants {
+            self.tokens.grant(principal.clone(), token.clone());
+            entries.push(Entry::Credential { principal, token });
+        }
+        self.store.append(&entries)?;
+        self.publish(now, true);
+        Ok(())
+    }
+
+    fn clock(&mut self) -> u64 {
+        self.now = self.now.max(wall_ms());
+        self.now
+    }
+
+    /// Applies a command, logs it unless rejected, and follows up (simulated starts).
+    fn apply_logged(
+        &mut self,
+        command: Command,
+        now: u64,
+        key: Option<IdemKey>,
+        entries: &mut Vec<Entry>,
+    ) -> Result<Vec<Event>, BrokerError> {
+        if let Command::Submit(spec) = &command {
+            self.submitting = Some(spec.clone());
+        }
+        let events = self.engine.apply(command.clone(), now);
+        self.submitting
+            .take_if(|_| matches!(events[..], [Event::Rejected { .. }]));
+        if let [Event::Rejected { error }] = &events[..] {
+            return Err(error.clone().into());
+        }
+        entries.push(Entry::Command { now, command, key });
+        self.process(&events, now);
+        while let Some(next) = self.followups.pop() {
+            let more = self.engine.apply(next.clone(), now);
+            if !matches!(more[..], [Event::Rejected { .. }]) {
+                entries.push(Entry::Command {
+                    now,
+                    command: next,
+                    key: None,
+                });
+                self.process(&more, now);
+            }
+        }
+        Ok(events)
+    }
+
+    /// Brings the views up to date with events, and (when live) acts on them.
+    fn process(&mut self, events: &[Event], now: u64) {
+        for ev in events {
+            let (id, kind) = match *ev {
+                Event::Submitted { request } => (request, pb::RequestEventKind::Submitted),
+                Event::Placed { request } => (request, pb::RequestEventKind::Placed),
+                Event::Started { request } => (request, pb::RequestEventKind::Started),
+                Event::Requeued { request, .. } => (request, pb::RequestEventKind::Requeued),
+                Event::Ended { request, .. } => (request, pb::RequestEventKind::Ended),
+                _ => continue,
+            };
+            let previous = self.views.requests.get(&id.0).map(|r| r.clone());
+            let record = match (ev, self.engine.request(id)) {
+                (Event::Ended { state, reason, .. }, _) => {
+                    let Some(prev) = &previous else { continue };
+                    let mut r = (**prev).clone();
+                    r.state = convert::state_to_pb(*state) as i32;
+                    r.end_reason = convert::end_to_pb(*reason) as i32;
+                    r.wait = None;
+                    r.update_time_unix_ms = now;
+                    r
+                }
+                (_, Some(view)) => {
+                    let spec = match (&previous, self.submitting.take()) {
+                        (Some(p), _) => p.spec.clone().unwrap_or_default(),
+                        (None, Some(spec)) => convert::spec_to_pb(&spec),
+                        (None, None) => convert::spec_to_pb(&self.engine_spec(&view)),
+                    };
+                    let mut r = convert::request_to_pb(&view, &spec, now);
+                    if let Some(p) = &previous {
+                        r.submit_time_unix_ms = p.submit_time_unix_ms;
+                    }
+                    r
+                }
+                (_, None) => continue,
+            };
+            if previous.is_none() {
+                self.views
+                    .by_tenant
+                    .entry(record.tenant.clone())
+                    .or_default()
+                    .push(id.0);
+            }
+            if self.live {
+                self.act(ev, &record, previous.as_deref(), now);
+                self.pending_watch.push(Arc::new(WatchEvent {
+                    tenant: record.tenant.clone(),
+                    event: pb::RequestEvent {
+                        request: Some(record.clone()),
+                        kind: kind as i32,
+                        time_unix_ms: now,
+                    },
+                }));
+            }
+            self.views.requests.insert(id.0, Arc::new(record));
+        }
+    }
+
+    /// The spec of a request the views have not seen and whose submission is not at hand:
+    /// what the engine keeps of it.
+    fn engine_spec(&self, view: &suanli_core::query::RequestView) -> RequestSpec {
+        RequestSpec {
+            tenant: view.tenant.clone(),
+            shape: view.shape,
+            duration_ms: view.duration_ms,
+            priority: view.priority,
+            constraints: Default::default(),
+            policy: None,
+            start_after_ms: None,
+            deadline_ms: None,
+            requeue: false,
+        }
+    }
+
+    /// Carries out a lease change: simulated pools start and finish leases themselves; agent
+    /// pools are told.
+    fn act(&mut self, ev: &Event, record: &pb::Request, previous: Option<&pb::Request>, now: u64) {
+        match ev {
+            Event::Placed { request } => {
+                let Some(lease) = &record.lease else { return };
+                let mut pools: Vec<&str> = lease.parts.iter().map(|p| p.pool.as_str()).collect();
+                pools.sort_unstable();
+                pools.dedup();
+                let simulated = pools
+                    .iter()
+                    .all(|p| self.config.execution(p) == Some(Execution::Simulated));
+                if simulated {
+                    self.followups
+                        .push(Command::LeaseStarted { request: *request });
+                    let run = (lease.end_unix_ms - lease.start_unix_ms) as f64
+                        / self.config.simulated_speedup;
+                    self.timers.push(Reverse((now + run as u64, request.0)));
+                } else {
+                    for pool in pools {
+                        let parts = lease
+                            .parts
+                            .iter()
+                            .filter(|p| p.pool == pool)
+                            .cloned()
+                            .collect();
+                        self.tell_agent(pool, start_lease(record, lease, parts));
+                    }
+                }
+            }
+            Event::Ended {
+                request, reason, ..
+            }
+            | Event::Requeued { request, reason } => {
+                let reported = matches!(reason, EndReason::Finished | EndReason::JobFailed);
+                let Some(lease) = previous.and_then(|p| p.lease.as_ref()) else {
+                    return;
+                };
+                if reported || previous.is_some_and(|p| p.state == pb::RequestState::Queued as i32)
+                {
+                    return;
+                }
+                let mut pools: Vec<&str> = lease.parts.iter().map(|p| p.pool.as_str()).collect();
+                pools.sort_unstable();
+                pools.dedup();
+                for pool in pools {
+                    self.tell_agent(
+                        pool,
+                        pb::BrokerMessage {
+                            body: Some(pb::broker_message::Body::StopLease(pb::StopLease {
+                                request: request.0,
+                                reason: convert::end_to_pb(*reason) as i32,
+                            })),
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn tell_agent(&mut self, pool: &str, msg: pb::BrokerMessage) {
+        let gone = match self.agents.get(pool) {
+            Some(link) => link.tx.try_send(msg).is_err(),
+            None => false, // told again when it connects (see `agent_hello`)
+        };
+        if gone {
+            warn!(
+                pool,
+                "agent link closed or full; it will be reconciled when it reconnects"
+            );
+            self.agents.remove(pool);
+        }
+    }
+
+    fn agent_hello(
+        &mut self,
+        pool: String,
+        running: Vec<u64>,
+        tx: mpsc::Sender<pb::BrokerMessage>,
+        now: u64,
+        entries: &mut Vec<Entry>,
+    ) {
+        let welcome = pb::BrokerMessage {
+            body: Some(pb::broker_message::Body::Welcome(pb::Welcome {
+                pool: pool.clone(),
+                heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                time_unix_ms: now,
+            })),
+        };
+        if tx.try_send(welcome).is_err() {
+            return;
+        }
+        let lost = self
+            .views
+            .snapshot()
+            .pools
+            .iter()
+            .any(|p| p.id == pool && p.health == pb::PoolHealth::Lost as i32);
+        if lost
+            && let Err(e) = self.apply_logged(
+                Command::RestorePool { pool: pool.clone() },
+                now,
+                None,
+                entries,
+            )
+        {
+            warn!(pool, error = %e, "could not restore the pool");
+        }
+        self.agents.insert(
+            pool.clone(),
+            AgentLink {
+                tx,
+                last_heartbeat: now,
+            },
+        );
+        // Reconcile: start what the agent lacks, stop what is no longer live.
+        let mut live_here = Vec::new();
+        for id in self.engine.live_requests() {
+            let Some(r) = self.views.requests.get(&id.0).map(|r| r.clone()) else {
+                continue;
+            };
+            if let Some(lease) = &r.lease {
+                let parts: Vec<pb::LeasePart> = lease
+                    .parts
+                    .iter()
+                    .filter(|p| p.pool == pool)
+                    .cloned()
+                    .collect();
+                if !parts.is_empty() && r.state != pb::RequestState::Queued as i32 {
+                    live_here.push(id.0);
+                    if !running.contains(&id.0) {
+                        self.tell_agent(&pool, start_lease(&r, lease, parts));
+                    }
+                }
+            }
+        }
+        for id in running.into_iter().filter(|id| !live_here.contains(id)) {
+            self.tell_agent(
+                &pool,
+                pb::BrokerMessage {
+                    body: Some(pb::broker_message::Body::StopLease(pb::StopLease {
+                        request: id,
+                        reason: pb::EndReason::Unspecified as i32,
+                    })),
+                },
+            );
+        }
+    }
+
+    fn check_heartbeats(&mut self, now: u64, entries: &mut Vec<Entry>) {
+        let timeout = self.config.heartbeat_timeout.as_millis() as u64;
+        let snapshot = self.views.snapshot();
+        for pool in snapshot.pools.iter() {
+            if self.config.execution(&pool.id) != Some(Execution::Agent)
+                || pool.health == pb::PoolHealth::Lost as i32
+            {
+                continue;
+            }
+            let last = self
+                .agents
+                .get(&pool.id)
+                .map_or(self.started_at, |a| a.last_heartbeat);
+            if now.saturating_sub(last) > timeout {
+                warn!(
+                    pool = pool.id,
+                    silent_ms = now - last,
+                    "agent silent: pool lost"
+                );
+                self.agents.remove(&pool.id);
+                let _ = self.apply_logged(
+                    Command::LosePool {
+                        pool: pool.id.clone(),
+                    },
+                    now,
+                    None,
+                    entries,
+                );
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: u64, entries: &mut Vec<Entry>) {
+        while let Some(&Reverse((due, id))) = self.timers.peek() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            let still_running = self
+                .engine
+                .request(RequestId(id))
+                .is_some_and(|r| r.state.is_live_lease());
+            if still_running {
+                let finish = Command::LeaseFinished {
+                    request: RequestId(id),
+                    failed: false,
+                };
+                let _ = self.apply_logged(finish, now, None, entries);
+            }
+        }
+    }
+
+    /// Re-arms the finish timers of simulated leases that were running before a restart.
+    fn rearm_timers(&mut self) {
+        for id in self.engine.live_requests() {
+            let Some(view) = self.engine.request(id) else {
+                continue;
+            };
+            let Some(lease) = &view.lease else { continue };
+            let simulated = lease
+                .parts
+                .iter()
+                .all(|p| self.config.execution(&p.pool) == Some(Execution::Simulated));
+            if simulated {
+                let run = (lease.end - lease.start) as f64 / self.config.simulated_speedup;
+                self.timers.push(Reverse((lease.start + run as u64, id.0)));
+            }
+        }
+    }
+
+    /// Publishes the snapshot views. The queue is rebuilt at most twice a second when long.
+    fn publish(&mut self, now: u64, force_queue: bool) {
+        let usage = self.engine.fleet_usage();
+        let mut pools = Vec::with_capacity(usage.pools.len());
+        let mut health = pb::PoolHealthCounts::default();
+        for p in &usage.pools {
+            match p.health {
+                PoolHealth::Healthy => health.healthy += 1,
+                PoolHealth::Draining => health.draining += 1,
+                PoolHealth::Lost => health.lost += 1,
+            }
+            if let Some(spec) = self.engine.pool_spec(&p.id) {
+                pools.push(convert::pool_to_pb(spec, p));
+            }
+        }
+        let previous = self.views.snapshot();
+        let queue_len = self.engine.queue_len();
+        let (queue, wait) =
+            if force_queue || queue_len < 2000 || now >= self.last_queue_publish + 500 {
+                self.last_queue_publish = now;
+                let queue: Vec<Queued> = self
+                    .engine
+                    .queued()
+                    .into_iter()
+                    .map(|q| Queued {
+                        id: q.id.0,
+                        priority: convert::priority_to_pb(q.priority),
+                        reason: convert::reason_to_pb(q.reason),
+                        position: q.position,
+                    })
+                    .collect();
+                let wait = queue
+                    .iter()
+                    .map(|q| (q.id, (q.reason, q.position)))
+                    .collect();
+                (queue, wait)
+            } else {
+                (previous.queue.clone(), previous.wait.clone())
+            };
+        let mut by_priority = [0u32; 3];
+        let mut by_reason: std::collections::BTreeMap<i32, u32> = Default::default();
+        for q in &queue {
+            by_priority[(q.priority as i32 - 1).clamp(0, 2) as usize] += 1;
+            *by_reason.entry(q.reason as i32).or_default() += 1;
+        }
+        let (total, by_model, by_region, by_kind) = convert::fleet_to_pb(&usage);
+        let fleet = pb::FleetSummary {
+            time_unix_ms: now,
+            total: Some(total),
+            local: Some(convert::utilisation_to_pb(&usage.local)),
+            external: Some(convert::utilisation_to_pb(&usage.external)),
+            by_model,
+            by_region,
+            by_kind,
+            pools: Some(health),
+            live_leases: self.engine.live_lease_count() as u32,
+            queue: Some(pb::QueueSummary {
+                length: queue_len as u32,
+                by_priority: [
+                    pb::Priority::Critical,
+                    pb::Priority::Standard,
+                    pb::Priority::Spot,
+                ]
+                .iter()
+                .zip(by_priority)
+                .map(|(p, count)| pb::PriorityCount {
+                    priority: *p as i32,
+                    count,
+                })
+                .collect(),
+                by_reason: by_reason
+                    .into_iter()
+                    .map(|(reason, count)| pb::WaitReasonCount { reason, count })
+                    .collect(),
+            }),
+            target_tflops: self.config.target_tflops,
+        };
+        let tenants = self
+            .engine
+            .tenant_usages()
+            .iter()
+            .map(convert::tenant_to_pb)
+            .collect();
+        self.views.publish(Snapshot {
+            fleet,
+            pools,
+            tenants,
+            queue,
+            wait,
+        });
+    }
+
+    /// Runs until every sender is gone (the server stopped), then returns the final digest.
+    pub fn run(mut self, rx: Receiver<Op>) -> Result<u64, BrokerError> {
+        self.live = true;
+        self.started_at = self.clock();
+        self.rearm_timers();
+        let tick = self.config.tick_interval.as_millis() as u64;
+        let mut next_tick = self.started_at + tick;
+        let mut ops = Vec::new();
+        loop {
+            let wait = next_tick.saturating_sub(wall_ms());
+            match rx.recv_timeout(Duration::from_millis(wait)) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let now = self.clock();
+            let mut entries = Vec::new();
+            let mut replies = Vec::new();
+            for op in ops.drain(..) {
+                self.handle(op, now, &mut entries, &mut replies);
+            }
+            if now >= next_tick {
+                let _ = self.apply_logged(Command::Tick, now, None, &mut entries);
+                self.check_heartbeats(now, &mut entries);
+                next_tick = now + tick;
+            }
+            self.fire_timers(now, &mut entries);
+            if let Err(e) = self.store.append(&entries) {
+                error!(error = %e, "the command log failed: stopping the writer");
+                for r in replies {
+                    match r {
+                        Reply::Events(tx, _) => {
+                            drop(tx.send(Err(BrokerError::Store(e.to_string()))))
+                        }
+                        Reply::Unit(tx) => drop(tx.send(Err(BrokerError::Store(e.to_string())))),
+                    }
+                }
+                return Err(e);
+            }
+            if !entries.is_empty() {
+                self.publish(now, false);
+            }
+            for r in replies {
+                match r {
+                    Reply::Events(tx, result) => drop(tx.send(result)),
+                    Reply::Unit(tx) => drop(tx.send(Ok(()))),
+                }
+            }
+            for ev in self.pending_watch.drain(..) {
+                let _ = self.watch.send(ev);
+            }
+        }
+        Ok(self.engine.digest())
+    }
+
+    fn handle(&mut self, op: Op, now: u64, entries: &mut Vec<Entry>, replies: &mut Vec<Reply>) {
+        match op {
+            Op::Apply {
+                command,
+                key,
+                reply,
+            } => {
+                if let Some(previous) = key.as_ref().and_then(|k| self.idem.get(k)) {
+                    replies.push(Reply::Events(reply, Ok(previous.clone())));
+                    return;
+                }
+                let result = self.apply_logged(command, now, key.clone(), entries);
+                if let (Ok(events), Some(k)) = (&result, key) {
+                    self.idem.insert(k, events.clone());
+                }
+                replies.push(Reply::Events(reply, result));
+            }
+            Op::Grant {
+                principal,
+                token,
+                reply,
+            } => {
+                self.tokens.grant(principal.clone(), token.clone());
+                entries.push(Entry::Credential { principal, token });
+                replies.push(Reply::Unit(reply));
+            }
+            Op::Quote { spec, reply } => {
+                let _ = reply.send(self.engine.quote(&spec, now).map_err(Into::into));
+            }
+            Op::AgentHello { pool, running, tx } => {
+                self.agent_hello(pool, running, tx, now, entries)
+            }
+            Op::Heartbeat { pool } => {
+                if let Some(a) = self.agents.get_mut(&pool) {
+                    a.last_heartbeat = now;
+                }
+            }
+        }
+    }
+}
+
+fn start_lease(
+    record: &pb::Request,
+    lease: &pb::Lease,
+    parts: Vec<pb::LeasePart>,
+) -> pb::BrokerMessage {
+    pb::BrokerMessage {
+        body: Some(pb::broker_message::Body::StartLease(pb::StartLease {
+            request: record.id,
+            tenant: record.tenant.clone(),
+            parts,
+            start_unix_ms: lease.start_unix_ms,
+            end_unix_ms: lease.end_unix_ms,
+        })),
+    }
+}
+
+/// Starts the writer thread; returns the services' handle and the thread's join handle.
+pub(crate) fn spawn(
+    writer: Writer,
+    capacity: usize,
+) -> (Handle, std::thread::JoinHandle<Result<u64, BrokerError>>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+    let join = std::thread::Builder::new()
+        .name("suanli-writer".into())
+        .spawn(move || writer.run(rx))
+        .expect("spawn the writer thread");
+    (Handle { tx }, join)
+}

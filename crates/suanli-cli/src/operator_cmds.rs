@@ -1,0 +1,326 @@
+//! The commands of the district's operators (OperatorService): the fleet summary, pools and
+//! draining, tenants and their credentials, the queue.
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use serde_json::json;
+use suanli_proto::v1::operator_service_client::OperatorServiceClient;
+use suanli_proto::v1::{
+    DrainPoolRequest, GetFleetSummaryRequest, GetPoolRequest, ListPoolsRequest, ListQueueRequest,
+    ListTenantsRequest, Priority, SetTenantRequest, Tenant, UndrainPoolRequest,
+};
+
+use crate::client::{self, Authed, GlobalArgs, PageArgs};
+use crate::output;
+use crate::parse;
+use crate::tenant_cmds::{PriorityArg, more_hint};
+
+/// `suanli pools`: list pools, or act on one.
+#[derive(Args, Clone, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PoolsArgs {
+    #[command(subcommand)]
+    pub action: Option<PoolsAction>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// What to do with one pool.
+#[derive(Subcommand, Clone, Debug)]
+pub enum PoolsAction {
+    /// Show one pool with its node groups.
+    Get {
+        /// Pool id (or name, pools/ID).
+        id: String,
+    },
+    /// Stop placing new work on a healthy pool; its leases run on.
+    Drain {
+        /// Pool id (or name, pools/ID).
+        id: String,
+        /// Idempotency key [default: a fresh random id].
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+    },
+    /// Let a draining pool take new work again.
+    Undrain {
+        /// Pool id (or name, pools/ID).
+        id: String,
+        /// Idempotency key [default: a fresh random id].
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+    },
+}
+
+/// `suanli tenants`: list tenants, or create or change one.
+#[derive(Args, Clone, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct TenantsArgs {
+    #[command(subcommand)]
+    pub action: Option<TenantsAction>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// What to do with one tenant.
+#[derive(Subcommand, Clone, Debug)]
+pub enum TenantsAction {
+    /// Create a tenant or change its quota, borrowing limit or weight; prints a credential when
+    /// one is issued (a new tenant, or --rotate-credential).
+    Set(SetTenantArgs),
+}
+
+/// `suanli tenants set`.
+#[derive(Args, Clone, Debug)]
+pub struct SetTenantArgs {
+    /// Tenant id (or name, tenants/ID).
+    pub name: String,
+    /// Nominal quota in P (500, 0.5); required for a new tenant, kept when not given.
+    #[arg(long, value_name = "P", value_parser = parse::p_amount)]
+    pub quota_p: Option<u64>,
+    /// How far beyond its quota the tenant may borrow idle capacity, in P; kept when not given,
+    /// no limit for a new tenant.
+    #[arg(long, value_name = "P", value_parser = parse::p_amount)]
+    pub borrow_limit_p: Option<u64>,
+    /// Remove the borrowing limit: the tenant may borrow any idle capacity.
+    #[arg(long, conflicts_with = "borrow_limit_p")]
+    pub no_borrow_limit: bool,
+    /// Fair-share weight, at least 1; kept when not given, 1 for a new tenant.
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..))]
+    pub weight: Option<u32>,
+    /// Issue a new credential and revoke the old one.
+    #[arg(long)]
+    pub rotate_credential: bool,
+    /// Idempotency key [default: a fresh random id].
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
+}
+
+/// `suanli queue`.
+#[derive(Args, Clone, Debug)]
+pub struct QueueArgs {
+    /// Only requests of these priority classes (repeatable or comma-separated).
+    #[arg(long = "priority", value_enum, value_delimiter = ',')]
+    pub priorities: Vec<PriorityArg>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// `suanli fleet`: the whole fleet at a glance.
+pub async fn fleet(g: &GlobalArgs) -> anyhow::Result<()> {
+    let mut client = client::operator_client(g).await?;
+    let f = client
+        .get_fleet_summary(GetFleetSummaryRequest {})
+        .await?
+        .into_inner();
+    if g.json {
+        output::print_json(&output::fleet_json(&f));
+    } else {
+        output::emit(&output::fleet_summary(&f));
+    }
+    Ok(())
+}
+
+/// `suanli pools ...`.
+pub async fn pools(g: &GlobalArgs, a: &PoolsArgs) -> anyhow::Result<()> {
+    let mut client = client::operator_client(g).await?;
+    let pool = match &a.action {
+        None => {
+            let (pools, next) = a
+                .page
+                .collect(|page_size, page_token| {
+                    let mut client = client.clone();
+                    async move {
+                        let page = client
+                            .list_pools(ListPoolsRequest {
+                                page_size,
+                                page_token,
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((page.pools, page.next_page_token))
+                    }
+                })
+                .await?;
+            if g.json {
+                output::print_json(&json!({
+                    "pools": pools.iter().map(output::pool_json).collect::<Vec<_>>(),
+                    "next_page_token": next,
+                }));
+            } else {
+                output::emit(&output::pools_table(&pools).render());
+                more_hint(&next);
+            }
+            return Ok(());
+        }
+        Some(PoolsAction::Get { id }) => {
+            client
+                .get_pool(GetPoolRequest {
+                    name: parse::pool_name(id),
+                })
+                .await?
+        }
+        Some(PoolsAction::Drain { id, request_id }) => {
+            client
+                .drain_pool(DrainPoolRequest {
+                    request_id: request_id.clone().unwrap_or_else(parse::new_request_id),
+                    name: parse::pool_name(id),
+                })
+                .await?
+        }
+        Some(PoolsAction::Undrain { id, request_id }) => {
+            client
+                .undrain_pool(UndrainPoolRequest {
+                    request_id: request_id.clone().unwrap_or_else(parse::new_request_id),
+                    name: parse::pool_name(id),
+                })
+                .await?
+        }
+    }
+    .into_inner();
+    if g.json {
+        output::print_json(&output::pool_json(&pool));
+    } else {
+        output::emit(&output::pool_detail(&pool));
+    }
+    Ok(())
+}
+
+async fn list_tenants(
+    client: &OperatorServiceClient<Authed>,
+    page: &PageArgs,
+) -> Result<(Vec<Tenant>, String), tonic::Status> {
+    page.collect(|page_size, page_token| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_tenants(ListTenantsRequest {
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            Ok((page.tenants, page.next_page_token))
+        }
+    })
+    .await
+}
+
+/// `suanli tenants ...`.
+pub async fn tenants(g: &GlobalArgs, a: &TenantsArgs) -> anyhow::Result<()> {
+    let mut client = client::operator_client(g).await?;
+    match &a.action {
+        None => {
+            let (tenants, next) = list_tenants(&client, &a.page).await?;
+            if g.json {
+                output::print_json(&json!({
+                    "tenants": tenants.iter().map(output::tenant_json).collect::<Vec<_>>(),
+                    "next_page_token": next,
+                }));
+            } else {
+                output::emit(&output::tenants_table(&tenants).render());
+                more_hint(&next);
+            }
+        }
+        Some(TenantsAction::Set(s)) => {
+            let id = s
+                .name
+                .strip_prefix("tenants/")
+                .unwrap_or(&s.name)
+                .to_string();
+            // SetTenant replaces every field, so what is not given is read first and kept.
+            let complete = s.quota_p.is_some()
+                && (s.borrow_limit_p.is_some() || s.no_borrow_limit)
+                && s.weight.is_some();
+            let existing = if complete {
+                None
+            } else {
+                let all = PageArgs {
+                    all_pages: true,
+                    page_size: 1000,
+                    ..Default::default()
+                };
+                let (tenants, _) = list_tenants(&client, &all).await?;
+                tenants.into_iter().find(|t| t.id == id)
+            };
+            let Some(quota_tflops) = s.quota_p.or(existing.as_ref().map(|t| t.quota_tflops)) else {
+                bail!("tenant {id:?} does not exist yet: --quota-p is required to create it");
+            };
+            let borrow_limit_tflops = if s.no_borrow_limit {
+                None
+            } else {
+                s.borrow_limit_p
+                    .or(existing.as_ref().and_then(|t| t.borrow_limit_tflops))
+            };
+            let weight = s
+                .weight
+                .or(existing.as_ref().map(|t| t.weight))
+                .unwrap_or(1);
+            let reply = client
+                .set_tenant(SetTenantRequest {
+                    request_id: s.request_id.clone().unwrap_or_else(parse::new_request_id),
+                    tenant: Some(Tenant {
+                        id,
+                        quota_tflops,
+                        borrow_limit_tflops,
+                        weight,
+                        ..Default::default()
+                    }),
+                    rotate_credential: s.rotate_credential,
+                })
+                .await?
+                .into_inner();
+            let tenant = reply.tenant.unwrap_or_default();
+            if g.json {
+                output::print_json(&json!({
+                    "tenant": output::tenant_json(&tenant),
+                    "credential": reply.credential,
+                }));
+            } else {
+                output::emit(&output::tenants_table(std::slice::from_ref(&tenant)).render());
+                if !reply.credential.is_empty() {
+                    output::emit(&format!("\ncredential  {}\n", reply.credential));
+                    eprintln!(
+                        "The credential is shown only now: give it to the tenant, who passes it \
+                         as --token (or SUANLI_TOKEN)."
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `suanli queue`: queued requests of all tenants in queue order.
+pub async fn queue(g: &GlobalArgs, a: &QueueArgs) -> anyhow::Result<()> {
+    let client = client::operator_client(g).await?;
+    let priorities: Vec<i32> = a
+        .priorities
+        .iter()
+        .map(|p| Priority::from(*p) as i32)
+        .collect();
+    let (requests, next) = a
+        .page
+        .collect(|page_size, page_token| {
+            let mut client = client.clone();
+            let priorities = priorities.clone();
+            async move {
+                let page = client
+                    .list_queue(ListQueueRequest {
+                        page_size,
+                        page_token,
+                        priorities,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.requests, page.next_page_token))
+            }
+        })
+        .await?;
+    if g.json {
+        output::print_json(&output::requests_page_json(&requests, &next));
+    } else {
+        output::emit(&output::queue_table(&requests).render());
+        more_hint(&next);
+    }
+    Ok(())
+}

@@ -1,0 +1,490 @@
+//! The broker over a real socket: request lifecycles, idempotency, watch, quote, every auth
+//! rule, validation, and recovery from the command log.
+
+use std::time::Duration;
+
+use suanli_e2e::{Broker, test_config};
+use suanli_proto::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+fn gang(nodes: u32, m: u32, model: &str, duration_ms: u64) -> pb::RequestSpec {
+    pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes,
+            devices_per_node: m,
+        })),
+        duration_ms,
+        priority: pb::Priority::Standard as i32,
+        constraints: Some(pb::Constraints {
+            models: vec![model.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn submit(id: &str, spec: pb::RequestSpec) -> pb::SubmitRequestRequest {
+    pb::SubmitRequestRequest {
+        request_id: id.into(),
+        spec: Some(spec),
+    }
+}
+
+fn state(r: &pb::Request) -> pb::RequestState {
+    pb::RequestState::try_from(r.state).unwrap()
+}
+
+#[tokio::test]
+async fn a_gang_request_lives_its_whole_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let r = a
+        .submit_request(submit("g1", gang(2, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.name, format!("tenants/tenant-a/requests/{}", r.id));
+    // Simulated execution starts it in the same batch as its placement.
+    assert_eq!(state(&r), pb::RequestState::Running);
+    let lease = r.lease.clone().unwrap();
+    assert_eq!(lease.parts.len(), 2);
+    assert!(
+        lease
+            .parts
+            .iter()
+            .all(|p| p.pool == "near" && p.devices == 8)
+    );
+    let got = a
+        .get_request(pb::GetRequestRequest {
+            name: r.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.id, r.id);
+    let list = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.requests.len(), 1);
+    let done = a
+        .release_request(pb::ReleaseRequestRequest {
+            request_id: "rel1".into(),
+            name: r.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&done), pb::RequestState::Completed);
+    assert_eq!(done.end_reason, pb::EndReason::Released as i32);
+    assert!(
+        done.lease.is_some(),
+        "an ended request keeps its last lease"
+    );
+    let again = a
+        .release_request(pb::ReleaseRequestRequest {
+            request_id: "rel2".into(),
+            name: r.name.clone(),
+        })
+        .await;
+    assert_eq!(
+        again.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "an ended request cannot be released"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn an_elastic_request_splits_and_a_short_lease_completes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let spec = pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Elastic(pb::ElasticShape {
+            tflops: 18000,
+            min_chunk_tflops: 1000,
+        })),
+        duration_ms: 300,
+        ..Default::default()
+    };
+    let r = a
+        .submit_request(submit("e1", spec))
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = r.lease.unwrap();
+    assert!(lease.tflops >= 18000);
+    let pools: std::collections::BTreeSet<_> = lease.parts.iter().map(|p| p.pool.clone()).collect();
+    assert_eq!(
+        pools.len(),
+        2,
+        "the cheaper h100 pool (15,824 TFLOPS) is too small alone: {pools:?}"
+    );
+    // 300 ms later the simulated lease finishes.
+    let mut ended = None;
+    for _ in 0..200 {
+        let got = a
+            .get_request(pb::GetRequestRequest {
+                name: r.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.end_reason != pb::EndReason::Unspecified as i32 {
+            ended = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = ended.expect("the lease ended");
+    assert_eq!(state(&ended), pb::RequestState::Completed);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn resubmitting_with_the_same_request_id_returns_the_first_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let first = a
+        .submit_request(submit("same", gang(1, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = a
+        .submit_request(submit("same", gang(1, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.id, second.id);
+    let third = a
+        .submit_request(submit("other", gang(1, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(first.id, third.id);
+    // Another tenant's key space is its own.
+    let mut b = broker.tenant(&broker.tenant_token("tenant-b")).await;
+    let theirs = b
+        .submit_request(submit("same", gang(1, 8, "a800", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(theirs.id, first.id);
+    let list = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.requests.len(), 2);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_the_changes_of_ones_own_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut stream = a
+        .watch_requests(pb::WatchRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut b = broker.tenant(&broker.tenant_token("tenant-b")).await;
+    b.submit_request(submit("b1", gang(1, 8, "a800", 60_000)))
+        .await
+        .unwrap();
+    let r = a
+        .submit_request(submit("w1", gang(1, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    a.cancel_request(pb::CancelRequestRequest {
+        request_id: "c1".into(),
+        name: r.name.clone(),
+    })
+    .await
+    .unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let req = ev.request.unwrap();
+        assert_eq!(req.tenant, "tenant-a", "no event of another tenant");
+        kinds.push(pb::RequestEventKind::try_from(ev.kind).unwrap());
+    }
+    use pb::RequestEventKind::*;
+    assert_eq!(kinds, [Submitted, Placed, Started, Ended]);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn quote_tells_the_price_without_placing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let q = a
+        .quote_request(pb::QuoteRequestRequest {
+            spec: Some(gang(1, 8, "h100", 3_600_000)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(q.placeable_now);
+    assert_eq!(q.pools, ["near"]);
+    assert_eq!(q.price_fen_per_hour, 8 * 3000);
+    assert_eq!(q.estimated_cost_fen, 8 * 3000);
+    let list = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.requests.is_empty(), "a quote submits nothing");
+    let q = a
+        .quote_request(pb::QuoteRequestRequest {
+            spec: Some(gang(3, 8, "h100", 60_000)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!q.placeable_now);
+    assert_eq!(q.wait_reason, pb::WaitReason::NoMatchingPool as i32);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn every_auth_rule_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    // No token and a wrong token: UNAUTHENTICATED, on every service.
+    for token in ["", "not-a-token"] {
+        let mut t = broker.tenant(token).await;
+        let e = t
+            .list_requests(pb::ListRequestsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{token:?}");
+        let mut o = broker.operator(token).await;
+        assert_eq!(
+            o.get_fleet_summary(pb::GetFleetSummaryRequest {})
+                .await
+                .unwrap_err()
+                .code(),
+            Code::Unauthenticated
+        );
+        let mut p = broker.pool(token).await;
+        let e = p
+            .register_pool(pb::RegisterPoolRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let r = a
+        .submit_request(submit("x", gang(1, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    // A tenant sees and changes only its own requests.
+    let mut b = broker.tenant(&broker.tenant_token("tenant-b")).await;
+    let e = b
+        .get_request(pb::GetRequestRequest {
+            name: r.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = b
+        .cancel_request(pb::CancelRequestRequest {
+            request_id: String::new(),
+            name: r.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = b
+        .release_request(pb::ReleaseRequestRequest {
+            request_id: String::new(),
+            name: r.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let forged = r.name.replace("tenant-a", "tenant-b");
+    assert_eq!(
+        b.get_request(pb::GetRequestRequest { name: forged })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // A tenant may not call operator or pool services.
+    let tenant_token = broker.tenant_token("tenant-a");
+    let mut o = broker.operator(&tenant_token).await;
+    assert_eq!(
+        o.get_fleet_summary(pb::GetFleetSummaryRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let e = o
+        .drain_pool(pb::DrainPoolRequest {
+            request_id: String::new(),
+            name: "pools/near".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut p = broker.pool(&tenant_token).await;
+    let pool = pb::Pool {
+        id: "near".into(),
+        kind: pb::PoolKind::LocalCentre as i32,
+        ..Default::default()
+    };
+    let e = p
+        .register_pool(pb::RegisterPoolRequest {
+            request_id: String::new(),
+            pool: Some(pool),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // The operator may not submit as a tenant.
+    let mut as_operator = broker.tenant(&broker.creds.operator).await;
+    let e = as_operator
+        .submit_request(submit("o", gang(1, 8, "h100", 60_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // The operator drains and undrains.
+    let mut op = broker.operator(&broker.creds.operator).await;
+    let p = op
+        .drain_pool(pb::DrainPoolRequest {
+            request_id: "d".into(),
+            name: "pools/far".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.health, pb::PoolHealth::Draining as i32);
+    let p = op
+        .undrain_pool(pb::UndrainPoolRequest {
+            request_id: "u".into(),
+            name: "pools/far".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.health, pb::PoolHealth::Healthy as i32);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_fields_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let cases = [
+        (
+            pb::SubmitRequestRequest {
+                request_id: String::new(),
+                spec: None,
+            },
+            "field spec: required",
+        ),
+        (
+            submit(
+                "",
+                pb::RequestSpec {
+                    duration_ms: 5,
+                    ..Default::default()
+                },
+            ),
+            "field spec.shape",
+        ),
+        (
+            submit("", gang(1, 8, "h999", 60_000)),
+            "constraints.models[0]",
+        ),
+        (submit("", gang(0, 8, "h100", 60_000)), "shape.nodes"),
+        (submit("", gang(1, 8, "h100", 0)), "duration_ms"),
+        (
+            submit(&"k".repeat(200), gang(1, 8, "h100", 60_000)),
+            "request_id",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = a.submit_request(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(
+            e.message().contains(field),
+            "{} should name {field}",
+            e.message()
+        );
+    }
+    let e = a
+        .get_request(pb::GetRequestRequest {
+            name: "requests/1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_broker_recovers_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut names = Vec::new();
+    for i in 0..6 {
+        let r = a
+            .submit_request(submit(&format!("r{i}"), gang(1, 8, "h100", 3_600_000)))
+            .await
+            .unwrap()
+            .into_inner();
+        names.push(r.name);
+    }
+    let token = broker.tenant_token("tenant-a");
+    let digest = broker.stop().await;
+    assert_eq!(
+        suanli_broker::recovered_digest(&test_config(dir.path())).unwrap(),
+        digest
+    );
+    let broker = Broker::start(test_config(dir.path())).await;
+    assert_eq!(
+        broker.tenant_token("tenant-a"),
+        token,
+        "tokens survive a restart"
+    );
+    let mut a = broker.tenant(&token).await;
+    let list = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.requests
+            .iter()
+            .map(|r| r.name.clone())
+            .collect::<Vec<_>>(),
+        names
+    );
+    // Resubmitting after the restart is still idempotent.
+    let again = a
+        .submit_request(submit("r0", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.name, names[0]);
+    broker.stop().await;
+}

@@ -284,6 +284,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/broker.example.toml");
+        let c = BrokerConfig::from_file(&path).unwrap();
+        assert_eq!(c.execution("futian-aicc"), Some(Execution::Agent));
+        assert_eq!(c.execution("futian-cloud"), Some(Execution::Simulated));
+        assert_eq!(c.tenants.len(), 2);
+        assert_eq!(c.simulated_speedup, 60.0);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_policies_are_named() {
         let e = BrokerConfig::from_toml("bogus = 1\n", Path::new(".")).unwrap_err();
         assert!(e.contains("bogus"), "{e}");

@@ -1,0 +1,194 @@
+//! The real `suanli` binary, killed with SIGKILL while tenants submit: after a restart every
+//! acknowledged request is there exactly once, and the capacity held by leases equals what the
+//! fleet reports as allocated.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use suanli_broker::credentials::{Credentials, FILE_NAME};
+use suanli_proto::v1 as pb;
+use suanli_proto::v1::operator_service_client::OperatorServiceClient;
+use suanli_proto::v1::tenant_service_client::TenantServiceClient;
+use tonic::transport::Channel;
+
+/// Starts `suanli serve` on a free port; returns the child and its address.
+fn start(dir: &Path) -> (Child, String) {
+    let _ = std::fs::remove_file(dir.join(FILE_NAME));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start suanli serve");
+    let mut first = String::new();
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    out.read_line(&mut first).expect("banner");
+    // Keep draining its output: a closed pipe would end the broker at its next line.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    // "suanli broker: gRPC on 127.0.0.1:PORT, fleet ..."
+    let addr = first
+        .split("gRPC on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("unexpected banner {first:?}"))
+        .to_string();
+    (child, addr)
+}
+
+async fn wait_for_credentials(dir: &Path) -> Credentials {
+    for _ in 0..1000 {
+        if let Ok(c) = Credentials::load(&dir.join(FILE_NAME)) {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no credentials file")
+}
+
+async fn channel(addr: &str) -> Channel {
+    for _ in 0..500 {
+        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("cannot connect to {addr}")
+}
+
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn spec(i: u64) -> pb::RequestSpec {
+    let shape = if i.is_multiple_of(2) {
+        pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes: 1 + (i % 3) as u32,
+            devices_per_node: 8,
+        })
+    } else {
+        pb::request_spec::Shape::Elastic(pb::ElasticShape {
+            tflops: 2_000 + 500 * i,
+            min_chunk_tflops: 500,
+        })
+    };
+    pb::RequestSpec {
+        shape: Some(shape),
+        duration_ms: 3_600_000,
+        priority: pb::Priority::Standard as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_requests_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start(dir.path());
+    let creds = wait_for_credentials(dir.path()).await;
+    let token = creds.tenant("tenant-a").unwrap().to_string();
+    let ch = channel(&addr).await;
+
+    // Four writers submit as fast as they can; the broker is killed while they do.
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let ch = ch.clone();
+        let token = token.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = TenantServiceClient::new(ch);
+            let mut acked = Vec::new();
+            for i in 0.. {
+                let req = pb::SubmitRequestRequest {
+                    request_id: format!("w{w}-{i}"),
+                    spec: Some(spec(i)),
+                };
+                match client.submit_request(with_token(req, &token)).await {
+                    Ok(r) => acked.push((format!("w{w}-{i}"), r.into_inner().id)),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(
+        acked.len() > 10,
+        "only {} submissions were acknowledged before the kill",
+        acked.len()
+    );
+
+    let (mut child, addr) = start(dir.path());
+    wait_for_credentials(dir.path()).await;
+    let ch = channel(&addr).await;
+    let mut tenant = TenantServiceClient::new(ch.clone());
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListRequestsRequest {
+            page_size: 1000,
+            page_token,
+            states: vec![],
+        };
+        let page = tenant
+            .list_requests(with_token(req, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.requests);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    for (key, id) in &acked {
+        let found = all.iter().filter(|r| r.id == *id).count();
+        assert_eq!(
+            found, 1,
+            "acknowledged request {key} (id {id}) found {found} times"
+        );
+    }
+    let mut ids: Vec<u64> = all.iter().map(|r| r.id).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), all.len(), "no request is listed twice");
+    // Resubmitting an acknowledged key returns the same request, not a new one.
+    let (key, id) = &acked[0];
+    let again = pb::SubmitRequestRequest {
+        request_id: key.clone(),
+        spec: Some(spec(0)),
+    };
+    let again = tenant
+        .submit_request(with_token(again, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, *id);
+    // Capacity is conserved: what live leases hold is what the fleet counts as allocated.
+    let live: u64 = all
+        .iter()
+        .filter(|r| r.end_reason == pb::EndReason::Unspecified as i32)
+        .filter_map(|r| r.lease.as_ref().map(|l| l.tflops))
+        .sum();
+    let mut operator = OperatorServiceClient::new(ch);
+    let summary = operator
+        .get_fleet_summary(with_token(pb::GetFleetSummaryRequest {}, &creds.operator))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.total.unwrap().allocated_tflops, live);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

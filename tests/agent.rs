@@ -1,0 +1,211 @@
+//! A pool that joins through its agent: the broker tells the agent which leases to start, the
+//! agent reports them, and a silent agent makes its pool lost (its leases requeued) until it
+//! comes back.
+
+use std::time::Duration;
+
+use suanli_e2e::{Broker, test_config};
+use suanli_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+fn hello(running: Vec<u64>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            pool: "near".into(),
+            agent_version: "test".into(),
+            running_requests: running,
+        })),
+    }
+}
+
+fn report(request: u64, kind: pb::LeaseReportKind) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::LeaseReport(pb::LeaseReport {
+            request,
+            kind: kind as i32,
+            time_unix_ms: 0,
+            detail: String::new(),
+        })),
+    }
+}
+
+async fn next(stream: &mut Streaming<pb::BrokerMessage>) -> pb::broker_message::Body {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a message within 10 s")
+        .expect("stream open")
+        .expect("no error")
+        .body
+        .expect("a body")
+}
+
+/// Sends a heartbeat every 50 ms until aborted (the broker's timeout in this test is 300 ms).
+fn keep_alive(tx: mpsc::Sender<pb::AgentMessage>) -> tokio::task::JoinHandle<()> {
+    let heartbeat = pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {
+            time_unix_ms: 0,
+            nodes: vec![],
+        })),
+    };
+    tokio::spawn(async move {
+        while tx.send(heartbeat.clone()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+async fn request_state(broker: &Broker, token: &str, name: &str) -> pb::Request {
+    let mut t = broker.tenant(token).await;
+    t.get_request(pb::GetRequestRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn eventually(
+    broker: &Broker,
+    token: &str,
+    name: &str,
+    want: pb::RequestState,
+) -> pb::Request {
+    for _ in 0..500 {
+        let r = request_state(broker, token, name).await;
+        if r.state == want as i32 {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} never reached {want:?}");
+}
+
+#[tokio::test]
+async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.agent_pools = vec!["near".into()];
+    config.heartbeat_timeout = Duration::from_millis(300);
+    let broker = Broker::start(config).await;
+    let agent_token = broker.creds.agent("near").expect("agent token").to_string();
+    let tenant_token = broker.tenant_token("tenant-a");
+
+    // Another pool's agent may not speak for this one.
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(hello(vec![])).await.unwrap();
+    let mut wrong = broker.pool(&broker.tenant_token("tenant-b")).await;
+    let e = wrong
+        .connect_agent(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(hello(vec![])).await.unwrap();
+    let mut pool = broker.pool(&agent_token).await;
+    let mut from_broker = pool
+        .connect_agent(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next(&mut from_broker).await,
+        pb::broker_message::Body::Welcome(_)
+    ));
+    let alive = keep_alive(tx.clone());
+
+    // Only `near` has h100: the lease goes to the agent, and waits for its report.
+    let mut tenant = broker.tenant(&tenant_token).await;
+    let spec = pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes: 1,
+            devices_per_node: 8,
+        })),
+        duration_ms: 3_600_000,
+        constraints: Some(pb::Constraints {
+            models: vec!["h100".into()],
+            ..Default::default()
+        }),
+        requeue: true,
+        ..Default::default()
+    };
+    let submit = |id: &str| pb::SubmitRequestRequest {
+        request_id: id.into(),
+        spec: Some(spec.clone()),
+    };
+    let r = tenant
+        .submit_request(submit("a1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pb::RequestState::Placed as i32);
+    let pb::broker_message::Body::StartLease(start) = next(&mut from_broker).await else {
+        panic!("expected StartLease")
+    };
+    assert_eq!(start.request, r.id);
+    assert_eq!(start.parts.len(), 1);
+    tx.send(report(r.id, pb::LeaseReportKind::Started))
+        .await
+        .unwrap();
+    eventually(&broker, &tenant_token, &r.name, pb::RequestState::Running).await;
+    tx.send(report(r.id, pb::LeaseReportKind::Finished))
+        .await
+        .unwrap();
+    let done = eventually(&broker, &tenant_token, &r.name, pb::RequestState::Completed).await;
+    assert_eq!(done.end_reason, pb::EndReason::Finished as i32);
+
+    // A second lease, then the agent falls silent: the pool is lost, the lease requeued.
+    let r2 = tenant
+        .submit_request(submit("a2"))
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::broker_message::Body::StartLease(start) = next(&mut from_broker).await else {
+        panic!("expected StartLease")
+    };
+    assert_eq!(start.request, r2.id);
+    alive.abort();
+    drop(tx);
+    drop(from_broker);
+    let queued = eventually(&broker, &tenant_token, &r2.name, pb::RequestState::Queued).await;
+    assert!(queued.lease.is_none(), "a queued request holds nothing");
+    let mut op = broker.operator(&broker.creds.operator).await;
+    let near = op
+        .get_pool(pb::GetPoolRequest {
+            name: "pools/near".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(near.health, pb::PoolHealth::Lost as i32);
+
+    // The agent comes back: the pool is restored and the requeued lease is started again.
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(hello(vec![])).await.unwrap();
+    let mut from_broker = pool
+        .connect_agent(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next(&mut from_broker).await,
+        pb::broker_message::Body::Welcome(_)
+    ));
+    let alive = keep_alive(tx.clone());
+    let pb::broker_message::Body::StartLease(again) = next(&mut from_broker).await else {
+        panic!("expected StartLease")
+    };
+    assert_eq!(again.request, r2.id);
+    let near = op
+        .get_pool(pb::GetPoolRequest {
+            name: "pools/near".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(near.health, pb::PoolHealth::Healthy as i32);
+    alive.abort();
+    drop(tx);
+    broker.stop().await;
+}

@@ -29,6 +29,10 @@ use crate::views::{Queued, Snapshot, Views};
 /// Largest batch the writer takes at once.
 const MAX_BATCH: usize = 4096;
 
+/// Fleet views are republished at most this often under load (requests' own records are
+/// updated with every batch).
+const PUBLISH_EVERY_MS: u64 = 10;
+
 /// A change to one request, for watchers.
 #[derive(Clone, Debug)]
 pub struct WatchEvent {
@@ -163,6 +167,8 @@ pub(crate) struct Writer {
     /// The spec of the submission being applied, for its new record.
     submitting: Option<RequestSpec>,
     started_at: u64,
+    last_publish: u64,
+    publish_due: bool,
     last_queue_publish: u64,
     now: u64,
     live: bool,
@@ -200,6 +206,8 @@ impl Writer {
             agents: HashMap::new(),
             submitting: None,
             started_at: 0,
+            last_publish: 0,
+            publish_due: false,
             last_queue_publish: 0,
             now: 0,
             live: false,
@@ -344,6 +352,8 @@ impl Writer {
             }
             if self.live {
                 self.act(ev, &record, previous.as_deref(), now);
+            }
+            if self.live && self.watch.receiver_count() > 0 {
                 self.pending_watch.push(Arc::new(WatchEvent {
                     tenant: record.tenant.clone(),
                     event: pb::RequestEvent {
@@ -694,7 +704,11 @@ impl Writer {
         let mut next_tick = self.started_at + tick;
         let mut ops = Vec::new();
         loop {
-            let wait = next_tick.saturating_sub(wall_ms());
+            let mut wake = next_tick;
+            if self.publish_due {
+                wake = wake.min(self.last_publish + PUBLISH_EVERY_MS);
+            }
+            let wait = wake.saturating_sub(wall_ms());
             match rx.recv_timeout(Duration::from_millis(wait)) {
                 Ok(op) => ops.push(op),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -730,8 +744,34 @@ impl Writer {
                 }
                 return Err(e);
             }
-            if !entries.is_empty() {
+            // The fleet views are republished at most every few milliseconds, except at once
+            // after a command that changes pools or tenants (its caller reads them back).
+            let shapes_fleet = entries.iter().any(|e| {
+                matches!(
+                    e,
+                    Entry::Command {
+                        command: Command::RegisterPool(_)
+                            | Command::UpdatePool(_)
+                            | Command::DrainPool { .. }
+                            | Command::UndrainPool { .. }
+                            | Command::LosePool { .. }
+                            | Command::RestorePool { .. }
+                            | Command::SetTenant(_),
+                        ..
+                    }
+                )
+            });
+            if shapes_fleet || (!entries.is_empty() && now >= self.last_publish + PUBLISH_EVERY_MS)
+            {
                 self.publish(now, false);
+                self.last_publish = now;
+            } else if !entries.is_empty() {
+                self.publish_due = true;
+            }
+            if self.publish_due && now >= self.last_publish + PUBLISH_EVERY_MS {
+                self.publish(now, false);
+                self.last_publish = now;
+                self.publish_due = false;
             }
             for r in replies {
                 match r {

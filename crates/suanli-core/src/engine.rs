@@ -318,6 +318,12 @@ pub struct Engine {
     spot_leases: u32,
     borrowing_leases: u32,
     pub(crate) reservation: Option<Reservation>,
+    /// Whether something happened since the last pass that a pass could act on (capacity freed,
+    /// a request queued, the fleet or a tenant changed). Without it, and before `next_timed`,
+    /// a tick skips the pass: it would decide exactly what the last one decided.
+    pass_due: bool,
+    /// The earliest time a waiting request's start time comes or its deadline becomes unmeetable.
+    next_timed: Millis,
     /// Bumped whenever the fleet changes shape, so cached `matchable` answers are recomputed.
     fleet_epoch: u64,
     next_request: u64,
@@ -347,6 +353,8 @@ impl Engine {
             spot_leases: 0,
             borrowing_leases: 0,
             reservation: None,
+            pass_due: false,
+            next_timed: Millis::MAX,
             fleet_epoch: 0,
             next_request: 1,
             now: 0,
@@ -379,6 +387,10 @@ impl Engine {
     pub fn apply_into(&mut self, command: Command, now: Millis, out: &mut Vec<Event>) {
         let before = self.now;
         self.now = self.now.max(now);
+        let frees_or_reshapes = !matches!(
+            command,
+            Command::Submit(_) | Command::LeaseStarted { .. } | Command::Tick
+        );
         let result = match command {
             Command::RegisterPool(spec) => self.register_pool(spec).map(|p| {
                 out.push(Event::PoolRegistered { pool: p });
@@ -413,9 +425,13 @@ impl Engine {
                 Ok(())
             }
         };
-        if let Err(error) = result {
-            self.now = before;
-            out.push(Event::Rejected { error });
+        match result {
+            Ok(()) if frees_or_reshapes => self.pass_due = true,
+            Ok(()) => {}
+            Err(error) => {
+                self.now = before;
+                out.push(Event::Rejected { error });
+            }
         }
     }
 
@@ -841,6 +857,7 @@ impl Engine {
     }
 
     fn enqueue(&mut self, id: RequestId) {
+        self.pass_due = true;
         let r = self.requests.get_mut(&id).expect("request to queue");
         r.in_queue = true;
         let (class, tenant, reason) = (r.priority, r.tenant, r.reason);
@@ -881,6 +898,8 @@ impl Engine {
         if !std::mem::take(&mut r.in_queue) {
             return;
         }
+        // The positions of those behind it change: the next tick ranks them again.
+        self.pass_due = true;
         let (class, tenant, waiting) = (
             r.priority.rank(),
             r.tenant,
@@ -977,6 +996,7 @@ impl Engine {
         let requeue = r.requeue && matches!(state, RequestState::Preempted | RequestState::Lost);
         let (tenant, priority) = (r.tenant, r.priority);
         self.supply.give_back(&lease.slices);
+        self.pass_due = true;
         let t = &mut self.tenants[tenant.0 as usize];
         t.used -= lease.tflops;
         t.borrowed -= lease.borrowed;
@@ -1079,7 +1099,13 @@ impl Engine {
             });
             return Start::Gone;
         }
+        if let Some(deadline) = r.deadline {
+            // The first time at which it can no longer finish in time.
+            let unmeetable = deadline.saturating_sub(r.duration).saturating_add(1);
+            self.next_timed = self.next_timed.min(unmeetable);
+        }
         if r.start_after > now {
+            self.next_timed = self.next_timed.min(r.start_after);
             self.set_reason(id, WaitReason::NotYetStartable);
             return Start::Waits;
         }
@@ -1181,6 +1207,11 @@ impl Engine {
     /// One scheduling pass over the queue (see the module documentation). It walks a snapshot
     /// of the queue: requests requeued during the pass (preemption victims) wait for the next.
     fn schedule(&mut self, out: &mut Vec<Event>) {
+        if !self.pass_due && self.now < self.next_timed {
+            return;
+        }
+        self.pass_due = false;
+        self.next_timed = Millis::MAX;
         self.reservation = None;
         let mut failed = FxHashSet::default();
         let mut position = 0u32;

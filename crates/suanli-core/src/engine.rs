@@ -312,7 +312,7 @@ pub struct Engine {
     pub(crate) queue: WaitQueue,
     /// Lease end times; entries of leases that ended early are dropped lazily.
     ends: BinaryHeap<Reverse<(Millis, RequestId)>>,
-    live_leases: usize,
+    pub(crate) live_leases: usize,
     /// Queued requests per class that wait for capacity (or have not been looked at yet).
     capacity_waiting: [u32; 3],
     spot_leases: u32,
@@ -324,10 +324,26 @@ pub struct Engine {
     pass_due: bool,
     /// The earliest time a waiting request's start time comes or its deadline becomes unmeetable.
     next_timed: Millis,
+    /// Requests queued since the last pass.
+    arrivals: Vec<RequestId>,
+    /// Positions given since the last full pass.
+    ranked: u32,
     /// Bumped whenever the fleet changes shape, so cached `matchable` answers are recomputed.
     fleet_epoch: u64,
     next_request: u64,
     pub(crate) now: Millis,
+}
+
+/// Victim searches (each a scan of the live leases) one pass may make; requests beyond them
+/// wait for the next pass. Bounds a pass over a long queue on a full fleet.
+pub const PREEMPTION_SEARCHES_PER_PASS: u32 = 32;
+
+/// What one scheduling pass remembers while it walks the queue.
+struct PassState {
+    /// (filter, shape, policy) that found no capacity, even by preemption.
+    failed: FxHashSet<(u64, Shape, Policy)>,
+    /// Victim searches left.
+    preemption_budget: u32,
 }
 
 /// Outcome of trying to start one queued request.
@@ -355,6 +371,8 @@ impl Engine {
             reservation: None,
             pass_due: false,
             next_timed: Millis::MAX,
+            arrivals: Vec::new(),
+            ranked: 0,
             fleet_epoch: 0,
             next_request: 1,
             now: 0,
@@ -857,7 +875,7 @@ impl Engine {
     }
 
     fn enqueue(&mut self, id: RequestId) {
-        self.pass_due = true;
+        self.arrivals.push(id);
         let r = self.requests.get_mut(&id).expect("request to queue");
         r.in_queue = true;
         let (class, tenant, reason) = (r.priority, r.tenant, r.reason);
@@ -1077,12 +1095,12 @@ impl Engine {
         m
     }
 
-    /// Tries to place one queued request now. `failed` remembers shapes that found no capacity
+    /// Tries to place one queued request now. `pass` remembers shapes that found no capacity
     /// in this pass. Sets the wait reason when it stays queued.
     fn try_start(
         &mut self,
         id: RequestId,
-        mut failed: Option<&mut FxHashSet<(u64, Shape, Policy)>>,
+        mut pass: Option<&mut PassState>,
         out: &mut Vec<Event>,
     ) -> Start {
         let now = self.now;
@@ -1115,7 +1133,7 @@ impl Engine {
             return Start::Waits;
         }
         let memo = (r.filter_key, r.shape, r.policy);
-        if failed.as_ref().is_some_and(|f| f.contains(&memo)) {
+        if pass.as_ref().is_some_and(|p| p.failed.contains(&memo)) {
             self.set_reason(id, WaitReason::CapacityBusy);
             return Start::Waits;
         }
@@ -1125,12 +1143,12 @@ impl Engine {
                 self.set_reason(id, WaitReason::NoMatchingPool);
                 return Start::Waits;
             }
-            if let Some(f) = failed.as_mut() {
-                if self.try_preempt(id, out) {
-                    f.clear();
+            if let Some(p) = pass.as_mut() {
+                if self.try_preempt(id, &mut p.preemption_budget, out) {
+                    p.failed.clear();
                     return Start::Placed;
                 }
-                f.insert(memo);
+                p.failed.insert(memo);
                 if self.reservation.is_none() {
                     self.reservation = Some(self.reserve(id));
                 }
@@ -1207,16 +1225,21 @@ impl Engine {
     /// One scheduling pass over the queue (see the module documentation). It walks a snapshot
     /// of the queue: requests requeued during the pass (preemption victims) wait for the next.
     fn schedule(&mut self, out: &mut Vec<Event>) {
-        if !self.pass_due && self.now < self.next_timed {
-            return;
+        if self.pass_due || self.now >= self.next_timed {
+            self.full_pass(out);
+        } else if !self.arrivals.is_empty() {
+            self.arrivals_pass(out);
         }
+    }
+
+    /// Ranks and tries every queued request.
+    fn full_pass(&mut self, out: &mut Vec<Event>) {
         self.pass_due = false;
         self.next_timed = Millis::MAX;
         self.reservation = None;
-        let mut failed = FxHashSet::default();
-        let mut position = 0u32;
-        for class in Priority::ALL {
-            let snapshot: Vec<(TenantIx, Vec<RequestId>)> = self.queue.classes[class.rank()]
+        self.arrivals.clear();
+        let classes = Priority::ALL.map(|class| {
+            self.queue.classes[class.rank()]
                 .iter()
                 .map(|(&t, q)| {
                     let queued = q
@@ -1225,7 +1248,45 @@ impl Engine {
                         .filter(|id| self.requests.get(id).is_some_and(|r| r.in_queue));
                     (t, queued.collect())
                 })
-                .collect();
+                .collect()
+        });
+        self.ranked = self.pass(classes, 0, out);
+    }
+
+    /// When nothing but new arrivals happened since the last pass, the requests that waited
+    /// then would be decided the same way again (no capacity came free, no time came): only the
+    /// arrivals are tried, ranked after them, under the same reservation.
+    fn arrivals_pass(&mut self, out: &mut Vec<Event>) {
+        let mut by_class: [std::collections::BTreeMap<TenantIx, Vec<RequestId>>; 3] =
+            Default::default();
+        let mut arrivals = std::mem::take(&mut self.arrivals);
+        arrivals.sort_unstable();
+        for id in arrivals {
+            if let Some(r) = self.requests.get(&id).filter(|r| r.in_queue) {
+                by_class[r.priority.rank()]
+                    .entry(r.tenant)
+                    .or_default()
+                    .push(id);
+            }
+        }
+        let classes = by_class.map(|c| c.into_iter().collect());
+        self.ranked = self.pass(classes, self.ranked, out);
+    }
+
+    /// One pass over the given requests of each class (see the module documentation); positions
+    /// continue from `ranked`. Returns the last position given.
+    fn pass(
+        &mut self,
+        classes: [Vec<(TenantIx, Vec<RequestId>)>; 3],
+        ranked: u32,
+        out: &mut Vec<Event>,
+    ) -> u32 {
+        let mut state = PassState {
+            failed: FxHashSet::default(),
+            preemption_budget: PREEMPTION_SEARCHES_PER_PASS,
+        };
+        let mut position = ranked;
+        for snapshot in classes {
             let mut heap: BinaryHeap<Reverse<(Share, usize, usize)>> = snapshot
                 .iter()
                 .enumerate()
@@ -1247,10 +1308,11 @@ impl Engine {
                 };
                 position += 1;
                 self.requests.get_mut(&id).expect("queued").position = position;
-                self.try_start(id, Some(&mut failed), out);
+                self.try_start(id, Some(&mut state), out);
                 heap.push(Reverse((self.share(share.tenant), i, cursor + 1)));
             }
         }
+        position
     }
 
     fn share(&self, t: TenantIx) -> Share {
@@ -1347,7 +1409,7 @@ impl Engine {
 
     /// Frees capacity for a critical or standard request by preempting spot leases and leases
     /// on borrowed capacity, fewest victims first; then places it. Returns whether it was placed.
-    fn try_preempt(&mut self, id: RequestId, out: &mut Vec<Event>) -> bool {
+    fn try_preempt(&mut self, id: RequestId, budget: &mut u32, out: &mut Vec<Event>) -> bool {
         let r = &self.requests[&id];
         if r.priority == Priority::Spot {
             return false;
@@ -1355,9 +1417,10 @@ impl Engine {
         let t = &self.tenants[r.tenant.0 as usize];
         let need = self.supply.min_tflops(&r.filter, &r.shape);
         let within_quota = t.used + need <= t.spec.quota_tflops;
-        if self.spot_leases == 0 && (!within_quota || self.borrowing_leases == 0) {
+        if self.spot_leases == 0 && (!within_quota || self.borrowing_leases == 0) || *budget == 0 {
             return false;
         }
+        *budget -= 1;
         let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
         let mut is_candidate = vec![false; self.supply.groups.len()];
         for &g in &candidates {
@@ -1716,6 +1779,32 @@ mod tests {
             WaitReason::BehindReservation
         );
         let _ = (long, half);
+    }
+
+    #[test]
+    fn a_tick_with_only_new_arrivals_tries_only_them() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 2, 1000)])]);
+        let hold = submit(&mut e, gang("a", 1, 4, "h100"), 0);
+        let big = submit(&mut e, gang("a", 2, 8, "h100"), 0); // blocked by `hold`
+        ok(e.apply(Command::Tick, 1));
+        assert_eq!(e.explain(big).unwrap().position, 1);
+        // A small short request arrives while `big` waits: it is not placed at submission (a
+        // request of its class waits for capacity) but the next tick places it by backfill.
+        let mut small = gang("a", 1, 4, "h100");
+        small.duration_ms = 1000;
+        let small = submit(&mut e, small, 2);
+        assert_eq!(e.request(small).unwrap().state, RequestState::Queued);
+        let ev = ok(e.apply(Command::Tick, 3));
+        assert!(placed(&ev, small));
+        assert_eq!(
+            e.explain(big).unwrap().position,
+            1,
+            "the waiting request keeps its rank"
+        );
+        // Its placement changed the queue: the next tick ranks everything again.
+        ok(e.apply(Command::Tick, 4));
+        assert_eq!(e.explain(big).unwrap().reason, WaitReason::CapacityBusy);
+        let _ = hold;
     }
 
     #[test]

@@ -365,7 +365,7 @@ impl Engine {
 
     /// Leases holding capacity.
     pub fn live_lease_count(&self) -> usize {
-        self.requests.values().filter(|r| r.lease.is_some()).count()
+        self.live_leases
     }
 
     /// The earliest time a lease expires, so a shell knows when to tick next.

@@ -855,3 +855,27 @@ pub(crate) fn spawn(
         .expect("spawn the writer thread");
     (Handle { tx }, join)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_command_queue_is_resource_exhausted_and_a_stopped_writer_unavailable() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let h = Handle { tx };
+        h.heartbeat("p".into()).unwrap();
+        let full = h.heartbeat("p".into()).unwrap_err();
+        assert!(matches!(full, BrokerError::Overloaded));
+        assert_eq!(
+            tonic::Status::from(full).code(),
+            tonic::Code::ResourceExhausted
+        );
+        drop(rx);
+        let stopped = h.heartbeat("p".into()).unwrap_err();
+        assert_eq!(
+            tonic::Status::from(stopped).code(),
+            tonic::Code::Unavailable
+        );
+    }
+}

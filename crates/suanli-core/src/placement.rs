@@ -601,3 +601,169 @@ struct Cursor {
 fn models_of(mask: u64, count: usize) -> impl Iterator<Item = usize> {
     (0..count).filter(move |m| mask & (1 << m) != 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::PoolKind::{External, LocalCentre};
+    use crate::testkit::pool;
+
+    /// `local` (local, rtt 1, 3000 fen), `cheap` (external, rtt 40, 1000 fen, 1 node),
+    /// `tight` (external, rtt 10, 2000 fen, 2 nodes with 4 free after `fill`).
+    fn supply() -> Supply {
+        let mut s = Supply::new(Catalogue::builtin());
+        for p in [
+            pool("local", LocalCentre, 1, &[("h100", 8, 2, 3000)]),
+            pool("cheap", External, 40, &[("h100", 8, 1, 1000)]),
+            pool(
+                "tight",
+                External,
+                10,
+                &[("h100", 8, 2, 2000), ("a800", 8, 4, 400)],
+            ),
+        ] {
+            let (_, models) = s.add_pool(p);
+            s.rebuild(models);
+        }
+        s
+    }
+
+    fn any(s: &Supply) -> Filter {
+        Filter {
+            models: s.all_models(),
+            regions: vec![],
+            pools: vec![],
+            max_rtt_ms: u32::MAX,
+            zone: None,
+            max_price: u64::MAX,
+        }
+    }
+
+    fn h100(s: &Supply) -> Filter {
+        Filter {
+            models: 1 << s.catalogue.lookup("h100").unwrap().0,
+            ..any(s)
+        }
+    }
+
+    fn pool_of(s: &Supply, plan: &Plan) -> String {
+        let g = match plan {
+            Plan::Gang { group } => *group,
+            Plan::Elastic { parts } => parts[0].0,
+        };
+        s.pools[s.groups[g as usize].pool.0 as usize]
+            .spec
+            .id
+            .clone()
+    }
+
+    const ONE_NODE: Shape = Shape::Gang {
+        nodes: 1,
+        devices_per_node: 8,
+    };
+
+    #[test]
+    fn cheapest_takes_the_lowest_device_price() {
+        let mut s = supply();
+        let f = h100(&s);
+        let plan = s.plan(&f, &ONE_NODE, Policy::Cheapest, None).unwrap();
+        assert_eq!(pool_of(&s, &plan), "cheap");
+    }
+
+    #[test]
+    fn lowest_latency_takes_local_then_the_shortest_round_trip() {
+        let mut s = supply();
+        let f = h100(&s);
+        let plan = s.plan(&f, &ONE_NODE, Policy::LowestLatency, None).unwrap();
+        assert_eq!(pool_of(&s, &plan), "local");
+        let far = Filter {
+            max_rtt_ms: 39,
+            pools: vec![1, 2],
+            ..h100(&s)
+        };
+        let plan = s
+            .plan(&far, &ONE_NODE, Policy::LowestLatency, None)
+            .unwrap();
+        assert_eq!(pool_of(&s, &plan), "tight");
+    }
+
+    #[test]
+    fn best_fit_takes_the_group_with_least_room_that_fits() {
+        let mut s = supply();
+        let f = h100(&s);
+        // Make `tight` the fullest h100 group that can still take one node.
+        let mut out = Vec::new();
+        s.commit(
+            &Plan::Elastic {
+                parts: vec![(2, 4)],
+            },
+            &Shape::Elastic {
+                tflops: 1,
+                min_chunk_tflops: 1,
+            },
+            &mut out,
+        );
+        let plan = s.plan(&f, &ONE_NODE, Policy::BestFit, None).unwrap();
+        assert_eq!(
+            pool_of(&s, &plan),
+            "cheap",
+            "8 free, the least of those that fit"
+        );
+        let half = Shape::Gang {
+            nodes: 1,
+            devices_per_node: 4,
+        };
+        let plan = s.plan(&f, &half, Policy::BestFit, None).unwrap();
+        assert_eq!(
+            pool_of(&s, &plan),
+            "cheap",
+            "8 free is less than tight's 12"
+        );
+    }
+
+    #[test]
+    fn elastic_merges_models_by_price_per_tflops_and_respects_avoid() {
+        let mut s = supply();
+        let f = any(&s);
+        let shape = Shape::Elastic {
+            tflops: 312 * 40,
+            min_chunk_tflops: 1,
+        };
+        let Some(Plan::Elastic { parts }) = s.plan(&f, &shape, Policy::Cheapest, None) else {
+            panic!()
+        };
+        // Per TFLOPS-hour: cheap's h100 1000/989 = 1.01 fen, then the a800 400/312 = 1.28 fen:
+        // all 8 h100 (7,912 TFLOPS), then 15 a800 for the remaining 4,568.
+        assert_eq!(parts, [(1, 8), (3, 15)]);
+        let mut avoid = vec![false; s.groups.len()];
+        avoid[3] = true;
+        let Some(Plan::Elastic { parts }) = s.plan(&f, &shape, Policy::Cheapest, Some(&avoid))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            parts,
+            [(1, 8), (2, 5)],
+            "without the a800, tight's h100 (2.02 fen) is next"
+        );
+    }
+
+    #[test]
+    fn a_draining_pool_is_skipped_and_a_gang_never_spans_groups() {
+        let mut s = supply();
+        let f = h100(&s);
+        s.pools[1].health = PoolHealth::Draining;
+        s.refresh(1);
+        let plan = s.plan(&f, &ONE_NODE, Policy::Cheapest, None).unwrap();
+        assert_eq!(pool_of(&s, &plan), "tight");
+        let three = Shape::Gang {
+            nodes: 3,
+            devices_per_node: 8,
+        };
+        assert_eq!(
+            s.plan(&f, &three, Policy::Cheapest, None),
+            None,
+            "no h100 group has 3 nodes"
+        );
+    }
+}

@@ -310,6 +310,15 @@ pub fn health_to_pb(h: PoolHealth) -> pb::PoolHealth {
 /// The wire form of a pool with its utilisation.
 pub fn pool_to_pb(spec: &PoolSpec, usage: &PoolUsage) -> pb::Pool {
     pb::Pool {
+        health: health_to_pb(usage.health) as i32,
+        utilisation: Some(utilisation_to_pb(&usage.usage)),
+        ..pool_spec_to_pb(spec)
+    }
+}
+
+/// The wire form of a pool's specification (a registration).
+pub fn pool_spec_to_pb(spec: &PoolSpec) -> pb::Pool {
+    pb::Pool {
         name: format!("pools/{}", spec.id),
         id: spec.id.clone(),
         display_name: spec.name.clone(),
@@ -328,8 +337,8 @@ pub fn pool_to_pb(spec: &PoolSpec, usage: &PoolUsage) -> pb::Pool {
                 price_fen_per_device_hour: g.price_fen_per_device_hour,
             })
             .collect(),
-        health: health_to_pb(usage.health) as i32,
-        utilisation: Some(utilisation_to_pb(&usage.usage)),
+        health: pb::PoolHealth::Unspecified as i32,
+        utilisation: None,
     }
 }
 

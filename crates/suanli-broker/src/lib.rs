@@ -10,7 +10,7 @@
 //! - `writer`: the engine's thread: batches, group commit, simulated execution, agents, ticks.
 //! - [`store`]: the durable command log behind a trait (redb by default).
 //! - `views`: what queries read.
-//! - `service`: the three gRPC services; `convert`: messages to core types and back.
+//! - `service`: the three gRPC services; [`convert`]: messages to core types and back.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the one mapping of errors to gRPC codes.
 //! - [`config`], [`credentials`]: configuration and the credentials file.
 #![forbid(unsafe_code)]
@@ -23,7 +23,7 @@ pub mod error;
 pub mod server;
 pub mod store;
 
-mod convert;
+pub mod convert;
 mod service;
 mod views;
 mod writer;

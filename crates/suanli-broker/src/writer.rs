@@ -33,6 +33,9 @@ const MAX_BATCH: usize = 4096;
 /// updated with every batch).
 const PUBLISH_EVERY_MS: u64 = 10;
 
+/// Batches smaller than this come from a broker that is not under load.
+const QUIET_BATCH: usize = 64;
+
 /// A change to one request, for watchers.
 #[derive(Clone, Debug)]
 pub struct WatchEvent {
@@ -744,7 +747,7 @@ impl Writer {
                 }
                 return Err(e);
             }
-            // The fleet views are republished at most every few milliseconds, except at once
+            // Under load the fleet views are republished at most every few milliseconds; at once
             // after a command that changes pools or tenants (its caller reads them back).
             let shapes_fleet = entries.iter().any(|e| {
                 matches!(
@@ -761,7 +764,12 @@ impl Writer {
                     }
                 )
             });
-            if shapes_fleet || (!entries.is_empty() && now >= self.last_publish + PUBLISH_EVERY_MS)
+            // A small batch (a broker not under load) republishes at once, so that a caller
+            // reads its own writes.
+            let small = !entries.is_empty() && entries.len() < QUIET_BATCH;
+            if shapes_fleet
+                || small
+                || (!entries.is_empty() && now >= self.last_publish + PUBLISH_EVERY_MS)
             {
                 self.publish(now, false);
                 self.last_publish = now;

@@ -18,11 +18,11 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
 use rand::RngExt as _;
-use suanli_core::{Catalogue, Fleet, PoolKind as CoreKind, PoolSpec, fleet};
+use suanli_core::{Catalogue, Fleet, PoolSpec, fleet};
 use suanli_proto::v1::pool_service_client::PoolServiceClient;
 use suanli_proto::v1::{
     AgentMessage, BrokerMessage, EndReason, Heartbeat, Hello, LeaseReport, LeaseReportKind,
-    NodeGroup, Pool, PoolKind, RegisterPoolRequest, StartLease, agent_message, broker_message,
+    RegisterPoolRequest, StartLease, agent_message, broker_message,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -94,35 +94,6 @@ fn load_pool(fleet_arg: &str, pool: &str) -> anyhow::Result<PoolSpec> {
                 fleet.name
             )
         })
-}
-
-/// The RegisterPool message of a pool from a fleet file.
-fn pool_message(spec: &PoolSpec) -> Pool {
-    let kind = match spec.kind {
-        CoreKind::LocalCentre => PoolKind::LocalCentre,
-        CoreKind::LocalCloud => PoolKind::LocalCloud,
-        CoreKind::External => PoolKind::External,
-    };
-    Pool {
-        id: spec.id.clone(),
-        display_name: spec.name.clone(),
-        kind: kind as i32,
-        region: spec.region.clone(),
-        rtt_ms: spec.rtt_ms,
-        data_zone: spec.data_zone.clone(),
-        groups: spec
-            .groups
-            .iter()
-            .map(|g| NodeGroup {
-                model: g.model.clone(),
-                devices_per_node: u32::from(g.devices_per_node),
-                nodes: g.nodes,
-                interconnect: g.interconnect.clone(),
-                price_fen_per_device_hour: g.price_fen_per_device_hour,
-            })
-            .collect(),
-        ..Default::default()
-    }
 }
 
 /// How long a simulated job runs: the lease's length divided by the speedup.
@@ -384,7 +355,7 @@ impl Agent {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let spec = load_pool(&a.fleet, &a.pool)?;
-    let pool_msg = pool_message(&spec);
+    let pool_msg = suanli_broker::convert::pool_spec_to_pb(&spec);
     let bearer = Bearer::new(&client::identity(g, Role::Agent(&a.pool))?.token)?;
     let endpoint = client::endpoint(&g.addr, g.ca_cert.as_deref())?;
     let register_id = parse::new_request_id();
@@ -515,16 +486,17 @@ mod tests {
     #[test]
     fn pools_register_as_the_fleet_file_describes_them() {
         let spec = load_pool("futian-2024", "futian-aicc").unwrap();
-        let pool = pool_message(&spec);
+        let pool = suanli_broker::convert::pool_spec_to_pb(&spec);
         assert_eq!(pool.id, "futian-aicc");
-        assert_eq!(pool.kind, PoolKind::LocalCentre as i32);
+        assert_eq!(pool.kind, suanli_proto::v1::PoolKind::LocalCentre as i32);
         assert_eq!(pool.region, "guangdong-shenzhen");
         assert_eq!(pool.groups.len(), spec.groups.len());
         assert_eq!(pool.groups[0].model, "ascend-910b");
         assert_eq!(pool.groups[0].devices_per_node, 8);
         assert_eq!(pool.groups[0].nodes, 1000);
         assert_eq!(pool.groups[0].price_fen_per_device_hour, 700);
-        assert!(pool.name.is_empty(), "output-only fields stay unset");
+        assert_eq!(pool.name, "pools/futian-aicc");
+        assert!(pool.utilisation.is_none(), "output-only fields stay unset");
         let err = load_pool("futian-2024", "no-such-pool").unwrap_err();
         assert!(err.to_string().contains("--pool no-such-pool"), "{err}");
         let err = load_pool("no-such-fleet.toml", "futian-aicc").unwrap_err();

@@ -25,6 +25,17 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A pool as the views show it.
+    pub fn pool(&self, id: &str) -> Result<suanli_proto::v1::Pool, BrokerError> {
+        self.views
+            .snapshot()
+            .pools
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("pool {id} not found")))
+    }
+
     /// A response stream that ends when the server stops (or the client goes away), so that a
     /// graceful stop does not wait forever on watchers and agents.
     pub fn until_stopped<S, T>(&self, stream: S) -> tokio_stream::wrappers::ReceiverStream<T>

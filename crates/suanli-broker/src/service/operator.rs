@@ -14,19 +14,6 @@ use crate::error::BrokerError;
 /// The operator service.
 pub struct OperatorApi(pub Shared);
 
-impl OperatorApi {
-    fn pool(&self, id: &str) -> Result<pb::Pool, BrokerError> {
-        self.0
-            .views
-            .snapshot()
-            .pools
-            .iter()
-            .find(|p| p.id == id)
-            .cloned()
-            .ok_or_else(|| BrokerError::NotFound(format!("pool {id} not found")))
-    }
-}
-
 fn page<T: Clone>(items: &[T], size: u32, token: &str) -> Result<(Vec<T>, String), BrokerError> {
     let from = page_from(token)? as usize;
     let to = (from + page_size(size)).min(items.len());
@@ -71,7 +58,7 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<pb::Pool>, Status> {
         principal(&req)?.operator()?;
         let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
-        Ok(Response::new(self.pool(&id)?))
+        Ok(Response::new(self.0.pool(&id)?))
     }
 
     #[instrument(skip_all, fields(rpc = "DrainPool"))]
@@ -87,7 +74,7 @@ impl OperatorService for OperatorApi {
             .writer
             .apply(Command::DrainPool { pool: id.clone() }, key)
             .await?;
-        Ok(Response::new(self.pool(&id)?))
+        Ok(Response::new(self.0.pool(&id)?))
     }
 
     #[instrument(skip_all, fields(rpc = "UndrainPool"))]
@@ -98,7 +85,7 @@ impl OperatorService for OperatorApi {
         let who = principal(&req)?;
         who.operator()?;
         let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
-        if self.pool(&id)?.health == pb::PoolHealth::Lost as i32 {
+        if self.0.pool(&id)?.health == pb::PoolHealth::Lost as i32 {
             return Err(Status::failed_precondition(format!(
                 "pool {id} is lost: it comes back when its agent reconnects"
             )));
@@ -108,7 +95,7 @@ impl OperatorService for OperatorApi {
             .writer
             .apply(Command::UndrainPool { pool: id.clone() }, key)
             .await?;
-        Ok(Response::new(self.pool(&id)?))
+        Ok(Response::new(self.0.pool(&id)?))
     }
 
     #[instrument(skip_all, fields(rpc = "SetTenant"))]

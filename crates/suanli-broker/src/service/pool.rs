@@ -21,19 +21,6 @@ pub struct PoolApi(pub Shared);
 
 type BrokerStream = Pin<Box<dyn Stream<Item = Result<pb::BrokerMessage, Status>> + Send>>;
 
-impl PoolApi {
-    fn pool(&self, id: &str) -> Result<pb::Pool, BrokerError> {
-        self.0
-            .views
-            .snapshot()
-            .pools
-            .iter()
-            .find(|p| p.id == id)
-            .cloned()
-            .ok_or_else(|| BrokerError::NotFound(format!("pool {id} not found")))
-    }
-}
-
 #[tonic::async_trait]
 impl PoolService for PoolApi {
     #[instrument(skip_all, fields(rpc = "RegisterPool"))]
@@ -60,7 +47,7 @@ impl PoolService for PoolApi {
                 other?;
             }
         }
-        Ok(Response::new(self.pool(&id)?))
+        Ok(Response::new(self.0.pool(&id)?))
     }
 
     type ConnectAgentStream = BrokerStream;
@@ -85,7 +72,7 @@ impl PoolService for PoolApi {
         };
         let pool = convert::parse_pool_name(&hello.pool, "hello.pool")?;
         who.may_act_for_pool(&pool)?;
-        self.pool(&pool)?;
+        self.0.pool(&pool)?;
         let (tx, rx) = mpsc::channel(1024);
         self.0
             .writer

@@ -33,6 +33,22 @@ impl TenantApi {
         Ok(id)
     }
 
+    /// Cancels or releases one of the caller's requests by name, idempotently.
+    async fn end<T>(
+        &self,
+        req: &Request<T>,
+        request_id: &str,
+        name: &str,
+        command: impl FnOnce(RequestId) -> Command,
+    ) -> Result<pb::Request, Status> {
+        let who = principal(req)?;
+        let key = idem_key(who.key(), request_id)?;
+        let id = self.owned(who.tenant()?, name)?;
+        let result = self.0.writer.apply(command(RequestId(id)), key).await;
+        self.ended_is_a_precondition(result, name)?;
+        Ok(self.view(id)?)
+    }
+
     /// An engine that no longer knows a request the views show as ended: the call came too late.
     fn ended_is_a_precondition<T>(
         &self,
@@ -149,22 +165,11 @@ impl TenantService for TenantApi {
         &self,
         req: Request<pb::CancelRequestRequest>,
     ) -> Result<Response<pb::Request>, Status> {
-        let who = principal(&req)?;
-        let key = idem_key(who.key(), &req.get_ref().request_id)?;
-        let name = &req.get_ref().name;
-        let id = self.owned(who.tenant()?, name)?;
-        let result = self
-            .0
-            .writer
-            .apply(
-                Command::Cancel {
-                    request: RequestId(id),
-                },
-                key,
-            )
-            .await;
-        self.ended_is_a_precondition(result, name)?;
-        Ok(Response::new(self.view(id)?))
+        let r = req.get_ref();
+        let end = |request| Command::Cancel { request };
+        Ok(Response::new(
+            self.end(&req, &r.request_id, &r.name, end).await?,
+        ))
     }
 
     #[instrument(skip_all, fields(rpc = "ReleaseRequest"))]
@@ -172,22 +177,11 @@ impl TenantService for TenantApi {
         &self,
         req: Request<pb::ReleaseRequestRequest>,
     ) -> Result<Response<pb::Request>, Status> {
-        let who = principal(&req)?;
-        let key = idem_key(who.key(), &req.get_ref().request_id)?;
-        let name = &req.get_ref().name;
-        let id = self.owned(who.tenant()?, name)?;
-        let result = self
-            .0
-            .writer
-            .apply(
-                Command::Release {
-                    request: RequestId(id),
-                },
-                key,
-            )
-            .await;
-        self.ended_is_a_precondition(result, name)?;
-        Ok(Response::new(self.view(id)?))
+        let r = req.get_ref();
+        let end = |request| Command::Release { request };
+        Ok(Response::new(
+            self.end(&req, &r.request_id, &r.name, end).await?,
+        ))
     }
 
     type WatchRequestsStream = EventStream;

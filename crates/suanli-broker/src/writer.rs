@@ -71,6 +71,36 @@ pub(crate) enum Op {
     },
 }
 
+/// How long a request_id is remembered: the API promises at least 24 hours.
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+
+/// The first result of every request_id seen in the last [`IDEMPOTENCY_WINDOW_MS`].
+#[derive(Default)]
+struct Idempotency {
+    results: FxHashMap<IdemKey, Vec<Event>>,
+    /// Keys in the order they were first seen, with that time, for expiry.
+    seen: std::collections::VecDeque<(u64, IdemKey)>,
+}
+
+impl Idempotency {
+    fn get(&self, key: &IdemKey) -> Option<&Vec<Event>> {
+        self.results.get(key)
+    }
+
+    /// Remembers a first result and forgets keys older than the window.
+    fn insert(&mut self, key: IdemKey, events: Vec<Event>, now: u64) {
+        while let Some((at, _)) = self.seen.front() {
+            if at + IDEMPOTENCY_WINDOW_MS > now {
+                break;
+            }
+            let (_, old) = self.seen.pop_front().expect("front exists");
+            self.results.remove(&old);
+        }
+        self.seen.push_back((now, key.clone()));
+        self.results.insert(key, events);
+    }
+}
+
 /// The services' end of the writer's channel.
 #[derive(Clone)]
 pub(crate) struct Handle {
@@ -159,7 +189,7 @@ pub(crate) struct Writer {
     views: Arc<Views>,
     tokens: Tokens,
     config: Arc<BrokerConfig>,
-    idem: FxHashMap<IdemKey, Vec<Event>>,
+    idem: Idempotency,
     watch: broadcast::Sender<Arc<WatchEvent>>,
     pending_watch: Vec<Arc<WatchEvent>>,
     /// Commands that follow from events (a simulated lease starting), applied in the same batch.
@@ -201,7 +231,7 @@ impl Writer {
             views,
             tokens,
             config,
-            idem: FxHashMap::default(),
+            idem: Idempotency::default(),
             watch,
             pending_watch: Vec::new(),
             followups: Vec::new(),
@@ -227,7 +257,7 @@ impl Writer {
                     let events = w.engine.apply(command, now);
                     w.process(&events, now);
                     if let Some(k) = key {
-                        w.idem.insert(k, events);
+                        w.idem.insert(k, events, now);
                     }
                 }
                 Entry::Credential { principal, token } => w.tokens.grant(principal, token),
@@ -807,7 +837,7 @@ impl Writer {
                 }
                 let result = self.apply_logged(command, now, key.clone(), entries);
                 if let (Ok(events), Some(k)) = (&result, key) {
-                    self.idem.insert(k, events.clone());
+                    self.idem.insert(k, events.clone(), now);
                 }
                 replies.push(Reply::Events(reply, result));
             }
@@ -867,6 +897,28 @@ pub(crate) fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_remembered_for_the_window_then_forgotten() {
+        let key = |s: &str| IdemKey {
+            caller: "t".into(),
+            request_id: s.into(),
+        };
+        let mut idem = Idempotency::default();
+        idem.insert(
+            key("a"),
+            vec![Event::Placed {
+                request: RequestId(1),
+            }],
+            1_000,
+        );
+        idem.insert(key("b"), vec![], 1_000 + IDEMPOTENCY_WINDOW_MS - 1);
+        assert!(idem.get(&key("a")).is_some(), "still within the window");
+        idem.insert(key("c"), vec![], 1_000 + IDEMPOTENCY_WINDOW_MS);
+        assert!(idem.get(&key("a")).is_none(), "24 h later it is forgotten");
+        assert!(idem.get(&key("b")).is_some());
+        assert_eq!(idem.seen.len(), 2);
+    }
 
     #[test]
     fn a_full_command_queue_is_resource_exhausted_and_a_stopped_writer_unavailable() {

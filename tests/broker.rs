@@ -488,3 +488,57 @@ async fn a_restarted_broker_recovers_the_same_state() {
     assert_eq!(again.name, names[0]);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_waiting_request_says_why_and_when_it_may_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let held = a
+        .submit_request(submit("hold", gang(2, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = held.lease.unwrap().end_unix_ms;
+    let waiting = a
+        .submit_request(submit("wait", gang(2, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&waiting), pb::RequestState::Queued);
+    let mut wait = None;
+    for _ in 0..500 {
+        let r = a
+            .get_request(pb::GetRequestRequest {
+                name: waiting.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let w = r.wait.unwrap();
+        if w.earliest_start_unix_ms.is_some() {
+            wait = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wait = wait.expect("the reserved head gets an estimated start");
+    assert_eq!(wait.reason, pb::WaitReason::CapacityBusy as i32);
+    assert_eq!(wait.position, 1);
+    assert_eq!(
+        wait.earliest_start_unix_ms,
+        Some(end),
+        "when the held lease ends"
+    );
+    let mut op = broker.operator(&broker.creds.operator).await;
+    let queue = op
+        .list_queue(pb::ListQueueRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        queue.requests.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [waiting.id]
+    );
+    broker.stop().await;
+}

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub queue: Vec<Queued>,
     /// Wait reason and position of every queued request.
     pub wait: FxHashMap<u64, (pb::WaitReason, u32)>,
+    /// The request holding the reservation and its estimated start.
+    pub reserved: Option<(u64, Option<u64>)>,
 }
 
 /// Everything queries read.
@@ -61,11 +63,15 @@ impl Views {
     pub fn request(&self, id: u64) -> Option<pb::Request> {
         let r = self.requests.get(&id)?;
         let mut r = (**r).clone();
-        if let Some(w) = r.wait.as_mut()
-            && let Some(&(reason, position)) = self.snapshot().wait.get(&id)
-        {
-            w.reason = reason as i32;
-            w.position = position;
+        if let Some(w) = r.wait.as_mut() {
+            let snapshot = self.snapshot();
+            if let Some(&(reason, position)) = snapshot.wait.get(&id) {
+                w.reason = reason as i32;
+                w.position = position;
+            }
+            if let Some((_, at)) = snapshot.reserved.filter(|(held, _)| *held == id) {
+                w.earliest_start_unix_ms = at;
+            }
         }
         Some(r)
     }

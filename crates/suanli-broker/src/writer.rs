@@ -719,12 +719,14 @@ impl Writer {
             .iter()
             .map(convert::tenant_to_pb)
             .collect();
+        let reserved = self.engine.reservation().map(|(id, at)| (id.0, at));
         self.views.publish(Snapshot {
             fleet,
             pools,
             tenants,
             queue,
             wait,
+            reserved,
         });
     }
 

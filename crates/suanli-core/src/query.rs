@@ -358,6 +358,12 @@ impl Engine {
         out
     }
 
+    /// The request holding the reservation of the last pass (the first that did not fit) and
+    /// when its capacity is estimated to free up.
+    pub fn reservation(&self) -> Option<(RequestId, Option<Millis>)> {
+        self.reservation.as_ref().map(|r| (r.request, r.at))
+    }
+
     /// Requests waiting in the queue.
     pub fn queue_len(&self) -> usize {
         self.queue.len()

@@ -4,12 +4,15 @@
 
 use std::time::Duration;
 
-use suanli_e2e::{Broker, test_config};
+use suanli_e2e::{Bearer, Broker, test_config};
 use suanli_proto::v1 as pb;
+use suanli_proto::v1::pool_service_client::PoolServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 fn hello(running: Vec<u64>) -> pb::AgentMessage {
     pb::AgentMessage {
@@ -57,6 +60,24 @@ fn keep_alive(tx: mpsc::Sender<pb::AgentMessage>) -> tokio::task::JoinHandle<()>
     })
 }
 
+/// Opens the agent stream with a hello and checks the broker's welcome.
+async fn connect(
+    pool: &mut PoolServiceClient<InterceptedService<Channel, Bearer>>,
+) -> (mpsc::Sender<pb::AgentMessage>, Streaming<pb::BrokerMessage>) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(hello(vec![])).await.unwrap();
+    let mut from_broker = pool
+        .connect_agent(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next(&mut from_broker).await,
+        pb::broker_message::Body::Welcome(_)
+    ));
+    (tx, from_broker)
+}
+
 async fn request_state(broker: &Broker, token: &str, name: &str) -> pb::Request {
     let mut t = broker.tenant(token).await;
     t.get_request(pb::GetRequestRequest { name: name.into() })
@@ -101,18 +122,8 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(hello(vec![])).await.unwrap();
     let mut pool = broker.pool(&agent_token).await;
-    let mut from_broker = pool
-        .connect_agent(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next(&mut from_broker).await,
-        pb::broker_message::Body::Welcome(_)
-    ));
+    let (tx, mut from_broker) = connect(&mut pool).await;
     let alive = keep_alive(tx.clone());
 
     // Only `near` has h100: the lease goes to the agent, and waits for its report.
@@ -181,17 +192,7 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
     assert_eq!(near.health, pb::PoolHealth::Lost as i32);
 
     // The agent comes back: the pool is restored and the requeued lease is started again.
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(hello(vec![])).await.unwrap();
-    let mut from_broker = pool
-        .connect_agent(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next(&mut from_broker).await,
-        pb::broker_message::Body::Welcome(_)
-    ));
+    let (tx, mut from_broker) = connect(&mut pool).await;
     let alive = keep_alive(tx.clone());
     let pb::broker_message::Body::StartLease(again) = next(&mut from_broker).await else {
         panic!("expected StartLease")

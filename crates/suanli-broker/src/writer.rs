@@ -798,17 +798,13 @@ impl Writer {
             });
             // A small batch (a broker not under load) republishes at once, so that a caller
             // reads its own writes.
-            let small = !entries.is_empty() && entries.len() < QUIET_BATCH;
-            if shapes_fleet
-                || small
-                || (!entries.is_empty() && now >= self.last_publish + PUBLISH_EVERY_MS)
-            {
-                self.publish(now, false);
-                self.last_publish = now;
-            } else if !entries.is_empty() {
+            if !entries.is_empty() {
                 self.publish_due = true;
             }
-            if self.publish_due && now >= self.last_publish + PUBLISH_EVERY_MS {
+            let small = !entries.is_empty() && entries.len() < QUIET_BATCH;
+            if self.publish_due
+                && (shapes_fleet || small || now >= self.last_publish + PUBLISH_EVERY_MS)
+            {
                 self.publish(now, false);
                 self.last_publish = now;
                 self.publish_due = false;

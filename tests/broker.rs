@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use suanli_broker::store::Store;
 use suanli_e2e::{Broker, test_config};
 use suanli_proto::v1 as pb;
 use tokio_stream::StreamExt;
@@ -540,5 +541,105 @@ async fn a_waiting_request_says_why_and_when_it_may_start() {
         queue.requests.iter().map(|r| r.id).collect::<Vec<_>>(),
         [waiting.id]
     );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn recovery_starts_from_the_latest_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.snapshot_every = 5;
+    let broker = Broker::start(config.clone()).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut names = Vec::new();
+    for i in 0..12 {
+        let r = a
+            .submit_request(submit(&format!("s{i}"), gang(1, 8, "h100", 3_600_000)))
+            .await
+            .unwrap()
+            .into_inner();
+        names.push(r.name);
+    }
+    let token = broker.tenant_token("tenant-a");
+    let digest = broker.stop().await;
+
+    let store = suanli_broker::store::RedbStore::open(dir.path()).unwrap();
+    let recovered = store.recover().unwrap();
+    let (at, _) = recovered.snapshot.expect("a snapshot was saved");
+    assert!(at >= 5, "snapshot at log index {at}");
+    assert_eq!(
+        store.next_index() - at,
+        recovered.entries.len() as u64,
+        "the log before the snapshot is dropped; the entries after it are kept"
+    );
+    drop(store);
+    assert_eq!(
+        suanli_broker::recovered_digest(&config).unwrap(),
+        digest,
+        "snapshot + log tail give the state the broker stopped with"
+    );
+
+    let broker = Broker::start(config).await;
+    assert_eq!(broker.tenant_token("tenant-a"), token);
+    let mut a = broker.tenant(&token).await;
+    let list = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<String> = list.requests.iter().map(|r| r.name.clone()).collect();
+    assert_eq!(listed, names);
+    let again = a
+        .submit_request(submit("s0", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.name, names[0], "request_ids survive in the snapshot");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn ended_requests_are_forgotten_beyond_the_most_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.ended_max = 2;
+    let broker = Broker::start(config).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut names = Vec::new();
+    for i in 0..4 {
+        let r = a
+            .submit_request(submit(&format!("e{i}"), gang(1, 8, "h100", 3_600_000)))
+            .await
+            .unwrap()
+            .into_inner();
+        a.release_request(pb::ReleaseRequestRequest {
+            name: r.name.clone(),
+            request_id: format!("e{i}-release"),
+        })
+        .await
+        .unwrap();
+        names.push(r.name);
+    }
+    let live = a
+        .submit_request(submit("live", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |name: &str| pb::GetRequestRequest { name: name.into() };
+    let gone = a.get_request(get(&names[0])).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert_eq!(
+        a.get_request(get(&names[1])).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let kept = a.get_request(get(&names[3])).await.unwrap().into_inner();
+    assert_eq!(state(&kept), pb::RequestState::Completed);
+    let list = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<String> = list.requests.iter().map(|r| r.name.clone()).collect();
+    assert_eq!(listed, [names[2].clone(), names[3].clone(), live.name]);
     broker.stop().await;
 }

@@ -68,6 +68,13 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Print the credentials at start-up (for a person starting the broker by hand).
     pub announce: bool,
+    /// How long an ended request stays readable (GetRequest, ListRequests) after it ended.
+    pub ended_retention: Duration,
+    /// Most ended requests kept readable; the oldest are forgotten first.
+    pub ended_max: usize,
+    /// Log entries between snapshots: recovery loads the latest snapshot and replays only the
+    /// entries after it, and the log before it is dropped.
+    pub snapshot_every: u64,
 }
 
 impl BrokerConfig {
@@ -108,6 +115,9 @@ impl BrokerConfig {
             target_tflops: 20_000 * TFLOPS_PER_P,
             listen: "127.0.0.1:50051".parse().expect("address"),
             announce: false,
+            ended_retention: Duration::from_secs(24 * 3600),
+            ended_max: 200_000,
+            snapshot_every: 200_000,
         }
     }
 
@@ -209,6 +219,18 @@ impl BrokerConfig {
         if let Some(n) = file.queue_capacity {
             c.queue_capacity = n.max(1);
         }
+        if let Some(h) = file.ended_retention_hours {
+            c.ended_retention = Duration::from_secs(h * 3600);
+        }
+        if let Some(n) = file.ended_max {
+            c.ended_max = n;
+        }
+        if let Some(n) = file.snapshot_every {
+            if n == 0 {
+                return Err("field snapshot_every: must be at least 1".into());
+            }
+            c.snapshot_every = n;
+        }
         if let Some(tls) = file.tls {
             c.tls = Some((base.join(tls.cert), base.join(tls.key)));
         }
@@ -235,6 +257,9 @@ struct ConfigFile {
     tick_interval_ms: Option<u64>,
     heartbeat_timeout_ms: Option<u64>,
     queue_capacity: Option<usize>,
+    ended_retention_hours: Option<u64>,
+    ended_max: Option<usize>,
+    snapshot_every: Option<u64>,
     pools: Option<PoolsFile>,
     tenant: Option<Vec<TenantFile>>,
     tls: Option<TlsFile>,

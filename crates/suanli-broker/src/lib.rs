@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`server`]: start-up (recovery, fleet, tenants, tokens) and the gRPC server.
 //! - `writer`: the engine's thread: batches, group commit, simulated execution, agents, ticks.
-//! - [`store`]: the durable command log behind a trait (redb by default).
+//! - [`store`]: the durable command log and snapshots behind a trait (redb by default);
+//!   `snapshot`: what a snapshot holds, saved off the writer's thread.
 //! - `views`: what queries read.
 //! - `service`: the three gRPC services; [`convert`]: messages to core types and back.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the one mapping of errors to gRPC codes.
@@ -25,6 +26,7 @@ pub mod store;
 
 pub mod convert;
 mod service;
+mod snapshot;
 mod views;
 mod writer;
 

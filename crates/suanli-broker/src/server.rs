@@ -45,7 +45,7 @@ pub async fn run(
     let (watch, _) = broadcast::channel(4096);
     let mut w = Writer::recover(
         config.clone(),
-        Box::new(store),
+        Arc::new(store),
         views.clone(),
         tokens.clone(),
         watch.clone(),
@@ -145,7 +145,7 @@ pub fn recovered_digest(config: &BrokerConfig) -> Result<u64, BrokerError> {
     let (watch, _) = broadcast::channel(1);
     let w = Writer::recover(
         Arc::new(config.clone()),
-        Box::new(store),
+        Arc::new(store),
         Arc::new(Views::default()),
         Tokens::default(),
         watch,

@@ -1,12 +1,15 @@
-//! The durable command log. Every command that changed the engine is appended, in order, with
-//! the time it was applied at; a batch is one transaction and one sync (group commit). On start
-//! the broker replays the log into a fresh engine: the engine is deterministic, so the state it
+//! The durable command log and its snapshots. Every command that changed the engine is appended,
+//! in order, with the time it was applied at; a batch is one transaction and one sync (group
+//! commit). Now and then the writer saves a snapshot of its whole state as of a log index; the
+//! entries before it are dropped in the same transaction. On start the broker loads the latest
+//! snapshot and replays the entries after it: the engine is deterministic, so the state it
 //! recovers is the state it had.
 //!
 //! The [`Store`] trait is the seam where a replicated log (etcd, say) can take the embedded
 //! store's place.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -46,20 +49,38 @@ pub enum Entry {
     },
 }
 
-/// Where the log lives.
-pub trait Store: Send {
+/// What recovery starts from.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// The latest snapshot: the log index it was taken at (the entries before it are in it)
+    /// and its bytes.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    /// Every entry after the snapshot (or every entry), in order.
+    pub entries: Vec<Entry>,
+}
+
+/// Where the log and the snapshots live. Shared by the writer, which appends, and the thread
+/// that saves snapshots.
+pub trait Store: Send + Sync {
     /// Appends a batch durably: when this returns, the entries survive a crash.
-    fn append(&mut self, entries: &[Entry]) -> Result<(), BrokerError>;
-    /// Every entry, in order.
-    fn replay(&self) -> Result<Vec<Entry>, BrokerError>;
+    fn append(&self, entries: &[Entry]) -> Result<(), BrokerError>;
+    /// The index the next appended entry will have.
+    fn next_index(&self) -> u64;
+    /// Saves `snapshot`, the state after every entry before index `upto`, and drops those
+    /// entries, atomically.
+    fn save_snapshot(&self, upto: u64, snapshot: &[u8]) -> Result<(), BrokerError>;
+    /// The latest snapshot and the entries after it.
+    fn recover(&self) -> Result<Recovered, BrokerError>;
 }
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Snapshots by the log index they were taken at; only the latest is kept.
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 
 /// The embedded store: a redb database (ACID, copy-on-write B-trees, one file).
 pub struct RedbStore {
     db: Database,
-    next: u64,
+    next: AtomicU64,
 }
 
 fn store_err(e: impl std::fmt::Display) -> BrokerError {
@@ -76,50 +97,78 @@ impl RedbStore {
             .map_err(|e| BrokerError::Store(format!("opening {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(store_err)?;
         txn.open_table(LOG).map_err(store_err)?;
+        txn.open_table(SNAPSHOTS).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
         let next = {
             let txn = db.begin_read().map_err(store_err)?;
-            let table = txn.open_table(LOG).map_err(store_err)?;
-            table
-                .last()
-                .map_err(store_err)?
-                .map_or(0, |(k, _)| k.value() + 1)
+            let log = txn.open_table(LOG).map_err(store_err)?;
+            let snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+            let after_log = log.last().map_err(store_err)?.map(|(k, _)| k.value() + 1);
+            let at_snapshot = snapshots.last().map_err(store_err)?.map(|(k, _)| k.value());
+            after_log.max(at_snapshot).unwrap_or(0)
         };
-        Ok(RedbStore { db, next })
+        Ok(RedbStore {
+            db,
+            next: AtomicU64::new(next),
+        })
     }
 }
 
 impl Store for RedbStore {
-    fn append(&mut self, entries: &[Entry]) -> Result<(), BrokerError> {
+    fn append(&self, entries: &[Entry]) -> Result<(), BrokerError> {
         if entries.is_empty() {
             return Ok(());
         }
+        let next = self.next.load(Ordering::Acquire);
         let txn = self.db.begin_write().map_err(store_err)?;
         {
             let mut table = txn.open_table(LOG).map_err(store_err)?;
             for (i, e) in entries.iter().enumerate() {
                 let bytes = serde_json::to_vec(e).map_err(store_err)?;
                 table
-                    .insert(self.next + i as u64, bytes.as_slice())
+                    .insert(next + i as u64, bytes.as_slice())
                     .map_err(store_err)?;
             }
         }
         txn.commit().map_err(store_err)?;
-        self.next += entries.len() as u64;
+        self.next
+            .store(next + entries.len() as u64, Ordering::Release);
         Ok(())
     }
 
-    fn replay(&self) -> Result<Vec<Entry>, BrokerError> {
+    fn next_index(&self) -> u64 {
+        self.next.load(Ordering::Acquire)
+    }
+
+    fn save_snapshot(&self, upto: u64, snapshot: &[u8]) -> Result<(), BrokerError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+            snapshots.retain(|_, _| false).map_err(store_err)?;
+            snapshots.insert(upto, snapshot).map_err(store_err)?;
+            let mut log = txn.open_table(LOG).map_err(store_err)?;
+            log.retain_in(..upto, |_, _| false).map_err(store_err)?;
+        }
+        txn.commit().map_err(store_err)
+    }
+
+    fn recover(&self) -> Result<Recovered, BrokerError> {
         let txn = self.db.begin_read().map_err(store_err)?;
+        let snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+        let snapshot = snapshots
+            .last()
+            .map_err(store_err)?
+            .map(|(k, v)| (k.value(), v.value().to_vec()));
+        let from = snapshot.as_ref().map_or(0, |(at, _)| *at);
         let table = txn.open_table(LOG).map_err(store_err)?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(store_err)? {
+        let mut entries = Vec::new();
+        for item in table.range(from..).map_err(store_err)? {
             let (k, v) = item.map_err(store_err)?;
             let entry = serde_json::from_slice(v.value())
                 .map_err(|e| BrokerError::Store(format!("log entry {}: {e}", k.value())))?;
-            out.push(entry);
+            entries.push(entry);
         }
-        Ok(out)
+        Ok(Recovered { snapshot, entries })
     }
 }
 
@@ -138,12 +187,46 @@ mod tests {
             })
             .collect();
         {
-            let mut s = RedbStore::open(dir.path()).unwrap();
+            let s = RedbStore::open(dir.path()).unwrap();
             s.append(&entries[..2]).unwrap();
             s.append(&entries[2..]).unwrap();
         }
         let s = RedbStore::open(dir.path()).unwrap();
-        assert_eq!(s.replay().unwrap(), entries);
-        assert_eq!(s.next, 5);
+        let r = s.recover().unwrap();
+        assert_eq!(r.entries, entries);
+        assert!(r.snapshot.is_none());
+        assert_eq!(s.next_index(), 5);
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_entries_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |i| Entry::Command {
+            now: i,
+            command: Command::Tick,
+            key: None,
+        };
+        {
+            let s = RedbStore::open(dir.path()).unwrap();
+            s.append(&(0..4).map(entry).collect::<Vec<_>>()).unwrap();
+            s.save_snapshot(3, b"first").unwrap();
+            s.save_snapshot(4, b"state at 4").unwrap();
+            s.append(&[entry(4), entry(5)]).unwrap();
+        }
+        let s = RedbStore::open(dir.path()).unwrap();
+        let r = s.recover().unwrap();
+        assert_eq!(
+            r.snapshot,
+            Some((4, b"state at 4".to_vec())),
+            "only the latest"
+        );
+        assert_eq!(r.entries, vec![entry(4), entry(5)]);
+        assert_eq!(s.next_index(), 6);
+        // A snapshot of everything leaves an empty log, and the next index survives reopening.
+        s.save_snapshot(6, b"all").unwrap();
+        drop(s);
+        let s = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(s.next_index(), 6);
+        assert!(s.recover().unwrap().entries.is_empty());
     }
 }

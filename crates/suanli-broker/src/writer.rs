@@ -8,7 +8,7 @@
 //! agent fell silent as lost.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,7 @@ use crate::auth::{Principal, Tokens};
 use crate::config::{BrokerConfig, Execution};
 use crate::convert;
 use crate::error::BrokerError;
+use crate::snapshot::{Capture, Image};
 use crate::store::{Entry, IdemKey, Store};
 use crate::views::{Queued, Snapshot, Views};
 
@@ -75,8 +76,8 @@ pub(crate) enum Op {
 pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 
 /// The first result of every request_id seen in the last [`IDEMPOTENCY_WINDOW_MS`].
-#[derive(Default)]
-struct Idempotency {
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Idempotency {
     results: FxHashMap<IdemKey, Vec<Event>>,
     /// Keys in the order they were first seen, with that time, for expiry.
     seen: std::collections::VecDeque<(u64, IdemKey)>,
@@ -185,7 +186,10 @@ enum Reply {
 /// The writer's state. See the module documentation.
 pub(crate) struct Writer {
     engine: Engine,
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
+    /// The log index of the latest snapshot, and the thread saving one, if any.
+    last_snapshot: u64,
+    snapshotting: Option<std::thread::JoinHandle<Result<(), BrokerError>>>,
     views: Arc<Views>,
     tokens: Tokens,
     config: Arc<BrokerConfig>,
@@ -197,6 +201,8 @@ pub(crate) struct Writer {
     /// (due, request) of simulated leases to finish.
     timers: BinaryHeap<Reverse<(u64, u64)>>,
     agents: HashMap<String, AgentLink>,
+    /// (ended at, request) of ended requests still readable, oldest first.
+    ended: VecDeque<(u64, u64)>,
     /// The spec of the submission being applied, for its new record.
     submitting: Option<RequestSpec>,
     started_at: u64,
@@ -216,10 +222,11 @@ pub fn wall_ms() -> u64 {
 }
 
 impl Writer {
-    /// Replays the log into a fresh engine and rebuilds the views, tokens and idempotency keys.
+    /// Loads the latest snapshot, replays the log after it, and rebuilds the views, tokens and
+    /// idempotency keys.
     pub fn recover(
         config: Arc<BrokerConfig>,
-        store: Box<dyn Store>,
+        store: Arc<dyn Store>,
         views: Arc<Views>,
         tokens: Tokens,
         watch: broadcast::Sender<Arc<WatchEvent>>,
@@ -228,6 +235,8 @@ impl Writer {
         let mut w = Writer {
             engine,
             store,
+            last_snapshot: 0,
+            snapshotting: None,
             views,
             tokens,
             config,
@@ -237,6 +246,7 @@ impl Writer {
             followups: Vec::new(),
             timers: BinaryHeap::new(),
             agents: HashMap::new(),
+            ended: VecDeque::new(),
             submitting: None,
             started_at: 0,
             last_publish: 0,
@@ -245,9 +255,12 @@ impl Writer {
             now: 0,
             live: false,
         };
-        let entries = w.store.replay()?;
-        let count = entries.len();
-        for entry in entries {
+        let recovered = w.store.recover()?;
+        if let Some((at, bytes)) = recovered.snapshot {
+            w.install(at, Image::decode(at, &bytes)?)?;
+        }
+        let count = recovered.entries.len();
+        for entry in recovered.entries {
             match entry {
                 Entry::Command { now, command, key } => {
                     w.now = w.now.max(now);
@@ -265,12 +278,88 @@ impl Writer {
         }
         w.followups.clear();
         w.pending_watch.clear();
+        let now = w.clock();
+        w.forget_ended(now);
         info!(
+            snapshot_at = w.last_snapshot,
             entries = count,
             digest = w.engine.digest(),
-            "recovered the command log"
+            "recovered the snapshot and the command log after it"
         );
         Ok(w)
+    }
+
+    /// Takes a snapshot's state as the writer's own.
+    fn install(&mut self, at: u64, image: Image) -> Result<(), BrokerError> {
+        let requests = image.requests()?;
+        let Image {
+            engine,
+            ended,
+            idempotency,
+            tokens,
+            now,
+            ..
+        } = image;
+        engine
+            .audit()
+            .map_err(|e| BrokerError::Store(format!("snapshot at log index {at}: {e}")))?;
+        self.engine = engine;
+        for r in requests {
+            self.views
+                .by_tenant
+                .entry(r.tenant.clone())
+                .or_default()
+                .push(r.id);
+            self.views.requests.insert(r.id, Arc::new(r));
+        }
+        self.ended = ended;
+        self.idem = idempotency;
+        for (principal, token) in tokens {
+            self.tokens.grant(principal, token);
+        }
+        self.now = now;
+        self.last_snapshot = at;
+        Ok(())
+    }
+
+    /// Starts saving a snapshot when enough of the log has grown since the last one and no
+    /// snapshot is being saved.
+    fn maybe_snapshot(&mut self) {
+        let upto = self.store.next_index();
+        if upto < self.last_snapshot + self.config.snapshot_every {
+            return;
+        }
+        if let Some(h) = self.snapshotting.take_if(|h| h.is_finished()) {
+            Self::finished(h);
+        }
+        if self.snapshotting.is_some() {
+            return;
+        }
+        let capture = Capture {
+            upto,
+            engine: self.engine.clone(),
+            records: self
+                .views
+                .requests
+                .iter()
+                .map(|r| r.value().clone())
+                .collect(),
+            ended: self.ended.clone(),
+            idempotency: self.idem.clone(),
+            tokens: self.tokens.all(),
+            now: self.now,
+        };
+        self.last_snapshot = upto;
+        self.snapshotting = Some(capture.save_in_background(self.store.clone()));
+    }
+
+    /// Logs how a snapshot thread ended: a failed snapshot loses nothing (the log is kept).
+    fn finished(h: std::thread::JoinHandle<Result<(), BrokerError>>) {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "snapshot failed; the log is kept whole"),
+            Err(_) => warn!("the snapshot thread panicked; the log is kept whole"),
+        }
     }
 
     /// The engine (for start-up checks).
@@ -386,6 +475,9 @@ impl Writer {
             if self.live {
                 self.act(ev, &record, previous.as_deref(), now);
             }
+            if matches!(ev, Event::Ended { .. }) {
+                self.ended.push_back((now, id.0));
+            }
             if self.live && self.watch.receiver_count() > 0 {
                 self.pending_watch.push(Arc::new(WatchEvent {
                     tenant: record.tenant.clone(),
@@ -397,6 +489,28 @@ impl Writer {
                 }));
             }
             self.views.requests.insert(id.0, Arc::new(record));
+        }
+    }
+
+    /// Forgets ended requests past the retention time, and the oldest beyond the most kept.
+    fn forget_ended(&mut self, now: u64) {
+        let keep_from = now.saturating_sub(self.config.ended_retention.as_millis() as u64);
+        let mut gone: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        while let Some(&(at, id)) = self.ended.front() {
+            if at >= keep_from && self.ended.len() <= self.config.ended_max {
+                break;
+            }
+            self.ended.pop_front();
+            if let Some((_, r)) = self.views.requests.remove(&id) {
+                gone.entry(r.tenant.clone()).or_default().push(id);
+            }
+        }
+        for (tenant, ids) in gone {
+            if let Some(mut list) = self.views.by_tenant.get_mut(&tenant) {
+                let mut ids = ids;
+                ids.sort_unstable();
+                list.retain(|id| ids.binary_search(id).is_err());
+            }
         }
     }
 
@@ -767,6 +881,7 @@ impl Writer {
                 next_tick = now + tick;
             }
             self.fire_timers(now, &mut entries);
+            self.forget_ended(now);
             if let Err(e) = self.store.append(&entries) {
                 error!(error = %e, "the command log failed: stopping the writer");
                 for r in replies {
@@ -779,6 +894,7 @@ impl Writer {
                 }
                 return Err(e);
             }
+            self.maybe_snapshot();
             // Under load the fleet views are republished at most every few milliseconds; at once
             // after a command that changes pools or tenants (its caller reads them back).
             let shapes_fleet = entries.iter().any(|e| {
@@ -818,6 +934,9 @@ impl Writer {
             for ev in self.pending_watch.drain(..) {
                 let _ = self.watch.send(ev);
             }
+        }
+        if let Some(h) = self.snapshotting.take() {
+            Self::finished(h);
         }
         Ok(self.engine.digest())
     }

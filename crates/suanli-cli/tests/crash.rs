@@ -1,6 +1,7 @@
 //! The real `suanli` binary, killed with SIGKILL while tenants submit: after a restart every
 //! acknowledged request is there exactly once, and the capacity held by leases equals what the
-//! fleet reports as allocated.
+//! fleet reports as allocated. The broker snapshots its state every few dozen log entries, so
+//! recovery goes through a snapshot and the log after it.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,11 +14,20 @@ use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
 use tonic::transport::Channel;
 
-/// Starts `suanli serve` on a free port; returns the child and its address.
+/// Starts `suanli serve` on a free port; returns the child and its address. Snapshots are
+/// taken every few entries, so the kill also lands around snapshots and log truncation.
 fn start(dir: &Path) -> (Child, String) {
     let _ = std::fs::remove_file(dir.join(FILE_NAME));
+    let config = dir.join("broker.toml");
+    std::fs::write(
+        &config,
+        "snapshot_every = 40\n[pools]\nsimulated = [\"*\"]\n",
+    )
+    .expect("write the config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

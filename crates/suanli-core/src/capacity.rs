@@ -5,7 +5,7 @@
 //! buckets first (best fit inside the group), without scanning every node.
 
 /// A piece of a lease: `devices` devices on node `node` of node group `group`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Slice {
     /// Global node-group index.
     pub group: u32,
@@ -15,7 +15,7 @@ pub struct Slice {
     pub devices: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct NodeSet {
     devices_per_node: u16,
     free: Vec<u16>,

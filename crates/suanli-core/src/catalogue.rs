@@ -14,7 +14,7 @@ pub const BUILTIN_CATALOGUE: &str = include_str!("../../../deploy/catalogue.toml
 pub const MAX_MODELS: usize = 64;
 
 /// One accelerator model.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcceleratorModel {
     /// Lowercase id used by fleets and requests, e.g. `h100`.
@@ -54,7 +54,7 @@ struct CatalogueFile {
 }
 
 /// The set of known accelerator models, indexed by [`ModelIx`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Catalogue {
     models: Vec<AcceleratorModel>,
     by_id: FxHashMap<String, ModelIx>,

@@ -38,7 +38,7 @@ use crate::units::{Millis, PoolIx, RequestId, TenantIx, Tflops};
 pub const MAX_DURATION_MS: Millis = 366 * 24 * 3600 * 1000;
 
 /// Settings of the engine that are not per request.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineConfig {
     /// Placement policy for requests that name none.
     pub default_policy: Policy,
@@ -104,7 +104,7 @@ pub enum Command {
 }
 
 /// What happened.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Event {
     /// A pool joined the fleet.
     PoolRegistered {
@@ -159,14 +159,16 @@ pub enum Event {
         /// Why.
         reason: EndReason,
     },
-    /// The command was rejected and changed nothing.
+    /// The command was rejected and changed nothing. Not serialisable: a rejection is an
+    /// answer, never state.
+    #[serde(skip)]
     Rejected {
         /// Why.
         error: CoreError,
     },
 }
 
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Tenant {
     pub spec: TenantSpec,
     pub used: Tflops,
@@ -183,7 +185,7 @@ impl Tenant {
     }
 }
 
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Lease {
     pub slices: Vec<Slice>,
     pub start: Millis,
@@ -194,7 +196,7 @@ pub(crate) struct Lease {
     pub borrowed: Tflops,
 }
 
-#[derive(Clone, Debug, Hash)]
+#[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Request {
     pub tenant: TenantIx,
     pub shape: Shape,
@@ -270,7 +272,7 @@ pub struct QuotePart {
 }
 
 /// The reservation of the first request that could not be placed in the last pass.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Reservation {
     pub request: RequestId,
     /// When enough capacity frees up, by lease end times; `None` if it never does by itself.
@@ -302,7 +304,7 @@ impl PartialOrd for Share {
 }
 
 /// The allocation engine. See the module documentation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Engine {
     pub(crate) config: EngineConfig,
     pub(crate) supply: Supply,

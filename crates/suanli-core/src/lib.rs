@@ -7,6 +7,9 @@
 //! number, and never iterates in hash order, so the same commands always give the same state, the
 //! same events and the same [`Engine::digest`].
 //!
+//! An engine serialises with serde (snapshots): one read back rebuilds its placement index and
+//! from then on decides exactly as the engine that was saved (a property test holds it to that).
+//!
 //! # Layout
 //! - [`units`]: integer units (TFLOPS, milliseconds, fen) and the id newtypes.
 //! - [`catalogue`]: accelerator models as data (`deploy/catalogue.toml` compiled in).

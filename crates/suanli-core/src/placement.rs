@@ -85,7 +85,7 @@ impl PoolHealth {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Pool {
     pub spec: PoolSpec,
     pub region: u32,
@@ -94,7 +94,7 @@ pub(crate) struct Pool {
     pub groups: Range<u32>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Group {
     pub pool: PoolIx,
     pub model: ModelIx,
@@ -104,7 +104,7 @@ pub(crate) struct Group {
 }
 
 /// Interned names (regions, data zones), in first-seen order.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Names {
     ids: FxHashMap<String, u32>,
 }
@@ -125,7 +125,7 @@ impl Names {
 }
 
 /// A request's constraints resolved to indexes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Filter {
     /// Bit `i` set: model `i` allowed.
     pub models: u64,
@@ -157,7 +157,11 @@ pub(crate) enum Plan {
 }
 
 /// Every pool and node group, with free capacity and the placement index.
-#[derive(Clone, Debug)]
+///
+/// Saved without its index: reading one back rebuilds the index from the groups (see
+/// [`SavedSupply`]), which gives the same answers as the index kept up to date step by step.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(from = "SavedSupply")]
 pub(crate) struct Supply {
     pub catalogue: Catalogue,
     pub pools: Vec<Pool>,
@@ -165,12 +169,45 @@ pub(crate) struct Supply {
     pub pool_ids: FxHashMap<String, PoolIx>,
     pub regions: Names,
     pub zones: Names,
+    #[serde(skip)]
     pub index: Index,
     /// For each model, its groups: the members of its index.
     model_groups: Vec<Vec<u32>>,
     /// Models whose index must be rebuilt before the next placement (bit set). Registering a
     /// fleet of many pools then rebuilds each model once, not once per pool.
+    #[serde(skip)]
     stale_models: u64,
+}
+
+/// A [`Supply`] as saved: every field but the index.
+#[derive(serde::Deserialize)]
+pub(crate) struct SavedSupply {
+    catalogue: Catalogue,
+    pools: Vec<Pool>,
+    groups: Vec<Group>,
+    pool_ids: FxHashMap<String, PoolIx>,
+    regions: Names,
+    zones: Names,
+    model_groups: Vec<Vec<u32>>,
+}
+
+impl From<SavedSupply> for Supply {
+    fn from(s: SavedSupply) -> Self {
+        let models = s.catalogue.len();
+        let mut supply = Supply {
+            catalogue: s.catalogue,
+            pools: s.pools,
+            groups: s.groups,
+            pool_ids: s.pool_ids,
+            regions: s.regions,
+            zones: s.zones,
+            index: Index::new(models),
+            model_groups: s.model_groups,
+            stale_models: 0,
+        };
+        supply.rebuild_now(supply.all_models());
+        supply
+    }
 }
 
 impl Supply {

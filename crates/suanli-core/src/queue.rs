@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::request::Priority;
 use crate::units::{RequestId, TenantIx};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct WaitQueue {
     pub classes: [BTreeMap<TenantIx, VecDeque<RequestId>>; 3],
     /// Entries no longer queued but still in a deque.

@@ -71,10 +71,50 @@ fn schedule_backlog(c: &mut Criterion) {
     g.finish();
 }
 
+/// The steady state the broker's ticks meet under load: futian-2024 full, about 57,000
+/// requests waiting, and one lease released before each tick, so each tick makes a full pass in
+/// which almost nothing fits.
+fn full_pass_on_full_fleet(c: &mut Criterion) {
+    let fleet = Fleet::from_toml(FUTIAN_2024, &Catalogue::builtin()).expect("valid fleet");
+    let mut engine = engine_with_tenants(&fleet);
+    let mut workload = Workload::new(3, &fleet);
+    for now in 1..=60_000 {
+        submit(&mut engine, workload.request(), now);
+    }
+    engine.apply(Command::Tick, 60_001);
+    let leased: Vec<_> = engine
+        .live_requests()
+        .into_iter()
+        .filter(|&id| engine.request(id).is_some_and(|r| r.lease.is_some()))
+        .collect();
+    let mut g = c.benchmark_group("full_pass");
+    g.sample_size(10);
+    g.bench_function(format!("{}k-waiting", engine.queue_len() / 1000), |b| {
+        let mut next = 0;
+        b.iter_batched(
+            || {
+                let mut e = engine.clone();
+                e.apply(
+                    Command::Release {
+                        request: leased[next % leased.len()],
+                    },
+                    60_002,
+                );
+                next += 1;
+                e
+            },
+            |mut e| black_box(e.apply(Command::Tick, 60_003).len()),
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     place_release_futian,
     schedule_backlog,
+    full_pass_on_full_fleet,
     pools_scaling
 );
 criterion_main!(benches);

@@ -21,6 +21,40 @@ pub struct Queued {
     pub position: u32,
 }
 
+/// The queue as of its last rebuild. A long queue is rebuilt less often than the rest of the
+/// snapshot and shared, not copied, between snapshots.
+#[derive(Debug, Default)]
+pub struct QueueView {
+    /// The queue in order.
+    pub entries: Vec<Queued>,
+    /// Wait reason and position of every queued request.
+    pub wait: FxHashMap<u64, (pb::WaitReason, u32)>,
+    /// Queued requests per priority class: critical, standard, spot.
+    pub by_priority: [u32; 3],
+    /// Queued requests per wait reason (wire value), ascending.
+    pub by_reason: Vec<(i32, u32)>,
+}
+
+impl QueueView {
+    /// Indexes and counts the queue in order.
+    pub fn new(entries: Vec<Queued>) -> Self {
+        let mut wait = FxHashMap::with_capacity_and_hasher(entries.len(), Default::default());
+        let mut by_priority = [0u32; 3];
+        let mut by_reason = std::collections::BTreeMap::<i32, u32>::new();
+        for q in &entries {
+            wait.insert(q.id, (q.reason, q.position));
+            by_priority[(q.priority as i32 - 1).clamp(0, 2) as usize] += 1;
+            *by_reason.entry(q.reason as i32).or_default() += 1;
+        }
+        QueueView {
+            entries,
+            wait,
+            by_priority,
+            by_reason: by_reason.into_iter().collect(),
+        }
+    }
+}
+
 /// The whole-fleet part of the views, replaced at once.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -30,10 +64,8 @@ pub struct Snapshot {
     pub pools: Vec<pb::Pool>,
     /// Every tenant, by name.
     pub tenants: Vec<pb::Tenant>,
-    /// The queue in order.
-    pub queue: Vec<Queued>,
-    /// Wait reason and position of every queued request.
-    pub wait: FxHashMap<u64, (pb::WaitReason, u32)>,
+    /// The queue.
+    pub queue: Arc<QueueView>,
     /// The request holding the reservation and its estimated start.
     pub reserved: Option<(u64, Option<u64>)>,
 }
@@ -65,7 +97,7 @@ impl Views {
         let mut r = (**r).clone();
         if let Some(w) = r.wait.as_mut() {
             let snapshot = self.snapshot();
-            if let Some(&(reason, position)) = snapshot.wait.get(&id) {
+            if let Some(&(reason, position)) = snapshot.queue.wait.get(&id) {
                 w.reason = reason as i32;
                 w.position = position;
             }

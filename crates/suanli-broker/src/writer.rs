@@ -11,13 +11,13 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 use suanli_core::{Command, EndReason, Engine, Event, PoolHealth, Quote, RequestId, RequestSpec};
 use suanli_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::{Principal, Tokens};
 use crate::config::{BrokerConfig, Execution};
@@ -25,7 +25,7 @@ use crate::convert;
 use crate::error::BrokerError;
 use crate::snapshot::{Capture, Image};
 use crate::store::{Entry, IdemKey, Store};
-use crate::views::{Queued, Snapshot, Views};
+use crate::views::{QueueView, Queued, Snapshot, Views};
 
 /// Largest batch the writer takes at once.
 const MAX_BATCH: usize = 4096;
@@ -36,6 +36,13 @@ const PUBLISH_EVERY_MS: u64 = 10;
 
 /// Batches smaller than this come from a broker that is not under load.
 const QUIET_BATCH: usize = 64;
+/// Ticks (scheduling passes) may take at most 1/TICK_SHARE of the writer's time: with a long
+/// queue they come less often than the configured interval (a pass over 50,000 waiting
+/// requests takes tens of milliseconds; every call that arrives meanwhile waits for it).
+const TICK_SHARE: u64 = 100;
+/// A batch that takes longer than this, from taking its operations to its last reply and
+/// publication, is logged (at debug) with where its time went.
+const SLOW_BATCH: Duration = Duration::from_millis(10);
 
 /// A change to one request, for watchers.
 #[derive(Clone, Debug)]
@@ -752,6 +759,8 @@ impl Writer {
 
     /// Publishes the snapshot views. The queue is rebuilt at most twice a second when long.
     fn publish(&mut self, now: u64, force_queue: bool) {
+        self.last_publish = now;
+        self.publish_due = false;
         let usage = self.engine.fleet_usage();
         let mut pools = Vec::with_capacity(usage.pools.len());
         let mut health = pb::PoolHealthCounts::default();
@@ -765,36 +774,24 @@ impl Writer {
                 pools.push(convert::pool_to_pb(spec, p));
             }
         }
-        let previous = self.views.snapshot();
         let queue_len = self.engine.queue_len();
-        let (queue, wait) =
-            if force_queue || queue_len < 2000 || now >= self.last_queue_publish + 500 {
-                self.last_queue_publish = now;
-                let queue: Vec<Queued> = self
-                    .engine
-                    .queued()
-                    .into_iter()
-                    .map(|q| Queued {
-                        id: q.id.0,
-                        priority: convert::priority_to_pb(q.priority),
-                        reason: convert::reason_to_pb(q.reason),
-                        position: q.position,
-                    })
-                    .collect();
-                let wait = queue
-                    .iter()
-                    .map(|q| (q.id, (q.reason, q.position)))
-                    .collect();
-                (queue, wait)
-            } else {
-                (previous.queue.clone(), previous.wait.clone())
-            };
-        let mut by_priority = [0u32; 3];
-        let mut by_reason: std::collections::BTreeMap<i32, u32> = Default::default();
-        for q in &queue {
-            by_priority[(q.priority as i32 - 1).clamp(0, 2) as usize] += 1;
-            *by_reason.entry(q.reason as i32).or_default() += 1;
-        }
+        let queue = if force_queue || queue_len < 2000 || now >= self.last_queue_publish + 500 {
+            self.last_queue_publish = now;
+            let entries = self
+                .engine
+                .queued()
+                .into_iter()
+                .map(|q| Queued {
+                    id: q.id.0,
+                    priority: convert::priority_to_pb(q.priority),
+                    reason: convert::reason_to_pb(q.reason),
+                    position: q.position,
+                })
+                .collect();
+            Arc::new(QueueView::new(entries))
+        } else {
+            self.views.snapshot().queue.clone()
+        };
         let (total, by_model, by_region, by_kind) = convert::fleet_to_pb(&usage);
         let fleet = pb::FleetSummary {
             time_unix_ms: now,
@@ -814,15 +811,16 @@ impl Writer {
                     pb::Priority::Spot,
                 ]
                 .iter()
-                .zip(by_priority)
+                .zip(queue.by_priority)
                 .map(|(p, count)| pb::PriorityCount {
                     priority: *p as i32,
                     count,
                 })
                 .collect(),
-                by_reason: by_reason
-                    .into_iter()
-                    .map(|(reason, count)| pb::WaitReasonCount { reason, count })
+                by_reason: queue
+                    .by_reason
+                    .iter()
+                    .map(|&(reason, count)| pb::WaitReasonCount { reason, count })
                     .collect(),
             }),
             target_tflops: self.config.target_tflops,
@@ -839,7 +837,6 @@ impl Writer {
             pools,
             tenants,
             queue,
-            wait,
             reserved,
         });
     }
@@ -870,18 +867,25 @@ impl Writer {
                 }
             }
             let now = self.clock();
+            let started = Instant::now();
+            let batch = ops.len();
             let mut entries = Vec::new();
             let mut replies = Vec::new();
             for op in ops.drain(..) {
                 self.handle(op, now, &mut entries, &mut replies);
             }
             if now >= next_tick {
+                let ticked = Instant::now();
                 let _ = self.apply_logged(Command::Tick, now, None, &mut entries);
                 self.check_heartbeats(now, &mut entries);
-                next_tick = now + tick;
+                // A tick's pass over a long queue stalls every call behind it: space the ticks
+                // so that they take at most 1/TICK_SHARE of the writer's time.
+                let cost = ticked.elapsed().as_millis() as u64;
+                next_tick = now + tick.max(cost * TICK_SHARE);
             }
             self.fire_timers(now, &mut entries);
             self.forget_ended(now);
+            let applied = started.elapsed();
             if let Err(e) = self.store.append(&entries) {
                 error!(error = %e, "the command log failed: stopping the writer");
                 for r in replies {
@@ -894,9 +898,11 @@ impl Writer {
                 }
                 return Err(e);
             }
+            let synced = started.elapsed();
             self.maybe_snapshot();
             // Under load the fleet views are republished at most every few milliseconds; at once
-            // after a command that changes pools or tenants (its caller reads them back).
+            // after a command that changes pools or tenants (its caller reads them back), and
+            // then before the replies. Requests' own records are current already (`process`).
             let shapes_fleet = entries.iter().any(|e| {
                 matches!(
                     e,
@@ -912,18 +918,11 @@ impl Writer {
                     }
                 )
             });
-            // A small batch (a broker not under load) republishes at once, so that a caller
-            // reads its own writes.
             if !entries.is_empty() {
                 self.publish_due = true;
             }
-            let small = !entries.is_empty() && entries.len() < QUIET_BATCH;
-            if self.publish_due
-                && (shapes_fleet || small || now >= self.last_publish + PUBLISH_EVERY_MS)
-            {
+            if shapes_fleet {
                 self.publish(now, false);
-                self.last_publish = now;
-                self.publish_due = false;
             }
             for r in replies {
                 match r {
@@ -933,6 +932,23 @@ impl Writer {
             }
             for ev in self.pending_watch.drain(..) {
                 let _ = self.watch.send(ev);
+            }
+            // A small batch (a broker not under load) republishes at once.
+            let small = !entries.is_empty() && entries.len() < QUIET_BATCH;
+            if self.publish_due && (small || now >= self.last_publish + PUBLISH_EVERY_MS) {
+                self.publish(now, false);
+            }
+            let total = started.elapsed();
+            if total >= SLOW_BATCH {
+                debug!(
+                    ops = batch,
+                    entries = entries.len(),
+                    apply_ms = applied.as_secs_f64() * 1e3,
+                    sync_ms = (synced - applied).as_secs_f64() * 1e3,
+                    total_ms = total.as_secs_f64() * 1e3,
+                    queued = self.engine.queue_len(),
+                    "slow batch"
+                );
             }
         }
         if let Some(h) = self.snapshotting.take() {

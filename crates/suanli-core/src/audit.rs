@@ -366,6 +366,7 @@ impl Engine {
     fn audit_counters(&self, ids: &[RequestId]) -> Result<(), AuditError> {
         let due: BTreeSet<(Millis, RequestId)> = self.pending_ends().collect();
         let (mut live, mut waiting, mut spot, mut borrowing) = (0, [0u32; 3], 0, 0);
+        let mut preemptible = BTreeSet::new();
         for &id in ids {
             let r = &self.requests[&id];
             let Some(lease) = &r.lease else {
@@ -388,6 +389,9 @@ impl Engine {
             live += 1;
             spot += (r.priority == Priority::Spot) as u32;
             borrowing += (lease.borrowed > 0) as u32;
+            if r.priority == Priority::Spot || lease.borrowed > 0 {
+                preemptible.insert(id);
+            }
         }
         let (has_live, has_waiting, has_spot, has_borrowing) = self.counters();
         let mismatch = |counter, has: &dyn std::fmt::Debug, should: &dyn std::fmt::Debug| {
@@ -411,6 +415,9 @@ impl Engine {
         }
         if has_borrowing != borrowing {
             return mismatch("borrowing leases", &has_borrowing, &borrowing);
+        }
+        if *self.preemptible() != preemptible {
+            return mismatch("preemptible leases", self.preemptible(), &preemptible);
         }
         Ok(())
     }

@@ -5,7 +5,9 @@
 //! buckets first (best fit inside the group), without scanning every node.
 
 /// A piece of a lease: `devices` devices on node `node` of node group `group`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Slice {
     /// Global node-group index.
     pub group: u32,

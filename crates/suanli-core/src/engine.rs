@@ -17,7 +17,7 @@
 //!   only if they end before that time or use none of those groups (EASY backfill).
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
 use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
@@ -319,6 +319,9 @@ pub struct Engine {
     capacity_waiting: [u32; 3],
     spot_leases: u32,
     borrowing_leases: u32,
+    /// Live leases a preemption may end (spot, or holding borrowed capacity): the victim search
+    /// looks only at these, not at every request.
+    preemptible: BTreeSet<RequestId>,
     pub(crate) reservation: Option<Reservation>,
     /// Whether something happened since the last pass that a pass could act on (capacity freed,
     /// a request queued, the fleet or a tenant changed). Without it, and before `next_timed`,
@@ -370,6 +373,7 @@ impl Engine {
             capacity_waiting: [0; 3],
             spot_leases: 0,
             borrowing_leases: 0,
+            preemptible: BTreeSet::new(),
             reservation: None,
             pass_due: false,
             next_timed: Millis::MAX,
@@ -897,18 +901,7 @@ impl Engine {
 
     fn set_reason(&mut self, id: RequestId, reason: WaitReason) {
         let r = self.requests.get_mut(&id).expect("queued request");
-        let class = r.priority.rank();
-        let was = Self::waits_for_capacity(r.reason);
-        r.reason = reason;
-        if !r.in_queue {
-            return;
-        }
-        let is = Self::waits_for_capacity(reason);
-        if was && !is {
-            self.capacity_waiting[class] -= 1;
-        } else if is && !was {
-            self.capacity_waiting[class] += 1;
-        }
+        set_reason(r, reason, &mut self.capacity_waiting);
     }
 
     /// Takes a request out of the queue's books (the deque entry goes lazily). A request that
@@ -1028,6 +1021,7 @@ impl Engine {
         if lease.borrowed > 0 {
             self.borrowing_leases -= 1;
         }
+        self.preemptible.remove(&id);
         if requeue {
             let r = self.requests.get_mut(&id).expect("live lease");
             r.state = RequestState::Queued;
@@ -1080,8 +1074,7 @@ impl Engine {
     // ----- scheduling -----
 
     fn quota_allows(&self, tenant: TenantIx, tflops: Tflops) -> bool {
-        let t = &self.tenants[tenant.0 as usize];
-        t.used.saturating_add(tflops) <= t.limit()
+        quota_allows(&self.tenants[tenant.0 as usize], tflops)
     }
 
     fn refresh_matchable(&mut self, id: RequestId) -> bool {
@@ -1106,7 +1099,9 @@ impl Engine {
         out: &mut Vec<Event>,
     ) -> Start {
         let now = self.now;
-        let r = &self.requests[&id];
+        // Every check before planning reads the request once: a pass over a long queue makes
+        // them for each waiting request, and most stop here.
+        let r = self.requests.get_mut(&id).expect("queued request");
         if let Some(deadline) = r.deadline
             && now.max(r.start_after).saturating_add(r.duration) > deadline
         {
@@ -1124,21 +1119,27 @@ impl Engine {
             let unmeetable = deadline.saturating_sub(r.duration).saturating_add(1);
             self.next_timed = self.next_timed.min(unmeetable);
         }
-        if r.start_after > now {
+        let early = if r.start_after > now {
             self.next_timed = self.next_timed.min(r.start_after);
-            self.set_reason(id, WaitReason::NotYetStartable);
+            Some(WaitReason::NotYetStartable)
+        } else if !quota_allows(
+            &self.tenants[r.tenant.0 as usize],
+            self.supply.min_tflops(&r.filter, &r.shape),
+        ) {
+            Some(WaitReason::Quota)
+        } else if pass
+            .as_ref()
+            .is_some_and(|p| p.failed.contains(&(r.filter_key, r.shape, r.policy)))
+        {
+            Some(WaitReason::CapacityBusy)
+        } else {
+            None
+        };
+        if let Some(reason) = early {
+            set_reason(r, reason, &mut self.capacity_waiting);
             return Start::Waits;
         }
-        let tenant = r.tenant;
-        if !self.quota_allows(tenant, self.supply.min_tflops(&r.filter, &r.shape)) {
-            self.set_reason(id, WaitReason::Quota);
-            return Start::Waits;
-        }
-        let memo = (r.filter_key, r.shape, r.policy);
-        if pass.as_ref().is_some_and(|p| p.failed.contains(&memo)) {
-            self.set_reason(id, WaitReason::CapacityBusy);
-            return Start::Waits;
-        }
+        let (tenant, memo) = (r.tenant, (r.filter_key, r.shape, r.policy));
         let r = &self.requests[&id];
         let Some(mut plan) = self.supply.plan(&r.filter, &r.shape, r.policy, None) else {
             if !self.refresh_matchable(id) {
@@ -1220,6 +1221,9 @@ impl Engine {
         if borrowed > 0 {
             self.borrowing_leases += 1;
         }
+        if r.priority == Priority::Spot || borrowed > 0 {
+            self.preemptible.insert(id);
+        }
         self.ends.push(Reverse((end, id)));
         out.push(Event::Placed { request: id });
     }
@@ -1243,13 +1247,8 @@ impl Engine {
         let classes = Priority::ALL.map(|class| {
             self.queue.classes[class.rank()]
                 .iter()
-                .map(|(&t, q)| {
-                    let queued = q
-                        .iter()
-                        .copied()
-                        .filter(|id| self.requests.get(id).is_some_and(|r| r.in_queue));
-                    (t, queued.collect())
-                })
+                // Entries that left the queue are skipped by the pass itself.
+                .map(|(&t, q)| (t, q.iter().copied().collect()))
                 .collect()
         });
         self.ranked = self.pass(classes, 0, out);
@@ -1297,19 +1296,21 @@ impl Engine {
             while let Some(Reverse((share, i, mut cursor))) = heap.pop() {
                 let ids = &snapshot[i].1;
                 // Next request of this tenant that is still queued.
-                while cursor < ids.len()
-                    && self
-                        .requests
-                        .get(&ids[cursor])
-                        .is_none_or(|r| r.state != RequestState::Queued)
-                {
-                    cursor += 1;
+                let mut next = None;
+                while let Some(&id) = ids.get(cursor) {
+                    match self.requests.get_mut(&id) {
+                        Some(r) if r.state == RequestState::Queued => {
+                            position += 1;
+                            r.position = position;
+                            next = Some(id);
+                            break;
+                        }
+                        _ => cursor += 1,
+                    }
                 }
-                let Some(&id) = ids.get(cursor) else {
+                let Some(id) = next else {
                     continue;
                 };
-                position += 1;
-                self.requests.get_mut(&id).expect("queued").position = position;
                 self.try_start(id, Some(&mut state), out);
                 heap.push(Reverse((self.share(share.tenant), i, cursor + 1)));
             }
@@ -1430,8 +1431,9 @@ impl Engine {
         }
         // Victims, most expendable first: spot before reclaimed borrowing, youngest first.
         let mut victims: Vec<(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)> = self
-            .requests
+            .preemptible
             .iter()
+            .map(|vid| (vid, &self.requests[vid]))
             .filter(|(_, v)| {
                 let Some(l) = v.lease.as_ref() else {
                     return false;
@@ -1570,6 +1572,11 @@ impl Engine {
         )
     }
 
+    /// The live leases a preemption may end, for audits.
+    pub(crate) fn preemptible(&self) -> &BTreeSet<RequestId> {
+        &self.preemptible
+    }
+
     /// Lease end times waiting to expire, stale entries included, for audits.
     pub(crate) fn pending_ends(&self) -> impl Iterator<Item = (Millis, RequestId)> + '_ {
         self.ends.iter().map(|&Reverse(e)| e)
@@ -1596,6 +1603,27 @@ impl Engine {
         }
         h.finish()
     }
+}
+
+/// Sets a request's wait reason and keeps the count of requests waiting for capacity.
+fn set_reason(r: &mut Request, reason: WaitReason, capacity_waiting: &mut [u32; 3]) {
+    let was = Engine::waits_for_capacity(r.reason);
+    r.reason = reason;
+    if !r.in_queue {
+        return;
+    }
+    let is = Engine::waits_for_capacity(reason);
+    let class = r.priority.rank();
+    if was && !is {
+        capacity_waiting[class] -= 1;
+    } else if is && !was {
+        capacity_waiting[class] += 1;
+    }
+}
+
+/// Whether a tenant may hold `tflops` more.
+fn quota_allows(t: &Tenant, tflops: Tflops) -> bool {
+    t.used.saturating_add(tflops) <= t.limit()
 }
 
 fn plan_touches(plan: &Plan, groups: &[bool]) -> bool {

@@ -156,13 +156,14 @@ pub struct RequestView {
     pub lease: Option<LeaseView>,
 }
 
-/// A queued request as the queue shows it.
+/// A queued request as the queue shows it. Borrows the tenant's name: a long queue is listed
+/// often, and a copy of every name would cost more than the rest of the entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueuedRequest {
+pub struct QueuedRequest<'a> {
     /// Id.
     pub id: RequestId,
     /// Tenant name.
-    pub tenant: String,
+    pub tenant: &'a str,
     /// Priority class.
     pub priority: Priority,
     /// Position in the last pass.
@@ -340,14 +341,14 @@ impl Engine {
 
     /// Every queued request in queue order (the order of the last scheduling pass; requests
     /// submitted since come after, by id).
-    pub fn queued(&self) -> Vec<QueuedRequest> {
-        let mut out: Vec<QueuedRequest> = self
+    pub fn queued(&self) -> Vec<QueuedRequest<'_>> {
+        let mut out: Vec<QueuedRequest<'_>> = self
             .requests
             .iter()
             .filter(|(_, r)| r.state == RequestState::Queued)
             .map(|(&id, r)| QueuedRequest {
                 id,
-                tenant: self.tenants[r.tenant.0 as usize].spec.name.clone(),
+                tenant: &self.tenants[r.tenant.0 as usize].spec.name,
                 priority: r.priority,
                 position: r.position,
                 reason: r.reason,

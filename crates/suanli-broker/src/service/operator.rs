@@ -155,6 +155,7 @@ impl OperatorService for OperatorApi {
         let snapshot = self.0.views.snapshot();
         let wanted: Vec<_> = snapshot
             .queue
+            .entries
             .iter()
             .filter(|q| r.priorities.is_empty() || r.priorities.contains(&(q.priority as i32)))
             .map(|q| q.id)

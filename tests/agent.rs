@@ -1,6 +1,6 @@
 //! A pool that joins through its agent: the broker tells the agent which leases to start, the
 //! agent reports them, and a silent agent makes its pool lost (its leases requeued) until it
-//! comes back.
+//! comes back, and a node the agent reports down loses its leases until it is back.
 
 use std::time::Duration;
 
@@ -206,6 +206,108 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
         .unwrap()
         .into_inner();
     assert_eq!(near.health, pb::PoolHealth::Healthy as i32);
+    alive.abort();
+    drop(tx);
+    broker.stop().await;
+}
+
+fn node_health(group: u32, node: u32, healthy: bool) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {
+            time_unix_ms: 0,
+            nodes: vec![pb::NodeHealth {
+                group,
+                node,
+                healthy,
+            }],
+        })),
+    }
+}
+
+#[tokio::test]
+async fn a_node_the_agent_reports_down_loses_its_lease_until_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.agent_pools = vec!["near".into()];
+    let broker = Broker::start(config).await;
+    let agent_token = broker.creds.agent("near").expect("agent token").to_string();
+    let tenant_token = broker.tenant_token("tenant-a");
+    let mut pool = broker.pool(&agent_token).await;
+    let (tx, mut from_broker) = connect(&mut pool).await;
+    let alive = keep_alive(tx.clone());
+
+    let mut tenant = broker.tenant(&tenant_token).await;
+    let spec = pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes: 1,
+            devices_per_node: 8,
+        })),
+        duration_ms: 3_600_000,
+        constraints: Some(pb::Constraints {
+            models: vec!["h100".into()],
+            ..Default::default()
+        }),
+        requeue: true,
+        ..Default::default()
+    };
+    let r = tenant
+        .submit_request(pb::SubmitRequestRequest {
+            request_id: "n1".into(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::broker_message::Body::StartLease(start) = next(&mut from_broker).await else {
+        panic!("expected StartLease")
+    };
+    let part = start.parts[0].clone();
+
+    // The node fails: the broker stops the lease there and starts it again on the other node.
+    tx.send(node_health(part.group, part.node, false))
+        .await
+        .unwrap();
+    let pb::broker_message::Body::StopLease(stop) = next(&mut from_broker).await else {
+        panic!("expected StopLease")
+    };
+    assert_eq!(stop.request, r.id);
+    assert_eq!(stop.reason, pb::EndReason::NodeLost as i32);
+    let pb::broker_message::Body::StartLease(again) = next(&mut from_broker).await else {
+        panic!("expected StartLease")
+    };
+    assert_eq!(again.request, r.id);
+    assert_ne!(again.parts[0].node, part.node, "not on the failed node");
+
+    let mut op = broker.operator(&broker.creds.operator).await;
+    let mut unavailable_becomes = async |want: u64| {
+        for _ in 0..500 {
+            let near = op
+                .get_pool(pb::GetPoolRequest {
+                    name: "pools/near".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if near.utilisation.unwrap().unavailable_devices == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(
+        unavailable_becomes(8).await,
+        "the failed node's devices are out of service"
+    );
+
+    // Back in service: its devices count again.
+    tx.send(node_health(part.group, part.node, true))
+        .await
+        .unwrap();
+    assert!(
+        unavailable_becomes(0).await,
+        "the node came back into service"
+    );
     alive.abort();
     drop(tx);
     broker.stop().await;

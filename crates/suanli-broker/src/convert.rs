@@ -195,6 +195,7 @@ pub fn end_to_pb(r: EndReason) -> pb::EndReason {
         EndReason::DeadlineMissed => pb::EndReason::DeadlineMissed,
         EndReason::Preempted => pb::EndReason::Preempted,
         EndReason::PoolLost => pb::EndReason::PoolLost,
+        EndReason::NodeLost => pb::EndReason::NodeLost,
     }
 }
 
@@ -287,6 +288,7 @@ pub fn utilisation_to_pb(u: &Utilisation) -> pb::Utilisation {
         allocated_tflops: u.allocated_tflops,
         capacity_devices: u.capacity_devices,
         allocated_devices: u.allocated_devices,
+        unavailable_devices: u.unavailable_devices,
     }
 }
 

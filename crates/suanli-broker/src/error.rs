@@ -62,6 +62,7 @@ impl From<BrokerError> for Status {
                 | CoreError::InvalidRequest { .. } => Code::InvalidArgument,
                 CoreError::DuplicatePool { .. } => Code::AlreadyExists,
                 CoreError::UnknownPool { .. }
+                | CoreError::UnknownNode { .. }
                 | CoreError::UnknownTenant { .. }
                 | CoreError::UnknownRequest { .. } => Code::NotFound,
                 CoreError::PoolState { .. }

@@ -913,6 +913,7 @@ impl Writer {
                             | Command::UndrainPool { .. }
                             | Command::LosePool { .. }
                             | Command::RestorePool { .. }
+                            | Command::SetNodeHealth { .. }
                             | Command::SetTenant(_),
                         ..
                     }

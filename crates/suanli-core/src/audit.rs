@@ -244,9 +244,15 @@ impl Engine {
             let nodes = &group.nodes;
             let size = nodes.devices_per_node();
             let free = nodes.free_per_node();
+            let down = nodes.down();
             let (pool, gi) = self.group_name(g as u32);
             for (node, (&f, &allocated)) in free.iter().zip(&held[g]).enumerate() {
-                let detail = if allocated > size as u32 {
+                let detail = if down[node] {
+                    if f == 0 && allocated == 0 {
+                        continue;
+                    }
+                    format!("is out of service but has {f} free and {allocated} allocated")
+                } else if allocated > size as u32 {
                     format!(
                         "{allocated} devices allocated on a node of {size}: a device is \
                          allocated twice"
@@ -268,6 +274,14 @@ impl Engine {
                 group: gi,
                 detail,
             };
+            let out_of_service = down.iter().filter(|&&d| d).count() as u64;
+            if down.len() != free.len() || nodes.down_devices() != out_of_service * size as u64 {
+                return Err(group_err(format!(
+                    "counts {} devices out of service but {out_of_service} of its {} nodes are",
+                    nodes.down_devices(),
+                    down.len()
+                )));
+            }
             let sum: u64 = free.iter().map(|&f| f as u64).sum();
             if nodes.free_devices() != sum {
                 return Err(group_err(format!(

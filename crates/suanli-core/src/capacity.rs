@@ -24,6 +24,9 @@ pub(crate) struct NodeSet {
     pos: Vec<u32>,
     buckets: Vec<Vec<u32>>,
     free_devices: u64,
+    /// Nodes out of service: filed as having no free device, and holding no lease.
+    down: Vec<bool>,
+    down_nodes: u32,
 }
 
 impl NodeSet {
@@ -36,7 +39,34 @@ impl NodeSet {
             pos: (0..nodes).collect(),
             buckets,
             free_devices: nodes as u64 * devices_per_node as u64,
+            down: vec![false; nodes as usize],
+            down_nodes: 0,
         }
+    }
+
+    /// Whether a node is out of service.
+    pub fn is_down(&self, node: u32) -> bool {
+        self.down[node as usize]
+    }
+
+    /// Devices on nodes out of service: neither free nor allocated.
+    pub fn down_devices(&self) -> u64 {
+        self.down_nodes as u64 * self.devices_per_node as u64
+    }
+
+    /// Takes a node out of service. The caller has ended the leases on it: it is wholly free.
+    pub fn set_down(&mut self, node: u32) {
+        debug_assert_eq!(self.free[node as usize], self.devices_per_node);
+        self.set_free(node, 0);
+        self.down[node as usize] = true;
+        self.down_nodes += 1;
+    }
+
+    /// Brings a node back into service, wholly free.
+    pub fn set_up(&mut self, node: u32) {
+        self.set_free(node, self.devices_per_node);
+        self.down[node as usize] = false;
+        self.down_nodes -= 1;
     }
 
     pub fn devices_per_node(&self) -> u16 {
@@ -161,6 +191,7 @@ impl NodeSet {
             self.pos.push(bucket.len() as u32);
             bucket.push(node);
             self.free.push(self.devices_per_node);
+            self.down.push(false);
             self.free_devices += self.devices_per_node as u64;
         }
     }
@@ -184,6 +215,7 @@ impl NodeSet {
                 self.pos[moved as usize] = at as u32;
             }
             self.free.pop();
+            self.down.pop();
             self.pos.pop();
             self.free_devices -= self.devices_per_node as u64;
         }
@@ -193,6 +225,11 @@ impl NodeSet {
     /// Free devices of every node, for scratch simulations (shadow times, preemption).
     pub fn free_per_node(&self) -> &[u16] {
         &self.free
+    }
+
+    /// Which nodes are out of service, for audits.
+    pub(crate) fn down(&self) -> &[bool] {
+        &self.down
     }
 
     /// The nodes filed under each free count, for audits.
@@ -252,5 +289,26 @@ mod tests {
         s.grow(2);
         assert_eq!(s.nodes_with_at_least(4), 3);
         assert_eq!(s.capacity(), 12);
+    }
+
+    #[test]
+    fn a_node_out_of_service_offers_nothing_until_it_is_back() {
+        let mut s = NodeSet::new(2, 8);
+        s.set_down(0);
+        assert!(s.is_down(0));
+        assert_eq!(s.free_devices(), 8);
+        assert_eq!(s.down_devices(), 8);
+        assert_eq!(s.nodes_with_at_least(1), 1);
+        let mut out = Vec::new();
+        s.take_devices(0, 8, &mut out);
+        assert!(
+            out.iter().all(|sl| sl.node == 1),
+            "nothing on the down node"
+        );
+        assert!(!s.shrink(1), "the last node is busy");
+        s.set_up(0);
+        assert_eq!(s.free_devices(), 8);
+        assert_eq!(s.down_devices(), 0);
+        assert_eq!(s.nodes_with_at_least(8), 1);
     }
 }

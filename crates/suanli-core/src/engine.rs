@@ -73,6 +73,18 @@ pub enum Command {
         /// Pool id.
         pool: String,
     },
+    /// A node went out of service (its leases end as lost, or go back to the queue when they
+    /// asked to) or came back (wholly free). Setting the health a node has changes nothing.
+    SetNodeHealth {
+        /// Pool id.
+        pool: String,
+        /// Index of the node group in the pool.
+        group: u32,
+        /// Index of the node in the group.
+        node: u32,
+        /// Whether it can run work.
+        healthy: bool,
+    },
     /// Create or change a tenant.
     SetTenant(TenantSpec),
     /// A tenant asks for compute.
@@ -122,6 +134,17 @@ pub enum Event {
         pool: String,
         /// New health.
         health: PoolHealth,
+    },
+    /// A node went out of service or came back.
+    NodeHealthChanged {
+        /// Pool id.
+        pool: String,
+        /// Index of the node group in the pool.
+        group: u32,
+        /// Index of the node in the group.
+        node: u32,
+        /// Whether it can run work now.
+        healthy: bool,
     },
     /// A tenant was created or changed.
     TenantSet {
@@ -424,6 +447,12 @@ impl Engine {
             Command::UndrainPool { pool } => self.set_health(&pool, PoolHealth::Healthy, out),
             Command::LosePool { pool } => self.set_health(&pool, PoolHealth::Lost, out),
             Command::RestorePool { pool } => self.set_health(&pool, PoolHealth::Healthy, out),
+            Command::SetNodeHealth {
+                pool,
+                group,
+                node,
+                healthy,
+            } => self.set_node_health(pool, group, node, healthy, out),
             Command::SetTenant(spec) => self.set_tenant(spec, out),
             Command::Submit(spec) => self.submit(spec, out),
             Command::Cancel { request } => self.cancel(request, out),
@@ -543,6 +572,52 @@ impl Engine {
         self.supply.rebuild(models);
         self.fleet_epoch += 1;
         out.push(Event::PoolUpdated { pool: id });
+        Ok(())
+    }
+
+    fn set_node_health(
+        &mut self,
+        pool: String,
+        group: u32,
+        node: u32,
+        healthy: bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), CoreError> {
+        let ix = self.pool_ix(&pool)?;
+        let groups = self.supply.pools[ix.0 as usize].groups.clone();
+        let g = groups.start + group;
+        if !groups.contains(&g) || node >= self.supply.groups[g as usize].nodes.nodes() {
+            return Err(CoreError::UnknownNode { pool, group, node });
+        }
+        if self.supply.groups[g as usize].nodes.is_down(node) != healthy {
+            return Ok(());
+        }
+        if healthy {
+            self.supply.groups[g as usize].nodes.set_up(node);
+        } else {
+            let mut lost: Vec<RequestId> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| {
+                    r.lease
+                        .as_ref()
+                        .is_some_and(|l| l.slices.iter().any(|s| s.group == g && s.node == node))
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            lost.sort_unstable();
+            for id in lost {
+                self.end_lease(id, RequestState::Lost, EndReason::NodeLost, out);
+            }
+            self.supply.groups[g as usize].nodes.set_down(node);
+        }
+        self.supply.refresh(g);
+        out.push(Event::NodeHealthChanged {
+            pool,
+            group,
+            node,
+            healthy,
+        });
         Ok(())
     }
 
@@ -1594,7 +1669,7 @@ impl Engine {
             (&p.spec, p.health).hash(&mut h);
         }
         for g in &self.supply.groups {
-            (g.price, g.nodes.free_per_node()).hash(&mut h);
+            (g.price, g.nodes.free_per_node(), g.nodes.down()).hash(&mut h);
         }
         let mut ids: Vec<&RequestId> = self.requests.keys().collect();
         ids.sort_unstable();
@@ -1928,6 +2003,61 @@ mod tests {
         assert!(placed(&ev, keep));
         assert_eq!(pool_of(&e, keep), "p2", "p1 is lost");
         ok(e.apply(Command::RestorePool { pool: "p1".into() }, 3_600_001));
+    }
+
+    #[test]
+    fn a_node_out_of_service_ends_its_leases_and_offers_nothing_until_back() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 2, 1000)])]);
+        let mut keep = gang("a", 1, 8, "h100");
+        keep.requeue = true;
+        let keep = submit(&mut e, keep, 0);
+        let other = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let node = e.request(keep).unwrap().lease.unwrap().parts[0].node;
+        let down = |healthy| Command::SetNodeHealth {
+            pool: "p".into(),
+            group: 0,
+            node,
+            healthy,
+        };
+        let ev = ok(e.apply(down(false), 10));
+        assert!(ev.contains(&Event::Requeued {
+            request: keep,
+            reason: EndReason::NodeLost
+        }));
+        assert_eq!(e.request(other).unwrap().state, RequestState::Placed);
+        let total = e.fleet_usage().total;
+        assert_eq!((total.allocated_devices, total.unavailable_devices), (8, 8));
+        assert!(
+            ok(e.apply(Command::Tick, 11)).is_empty(),
+            "the other node is taken and this one is out"
+        );
+        assert!(
+            ok(e.apply(down(false), 12)).is_empty(),
+            "already out: no change"
+        );
+        let ev = ok(e.apply(down(true), 13));
+        assert!(ev.contains(&Event::NodeHealthChanged {
+            pool: "p".into(),
+            group: 0,
+            node,
+            healthy: true
+        }));
+        assert!(placed(&ok(e.apply(Command::Tick, 14)), keep));
+        let err = e.apply(
+            Command::SetNodeHealth {
+                pool: "p".into(),
+                group: 1,
+                node: 0,
+                healthy: false,
+            },
+            15,
+        );
+        assert!(matches!(
+            &err[..],
+            [Event::Rejected {
+                error: CoreError::UnknownNode { group: 1, .. }
+            }]
+        ));
     }
 
     #[test]

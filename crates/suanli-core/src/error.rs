@@ -32,6 +32,16 @@ pub enum CoreError {
         /// What was asked.
         action: &'static str,
     },
+    /// The pool has no such node group or node.
+    #[error("pool {pool}: no node {node} in node group {group}")]
+    UnknownNode {
+        /// The pool id.
+        pool: String,
+        /// Index of the node group in the pool.
+        group: u32,
+        /// Index of the node in the group.
+        node: u32,
+    },
     /// No tenant has this name.
     #[error("unknown tenant {tenant:?}")]
     UnknownTenant {

@@ -20,6 +20,8 @@ pub struct Utilisation {
     pub capacity_devices: u64,
     /// Devices held by leases.
     pub allocated_devices: u64,
+    /// Devices on nodes out of service: part of the capacity, neither free nor allocated.
+    pub unavailable_devices: u64,
 }
 
 impl Utilisation {
@@ -37,6 +39,7 @@ impl Utilisation {
         self.allocated_tflops += other.allocated_tflops;
         self.capacity_devices += other.capacity_devices;
         self.allocated_devices += other.allocated_devices;
+        self.unavailable_devices += other.unavailable_devices;
     }
 }
 
@@ -197,12 +200,14 @@ impl Engine {
                 let group = &s.groups[g as usize];
                 let per = group.tflops_per_device as u64;
                 let cap = group.nodes.capacity();
-                let used = cap - group.nodes.free_devices();
+                let down = group.nodes.down_devices();
+                let used = cap - group.nodes.free_devices() - down;
                 let u = Utilisation {
                     capacity_tflops: cap * per,
                     allocated_tflops: used * per,
                     capacity_devices: cap,
                     allocated_devices: used,
+                    unavailable_devices: down,
                 };
                 pu.add(&u);
                 let model = s.catalogue.model(group.model).id.clone();
@@ -413,5 +418,20 @@ impl Engine {
                 )
             })
             .collect()
+    }
+
+    /// Nodes out of service: (pool, index of the node group in the pool, node), in pool order.
+    pub fn down_nodes(&self) -> Vec<(String, u32, u32)> {
+        let s = &self.supply;
+        let mut out = Vec::new();
+        for pool in &s.pools {
+            for (gi, g) in pool.groups.clone().enumerate() {
+                let nodes = &s.groups[g as usize].nodes;
+                for node in (0..nodes.nodes()).filter(|&n| nodes.is_down(n)) {
+                    out.push((pool.spec.id.clone(), gi as u32, node));
+                }
+            }
+        }
+        out
     }
 }

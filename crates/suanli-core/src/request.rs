@@ -218,4 +218,6 @@ pub enum EndReason {
     Preempted,
     /// Its pool was lost.
     PoolLost,
+    /// A node it ran on went out of service.
+    NodeLost,
 }

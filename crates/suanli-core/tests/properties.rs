@@ -4,7 +4,7 @@
 //! A scenario is a small fleet (1 to 6 pools of 1 to 3 node groups), 1 to 4 tenants and 30 to 150
 //! steps. Each step advances the clock and applies one command: submissions of gangs and elastic
 //! requests (some invalid, impossible or beyond quota), cancels, releases, start and end reports
-//! of known and unknown requests, ticks, pool health changes and pool updates.
+//! of known and unknown requests, ticks, pool and node health changes and pool updates.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -58,6 +58,14 @@ enum Op {
     Request(RequestOp, IdRef),
     Pool(PoolOp, Pick),
     Update(UpdateOp),
+    /// A node of a pool (group and node taken modulo what the pool has, one past the end now
+    /// and then) goes out of service or comes back.
+    Node {
+        pool: Pick,
+        group: u32,
+        node: u32,
+        healthy: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -409,6 +417,9 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (request_op, id_ref()).prop_map(|(o, r)| Op::Request(o, r)),
         3 => (pool_op, pick_strategy()).prop_map(|(o, p)| Op::Pool(o, p)),
         1 => update.prop_map(Op::Update),
+        3 => (pick_strategy(), 0u32..4, 0u32..8, prop::bool::weighted(0.4)).prop_map(
+            |(pool, group, node, healthy)| Op::Node { pool, group, node, healthy }
+        ),
     ]
 }
 
@@ -592,6 +603,17 @@ impl Run {
                 }
             }
             Op::Update(u) => Command::UpdatePool(self.update_spec(u)),
+            Op::Node {
+                pool,
+                group,
+                node,
+                healthy,
+            } => Command::SetNodeHealth {
+                pool: self.pool_id(pool),
+                group: *group,
+                node: *node,
+                healthy: *healthy,
+            },
         }
     }
 
@@ -675,15 +697,22 @@ fn check_conservation(e: &Engine, command: &Command) -> Result<(), TestCaseError
             "{pool}/{g}/{node}: {a} allocated on a node of {size}"
         );
     }
+    let down: BTreeSet<(String, u32, u32)> = e.down_nodes().into_iter().collect();
     for ((pool, g), (free, size)) in &table {
         for (node, &f) in free.iter().enumerate() {
             let a = held
                 .get(&(pool.clone(), *g, node as u32))
                 .copied()
                 .unwrap_or(0);
+            // A node out of service offers nothing and holds nothing.
+            let size = if down.contains(&(pool.clone(), *g, node as u32)) {
+                0
+            } else {
+                *size as u32
+            };
             prop_assert_eq!(
                 f as u32 + a,
-                *size as u32,
+                size,
                 "{}/{}/{}: free + allocated after {:?}",
                 pool,
                 g,
@@ -825,7 +854,7 @@ proptest! {
     }
 
     /// Ending everything gives everything back: after the sequence, cancelling every live
-    /// request and bringing every pool back to health leaves every node fully free, every
+    /// request and bringing every pool and node back to health leaves every node fully free, every
     /// tenant at zero usage with no lease and nothing queued.
     #[test]
     fn releasing_everything_frees_the_fleet(s in scenario()) {
@@ -849,6 +878,13 @@ proptest! {
             let ev = run.apply(command);
             prop_assert!(
                 matches!(ev[..], [Event::PoolHealthChanged { health: PoolHealth::Healthy, .. }]),
+                "{:?}", ev
+            );
+        }
+        for (pool, group, node) in run.engine.down_nodes() {
+            let ev = run.apply(Command::SetNodeHealth { pool, group, node, healthy: true });
+            prop_assert!(
+                matches!(ev[..], [Event::NodeHealthChanged { healthy: true, .. }]),
                 "{:?}", ev
             );
         }

@@ -90,9 +90,26 @@ impl PoolService for PoolApi {
                     }
                 };
                 match body {
-                    pb::agent_message::Body::Heartbeat(_) => {
+                    pb::agent_message::Body::Heartbeat(h) => {
                         if shared.writer.heartbeat(pool.clone()).is_err() {
                             break;
+                        }
+                        for n in h.nodes {
+                            let command = Command::SetNodeHealth {
+                                pool: pool.clone(),
+                                group: n.group,
+                                node: n.node,
+                                healthy: n.healthy,
+                            };
+                            if let Err(e) = shared.writer.apply(command, None).await {
+                                warn!(
+                                    pool,
+                                    group = n.group,
+                                    node = n.node,
+                                    error = %e,
+                                    "node health not applied"
+                                );
+                            }
                         }
                     }
                     pb::agent_message::Body::LeaseReport(r) => {

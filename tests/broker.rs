@@ -643,3 +643,48 @@ async fn ended_requests_are_forgotten_beyond_the_most_kept() {
     assert_eq!(listed, [names[2].clone(), names[3].clone(), live.name]);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn requests_behind_the_head_get_estimated_starts_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let held = a
+        .submit_request(submit("hold", gang(2, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = held.lease.unwrap().end_unix_ms;
+    let first = a
+        .submit_request(submit("first", gang(2, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = a
+        .submit_request(submit("second", gang(2, 8, "h100", 60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut estimate = None;
+    for _ in 0..500 {
+        let r = a
+            .get_request(pb::GetRequestRequest {
+                name: second.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(at) = r.wait.unwrap().earliest_start_unix_ms {
+            estimate = Some(at);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        estimate,
+        Some(end + 60_000),
+        "after the held lease ends and the first request has run ({})",
+        first.name
+    );
+    broker.stop().await;
+}

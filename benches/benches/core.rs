@@ -107,6 +107,11 @@ fn full_pass_on_full_fleet(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // What the broker adds to each rebuild of its queue view: start estimates for the head.
+    let head: Vec<_> = engine.queued().iter().take(100).map(|q| q.id).collect();
+    g.bench_function("estimated_starts-100", |b| {
+        b.iter(|| black_box(engine.estimated_starts(&head).len()))
+    });
     g.finish();
 }
 

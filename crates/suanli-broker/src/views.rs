@@ -33,11 +33,13 @@ pub struct QueueView {
     pub by_priority: [u32; 3],
     /// Queued requests per wait reason (wire value), ascending.
     pub by_reason: Vec<(i32, u32)>,
+    /// Estimated start (unix ms) of the requests at the head of the queue.
+    pub starts: FxHashMap<u64, u64>,
 }
 
 impl QueueView {
-    /// Indexes and counts the queue in order.
-    pub fn new(entries: Vec<Queued>) -> Self {
+    /// Indexes and counts the queue in order; `starts` are the estimated starts of its head.
+    pub fn new(entries: Vec<Queued>, starts: FxHashMap<u64, u64>) -> Self {
         let mut wait = FxHashMap::with_capacity_and_hasher(entries.len(), Default::default());
         let mut by_priority = [0u32; 3];
         let mut by_reason = std::collections::BTreeMap::<i32, u32>::new();
@@ -51,6 +53,7 @@ impl QueueView {
             wait,
             by_priority,
             by_reason: by_reason.into_iter().collect(),
+            starts,
         }
     }
 }
@@ -101,9 +104,11 @@ impl Views {
                 w.reason = reason as i32;
                 w.position = position;
             }
-            if let Some((_, at)) = snapshot.reserved.filter(|(held, _)| *held == id) {
-                w.earliest_start_unix_ms = at;
-            }
+            // The reservation's estimate knows backfill; the shadow schedule's does not.
+            w.earliest_start_unix_ms = match snapshot.reserved {
+                Some((held, at)) if held == id => at,
+                _ => snapshot.queue.starts.get(&id).copied(),
+            };
         }
         Some(r)
     }

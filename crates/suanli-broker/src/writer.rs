@@ -36,6 +36,11 @@ const PUBLISH_EVERY_MS: u64 = 10;
 
 /// Batches smaller than this come from a broker that is not under load.
 const QUIET_BATCH: usize = 64;
+/// Waiting requests at the head of the queue whose start is estimated (a shadow schedule) at
+/// each rebuild of the queue view.
+const ESTIMATED_STARTS: usize = 100;
+/// A queue of 2,000 or more is rebuilt at most this often.
+const QUEUE_VIEW_EVERY_MS: u64 = 500;
 /// Ticks (scheduling passes) may take at most 1/TICK_SHARE of the writer's time: with a long
 /// queue they come less often than the configured interval (a pass over 50,000 waiting
 /// requests takes tens of milliseconds; every call that arrives meanwhile waits for it).
@@ -215,7 +220,8 @@ pub(crate) struct Writer {
     started_at: u64,
     last_publish: u64,
     publish_due: bool,
-    last_queue_publish: u64,
+    /// When a long queue's view may be rebuilt next.
+    next_queue_publish: u64,
     now: u64,
     live: bool,
 }
@@ -258,7 +264,7 @@ impl Writer {
             started_at: 0,
             last_publish: 0,
             publish_due: false,
-            last_queue_publish: 0,
+            next_queue_publish: 0,
             now: 0,
             live: false,
         };
@@ -775,9 +781,9 @@ impl Writer {
             }
         }
         let queue_len = self.engine.queue_len();
-        let queue = if force_queue || queue_len < 2000 || now >= self.last_queue_publish + 500 {
-            self.last_queue_publish = now;
-            let entries = self
+        let queue = if force_queue || queue_len < 2000 || now >= self.next_queue_publish {
+            let rebuilt = Instant::now();
+            let entries: Vec<Queued> = self
                 .engine
                 .queued()
                 .into_iter()
@@ -788,7 +794,22 @@ impl Writer {
                     position: q.position,
                 })
                 .collect();
-            Arc::new(QueueView::new(entries))
+            let head: Vec<RequestId> = entries
+                .iter()
+                .take(ESTIMATED_STARTS)
+                .map(|q| RequestId(q.id))
+                .collect();
+            let starts = self
+                .engine
+                .estimated_starts(&head)
+                .into_iter()
+                .filter_map(|(id, at)| Some((id.0, at?)))
+                .collect();
+            let view = Arc::new(QueueView::new(entries, starts));
+            // Like ticks, rebuilds of a long queue take at most 1/TICK_SHARE of the writer.
+            let cost = rebuilt.elapsed().as_millis() as u64;
+            self.next_queue_publish = now + (cost * TICK_SHARE).max(QUEUE_VIEW_EVERY_MS);
+            view
         } else {
             self.views.snapshot().queue.clone()
         };

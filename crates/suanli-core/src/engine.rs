@@ -2061,6 +2061,35 @@ mod tests {
     }
 
     #[test]
+    fn waiting_requests_are_given_start_times_in_queue_order() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 1, 1000)])]);
+        let hour = 3_600_000;
+        let spec = |duration_ms| {
+            let mut g = gang("a", 1, 8, "h100");
+            g.duration_ms = duration_ms;
+            g
+        };
+        submit(&mut e, spec(hour), 0);
+        let first = submit(&mut e, spec(hour / 2), 0);
+        let second = submit(&mut e, spec(hour), 0);
+        let mut later = spec(hour);
+        later.start_after_ms = Some(5 * hour);
+        let third = submit(&mut e, later, 0);
+        ok(e.apply(Command::Tick, 1));
+        let head: Vec<RequestId> = e.queued().iter().map(|q| q.id).collect();
+        assert_eq!(head, [first, second, third]);
+        assert_eq!(
+            e.estimated_starts(&head),
+            [
+                (first, Some(hour)),
+                (second, Some(hour + hour / 2)),
+                (third, Some(5 * hour))
+            ]
+        );
+        assert_eq!(e.estimated_starts(&head[..1]), [(first, Some(hour))]);
+    }
+
+    #[test]
     fn draining_pools_keep_leases_and_take_nothing_new() {
         let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 2, 1000)])]);
         let a = submit(&mut e, gang("a", 1, 8, "h100"), 0);

@@ -344,6 +344,68 @@ impl Engine {
         })
     }
 
+    /// Estimated start times of waiting requests taken in the order given: the head of the
+    /// queue, as [`Engine::queued`] lists it. Ids that are not waiting are left out.
+    ///
+    /// A shadow schedule on a copy of the fleet: leases end at their end times, and each
+    /// request, in queue order, starts at the first lease end at which it fits after the
+    /// requests ahead of it have started (and not before its start time); it then holds its
+    /// capacity for its duration. Requests do not jump ahead of one another here, so a request
+    /// that backfills may start sooner than estimated. `None`: it never fits by lease ends
+    /// alone (it waits for quota, for a pool that can hold it, or for capacity that only a
+    /// pool's return would bring).
+    pub fn estimated_starts(&self, head: &[RequestId]) -> Vec<(RequestId, Option<Millis>)> {
+        if head.is_empty() {
+            return Vec::new();
+        }
+        let mut fleet = self.supply.clone();
+        // Lease ends still to come, earliest first; the shadow leases of estimated requests
+        // join them as they are made.
+        let mut ends: std::collections::BinaryHeap<_> = self
+            .requests
+            .iter()
+            .filter_map(|(&id, r)| {
+                let l = r.lease.as_ref()?;
+                Some(std::cmp::Reverse((l.end, id, l.slices.clone())))
+            })
+            .collect();
+        let mut clock = self.now;
+        let mut out = Vec::with_capacity(head.len());
+        for &id in head {
+            let Some(r) = self
+                .requests
+                .get(&id)
+                .filter(|r| r.state == RequestState::Queued)
+            else {
+                continue;
+            };
+            if matches!(r.reason, WaitReason::Quota | WaitReason::NoMatchingPool) {
+                out.push((id, None));
+                continue;
+            }
+            let start = loop {
+                if let Some(plan) = fleet.plan(&r.filter, &r.shape, r.policy, None) {
+                    let at = clock.max(r.start_after);
+                    let mut slices = Vec::new();
+                    fleet.commit(&plan, &r.shape, &mut slices);
+                    ends.push(std::cmp::Reverse((
+                        at.saturating_add(r.duration),
+                        id,
+                        slices,
+                    )));
+                    break Some(at);
+                }
+                let Some(std::cmp::Reverse((end, _, slices))) = ends.pop() else {
+                    break None;
+                };
+                fleet.give_back(&slices);
+                clock = clock.max(end);
+            };
+            out.push((id, start));
+        }
+        out
+    }
+
     /// Every queued request in queue order (the order of the last scheduling pass; requests
     /// submitted since come after, by id).
     pub fn queued(&self) -> Vec<QueuedRequest<'_>> {

@@ -688,3 +688,57 @@ async fn requests_behind_the_head_get_estimated_starts_too() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_sees_its_own_quota_and_usage_and_no_one_elses() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let r = a
+        .submit_request(submit("me1", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut me = None;
+    for _ in 0..500 {
+        let t = a
+            .get_tenant(pb::GetTenantRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if t.usage.as_ref().is_some_and(|u| u.live_leases == 1) {
+            me = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let me = me.expect("the lease shows in the tenant's usage");
+    assert_eq!(me.name, "tenants/tenant-a");
+    assert_eq!(
+        me.usage.unwrap().used_tflops,
+        r.lease.unwrap().tflops,
+        "usage is what its lease holds"
+    );
+    let named = a
+        .get_tenant(pb::GetTenantRequest {
+            name: "tenants/tenant-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(named.id, "tenant-a");
+    let other = a
+        .get_tenant(pb::GetTenantRequest {
+            name: "tenants/tenant-b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
+    let mut op = broker.tenant(&broker.creds.operator).await;
+    let denied = op
+        .get_tenant(pb::GetTenantRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    broker.stop().await;
+}

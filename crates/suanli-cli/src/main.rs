@@ -1,7 +1,7 @@
 //! `suanli`: the front door to every part of the platform.
 //!
 //! - `suanli serve` runs the broker.
-//! - Tenants (AI companies): `submit`, `get`, `list`, `cancel`, `release`, `watch`, `quote`.
+//! - Tenants (AI companies): `submit`, `get`, `list`, `cancel`, `release`, `watch`, `quote`, `me`.
 //! - Operators: `fleet`, `pools`, `tenants`, `queue`.
 //! - `suanli agent` runs a pool's agent (with simulated jobs); `suanli loadgen` drives a broker
 //!   and measures it.
@@ -72,6 +72,8 @@ enum Command {
     Watch(tenant_cmds::WatchArgs),
     /// Tell where and at what price a request would be placed now, without submitting it.
     Quote(tenant_cmds::SpecArgs),
+    /// Show the calling tenant: quota, borrowing limit, weight and usage.
+    Me,
 
     /// Show the fleet: capacity, use, pools, queue (operator).
     Fleet,
@@ -108,6 +110,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Release(a) => tenant_cmds::release(g, a).await,
         Command::Watch(a) => tenant_cmds::watch(g, a).await,
         Command::Quote(a) => tenant_cmds::quote(g, a).await,
+        Command::Me => tenant_cmds::me(g).await,
         Command::Fleet => operator_cmds::fleet(g).await,
         Command::Pools(a) => operator_cmds::pools(g, a).await,
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,

@@ -1,13 +1,13 @@
 //! The commands of an AI company (TenantService): submit, get, list, cancel, release, watch and
 //! quote requests.
 
-use anyhow::bail;
 use clap::{ArgGroup, Args, ValueEnum};
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
 use suanli_proto::v1::{
     CancelRequestRequest, Constraints, ElasticShape, GangShape, GetRequestRequest,
-    ListRequestsRequest, Policy, Priority, QuoteRequestRequest, ReleaseRequestRequest, Request,
-    RequestSpec, RequestState, SubmitRequestRequest, WatchRequestsRequest, request_spec::Shape,
+    GetTenantRequest, ListRequestsRequest, Policy, Priority, QuoteRequestRequest,
+    ReleaseRequestRequest, Request, RequestSpec, RequestState, SubmitRequestRequest,
+    WatchRequestsRequest, request_spec::Shape,
 };
 use tonic::Code;
 
@@ -256,20 +256,26 @@ async fn full_name(
     if let Some(tenant) = &id.tenant {
         return Ok(parse::request_name(tenant, number));
     }
-    let page = client
-        .list_requests(ListRequestsRequest {
-            page_size: 1,
-            ..Default::default()
-        })
+    let me = client
+        .get_tenant(GetTenantRequest::default())
         .await?
         .into_inner();
-    match page.requests.first() {
-        Some(r) => Ok(parse::request_name(&r.tenant, number)),
-        None => bail!(
-            "cannot tell which tenant the token belongs to: pass --tenant NAME or the full name \
-             tenants/TENANT/requests/{number}"
-        ),
+    Ok(parse::request_name(&me.id, number))
+}
+
+/// `suanli me`: the calling tenant's quota, weight and usage.
+pub async fn me(g: &GlobalArgs) -> anyhow::Result<()> {
+    let (mut client, _) = client::tenant_client(g).await?;
+    let me = client
+        .get_tenant(GetTenantRequest::default())
+        .await?
+        .into_inner();
+    if g.json {
+        output::print_json(&output::tenant_json(&me));
+    } else {
+        output::emit(&output::tenants_table(std::slice::from_ref(&me)).render());
     }
+    Ok(())
 }
 
 fn print_request(g: &GlobalArgs, r: &Request) {

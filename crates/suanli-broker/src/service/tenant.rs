@@ -278,4 +278,22 @@ impl TenantService for TenantApi {
         }
         Ok(Response::new(out))
     }
+
+    #[instrument(skip_all, fields(rpc = "GetTenant"))]
+    async fn get_tenant(
+        &self,
+        req: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?;
+        let name = &req.get_ref().name;
+        let asked = name.strip_prefix("tenants/").unwrap_or(name);
+        if !name.is_empty() && asked != tenant {
+            return Err(BrokerError::NotFound(format!("tenant {name} not found")).into());
+        }
+        let snapshot = self.0.views.snapshot();
+        let found = snapshot.tenants.iter().find(|t| t.id == tenant).cloned();
+        let t = found.ok_or_else(|| BrokerError::NotFound(format!("tenant {tenant} not found")))?;
+        Ok(Response::new(t))
+    }
 }

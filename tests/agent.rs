@@ -15,9 +15,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 fn hello(running: Vec<u64>) -> pb::AgentMessage {
+    hello_from("near", running)
+}
+
+fn hello_from(pool: &str, running: Vec<u64>) -> pb::AgentMessage {
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
-            pool: "near".into(),
+            pool: pool.into(),
             agent_version: "test".into(),
             running_requests: running,
         })),
@@ -60,12 +64,20 @@ fn keep_alive(tx: mpsc::Sender<pb::AgentMessage>) -> tokio::task::JoinHandle<()>
     })
 }
 
-/// Opens the agent stream with a hello and checks the broker's welcome.
+/// Opens the agent stream of `near` with a hello and checks the broker's welcome.
 async fn connect(
     pool: &mut PoolServiceClient<InterceptedService<Channel, Bearer>>,
 ) -> (mpsc::Sender<pb::AgentMessage>, Streaming<pb::BrokerMessage>) {
+    connect_as(pool, "near").await
+}
+
+/// Opens the agent stream of `id` with a hello and checks the broker's welcome.
+async fn connect_as(
+    pool: &mut PoolServiceClient<InterceptedService<Channel, Bearer>>,
+    id: &str,
+) -> (mpsc::Sender<pb::AgentMessage>, Streaming<pb::BrokerMessage>) {
     let (tx, rx) = mpsc::channel(16);
-    tx.send(hello(vec![])).await.unwrap();
+    tx.send(hello_from(id, vec![])).await.unwrap();
     let mut from_broker = pool
         .connect_agent(ReceiverStream::new(rx))
         .await
@@ -311,4 +323,59 @@ async fn a_node_the_agent_reports_down_loses_its_lease_until_it_is_back() {
     alive.abort();
     drop(tx);
     broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_over_two_pools_ends_on_both_when_one_reports_it_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.agent_pools = vec!["near".into(), "far".into()];
+    config.shutdown_grace = Duration::from_millis(200);
+    let broker = Broker::start(config).await;
+    let mut near = broker.pool(broker.creds.agent("near").unwrap()).await;
+    let mut far = broker.pool(broker.creds.agent("far").unwrap()).await;
+    let (near_tx, mut to_near) = connect_as(&mut near, "near").await;
+    let (far_tx, mut to_far) = connect_as(&mut far, "far").await;
+    let alive = [keep_alive(near_tx.clone()), keep_alive(far_tx.clone())];
+
+    // More than near's 16 H100 hold: the elastic lease takes parts of both pools.
+    let mut tenant = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let r = tenant
+        .submit_request(pb::SubmitRequestRequest {
+            request_id: "both".into(),
+            spec: Some(pb::RequestSpec {
+                shape: Some(pb::request_spec::Shape::Elastic(pb::ElasticShape {
+                    tflops: 18_000,
+                    min_chunk_tflops: 0,
+                })),
+                duration_ms: 3_600_000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for to in [&mut to_near, &mut to_far] {
+        let pb::broker_message::Body::StartLease(start) = next(to).await else {
+            panic!("expected StartLease")
+        };
+        assert_eq!(start.request, r.id);
+    }
+    near_tx
+        .send(report(r.id, pb::LeaseReportKind::Finished))
+        .await
+        .unwrap();
+    let pb::broker_message::Body::StopLease(stop) = next(&mut to_far).await else {
+        panic!("expected StopLease on the other pool")
+    };
+    assert_eq!(stop.request, r.id);
+    assert_eq!(stop.reason, pb::EndReason::Finished as i32);
+    let token = broker.tenant_token("tenant-a");
+    eventually(&broker, &token, &r.name, pb::RequestState::Completed).await;
+    for a in alive {
+        a.abort();
+    }
+    // The agents keep their streams open: the broker still stops, after its grace period.
+    broker.stop().await;
+    drop((near_tx, far_tx));
 }

@@ -72,6 +72,8 @@ pub struct BrokerConfig {
     pub ended_retention: Duration,
     /// Most ended requests kept readable; the oldest are forgotten first.
     pub ended_max: usize,
+    /// How long open calls may take to finish after a stop is asked for.
+    pub shutdown_grace: Duration,
     /// Log entries between snapshots: recovery loads the latest snapshot and replays only the
     /// entries after it, and the log before it is dropped.
     pub snapshot_every: u64,
@@ -118,6 +120,7 @@ impl BrokerConfig {
             ended_retention: Duration::from_secs(24 * 3600),
             ended_max: 200_000,
             snapshot_every: 200_000,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::auth::{Principal, Tokens, new_token};
 use crate::config::{BrokerConfig, Execution};
@@ -60,8 +60,10 @@ pub async fn run(
         announce(&config, &creds);
     }
     let (handle, join) = writer::spawn(w, config.queue_capacity);
+    let stopper = handle.clone();
 
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut stopped = stopping.clone();
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -119,21 +121,33 @@ pub async fn run(
         .local_addr()
         .map_err(|e| BrokerError::Config(e.to_string()))?;
     info!(%addr, data_dir = %config.data_dir.display(), "serving");
-    builder
+    let serve = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(tenant)
         .add_service(pool)
         .add_service(operator)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| BrokerError::Unavailable(format!("server: {e}")))?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    // Open calls get a grace period after the stop; a client that keeps its stream open (an
+    // agent that does not hang up) does not hold the broker up beyond it.
+    let grace = config.shutdown_grace;
+    let overdue = async move {
+        let _ = stopped.wait_for(|&s| s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = serve => served.map_err(|e| BrokerError::Unavailable(format!("server: {e}")))?,
+        () = overdue => warn!(?grace, "calls still open after the grace period: closing them"),
+    }
     info!("stopped accepting; finishing the last batch");
-    let digest = tokio::task::spawn_blocking(move || join.join())
-        .await
-        .map_err(|e| BrokerError::Unavailable(e.to_string()))?
-        .map_err(|_| BrokerError::Unavailable("the writer panicked".into()))??;
+    let digest = tokio::task::spawn_blocking(move || {
+        stopper.stop();
+        join.join()
+    })
+    .await
+    .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+    .map_err(|_| BrokerError::Unavailable("the writer panicked".into()))??;
     info!(digest, "stopped");
     Ok(RunSummary { digest })
 }

@@ -82,6 +82,8 @@ pub(crate) enum Op {
     Heartbeat {
         pool: String,
     },
+    /// The server has stopped: finish this batch and end, even if calls still hold handles.
+    Stop,
 }
 
 /// How long a request_id is remembered: the API promises at least 24 hours.
@@ -128,6 +130,12 @@ impl Handle {
                 BrokerError::Unavailable("the writer has stopped".into())
             }
         })
+    }
+
+    /// Asks the writer to end after the operations already sent; waits for room in the
+    /// queue if it is full. Blocking: call it off the async runtime.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Op::Stop);
     }
 
     async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, BrokerError> {
@@ -224,6 +232,8 @@ pub(crate) struct Writer {
     next_queue_publish: u64,
     now: u64,
     live: bool,
+    /// Op::Stop came: end after this batch.
+    stopping: bool,
 }
 
 /// Wall-clock unix milliseconds.
@@ -267,6 +277,7 @@ impl Writer {
             next_queue_publish: 0,
             now: 0,
             live: false,
+            stopping: false,
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -581,13 +592,17 @@ impl Writer {
                 let Some(lease) = previous.and_then(|p| p.lease.as_ref()) else {
                     return;
                 };
-                if reported || previous.is_some_and(|p| p.state == pb::RequestState::Queued as i32)
-                {
+                if previous.is_some_and(|p| p.state == pb::RequestState::Queued as i32) {
                     return;
                 }
                 let mut pools: Vec<&str> = lease.parts.iter().map(|p| p.pool.as_str()).collect();
                 pools.sort_unstable();
                 pools.dedup();
+                // A lease ends when one of its pools reports its part done: the parts on other
+                // pools are stopped (the reporting agent ignores a stop for a job it has ended).
+                if reported && pools.len() < 2 {
+                    return;
+                }
                 for pool in pools {
                     self.tell_agent(
                         pool,
@@ -960,6 +975,9 @@ impl Writer {
             if self.publish_due && (small || now >= self.last_publish + PUBLISH_EVERY_MS) {
                 self.publish(now, false);
             }
+            if self.stopping {
+                break;
+            }
             let total = started.elapsed();
             if total >= SLOW_BATCH {
                 debug!(
@@ -1016,6 +1034,7 @@ impl Writer {
                     a.last_heartbeat = now;
                 }
             }
+            Op::Stop => self.stopping = true,
         }
     }
 }

@@ -80,7 +80,16 @@ impl PoolService for PoolApi {
         info!(pool, version = hello.agent_version, "agent connected");
         let shared = self.0.clone();
         tokio::spawn(async move {
-            while let Some(msg) = incoming.next().await {
+            let stopped = shared.stopped();
+            tokio::pin!(stopped);
+            loop {
+                let msg = tokio::select! {
+                    _ = &mut stopped => break,
+                    msg = incoming.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                };
                 let body = match msg {
                     Ok(pb::AgentMessage { body: Some(b) }) => b,
                     Ok(_) => continue,

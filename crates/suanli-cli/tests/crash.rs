@@ -3,60 +3,15 @@
 //! fleet reports as allocated. The broker snapshots its state every few dozen log entries, so
 //! recovery goes through a snapshot and the log after it.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::Duration;
 
-use suanli_broker::credentials::{Credentials, FILE_NAME};
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
+use support::{start, wait_for_credentials};
 use tonic::transport::Channel;
-
-/// Starts `suanli serve` on a free port; returns the child and its address. Snapshots are
-/// taken every few entries, so the kill also lands around snapshots and log truncation.
-fn start(dir: &Path) -> (Child, String) {
-    let _ = std::fs::remove_file(dir.join(FILE_NAME));
-    let config = dir.join("broker.toml");
-    std::fs::write(
-        &config,
-        "snapshot_every = 40\n[pools]\nsimulated = [\"*\"]\n",
-    )
-    .expect("write the config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start suanli serve");
-    let mut first = String::new();
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    out.read_line(&mut first).expect("banner");
-    // Keep draining its output: a closed pipe would end the broker at its next line.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    // "suanli broker: gRPC on 127.0.0.1:PORT, fleet ..."
-    let addr = first
-        .split("gRPC on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or_else(|| panic!("unexpected banner {first:?}"))
-        .to_string();
-    (child, addr)
-}
-
-async fn wait_for_credentials(dir: &Path) -> Credentials {
-    for _ in 0..1000 {
-        if let Ok(c) = Credentials::load(&dir.join(FILE_NAME)) {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no credentials file")
-}
 
 async fn channel(addr: &str) -> Channel {
     for _ in 0..500 {

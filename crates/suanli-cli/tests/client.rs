@@ -1,0 +1,92 @@
+//! The client commands of the real `suanli` binary against a real `suanli serve`: what a person
+//! types, what a script reads (`--json`), and the one-line error with a non-zero exit.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use support::{start, wait_for_credentials};
+
+/// Runs `suanli --addr http://ADDR --token TOKEN ARGS...`.
+fn suanli(addr: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_suanli"))
+        .args(["--addr", &format!("http://{addr}"), "--token", token])
+        .args(args)
+        .output()
+        .expect("run suanli")
+}
+
+/// Runs a command that must succeed and print one JSON object.
+fn json(addr: &str, token: &str, args: &[&str]) -> Value {
+    let out = suanli(addr, token, args);
+    assert!(
+        out.status.success(),
+        "suanli {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "suanli {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[tokio::test]
+async fn a_tenant_and_an_operator_work_the_broker_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start(dir.path());
+    let creds = wait_for_credentials(dir.path()).await;
+    let tenant = creds.tenant("tenant-a").unwrap().to_string();
+
+    let me = json(&addr, &tenant, &["--json", "me"]);
+    assert_eq!(me["id"], "tenant-a");
+    assert!(me["quota_tflops"].as_u64().unwrap() > 0);
+
+    let r = json(
+        &addr,
+        &tenant,
+        &[
+            "--json",
+            "submit",
+            "--gang",
+            "1x8",
+            "--model",
+            "h100",
+            "--duration",
+            "1h",
+        ],
+    );
+    assert_eq!(r["state"], "REQUEST_STATE_RUNNING", "{r}");
+    let id = r["id"].as_u64().unwrap().to_string();
+    let got = json(&addr, &tenant, &["--json", "get", &id]);
+    assert_eq!(got["name"], r["name"]);
+    let list = json(&addr, &tenant, &["--json", "list"]);
+    let names: Vec<&Value> = list["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["name"])
+        .collect();
+    assert_eq!(names, [&r["name"]]);
+
+    let fleet = json(&addr, &creds.operator, &["--json", "fleet"]);
+    assert!(fleet["total"]["allocated_devices"].as_u64().unwrap() >= 8);
+
+    // A table for people.
+    let out = suanli(&addr, &tenant, &["me"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tenant-a"));
+
+    // One line naming what went wrong, and a non-zero exit.
+    let out = suanli(&addr, "not-a-token", &["list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

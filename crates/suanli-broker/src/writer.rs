@@ -43,8 +43,9 @@ const ESTIMATED_STARTS: usize = 100;
 const QUEUE_VIEW_EVERY_MS: u64 = 500;
 /// Ticks (scheduling passes) may take at most 1/TICK_SHARE of the writer's time: with a long
 /// queue they come less often than the configured interval (a pass over 50,000 waiting
-/// requests takes tens of milliseconds; every call that arrives meanwhile waits for it).
-const TICK_SHARE: u64 = 100;
+/// requests takes tens of milliseconds; every call that arrives meanwhile waits for it, so the
+/// share of calls that meet a pass is about the share of time passes take).
+const TICK_SHARE: u64 = 200;
 /// A batch that takes longer than this, from taking its operations to its last reply and
 /// publication, is logged (at debug) with where its time went.
 const SLOW_BATCH: Duration = Duration::from_millis(10);
@@ -915,7 +916,8 @@ impl Writer {
                 let _ = self.apply_logged(Command::Tick, now, None, &mut entries);
                 self.check_heartbeats(now, &mut entries);
                 // A tick's pass over a long queue stalls every call behind it: space the ticks
-                // so that they take at most 1/TICK_SHARE of the writer's time.
+                // so that they take at most 1/TICK_SHARE of the writer's time (a 25 ms pass:
+                // every 5 s).
                 let cost = ticked.elapsed().as_millis() as u64;
                 next_tick = now + tick.max(cost * TICK_SHARE);
             }

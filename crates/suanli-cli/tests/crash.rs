@@ -84,8 +84,7 @@ async fn acknowledged_requests_survive_sigkill() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    child.kill();
     let mut acked = Vec::new();
     for w in writers {
         acked.extend(w.await.unwrap());
@@ -154,6 +153,5 @@ async fn acknowledged_requests_survive_sigkill() {
         .unwrap()
         .into_inner();
     assert_eq!(summary.total.unwrap().allocated_tflops, live);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }

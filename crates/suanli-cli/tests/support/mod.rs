@@ -7,9 +7,27 @@ use std::time::Duration;
 
 use suanli_broker::credentials::{Credentials, FILE_NAME};
 
-/// Starts `suanli serve` on a free port; returns the child and its address. Snapshots are
-/// taken every few entries, so the kill also lands around snapshots and log truncation.
-pub fn start(dir: &Path) -> (Child, String) {
+/// A running `suanli serve`, killed (SIGKILL) when dropped, so a failing test leaves no broker
+/// behind.
+pub struct Serving(Child);
+
+impl Serving {
+    /// Kills the broker with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `suanli serve` on a free port; returns it and its address. Snapshots are taken every
+/// few entries, so a kill also lands around snapshots and log truncation.
+pub fn start(dir: &Path) -> (Serving, String) {
     let _ = std::fs::remove_file(dir.join(FILE_NAME));
     let config = dir.join("broker.toml");
     std::fs::write(
@@ -38,7 +56,7 @@ pub fn start(dir: &Path) -> (Child, String) {
         .and_then(|s| s.split(',').next())
         .unwrap_or_else(|| panic!("unexpected banner {first:?}"))
         .to_string();
-    (child, addr)
+    (Serving(child), addr)
 }
 
 pub async fn wait_for_credentials(dir: &Path) -> Credentials {

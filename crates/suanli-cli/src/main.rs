@@ -5,6 +5,8 @@
 //! - Operators: `fleet`, `pools`, `tenants`, `queue`.
 //! - `suanli agent` runs a pool's agent (with simulated jobs); `suanli loadgen` drives a broker
 //!   and measures it.
+//! - `suanli sim` runs the engine on a virtual clock over a trace; `suanli sim compare` writes
+//!   the capacity-planning report.
 //!
 //! # Layout
 //! - `client`: the broker's address, tokens and the credentials file, error lines.
@@ -29,6 +31,7 @@ mod operator_cmds;
 mod output;
 mod parse;
 mod serve;
+mod sim;
 mod tenant_cmds;
 mod time;
 
@@ -88,6 +91,9 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Drive a broker with many tenants' submissions and measure its latency.
     Loadgen(loadgen::LoadgenArgs),
+    /// Simulate a workload on a fleet with the engine on a virtual clock; `sim compare` writes
+    /// the capacity-planning report.
+    Sim(sim::SimArgs),
 }
 
 impl Command {
@@ -117,6 +123,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Queue(a) => operator_cmds::queue(g, a).await,
         Command::Agent(a) => agent::run(g, a).await,
         Command::Loadgen(a) => loadgen::run(g, a).await,
+        Command::Sim(a) => sim::run(g, a),
     }
 }
 

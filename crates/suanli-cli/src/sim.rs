@@ -1,0 +1,331 @@
+//! `suanli sim`: one simulated run of a workload on a fleet, printed as a summary or as JSON;
+//! `suanli sim compare`: the capacity-planning report over a grid of fleets, loads and policies.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use suanli_core::{Catalogue, Policy};
+use suanli_sim::compare::{GridConfig, run_grid, write_report};
+use suanli_sim::job::DEFAULT_REFERENCE_TFLOPS;
+use suanli_sim::{Failures, RequestRule, SimConfig, Summary, Workload, fleet_by_name, simulate};
+
+use crate::client::GlobalArgs;
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SimArgs {
+    #[command(subcommand)]
+    pub action: Option<SimAction>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SimAction {
+    /// Run the capacity-planning grid and write a Markdown report with SVG charts.
+    Compare(CompareArgs),
+}
+
+/// One run.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Fleet: futian-2024, futian-2025, or the path of a fleet file.
+    #[arg(long, default_value = "futian-2024", value_name = "FLEET")]
+    pub fleet: String,
+    /// Workload: philly, synthetic, synthetic:N (N jobs), or the path of a CSV trace.
+    #[arg(long, default_value = "philly", value_name = "TRACE")]
+    pub trace: String,
+    /// The engine's default placement policy: cheapest, lowest_latency or best_fit.
+    #[arg(long, default_value = "cheapest", value_parser = parse_policy, value_name = "POLICY")]
+    pub policy: Policy,
+    /// Divide arrival times by this (2 = twice the demand).
+    #[arg(long, default_value_t = 1.0, value_parser = positive, value_name = "X")]
+    pub load_factor: f64,
+    /// Multiply every job's device count by this.
+    #[arg(long, default_value_t = 1.0, value_parser = positive, value_name = "X")]
+    pub size_factor: f64,
+    /// TFLOPS of one device of a job that names no model (one Philly GPU).
+    #[arg(long, default_value_t = DEFAULT_REFERENCE_TFLOPS, value_name = "TFLOPS")]
+    pub reference_tflops: u64,
+    /// Seed of the synthetic workload and of pool failures.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Fail pools at random with this mean time between failures, in hours (per pool).
+    #[arg(long, value_parser = positive, value_name = "HOURS")]
+    pub mtbf_hours: Option<f64>,
+    /// Mean time to repair a failed pool, in hours.
+    #[arg(long, default_value_t = 4.0, value_parser = positive, value_name = "HOURS")]
+    pub mttr_hours: f64,
+    /// Leave out bad rows of a CSV trace (counted and reported) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// Also print utilisation by pool (JSON always has it).
+    #[arg(long)]
+    pub by_pool: bool,
+}
+
+/// The grid of the capacity-planning report.
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Output folder for report.md and the charts.
+    #[arg(long, default_value = "sim-report", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Fleets to compare, by name or path.
+    #[arg(long, value_delimiter = ',', default_values_t = ["futian-2024".to_string(), "futian-2025".to_string()])]
+    pub fleets: Vec<String>,
+    /// Offered demand levels, in P [default: 5000,7500,10000,12500,15000,20000,25000].
+    #[arg(long, value_delimiter = ',', value_parser = positive, value_name = "P,...")]
+    pub demands: Vec<f64>,
+    /// Policies [default: cheapest,lowest_latency; best_fit is much slower].
+    #[arg(long, value_delimiter = ',', value_parser = parse_policy, value_name = "POLICY,...")]
+    pub policies: Vec<Policy>,
+    /// Synthetic jobs per run.
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: u64,
+    /// Seed of the synthetic workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Multiply every job's device count by this.
+    #[arg(long, default_value_t = 4.0, value_parser = positive, value_name = "X")]
+    pub size_factor: f64,
+    /// Cut run times to this many hours.
+    #[arg(long, default_value_t = 48.0, value_parser = positive, value_name = "HOURS")]
+    pub max_hours: f64,
+    /// Runs at once [default: one per core].
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Stop a run's arrivals once this many jobs wait (it is saturated).
+    #[arg(long, default_value_t = 2_000)]
+    pub max_waiting: u64,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    Policy::from_name(s).ok_or_else(|| format!("{s:?} is not cheapest, lowest_latency or best_fit"))
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+pub fn run(g: &GlobalArgs, a: &SimArgs) -> anyhow::Result<()> {
+    match &a.action {
+        Some(SimAction::Compare(c)) => compare(g, c),
+        None => single(g, &a.run),
+    }
+}
+
+fn single(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
+    let catalogue = Catalogue::builtin();
+    let fleet = fleet_by_name(&a.fleet, &catalogue)?;
+    let workload = Workload::by_name(&a.trace, a.seed, &catalogue, a.skip_bad_rows)?;
+    let skipped = workload.skipped.clone();
+    let config = SimConfig {
+        policy: a.policy,
+        rule: RequestRule {
+            reference_tflops: a.reference_tflops,
+            load_factor: a.load_factor,
+            size_factor: a.size_factor,
+        },
+        seed: a.seed,
+        failures: a.mtbf_hours.map(|mtbf_h| Failures {
+            mtbf_h,
+            mttr_h: a.mttr_hours,
+        }),
+        record_commands: false,
+        max_waiting: None,
+    };
+    let finished = simulate(&fleet, &catalogue, workload, &config).context("simulation")?;
+    let s = &finished.summary;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+    } else {
+        print!("{}", human(s, a.by_pool));
+        for e in skipped.iter().take(10) {
+            eprintln!("skipped: {e}");
+        }
+        if skipped.len() > 10 {
+            eprintln!("skipped: ... and {} more rows", skipped.len() - 10);
+        }
+    }
+    Ok(())
+}
+
+fn duration(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.1} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else if s < 172_800.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else {
+        format!("{:.1} d", s / 86_400.0)
+    }
+}
+
+/// The readable summary of one run.
+fn human(s: &Summary, by_pool: bool) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let pct = |x: f64| format!("{:.1}%", x * 100.0);
+    let _ = writeln!(
+        o,
+        "fleet {} ({:.0}P), workload {}, policy {}, load x{}, size x{}, seed {}",
+        s.fleet, s.capacity_p, s.workload, s.policy, s.load_factor, s.size_factor, s.seed
+    );
+    let _ = writeln!(
+        o,
+        "offered demand {:.0}P over {:.1} days of arrivals; run {:.1} days",
+        s.offered_p,
+        s.window_h / 24.0,
+        s.makespan_h / 24.0
+    );
+    let _ = writeln!(
+        o,
+        "jobs {}: submitted {}, rejected {}, placed {}, completed {}, failed {}, unserved {}, requeues {}, skipped rows {}{}",
+        s.jobs,
+        s.submitted,
+        s.rejected,
+        s.placed,
+        s.completed,
+        s.failed,
+        s.unserved,
+        s.requeues,
+        s.skipped_rows,
+        if s.saturated {
+            format!("; saturated: {} jobs not fed", s.not_submitted)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "utilisation {} (local {}, external {})",
+        pct(s.utilisation),
+        pct(s.utilisation_local),
+        pct(s.utilisation_external)
+    );
+    let models: Vec<String> = s
+        .utilisation_by_model
+        .iter()
+        .map(|(m, u)| format!("{m} {}", pct(*u)))
+        .collect();
+    let _ = writeln!(o, "  by model: {}", models.join(", "));
+    let _ = writeln!(
+        o,
+        "wait mean {}, p50 {}, p95 {}, p99 {}, max {}",
+        duration(s.wait_mean_s),
+        duration(s.wait_p50_s),
+        duration(s.wait_p95_s),
+        duration(s.wait_p99_s),
+        duration(s.wait_max_s)
+    );
+    let _ = writeln!(
+        o,
+        "job completion mean {}, p50 {}, p99 {}; bounded slowdown {:.2}",
+        duration(s.jct_mean_s),
+        duration(s.jct_p50_s),
+        duration(s.jct_p99_s),
+        s.bounded_slowdown_mean
+    );
+    let _ = writeln!(
+        o,
+        "Jain's fairness {:.3}; fragmentation {} ({} samples), stranded {:.0}P on average",
+        s.jain_fairness,
+        pct(s.fragmentation),
+        s.fragmentation_samples,
+        s.stranded_p
+    );
+    let _ = writeln!(
+        o,
+        "cost {:.0} CNY; subsidy: not accounted by the engine yet; digest {}",
+        s.cost_yuan, s.digest
+    );
+    if by_pool {
+        for (pool, u) in &s.utilisation_by_pool {
+            let _ = writeln!(o, "  {pool:<28} {}", pct(*u));
+        }
+    }
+    o
+}
+
+fn compare(g: &GlobalArgs, a: &CompareArgs) -> anyhow::Result<()> {
+    let catalogue = Catalogue::builtin();
+    let mut config = GridConfig {
+        fleets: a.fleets.clone(),
+        size_factor: a.size_factor,
+        threads: a.threads,
+        max_waiting: a.max_waiting,
+        ..GridConfig::default()
+    };
+    if !a.demands.is_empty() {
+        config.demands_p = a.demands.clone();
+    }
+    if !a.policies.is_empty() {
+        config.policies = a.policies.clone();
+    }
+    config.workload.jobs = a.jobs;
+    config.workload.seed = a.seed;
+    config.workload.max_duration_s = a.max_hours * 3600.0;
+    let started = Instant::now();
+    let bar = Progress::new(!g.json && std::io::stderr().is_terminal());
+    let runs = run_grid(&config, &catalogue, &|done, total| {
+        bar.show(done, total, started)
+    })
+    .context("capacity-planning grid")?;
+    bar.finish();
+    write_report(&a.out, &config, &runs)?;
+    let report = a.out.join("report.md");
+    if g.json {
+        let summaries: Vec<&Summary> = runs.iter().map(|r| &r.summary).collect();
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    } else {
+        println!(
+            "{} runs in {:.1} s; report: {}",
+            runs.len(),
+            started.elapsed().as_secs_f64(),
+            report.display()
+        );
+    }
+    Ok(())
+}
+
+/// A one-line progress bar on stderr, drawn only on a terminal.
+struct Progress {
+    on: bool,
+}
+
+impl Progress {
+    fn new(on: bool) -> Self {
+        Progress { on }
+    }
+
+    fn show(&self, done: usize, total: usize, started: Instant) {
+        if !self.on || total == 0 {
+            return;
+        }
+        const WIDTH: usize = 30;
+        let filled = done * WIDTH / total;
+        let elapsed = started.elapsed().as_secs_f64();
+        let left = elapsed / done.max(1) as f64 * (total - done) as f64;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r[{}{}] {done}/{total} runs, {elapsed:.0} s, about {left:.0} s left ",
+            "#".repeat(filled),
+            " ".repeat(WIDTH - filled)
+        );
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.on {
+            eprintln!();
+        }
+    }
+}

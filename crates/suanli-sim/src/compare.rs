@@ -1,0 +1,547 @@
+//! The capacity-planning report: a grid of runs (fleets x demand levels x policies) on the
+//! synthetic workload, spread over threads, written as a Markdown report with SVG charts.
+//!
+//! Demand is given in P of offered load (TFLOPS x run time of the arriving jobs per unit of
+//! time); each level becomes a load factor of the synthetic workload, measured once from the
+//! generated jobs, so every fleet and policy sees the very same jobs at a given level.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use suanli_core::{Catalogue, Fleet, Policy};
+
+use crate::error::SimError;
+use crate::job::{RequestBuilder, RequestRule};
+use crate::metrics::{Series, Summary};
+use crate::run::{SimConfig, simulate};
+use crate::svg::{Chart, Line, render};
+use crate::synthetic::SyntheticConfig;
+use crate::workload::{Workload, fleet_by_name};
+
+/// p99 wait above which the report calls a fleet saturated, in seconds.
+pub const SATURATION_P99_WAIT_S: f64 = 3600.0;
+
+/// What the grid runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridConfig {
+    /// Fleets by name or path.
+    pub fleets: Vec<String>,
+    /// Offered demand levels, in P.
+    pub demands_p: Vec<f64>,
+    /// Default placement policies.
+    pub policies: Vec<Policy>,
+    /// The synthetic workload (its `jobs`, `seed` and `max_duration_s` matter most).
+    pub workload: SyntheticConfig,
+    /// Device counts are multiplied by this.
+    pub size_factor: f64,
+    /// Runs at once; 0 = one per core.
+    pub threads: usize,
+    /// A run stops taking arrivals once this many jobs wait (it is saturated).
+    pub max_waiting: u64,
+}
+
+impl Default for GridConfig {
+    fn default() -> Self {
+        let mut workload = SyntheticConfig::philly_fit(10_000, 1);
+        workload.max_duration_s = 2.0 * 86_400.0;
+        GridConfig {
+            fleets: vec!["futian-2024".into(), "futian-2025".into()],
+            demands_p: vec![
+                5_000.0, 7_500.0, 10_000.0, 12_500.0, 15_000.0, 20_000.0, 25_000.0,
+            ],
+            // Best fit is left out by default: on these grids the engine's best-fit placement is
+            // two orders of magnitude slower (BENCHMARKS.md); `--policies` adds it.
+            policies: vec![Policy::Cheapest, Policy::LowestLatency],
+            workload,
+            size_factor: 4.0,
+            threads: 0,
+            max_waiting: 2_000,
+        }
+    }
+}
+
+/// One finished run of the grid.
+#[derive(Clone, Debug)]
+pub struct GridRun {
+    /// Fleet name.
+    pub fleet: String,
+    /// Policy.
+    pub policy: Policy,
+    /// Demand level asked for, in P.
+    pub demand_p: f64,
+    /// The run's figures.
+    pub summary: Summary,
+    /// The run's series.
+    pub series: Series,
+}
+
+/// Offered load of the workload at load factor 1, in P.
+fn base_offered_p(config: &GridConfig, catalogue: &Catalogue) -> Result<f64, SimError> {
+    let rule = RequestRule {
+        size_factor: config.size_factor,
+        ..RequestRule::default()
+    };
+    let builder = RequestBuilder::new(catalogue, &rule);
+    let workload = Workload::synthetic(config.workload.clone(), catalogue)?;
+    let (mut work, mut first, mut last) = (0.0f64, None, 0);
+    for mut job in workload.jobs {
+        rule.scale(&mut job);
+        work += builder.tflops(&job) as f64 * job.duration_ms as f64;
+        first.get_or_insert(job.submit_ms);
+        last = job.submit_ms;
+    }
+    let span = last.saturating_sub(first.unwrap_or(0)).max(1) as f64;
+    Ok(work / span / 1000.0)
+}
+
+/// Runs the grid; `progress(done, total)` is called after each run.
+pub fn run_grid(
+    config: &GridConfig,
+    catalogue: &Catalogue,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Vec<GridRun>, SimError> {
+    if config.fleets.is_empty() || config.demands_p.is_empty() || config.policies.is_empty() {
+        return Err(SimError::option(
+            "grid",
+            "needs at least one fleet, demand and policy",
+        ));
+    }
+    if let Some(d) = config
+        .demands_p
+        .iter()
+        .find(|d| !(d.is_finite() && **d > 0.0))
+    {
+        return Err(SimError::option(
+            "demands",
+            format!("{d} is not a positive demand"),
+        ));
+    }
+    let fleets: Vec<Fleet> = config
+        .fleets
+        .iter()
+        .map(|f| fleet_by_name(f, catalogue))
+        .collect::<Result<_, _>>()?;
+    let base = base_offered_p(config, catalogue)?;
+    let mut tasks = Vec::new();
+    for fleet in &fleets {
+        for &demand_p in &config.demands_p {
+            for &policy in &config.policies {
+                tasks.push((fleet, demand_p, policy));
+            }
+        }
+    }
+    let total = tasks.len();
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<GridRun, SimError>>>> =
+        Mutex::new((0..total).map(|_| None).collect());
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(total);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(fleet, demand_p, policy)) = tasks.get(i) else {
+                        break;
+                    };
+                    let sim = SimConfig {
+                        policy,
+                        rule: RequestRule {
+                            load_factor: demand_p / base,
+                            size_factor: config.size_factor,
+                            ..RequestRule::default()
+                        },
+                        seed: config.workload.seed,
+                        max_waiting: Some(config.max_waiting),
+                        ..SimConfig::default()
+                    };
+                    let result = Workload::synthetic(config.workload.clone(), catalogue)
+                        .and_then(|w| simulate(fleet, catalogue, w, &sim))
+                        .map(|f| GridRun {
+                            fleet: fleet.name.clone(),
+                            policy,
+                            demand_p,
+                            summary: f.summary,
+                            series: f.series,
+                        });
+                    if let Ok(mut r) = results.lock() {
+                        r[i] = Some(result);
+                    }
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_default();
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(SimError::option("grid", "a run did not finish"))))
+        .collect()
+}
+
+/// A run is saturated when its p99 wait passes [`SATURATION_P99_WAIT_S`] or it was stopped
+/// because too many jobs waited.
+fn is_saturated(s: &Summary) -> bool {
+    s.saturated || s.wait_p99_s > SATURATION_P99_WAIT_S
+}
+
+fn hours(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.0} s")
+    } else if s < 3600.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+/// Writes `report.md` and the charts into `dir` (created if needed).
+pub fn write_report(dir: &Path, config: &GridConfig, runs: &[GridRun]) -> Result<(), SimError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SimError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let charts = charts(config, runs);
+    for (file, chart) in &charts {
+        let path = dir.join(file);
+        std::fs::write(&path, render(chart)).map_err(io(&path))?;
+    }
+    let path = dir.join("report.md");
+    std::fs::write(&path, markdown(config, runs, &charts)).map_err(io(&path))?;
+    Ok(())
+}
+
+fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -> String {
+    let w = &config.workload;
+    let mut o = String::new();
+    let _ = writeln!(o, "# Capacity planning: {}\n", config.fleets.join(" vs "));
+    let _ = writeln!(
+        o,
+        "Every run feeds the same {} synthetic jobs (Philly-fitted, seed {}, sizes x{}, run \
+         times cut to {:.0} h) to the allocation engine on a virtual clock, with arrivals \
+         compressed to offer the demand of each row. Demand and capacity are in P (1P = 1000 \
+         dense FP16 TFLOPS); a job naming no model takes devices of at least 312 TFLOPS. \
+         Utilisation is over the arrival window; waits run from arrival to first placement. \
+         Produced by `suanli sim compare`.\n",
+        w.jobs,
+        w.seed,
+        config.size_factor,
+        w.max_duration_s / 3600.0
+    );
+    let _ = writeln!(o, "## Reading\n");
+    let mut fleets: Vec<&str> = runs.iter().map(|r| r.fleet.as_str()).collect();
+    fleets.dedup();
+    let policy = config.policies[0];
+    for fleet in &fleets {
+        let mut rows: Vec<&GridRun> = runs
+            .iter()
+            .filter(|r| r.fleet == *fleet && r.policy == policy)
+            .collect();
+        rows.sort_by(|a, b| a.demand_p.total_cmp(&b.demand_p));
+        let Some(first) = rows.first() else { continue };
+        // The first saturated level, and the level just below it.
+        let first_saturated = rows.iter().position(|r| is_saturated(&r.summary));
+        let saturated = first_saturated.map(|i| rows[i]);
+        let fine = match first_saturated {
+            Some(0) => None,
+            Some(i) => Some(rows[i - 1].demand_p),
+            None => rows.last().map(|r| r.demand_p),
+        };
+        let _ = write!(
+            o,
+            "- **{fleet}** ({:.0}P), policy {}: ",
+            first.summary.capacity_p,
+            policy.as_str()
+        );
+        match (fine, saturated) {
+            (Some(d), Some(s)) => {
+                let _ = writeln!(
+                    o,
+                    "p99 wait stays under {} up to {d:.0}P of demand; at {:.0}P it is {}{} \
+                     (utilisation {:.0}%).",
+                    hours(SATURATION_P99_WAIT_S),
+                    s.demand_p,
+                    hours(s.summary.wait_p99_s),
+                    if s.summary.saturated {
+                        " and the queue passed the grid's limit"
+                    } else {
+                        ""
+                    },
+                    s.summary.utilisation * 100.0
+                );
+            }
+            (Some(d), None) => {
+                let _ = writeln!(
+                    o,
+                    "p99 wait stays under {} at every demand up to {d:.0}P.",
+                    hours(SATURATION_P99_WAIT_S)
+                );
+            }
+            (None, _) => {
+                let _ = writeln!(
+                    o,
+                    "p99 wait exceeds {} already at the lowest demand.",
+                    hours(SATURATION_P99_WAIT_S)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\nA fleet counts as saturated once the p99 wait passes {}, or once more than {} jobs \
+         wait: such a run stops taking arrivals there (marked *stopped* below; its figures cover \
+         the jobs fed until then). Utilisation cannot reach \
+         100%: jobs naming no model cannot use the H20 and RTX 4090 devices, large gangs need \
+         whole nodes in one node group, and the engine holds capacity for the first waiting \
+         job (EASY backfill). Utilisation is averaged from the first arrival, while the fleet still fills \
+         up: with run times up to {:.0} h, a window of a few days reads low; more `--jobs` give a \
+         longer window (each run then costs more, most where queues are long).\n",
+        hours(SATURATION_P99_WAIT_S),
+        config.max_waiting,
+        config.workload.max_duration_s / 3600.0
+    );
+    let _ = writeln!(o, "## Charts\n");
+    for (file, chart) in charts {
+        let _ = writeln!(o, "![{}]({file})\n", chart.title);
+    }
+    let _ = writeln!(o, "## All runs\n");
+    let _ = writeln!(
+        o,
+        "| fleet | policy | demand P | offered P | window (h) | utilisation | local | external | wait mean | wait p50 | wait p99 | JCT mean | slowdown | Jain | fragmentation | stranded P | unserved | cost (CNY) |"
+    );
+    let _ = writeln!(
+        o,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in runs {
+        let s = &r.summary;
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.0}{} | {:.0} | {:.0} | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.2} | {:.3} | {:.1}% | {:.0} | {} | {:.0} |",
+            r.fleet,
+            r.policy.as_str(),
+            r.demand_p,
+            if s.saturated { " (stopped)" } else { "" },
+            s.offered_p,
+            s.window_h,
+            s.utilisation * 100.0,
+            s.utilisation_local * 100.0,
+            s.utilisation_external * 100.0,
+            hours(s.wait_mean_s),
+            hours(s.wait_p50_s),
+            hours(s.wait_p99_s),
+            hours(s.jct_mean_s),
+            s.bounded_slowdown_mean,
+            s.jain_fairness,
+            s.fragmentation * 100.0,
+            s.stranded_p,
+            s.unserved,
+            s.cost_yuan
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nCost is the sum of lease prices over the time held; voucher subsidies are not \
+         accounted by the engine yet."
+    );
+    o
+}
+
+/// The demand level closest to the middle of the grid, for the time and CDF charts.
+fn featured_demand(config: &GridConfig) -> f64 {
+    let mut d = config.demands_p.clone();
+    d.sort_by(f64::total_cmp);
+    d[d.len() / 2]
+}
+
+fn charts(config: &GridConfig, runs: &[GridRun]) -> Vec<(String, Chart)> {
+    let mut fleets: Vec<&str> = runs.iter().map(|r| r.fleet.as_str()).collect();
+    fleets.dedup();
+    let against_demand = |value: fn(&Summary) -> f64| -> Vec<Line> {
+        let mut lines = Vec::new();
+        for (fi, fleet) in fleets.iter().enumerate() {
+            for (pi, policy) in config.policies.iter().enumerate() {
+                let mut points: Vec<(f64, f64)> = runs
+                    .iter()
+                    .filter(|r| r.fleet == *fleet && r.policy == *policy)
+                    .map(|r| (r.demand_p, value(&r.summary)))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                lines.push(Line {
+                    name: format!("{fleet}, {}", policy.as_str()),
+                    points,
+                    dashed: pi > 0,
+                    colour: fi * 3 + pi,
+                });
+            }
+        }
+        lines
+    };
+    let featured = featured_demand(config);
+    let policy = config.policies[0];
+    let featured_runs: Vec<&GridRun> = runs
+        .iter()
+        .filter(|r| r.demand_p == featured && r.policy == policy)
+        .collect();
+    vec![
+        (
+            "utilisation_vs_demand.svg".into(),
+            Chart {
+                title: "Utilisation against demand".into(),
+                x_label: "offered demand (P)".into(),
+                y_label: "utilisation (%)".into(),
+                x_log: false,
+                y_log: false,
+                log_floor: 0.0,
+                y_range: Some((0.0, 100.0)),
+                lines: against_demand(|s| s.utilisation * 100.0),
+            },
+        ),
+        (
+            "p99_wait_vs_demand.svg".into(),
+            Chart {
+                title: "p99 waiting time against demand".into(),
+                x_label: "offered demand (P)".into(),
+                y_label: "p99 wait (hours, log scale)".into(),
+                x_log: false,
+                y_log: true,
+                log_floor: 0.01,
+                y_range: None,
+                lines: against_demand(|s| s.wait_p99_s / 3600.0),
+            },
+        ),
+        (
+            "utilisation_over_time.svg".into(),
+            Chart {
+                title: format!(
+                    "Utilisation over time at {featured:.0}P of demand ({})",
+                    policy.as_str()
+                ),
+                x_label: "days since the first arrival".into(),
+                y_label: "utilisation (%)".into(),
+                x_log: false,
+                y_log: false,
+                log_floor: 0.0,
+                y_range: Some((0.0, 100.0)),
+                lines: featured_runs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| Line {
+                        name: r.fleet.clone(),
+                        points: r
+                            .series
+                            .utilisation
+                            .iter()
+                            .map(|&(h, u)| (h / 24.0, u * 100.0))
+                            .collect(),
+                        dashed: false,
+                        colour: i * 3,
+                    })
+                    .collect(),
+            },
+        ),
+        (
+            "wait_cdf.svg".into(),
+            Chart {
+                title: format!(
+                    "Waiting time distribution at {featured:.0}P of demand ({})",
+                    policy.as_str()
+                ),
+                x_label: "wait (seconds, log scale; no wait drawn at 1 s)".into(),
+                y_label: "share of jobs waiting at most that long (%)".into(),
+                x_log: true,
+                y_log: false,
+                log_floor: 1.0,
+                y_range: Some((0.0, 100.0)),
+                lines: featured_runs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| Line {
+                        name: r.fleet.clone(),
+                        points: r
+                            .series
+                            .wait_cdf
+                            .iter()
+                            .map(|&(w, q)| (w.max(1.0), q * 100.0))
+                            .collect(),
+                        dashed: false,
+                        colour: i * 3,
+                    })
+                    .collect(),
+            },
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_grid_writes_a_report_with_every_run_and_chart() {
+        let mut workload = SyntheticConfig::philly_fit(300, 3);
+        workload.max_duration_s = 3600.0;
+        let config = GridConfig {
+            demands_p: vec![500.0, 4000.0],
+            policies: vec![Policy::Cheapest, Policy::BestFit],
+            workload,
+            threads: 2,
+            ..GridConfig::default()
+        };
+        let catalogue = Catalogue::builtin();
+        let calls = AtomicUsize::new(0);
+        let runs = run_grid(&config, &catalogue, &|_, total| {
+            assert_eq!(total, 8);
+            calls.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 8);
+        assert_eq!(runs.len(), 8);
+        let low = &runs[0].summary;
+        assert!(
+            (low.offered_p / 500.0 - 1.0).abs() < 0.05,
+            "offered {}",
+            low.offered_p
+        );
+        let dir = std::env::temp_dir().join(format!("suanli-sim-report-{}", std::process::id()));
+        write_report(&dir, &config, &runs).unwrap();
+        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert_eq!(report.matches("| futian-").count(), 8, "{report}");
+        for chart in [
+            "utilisation_vs_demand.svg",
+            "p99_wait_vs_demand.svg",
+            "utilisation_over_time.svg",
+            "wait_cdf.svg",
+        ] {
+            assert!(report.contains(chart));
+            assert!(
+                std::fs::read_to_string(dir.join(chart))
+                    .unwrap()
+                    .contains("<polyline")
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_grids_are_refused() {
+        let config = GridConfig {
+            demands_p: vec![-1.0],
+            ..GridConfig::default()
+        };
+        assert!(matches!(
+            run_grid(&config, &Catalogue::builtin(), &|_, _| {}),
+            Err(SimError::Option {
+                option: "demands",
+                ..
+            })
+        ));
+    }
+}

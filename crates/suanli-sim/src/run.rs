@@ -1,0 +1,242 @@
+//! The discrete-event loop: arrivals, lease ends, pool failures and recoveries, and ticks, on a
+//! virtual clock.
+//!
+//! At each instant, in this order: pools fail or come back; if a lease ends, a deadline can no
+//! longer be met, or a pool changed, the engine ticks (expiring leases and scheduling what
+//! waits); then the jobs arriving at that instant are submitted, and if one of them had to
+//! queue, the engine ticks once more so it is tried at once (the broker ticks every 100 ms;
+//! the simulator's tick comes without that delay). Placed leases are confirmed at once and run
+//! exactly their duration. The loop ends when nothing is left to happen; jobs still waiting
+//! then can never be placed and are withdrawn (counted as unserved).
+//!
+//! Every decision is the engine's: the loop only chooses *when* to apply commands.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use suanli_core::engine::Command;
+use suanli_core::{Catalogue, Engine, EngineConfig, Fleet, Millis, Policy, TenantSpec, Tflops};
+
+use crate::driver::{Driver, Finished};
+use crate::error::SimError;
+use crate::job::{RequestBuilder, RequestRule};
+use crate::layout::Layout;
+use crate::workload::Workload;
+
+/// Random pool failures: each pool fails after an exponential time with mean `mtbf_h` hours
+/// and comes back after an exponential time with mean `mttr_h` hours. No new failure starts
+/// after the last arrival.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Failures {
+    /// Mean time between failures of one pool, hours.
+    pub mtbf_h: f64,
+    /// Mean time to repair, hours.
+    pub mttr_h: f64,
+}
+
+/// Settings of one run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    /// The engine's default placement policy.
+    pub policy: Policy,
+    /// How jobs become requests, and the load and size factors.
+    pub rule: RequestRule,
+    /// Seed of pool failures (the synthetic workload has its own, set when it is built).
+    pub seed: u64,
+    /// Optional pool failures.
+    pub failures: Option<Failures>,
+    /// Keep every applied command (for [`crate::replay`]).
+    pub record_commands: bool,
+    /// Stop feeding arrivals once more jobs than this wait: the fleet is saturated, and every
+    /// scheduling pass would walk an ever longer queue. `None` = feed the whole workload.
+    pub max_waiting: Option<u64>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            policy: Policy::default(),
+            rule: RequestRule::default(),
+            seed: 1,
+            failures: None,
+            record_commands: false,
+            max_waiting: None,
+        }
+    }
+}
+
+/// A pool failing (`true`) or coming back.
+type PoolEvent = Reverse<(Millis, u32, bool)>;
+
+fn exp_ms(rng: &mut ChaCha8Rng, mean_h: f64) -> Millis {
+    let u: f64 = 1.0 - rng.random::<f64>();
+    (-u.ln() * mean_h * 3.6e6).max(1.0) as Millis
+}
+
+/// Runs a workload on a fleet and returns its figures.
+pub fn simulate(
+    fleet: &Fleet,
+    catalogue: &Catalogue,
+    workload: Workload,
+    config: &SimConfig,
+) -> Result<Finished, SimError> {
+    config.rule.validate(catalogue)?;
+    if let Some(f) = config.failures
+        && !(f.mtbf_h.is_finite() && f.mtbf_h > 0.0 && f.mttr_h.is_finite() && f.mttr_h > 0.0)
+    {
+        return Err(SimError::option(
+            "failures",
+            "mean times between failures and to repair must be positive",
+        ));
+    }
+    let engine = Engine::with_fleet(
+        EngineConfig {
+            default_policy: config.policy,
+        },
+        catalogue.clone(),
+        fleet,
+    )?;
+    let layout = Layout::new(fleet, catalogue);
+    let capacity: Tflops = layout.capacity;
+    let mut driver = Driver::new(engine, layout, true, config.record_commands);
+    // Quotas are not the question here: every tenant may hold the whole fleet, with equal weight.
+    for tenant in &workload.tenants {
+        let spec = TenantSpec {
+            name: tenant.clone(),
+            quota_tflops: capacity.max(1),
+            borrow_limit_tflops: None,
+            weight: 1,
+        };
+        if driver.apply(Command::SetTenant(spec), 0).rejected {
+            return Err(SimError::option(
+                "tenant",
+                format!("the engine refused tenant {tenant:?}"),
+            ));
+        }
+    }
+    let builder = RequestBuilder::new(catalogue, &config.rule);
+    let skipped = workload.skipped.len() as u64;
+    let name = workload.name.clone();
+    let tenants = workload.tenants;
+    let mut jobs = workload
+        .jobs
+        .map(|mut j| {
+            config.rule.scale(&mut j);
+            j
+        })
+        .peekable();
+
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_fa11);
+    let mut pool_events: BinaryHeap<PoolEvent> = BinaryHeap::new();
+    let first = jobs.peek().map_or(0, |j| j.submit_ms);
+    if let Some(f) = config.failures {
+        for p in 0..fleet.pools.len() as u32 {
+            pool_events.push(Reverse((first + exp_ms(&mut rng, f.mtbf_h), p, true)));
+        }
+    }
+    let mut deadlines: BinaryHeap<Reverse<Millis>> = BinaryHeap::new();
+    let mut arrivals_over = false;
+    let mut saturated = false;
+    let mut not_submitted = 0;
+    let mut now = first;
+    loop {
+        let next_arrival = jobs.peek().map(|j| j.submit_ms);
+        let next_pool = pool_events.peek().map(|r| r.0.0);
+        let Some(t) = [
+            next_arrival,
+            driver.next_lease_end(),
+            next_pool,
+            deadlines.peek().map(|r| r.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min() else {
+            break;
+        };
+        now = now.max(t);
+        driver.advance_to(now);
+
+        let mut tick = driver.pop_lease_ends(now);
+        while deadlines.peek().is_some_and(|r| r.0 <= now) {
+            deadlines.pop();
+            tick = true;
+        }
+        while let Some(&Reverse((at, pool, fails))) = pool_events.peek() {
+            if at > now {
+                break;
+            }
+            pool_events.pop();
+            let (Some(f), Some(spec)) = (config.failures, fleet.pools.get(pool as usize)) else {
+                continue;
+            };
+            let id = spec.id.clone();
+            let command = if fails {
+                Command::LosePool { pool: id }
+            } else {
+                Command::RestorePool { pool: id }
+            };
+            driver.apply(command, now);
+            driver.recorder_mut().set_healthy(pool, !fails);
+            let (mean_h, next_fails) = if fails {
+                (f.mttr_h, false)
+            } else {
+                (f.mtbf_h, true)
+            };
+            if !(next_fails && arrivals_over) {
+                pool_events.push(Reverse((now + exp_ms(&mut rng, mean_h), pool, next_fails)));
+            }
+            tick = true;
+        }
+        if tick {
+            driver.apply(Command::Tick, now);
+        }
+
+        let mut queued = false;
+        while jobs.peek().is_some_and(|j| j.submit_ms <= now) {
+            let Some(job) = jobs.next() else { break };
+            let tenant = tenants
+                .get(job.tenant as usize)
+                .map_or("unknown", String::as_str);
+            let spec = builder.request(&job, tenant, now);
+            if let Some(deadline) = spec.deadline_ms {
+                // The instant the job can no longer make its deadline if it has not started.
+                deadlines.push(Reverse(
+                    deadline.saturating_sub(spec.duration_ms).saturating_add(1),
+                ));
+            }
+            queued |= driver.apply(Command::Submit(spec), now).queued;
+        }
+        if !arrivals_over
+            && config
+                .max_waiting
+                .is_some_and(|max| driver.recorder_mut().waiting_count() > max)
+        {
+            saturated = true;
+            not_submitted = jobs.by_ref().count() as u64;
+        }
+        if jobs.peek().is_none() && !arrivals_over {
+            arrivals_over = true;
+            driver.recorder_mut().close_window(now);
+            // No new failure after the last arrival; pending recoveries still happen.
+            pool_events.retain(|r| !r.0.2);
+        }
+        if queued {
+            driver.apply(Command::Tick, now);
+        }
+    }
+    let mut finished = driver.finish(now);
+    let s = &mut finished.summary;
+    s.fleet = fleet.name.clone();
+    s.workload = name;
+    s.policy = config.policy.as_str().to_string();
+    s.seed = config.seed;
+    s.load_factor = config.rule.load_factor;
+    s.size_factor = config.rule.size_factor;
+    s.reference_tflops = config.rule.reference_tflops;
+    s.skipped_rows = skipped;
+    s.saturated = saturated;
+    s.not_submitted = not_submitted;
+    Ok(finished)
+}

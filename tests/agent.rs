@@ -39,6 +39,24 @@ fn report(request: u64, kind: pb::LeaseReportKind) -> pb::AgentMessage {
     }
 }
 
+/// One whole H100 node for an hour, back to the queue if its lease is lost: only `near` has
+/// H100s, so its agent runs it.
+fn one_h100_node() -> pb::RequestSpec {
+    pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes: 1,
+            devices_per_node: 8,
+        })),
+        duration_ms: 3_600_000,
+        constraints: Some(pb::Constraints {
+            models: vec!["h100".into()],
+            ..Default::default()
+        }),
+        requeue: true,
+        ..Default::default()
+    }
+}
+
 async fn next(stream: &mut Streaming<pb::BrokerMessage>) -> pb::broker_message::Body {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
@@ -160,19 +178,7 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
 
     // Only `near` has h100: the lease goes to the agent, and waits for its report.
     let mut tenant = broker.tenant(&tenant_token).await;
-    let spec = pb::RequestSpec {
-        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
-            nodes: 1,
-            devices_per_node: 8,
-        })),
-        duration_ms: 3_600_000,
-        constraints: Some(pb::Constraints {
-            models: vec!["h100".into()],
-            ..Default::default()
-        }),
-        requeue: true,
-        ..Default::default()
-    };
+    let spec = one_h100_node();
     let submit = |id: &str| pb::SubmitRequestRequest {
         request_id: id.into(),
         spec: Some(spec.clone()),
@@ -262,19 +268,7 @@ async fn a_node_the_agent_reports_down_loses_its_lease_until_it_is_back() {
     let alive = keep_alive(tx.clone());
 
     let mut tenant = broker.tenant(&tenant_token).await;
-    let spec = pb::RequestSpec {
-        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
-            nodes: 1,
-            devices_per_node: 8,
-        })),
-        duration_ms: 3_600_000,
-        constraints: Some(pb::Constraints {
-            models: vec!["h100".into()],
-            ..Default::default()
-        }),
-        requeue: true,
-        ..Default::default()
-    };
+    let spec = one_h100_node();
     let r = tenant
         .submit_request(pb::SubmitRequestRequest {
             request_id: "n1".into(),

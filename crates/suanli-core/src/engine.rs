@@ -595,20 +595,7 @@ impl Engine {
         if healthy {
             self.supply.groups[g as usize].nodes.set_up(node);
         } else {
-            let mut lost: Vec<RequestId> = self
-                .requests
-                .iter()
-                .filter(|(_, r)| {
-                    r.lease
-                        .as_ref()
-                        .is_some_and(|l| l.slices.iter().any(|s| s.group == g && s.node == node))
-                })
-                .map(|(&id, _)| id)
-                .collect();
-            lost.sort_unstable();
-            for id in lost {
-                self.end_lease(id, RequestState::Lost, EndReason::NodeLost, out);
-            }
+            self.lose_leases(|s| s.group == g && s.node == node, EndReason::NodeLost, out);
             self.supply.groups[g as usize].nodes.set_down(node);
         }
         self.supply.refresh(g);
@@ -619,6 +606,26 @@ impl Engine {
             healthy,
         });
         Ok(())
+    }
+
+    /// Ends as lost (or requeues, when they asked to) the leases with a slice `on` a failed
+    /// part of the fleet, in id order.
+    fn lose_leases(
+        &mut self,
+        on: impl Fn(&Slice) -> bool,
+        reason: EndReason,
+        out: &mut Vec<Event>,
+    ) {
+        let mut lost: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.lease.as_ref().is_some_and(|l| l.slices.iter().any(&on)))
+            .map(|(&id, _)| id)
+            .collect();
+        lost.sort_unstable();
+        for id in lost {
+            self.end_lease(id, RequestState::Lost, reason, out);
+        }
     }
 
     fn set_health(
@@ -649,20 +656,7 @@ impl Engine {
         self.supply.pools[ix.0 as usize].health = to;
         if to == PoolHealth::Lost {
             let groups = self.supply.pools[ix.0 as usize].groups.clone();
-            let mut lost: Vec<RequestId> = self
-                .requests
-                .iter()
-                .filter(|(_, r)| {
-                    r.lease
-                        .as_ref()
-                        .is_some_and(|l| l.slices.iter().any(|s| groups.contains(&s.group)))
-                })
-                .map(|(&id, _)| id)
-                .collect();
-            lost.sort_unstable();
-            for id in lost {
-                self.end_lease(id, RequestState::Lost, EndReason::PoolLost, out);
-            }
+            self.lose_leases(|s| groups.contains(&s.group), EndReason::PoolLost, out);
         }
         for g in self.supply.pools[ix.0 as usize].groups.clone() {
             self.supply.refresh(g);

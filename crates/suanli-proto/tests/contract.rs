@@ -61,6 +61,7 @@ fn tenant_service_has_its_methods() {
             "ReleaseRequest",
             "WatchRequests",
             "QuoteRequest",
+            "GetTenant",
         ]
     );
 }

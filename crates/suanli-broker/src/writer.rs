@@ -39,7 +39,8 @@ const QUIET_BATCH: usize = 64;
 /// Waiting requests at the head of the queue whose start is estimated (a shadow schedule) at
 /// each rebuild of the queue view.
 const ESTIMATED_STARTS: usize = 100;
-/// A queue of 2,000 or more is rebuilt at most this often.
+/// A queue of 2,000 or more, and the start estimates of any queue, are rebuilt at most this
+/// often.
 const QUEUE_VIEW_EVERY_MS: u64 = 500;
 /// Ticks (scheduling passes) may take at most 1/TICK_SHARE of the writer's time: with a long
 /// queue they come less often than the configured interval (a pass over 50,000 waiting
@@ -530,9 +531,8 @@ impl Writer {
                 gone.entry(r.tenant.clone()).or_default().push(id);
             }
         }
-        for (tenant, ids) in gone {
+        for (tenant, mut ids) in gone {
             if let Some(mut list) = self.views.by_tenant.get_mut(&tenant) {
-                let mut ids = ids;
                 ids.sort_unstable();
                 list.retain(|id| ids.binary_search(id).is_err());
             }
@@ -779,7 +779,9 @@ impl Writer {
         }
     }
 
-    /// Publishes the snapshot views. The queue is rebuilt at most twice a second when long.
+    /// Publishes the snapshot views. A short queue's entries are rebuilt each time; a long
+    /// queue's, and everyone's start estimates, only at the paced rebuilds (see
+    /// `next_queue_publish`).
     fn publish(&mut self, now: u64, force_queue: bool) {
         self.last_publish = now;
         self.publish_due = false;
@@ -797,7 +799,8 @@ impl Writer {
             }
         }
         let queue_len = self.engine.queue_len();
-        let queue = if force_queue || queue_len < 2000 || now >= self.next_queue_publish {
+        let paced = force_queue || now >= self.next_queue_publish;
+        let queue = if paced || queue_len < 2000 {
             let rebuilt = Instant::now();
             let entries: Vec<Queued> = self
                 .engine
@@ -810,21 +813,28 @@ impl Writer {
                     position: q.position,
                 })
                 .collect();
-            let head: Vec<RequestId> = entries
-                .iter()
-                .take(ESTIMATED_STARTS)
-                .map(|q| RequestId(q.id))
-                .collect();
-            let starts = self
-                .engine
-                .estimated_starts(&head)
-                .into_iter()
-                .filter_map(|(id, at)| Some((id.0, at?)))
-                .collect();
+            // Estimates walk every live lease: not on every publication of a short queue,
+            // which keeps the last ones until the next paced rebuild.
+            let starts = if paced {
+                let head: Vec<RequestId> = entries
+                    .iter()
+                    .take(ESTIMATED_STARTS)
+                    .map(|q| RequestId(q.id))
+                    .collect();
+                self.engine
+                    .estimated_starts(&head)
+                    .into_iter()
+                    .filter_map(|(id, at)| Some((id.0, at?)))
+                    .collect()
+            } else {
+                self.views.snapshot().queue.starts.clone()
+            };
             let view = Arc::new(QueueView::new(entries, starts));
-            // Like ticks, rebuilds of a long queue take at most 1/TICK_SHARE of the writer.
-            let cost = rebuilt.elapsed().as_millis() as u64;
-            self.next_queue_publish = now + (cost * TICK_SHARE).max(QUEUE_VIEW_EVERY_MS);
+            if paced {
+                // Like ticks, paced rebuilds take at most 1/TICK_SHARE of the writer's time.
+                let cost = rebuilt.elapsed().as_millis() as u64;
+                self.next_queue_publish = now + (cost * TICK_SHARE).max(QUEUE_VIEW_EVERY_MS);
+            }
             view
         } else {
             self.views.snapshot().queue.clone()

@@ -132,9 +132,9 @@ async fn eventually(
     panic!("{name} never reached {want:?}");
 }
 
-/// Whether pool `near` reaches `health` within five seconds. The pool views are republished
-/// after the batch that changed them, so they may trail a request's record by a moment.
-async fn near_becomes(broker: &Broker, health: pb::PoolHealth) -> bool {
+/// Whether pool `near` comes to satisfy `wanted` within five seconds. The pool views are
+/// republished after the batch that changed them, so they may trail a request's record.
+async fn near_becomes(broker: &Broker, wanted: impl Fn(&pb::Pool) -> bool) -> bool {
     let mut op = broker.operator(&broker.creds.operator).await;
     for _ in 0..500 {
         let near = op
@@ -144,7 +144,7 @@ async fn near_becomes(broker: &Broker, health: pb::PoolHealth) -> bool {
             .await
             .unwrap()
             .into_inner();
-        if near.health == health as i32 {
+        if wanted(&near) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -222,7 +222,7 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
     // The pool views are republished after the batch that lost the pool: they may trail the
     // request's record by a moment.
     assert!(
-        near_becomes(&broker, pb::PoolHealth::Lost).await,
+        near_becomes(&broker, |p| p.health == pb::PoolHealth::Lost as i32).await,
         "the silent agent's pool is lost"
     );
 
@@ -234,7 +234,7 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
     };
     assert_eq!(again.request, r2.id);
     assert!(
-        near_becomes(&broker, pb::PoolHealth::Healthy).await,
+        near_becomes(&broker, |p| p.health == pb::PoolHealth::Healthy as i32).await,
         "the pool is restored"
     );
     alive.abort();
@@ -297,25 +297,10 @@ async fn a_node_the_agent_reports_down_loses_its_lease_until_it_is_back() {
     assert_eq!(again.request, r.id);
     assert_ne!(again.parts[0].node, part.node, "not on the failed node");
 
-    let mut op = broker.operator(&broker.creds.operator).await;
-    let mut unavailable_becomes = async |want: u64| {
-        for _ in 0..500 {
-            let near = op
-                .get_pool(pb::GetPoolRequest {
-                    name: "pools/near".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if near.utilisation.unwrap().unavailable_devices == want {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
-    };
+    let unavailable =
+        |want: u64| move |p: &pb::Pool| p.utilisation.as_ref().unwrap().unavailable_devices == want;
     assert!(
-        unavailable_becomes(8).await,
+        near_becomes(&broker, unavailable(8)).await,
         "the failed node's devices are out of service"
     );
 
@@ -324,7 +309,7 @@ async fn a_node_the_agent_reports_down_loses_its_lease_until_it_is_back() {
         .await
         .unwrap();
     assert!(
-        unavailable_becomes(0).await,
+        near_becomes(&broker, unavailable(0)).await,
         "the node came back into service"
     );
     alive.abort();

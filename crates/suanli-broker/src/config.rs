@@ -330,5 +330,11 @@ mod tests {
         let e =
             BrokerConfig::from_toml("default_policy = \"fastest\"\n", Path::new(".")).unwrap_err();
         assert!(e.contains("default_policy"), "{e}");
+        let e = BrokerConfig::from_toml(
+            "snapshot_every = 0\n[pools]\nsimulated = [\"*\"]\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.contains("field snapshot_every"), "{e}");
     }
 }

@@ -103,3 +103,16 @@ impl Capture {
             .expect("spawn the snapshot thread")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_snapshot_is_an_error_naming_it() {
+        let Err(e) = Image::decode(5, b"not a snapshot") else {
+            panic!("damaged bytes decoded");
+        };
+        assert!(e.to_string().contains("snapshot at log index 5"), "{e}");
+    }
+}

@@ -55,6 +55,8 @@ pub fn test_config(dir: &Path) -> BrokerConfig {
     c.data_dir = dir.to_path_buf();
     c.fleet = Fleet::from_toml(SMALL_FLEET, &Catalogue::builtin()).expect("small fleet");
     c.tick_interval = Duration::from_millis(20);
+    // Tests run side by side: each that wants the HTTP side binds its own free port.
+    c.http = None;
     c
 }
 
@@ -62,6 +64,8 @@ pub fn test_config(dir: &Path) -> BrokerConfig {
 pub struct Broker {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its HTTP side listens, when started with [`Broker::start_with_http`].
+    pub http: Option<SocketAddr>,
     /// Its credentials file.
     pub creds: Credentials,
     /// Its data folder.
@@ -73,14 +77,34 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with `config` on 127.0.0.1:0 and waits for its credentials file.
     pub async fn start(config: BrokerConfig) -> Broker {
+        Self::start_on(config, false).await
+    }
+
+    /// Starts a broker as [`Broker::start`] does, with its HTTP side on another free port.
+    pub async fn start_with_http(config: BrokerConfig) -> Broker {
+        Self::start_on(config, true).await
+    }
+
+    async fn start_on(config: BrokerConfig, with_http: bool) -> Broker {
         let dir = config.data_dir.clone();
         let _ = std::fs::remove_file(dir.join(FILE_NAME));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let listener = bind().await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let http_listener = if with_http {
+            Some(bind().await.expect("bind http"))
+        } else {
+            None
+        };
+        let http = http_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("addr"));
+        let listeners = suanli_broker::Listeners {
+            grpc: listener,
+            http: http_listener,
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(suanli_broker::run(listener, config, async {
+        let task = tokio::spawn(suanli_broker::run_with(listeners, config, async {
             let _ = stopped.await;
         }));
         let creds = loop {
@@ -92,6 +116,7 @@ impl Broker {
         };
         Broker {
             addr,
+            http,
             creds,
             dir,
             stop: Some(stop),
@@ -168,4 +193,78 @@ impl Interceptor for Bearer {
         }
         Ok(req)
     }
+}
+
+/// An HTTP/1.1 response as a test reads it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body (de-chunked).
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` on a real socket, with the operator's (or any) bearer token when given.
+pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if n == 0 {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = &tail[n + 2..];
+    }
+    out
 }

@@ -66,6 +66,12 @@ pub struct BrokerConfig {
     pub target_tflops: u64,
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Where the HTTP side (metrics, health, the operator console) listens; `None` turns it
+    /// off.
+    pub http: Option<SocketAddr>,
+    /// Whether `/metrics`, `/healthz` and `/readyz` answer without the operator's token (for a
+    /// Prometheus on the same machine); the console always needs it.
+    pub http_open_metrics: bool,
     /// Print the credentials at start-up (for a person starting the broker by hand).
     pub announce: bool,
     /// How long an ended request stays readable (GetRequest, ListRequests) after it ended.
@@ -118,6 +124,8 @@ impl BrokerConfig {
             tls: None,
             target_tflops: 20_000 * TFLOPS_PER_P,
             listen: "127.0.0.1:50051".parse().expect("address"),
+            http: Some("127.0.0.1:8080".parse().expect("address")),
+            http_open_metrics: true,
             announce: false,
             ended_retention: Duration::from_secs(24 * 3600),
             ended_max: 200_000,
@@ -153,6 +161,18 @@ impl BrokerConfig {
         let mut c = BrokerConfig::dev_default();
         if let Some(l) = file.listen {
             c.listen = l.parse().map_err(|e| format!("field listen: {e}"))?;
+        }
+        if let Some(h) = file.http {
+            c.http = match h.as_str() {
+                "off" => None,
+                addr => Some(
+                    addr.parse()
+                        .map_err(|e| format!("field http: {e} (an address, or \"off\")"))?,
+                ),
+            };
+        }
+        if let Some(open) = file.http_open_metrics {
+            c.http_open_metrics = open;
         }
         if let Some(d) = file.data_dir {
             c.data_dir = base.join(d);
@@ -255,6 +275,8 @@ pub fn load_fleet(path: &Path) -> Result<Fleet, String> {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     listen: Option<String>,
+    http: Option<String>,
+    http_open_metrics: Option<bool>,
     data_dir: Option<String>,
     fleet: Option<String>,
     default_policy: Option<String>,

@@ -12,6 +12,7 @@
 //!   `snapshot`: what a snapshot holds, saved off the writer's thread.
 //! - `views`: what queries read.
 //! - `service`: the three gRPC services; [`convert`]: messages to core types and back.
+//! - [`http`]: the HTTP side: health, metrics and the operator console.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the one mapping of errors to gRPC codes.
 //! - [`config`], [`credentials`]: configuration and the credentials file.
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod http;
 pub mod server;
 pub mod store;
 
@@ -36,13 +38,16 @@ use std::path::PathBuf;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use server::{RunSummary, recovered_digest, run};
+pub use server::{Listeners, RunSummary, recovered_digest, run, run_with};
 
 /// What `suanli serve` was asked for on its command line.
 #[derive(Clone, Debug, Default)]
 pub struct ServeOptions {
     /// gRPC listen address; default 127.0.0.1:50051.
     pub listen: Option<SocketAddr>,
+    /// HTTP listen address (metrics, health, console): `Some(None)` turns it off; default
+    /// 127.0.0.1:8080.
+    pub http: Option<Option<SocketAddr>>,
     /// Data folder (store and credentials); default `./suanli-data`.
     pub data_dir: Option<PathBuf>,
     /// Fleet file; default the built-in futian-2024.
@@ -65,6 +70,9 @@ pub async fn serve(
     if let Some(l) = opts.listen {
         config.listen = l;
     }
+    if let Some(h) = opts.http {
+        config.http = h;
+    }
     if let Some(d) = opts.data_dir {
         config.data_dir = d;
     }
@@ -74,15 +82,32 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("listen on {}: {e}", config.listen))?;
+    let http = match config.http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("http: listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     config.announce = true;
+    let http_addr = match &http {
+        Some(l) => format!("http://{}/", l.local_addr()?),
+        None => "off".into(),
+    };
     println!(
-        "suanli broker: gRPC on {}, fleet {} ({} pools), data in {}",
+        "suanli broker: gRPC on {}, fleet {} ({} pools), data in {}, console {}",
         listener.local_addr()?,
         config.fleet.name,
         config.fleet.pools.len(),
-        config.data_dir.display()
+        config.data_dir.display(),
+        http_addr
     );
-    let summary = run(listener, config, shutdown).await?;
+    let listeners = Listeners {
+        grpc: listener,
+        http,
+    };
+    let summary = run_with(listeners, config, shutdown).await?;
     println!(
         "suanli broker stopped cleanly (state digest {:016x})",
         summary.digest

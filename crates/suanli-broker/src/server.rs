@@ -19,6 +19,7 @@ use crate::auth::{Principal, Tokens, new_token};
 use crate::config::{BrokerConfig, Execution};
 use crate::credentials::{self, AgentToken, Credentials, TenantToken};
 use crate::error::BrokerError;
+use crate::http::{self, HttpState};
 use crate::service::{Shared, operator::OperatorApi, pool::PoolApi, tenant::TenantApi};
 use crate::store::RedbStore;
 use crate::views::Views;
@@ -31,13 +32,52 @@ pub struct RunSummary {
     pub digest: u64,
 }
 
-/// Runs a broker on a bound listener until `shutdown` completes. The data folder holds the log
-/// and `credentials.toml`; on return every acknowledged command is durable.
+/// The bound sockets a broker serves on.
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// HTTP (metrics, health, the console), when wanted.
+    pub http: Option<TcpListener>,
+}
+
+/// Runs a broker on a bound gRPC listener until `shutdown` completes, with its HTTP side on
+/// the configured `http` address (bound here) when there is one. The data folder holds the
+/// log and `credentials.toml`; on return every acknowledged command is durable.
 pub async fn run(
     listener: TcpListener,
     config: BrokerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, BrokerError> {
+    let http = match config.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| BrokerError::Config(format!("http: listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    run_with(
+        Listeners {
+            grpc: listener,
+            http,
+        },
+        config,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs a broker on bound listeners until `shutdown` completes (the listeners win over the
+/// configured addresses).
+pub async fn run_with(
+    listeners: Listeners,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, BrokerError> {
+    let Listeners {
+        grpc: listener,
+        http,
+    } = listeners;
     let config = Arc::new(config);
     let store = RedbStore::open(&config.data_dir)?;
     let views = Arc::new(Views::default());
@@ -68,6 +108,20 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
+    let http_task = http.map(|l| {
+        let state = HttpState {
+            views: views.clone(),
+            tokens: tokens.clone(),
+            stopping: stopping.clone(),
+            open_metrics: config.http_open_metrics,
+        };
+        let mut stopped = stopping.clone();
+        let addr = l.local_addr().ok();
+        info!(?addr, "http serving");
+        tokio::spawn(http::serve(l, http::router(state), async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        }))
+    });
     let shared = Shared {
         writer: handle,
         views,
@@ -139,6 +193,15 @@ pub async fn run(
     tokio::select! {
         served = serve => served.map_err(|e| BrokerError::Unavailable(format!("server: {e}")))?,
         () = overdue => warn!(?grace, "calls still open after the grace period: closing them"),
+    }
+    if let Some(mut task) = http_task {
+        // Live console streams do not end by themselves: they get the same grace period.
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!("http server: {e}"),
+            Ok(Err(e)) => warn!("http server task: {e}"),
+            Err(_) => task.abort(),
+        }
     }
     info!("stopped accepting; finishing the last batch");
     let digest = tokio::task::spawn_blocking(move || {

@@ -14,12 +14,29 @@ pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// HTTP listen address for metrics, health and the operator console, or `off`
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_http)]
+    pub http: Option<HttpListen>,
     /// Fleet file [default: the built-in futian-2024 fleet].
     #[arg(long, value_name = "FILE")]
     pub fleet: Option<PathBuf>,
     /// Configuration file (TOML).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// `--http`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+fn parse_http(s: &str) -> Result<HttpListen, String> {
+    if s == "off" {
+        return Ok(HttpListen(None));
+    }
+    s.parse()
+        .map(|a| HttpListen(Some(a)))
+        .map_err(|e| format!("{e}: an address such as 127.0.0.1:8080, or off"))
 }
 
 /// Sends logs to stderr, as text or JSON lines, filtered by `RUST_LOG` (default: `default`).
@@ -70,6 +87,7 @@ pub async fn shutdown_signal() {
 pub async fn run(a: &ServeArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let opts = suanli_broker::ServeOptions {
         listen: a.listen,
+        http: a.http.map(|h| h.0),
         data_dir,
         fleet: a.fleet.clone(),
         config: a.config.clone(),

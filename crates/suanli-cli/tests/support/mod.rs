@@ -36,7 +36,14 @@ pub fn start(dir: &Path) -> (Serving, String) {
     )
     .expect("write the config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--config",
+        ])
         .arg(&config)
         .arg("--data-dir")
         .arg(dir)

@@ -4,6 +4,7 @@
 //!
 //! - `/healthz`: the process answers. `/readyz`: its views are published and it is not
 //!   stopping.
+//! - `/metrics`: Prometheus metrics in the text format 0.0.4 (see the `metrics` module).
 //! - Open on the listener when `http_open_metrics` is set; otherwise they need the operator's
 //!   token like every other route.
 
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{Principal, Tokens};
+use crate::metrics::{self, Metrics};
 use crate::views::Views;
 
 /// The name of the cookie that carries the operator's token in a browser.
@@ -34,6 +36,8 @@ pub(crate) struct HttpState {
     pub(crate) stopping: watch::Receiver<bool>,
     /// Whether the health routes (and metrics) answer without a token.
     pub(crate) open_metrics: bool,
+    /// What `/metrics` renders.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl HttpState {
@@ -86,14 +90,16 @@ pub(crate) async fn require_operator(
 pub(crate) fn router(state: HttpState) -> Router {
     let mut open = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(scrape));
     if !state.open_metrics {
         open = open.route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,
         ));
     }
-    open.with_state(state)
+    open.with_state(state.clone())
+        .merge(crate::console::router(state))
 }
 
 async fn healthz() -> &'static str {
@@ -108,6 +114,17 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     } else {
         "ready\n".into_response()
+    }
+}
+
+async fn scrape(State(state): State<HttpState>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics: encoding failed\n",
+        )
+            .into_response(),
     }
 }
 

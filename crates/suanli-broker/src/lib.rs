@@ -13,6 +13,10 @@
 //! - `views`: what queries read.
 //! - `service`: the three gRPC services; [`convert`]: messages to core types and back.
 //! - [`http`]: the HTTP side: health, metrics and the operator console.
+//! - `metrics`: the Prometheus metrics `/metrics` serves: the fleet read from the views at
+//!   scrape time, the writer's counters and timings, gRPC calls by method and code.
+//! - `console`: the operator console's page (embedded in the binary) and its JSON views,
+//!   behind the operator's token.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the one mapping of errors to gRPC codes.
 //! - [`config`], [`credentials`]: configuration and the credentials file.
 #![forbid(unsafe_code)]
@@ -26,7 +30,9 @@ pub mod http;
 pub mod server;
 pub mod store;
 
+mod console;
 pub mod convert;
+mod metrics;
 mod service;
 mod snapshot;
 mod views;
@@ -92,7 +98,8 @@ pub async fn serve(
     };
     config.announce = true;
     let http_addr = match &http {
-        Some(l) => format!("http://{}/", l.local_addr()?),
+        // The login link with the operator's token follows with the credentials.
+        Some(l) => format!("http://{}/ (login link below)", l.local_addr()?),
         None => "off".into(),
     };
     println!(

@@ -20,6 +20,7 @@ use crate::config::{BrokerConfig, Execution};
 use crate::credentials::{self, AgentToken, Credentials, TenantToken};
 use crate::error::BrokerError;
 use crate::http::{self, HttpState};
+use crate::metrics::{Metrics, RpcLayer, RpcMetrics};
 use crate::service::{Shared, operator::OperatorApi, pool::PoolApi, tenant::TenantApi};
 use crate::store::RedbStore;
 use crate::views::Views;
@@ -97,8 +98,20 @@ pub async fn run_with(
         .save(&config.data_dir.join(credentials::FILE_NAME))
         .map_err(|e| BrokerError::Config(e.to_string()))?;
     if config.announce {
-        announce(&config, &creds);
+        announce(
+            &config,
+            &creds,
+            http.as_ref().and_then(|l| l.local_addr().ok()),
+        );
     }
+    // Every method the server routes, so that RPC metrics know them by name.
+    let rpc = Arc::new(RpcMetrics::new(&[
+        suanli_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]));
+    let metrics = Arc::new(Metrics::new(views.clone(), w.metrics(), rpc.clone()));
     let (handle, join) = writer::spawn(w, config.queue_capacity);
     let stopper = handle.clone();
 
@@ -114,6 +127,7 @@ pub async fn run_with(
             tokens: tokens.clone(),
             stopping: stopping.clone(),
             open_metrics: config.http_open_metrics,
+            metrics: metrics.clone(),
         };
         let mut stopped = stopping.clone();
         let addr = l.local_addr().ok();
@@ -176,6 +190,7 @@ pub async fn run_with(
         .map_err(|e| BrokerError::Config(e.to_string()))?;
     info!(%addr, data_dir = %config.data_dir.display(), "serving");
     let serve = builder
+        .layer(RpcLayer(rpc))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -284,12 +299,15 @@ fn start_up(
 }
 
 /// Prints the credentials for a person starting the broker by hand.
-fn announce(config: &BrokerConfig, c: &Credentials) {
+fn announce(config: &BrokerConfig, c: &Credentials, http: Option<std::net::SocketAddr>) {
     println!(
         "credentials (also in {}):",
         config.data_dir.join(credentials::FILE_NAME).display()
     );
     println!("  operator  {}", c.operator);
+    if let Some(addr) = http {
+        println!("  console   http://{addr}/login?token={}", c.operator);
+    }
     for t in &c.tenants {
         println!("  tenant    {:<14} {}", t.name, t.token);
     }

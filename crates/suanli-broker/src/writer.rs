@@ -23,6 +23,7 @@ use crate::auth::{Principal, Tokens};
 use crate::config::{BrokerConfig, Execution};
 use crate::convert;
 use crate::error::BrokerError;
+use crate::metrics::{self, WriterMetrics};
 use crate::snapshot::{Capture, Image};
 use crate::store::{Entry, IdemKey, Store};
 use crate::views::{QueueView, Queued, Snapshot, Views};
@@ -236,6 +237,8 @@ pub(crate) struct Writer {
     live: bool,
     /// Op::Stop came: end after this batch.
     stopping: bool,
+    /// Counters and timings for `/metrics`.
+    metrics: Arc<WriterMetrics>,
 }
 
 /// Wall-clock unix milliseconds.
@@ -280,6 +283,7 @@ impl Writer {
             now: 0,
             live: false,
             stopping: false,
+            metrics: Arc::default(),
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -331,6 +335,7 @@ impl Writer {
             .map_err(|e| BrokerError::Store(format!("snapshot at log index {at}: {e}")))?;
         self.engine = engine;
         for r in requests {
+            self.metrics.moved(None, r.state);
             self.views
                 .by_tenant
                 .entry(r.tenant.clone())
@@ -388,6 +393,11 @@ impl Writer {
         }
     }
 
+    /// What the writer counts and times, for `/metrics`.
+    pub fn metrics(&self) -> Arc<WriterMetrics> {
+        self.metrics.clone()
+    }
+
     /// The engine (for start-up checks).
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -433,7 +443,7 @@ impl Writer {
         if let Command::Submit(spec) = &command {
             self.submitting = Some(spec.clone());
         }
-        let events = self.engine.apply(command.clone(), now);
+        let events = self.decide(command.clone(), now);
         self.submitting
             .take_if(|_| matches!(events[..], [Event::Rejected { .. }]));
         if let [Event::Rejected { error }] = &events[..] {
@@ -442,7 +452,7 @@ impl Writer {
         entries.push(Entry::Command { now, command, key });
         self.process(&events, now);
         while let Some(next) = self.followups.pop() {
-            let more = self.engine.apply(next.clone(), now);
+            let more = self.decide(next.clone(), now);
             if !matches!(more[..], [Event::Rejected { .. }]) {
                 entries.push(Entry::Command {
                     now,
@@ -455,9 +465,22 @@ impl Writer {
         Ok(events)
     }
 
+    /// Applies a command to the engine, counting and timing the decision.
+    fn decide(&mut self, command: Command, now: u64) -> Vec<Event> {
+        let kind = metrics::command_kind(&command);
+        let started = Instant::now();
+        let events = self.engine.apply(command, now);
+        let rejected = matches!(events[..], [Event::Rejected { .. }]);
+        self.metrics.decided(kind, started.elapsed(), rejected);
+        events
+    }
+
     /// Brings the views up to date with events, and (when live) acts on them.
     fn process(&mut self, events: &[Event], now: u64) {
         for ev in events {
+            if self.live {
+                self.metrics.event(ev);
+            }
             let (id, kind) = match *ev {
                 Event::Submitted { request } => (request, pb::RequestEventKind::Submitted),
                 Event::Placed { request } => (request, pb::RequestEventKind::Placed),
@@ -514,6 +537,8 @@ impl Writer {
                     },
                 }));
             }
+            self.metrics
+                .moved(previous.as_ref().map(|p| p.state), record.state);
             self.views.requests.insert(id.0, Arc::new(record));
         }
     }
@@ -947,6 +972,8 @@ impl Writer {
                 return Err(e);
             }
             let synced = started.elapsed();
+            self.metrics
+                .batch(batch, entries.len(), applied, synced - applied);
             self.maybe_snapshot();
             // Under load the fleet views are republished at most every few milliseconds; at once
             // after a command that changes pools or tenants (its caller reads them back), and

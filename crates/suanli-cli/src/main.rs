@@ -2,7 +2,7 @@
 //!
 //! - `suanli serve` runs the broker.
 //! - Tenants (AI companies): `submit`, `get`, `list`, `cancel`, `release`, `watch`, `quote`, `me`.
-//! - Operators: `fleet`, `pools`, `tenants`, `queue`.
+//! - Operators: `fleet`, `pools`, `tenants`, `queue`, and `top`, the live picture in a terminal.
 //! - `suanli agent` runs a pool's agent (with simulated jobs); `suanli loadgen` drives a broker
 //!   and measures it.
 //! - `suanli sim` runs the engine on a virtual clock over a trace; `suanli sim compare` writes
@@ -12,7 +12,7 @@
 //! - `client`: the broker's address, tokens and the credentials file, error lines.
 //! - `parse` and `time`: the values people type (durations, shapes, amounts, times, names).
 //! - `output`: tables and JSON.
-//! - `tenant_cmds`, `operator_cmds`, `agent`, `loadgen`, `serve`: one module per area.
+//! - `tenant_cmds`, `operator_cmds`, `top`, `agent`, `loadgen`, `serve`: one module per area.
 //!
 //! Errors are one line on stderr, `error: <gRPC code>: <message>` for a failed call; the exit
 //! code is 2 for a usage error and 1 for any other failure.
@@ -34,6 +34,7 @@ mod serve;
 mod sim;
 mod tenant_cmds;
 mod time;
+mod top;
 
 use std::process::ExitCode;
 
@@ -86,6 +87,9 @@ enum Command {
     Tenants(operator_cmds::TenantsArgs),
     /// List queued requests of all tenants in queue order (operator).
     Queue(operator_cmds::QueueArgs),
+    /// Watch the fleet, the pools, the queue and the tenants live in the terminal; without a
+    /// terminal or with --once, print one screen as plain text (operator).
+    Top(top::TopArgs),
 
     /// Run a pool's agent: register the pool and run its leases (simulated).
     Agent(agent::AgentArgs),
@@ -121,6 +125,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Pools(a) => operator_cmds::pools(g, a).await,
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,
         Command::Queue(a) => operator_cmds::queue(g, a).await,
+        Command::Top(a) => top::run(g, a).await,
         Command::Agent(a) => agent::run(g, a).await,
         Command::Loadgen(a) => loadgen::run(g, a).await,
         Command::Sim(a) => sim::run(g, a),

@@ -4,33 +4,10 @@
 use std::time::Duration;
 
 use suanli_broker::store::Store;
-use suanli_e2e::{Broker, test_config};
+use suanli_e2e::{Broker, gang, submit, test_config};
 use suanli_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-fn gang(nodes: u32, m: u32, model: &str, duration_ms: u64) -> pb::RequestSpec {
-    pb::RequestSpec {
-        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
-            nodes,
-            devices_per_node: m,
-        })),
-        duration_ms,
-        priority: pb::Priority::Standard as i32,
-        constraints: Some(pb::Constraints {
-            models: vec![model.into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn submit(id: &str, spec: pb::RequestSpec) -> pb::SubmitRequestRequest {
-    pb::SubmitRequestRequest {
-        request_id: id.into(),
-        spec: Some(spec),
-    }
-}
 
 fn state(r: &pb::Request) -> pb::RequestState {
     pb::RequestState::try_from(r.state).unwrap()

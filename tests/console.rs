@@ -13,29 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use suanli_e2e::{Broker, http_get, test_config};
+use suanli_e2e::{Broker, OperatorFigures, gang, http_get, submit, test_config};
 use suanli_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn gang(nodes: u32, m: u32, model: &str, duration_ms: u64) -> pb::SubmitRequestRequest {
-    pb::SubmitRequestRequest {
-        request_id: String::new(),
-        spec: Some(pb::RequestSpec {
-            shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
-                nodes,
-                devices_per_node: m,
-            })),
-            duration_ms,
-            priority: pb::Priority::Standard as i32,
-            constraints: Some(pb::Constraints {
-                models: vec![model.into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
 
 const HOUR: u64 = 3_600_000;
 
@@ -51,7 +32,10 @@ async fn loaded_broker(dir: &Path) -> Loaded {
     let broker = Broker::start_with_http(test_config(dir)).await;
     let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
     let mut b = broker.tenant(&broker.tenant_token("tenant-b")).await;
-    for spec in [gang(2, 8, "h100", HOUR), gang(1, 8, "a800", HOUR)] {
+    for spec in [
+        submit("", gang(2, 8, "h100", HOUR)),
+        submit("", gang(1, 8, "a800", HOUR)),
+    ] {
         let r = a.submit_request(spec).await.expect("submit").into_inner();
         assert_eq!(
             r.state,
@@ -60,13 +44,13 @@ async fn loaded_broker(dir: &Path) -> Loaded {
         );
     }
     let busy = b
-        .submit_request(gang(2, 8, "h100", 60_000))
+        .submit_request(submit("", gang(2, 8, "h100", 60_000)))
         .await
         .expect("submit")
         .into_inner()
         .id;
     let never = b
-        .submit_request(gang(3, 8, "h100", 60_000))
+        .submit_request(submit("", gang(3, 8, "h100", 60_000)))
         .await
         .expect("submit")
         .into_inner()
@@ -228,24 +212,11 @@ async fn the_console_shows_the_fleet_in_a_real_browser() {
         never,
     } = loaded_broker(dir.path()).await;
     let http = broker.http.expect("http side");
-    let mut op = broker.operator(&broker.creds.operator).await;
-    let fleet = op
-        .get_fleet_summary(pb::GetFleetSummaryRequest::default())
-        .await
-        .expect("summary")
-        .into_inner();
-    let pools = op
-        .list_pools(pb::ListPoolsRequest::default())
-        .await
-        .expect("pools")
-        .into_inner()
-        .pools;
-    let tenants = op
-        .list_tenants(pb::ListTenantsRequest::default())
-        .await
-        .expect("tenants")
-        .into_inner()
-        .tenants;
+    let OperatorFigures {
+        fleet,
+        pools,
+        tenants,
+    } = broker.operator_figures().await;
 
     let login = format!("http://{http}/login?token={}", broker.creds.operator);
     let dom = dump_dom(&browser, &login).await;

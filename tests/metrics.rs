@@ -6,32 +6,11 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use suanli_e2e::{Broker, http_get, test_config};
+use suanli_e2e::{Broker, OperatorFigures, gang, http_get, submit, test_config};
+
+const HOUR: u64 = 3_600_000;
 use suanli_proto::v1 as pb;
 use tonic::Code;
-
-fn gang(nodes: u32, m: u32, model: &str) -> pb::RequestSpec {
-    pb::RequestSpec {
-        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
-            nodes,
-            devices_per_node: m,
-        })),
-        duration_ms: 3_600_000,
-        priority: pb::Priority::Standard as i32,
-        constraints: Some(pb::Constraints {
-            models: vec![model.into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn submit(id: &str, spec: pb::RequestSpec) -> pb::SubmitRequestRequest {
-    pb::SubmitRequestRequest {
-        request_id: id.into(),
-        spec: Some(spec),
-    }
-}
 
 /// One parsed sample line: `name{k="v",...} value`.
 #[derive(Debug)]
@@ -138,18 +117,17 @@ async fn metrics_agree_with_the_api_and_pass_promtool() {
     let broker = Broker::start_with_http(test_config(dir.path())).await;
     let http = broker.http.expect("http side");
     let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
-    let mut op = broker.operator(&broker.creds.operator).await;
 
     // Two placements (one node of `near`, one of `far`), then a gang that needs both nodes of
     // `near` and must wait for the first to end.
-    a.submit_request(submit("m1", gang(1, 8, "h100")))
+    a.submit_request(submit("m1", gang(1, 8, "h100", HOUR)))
         .await
         .expect("placed on near");
-    a.submit_request(submit("m2", gang(1, 4, "a800")))
+    a.submit_request(submit("m2", gang(1, 4, "a800", HOUR)))
         .await
         .expect("placed on far");
     let waiting = a
-        .submit_request(submit("m3", gang(2, 8, "h100")))
+        .submit_request(submit("m3", gang(2, 8, "h100", HOUR)))
         .await
         .expect("queued")
         .into_inner();
@@ -202,23 +180,11 @@ async fn metrics_agree_with_the_api_and_pass_promtool() {
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     let m = parse(&scraped.body);
-    let pools = op
-        .list_pools(pb::ListPoolsRequest::default())
-        .await
-        .expect("pools")
-        .into_inner()
-        .pools;
-    let fleet = op
-        .get_fleet_summary(pb::GetFleetSummaryRequest::default())
-        .await
-        .expect("fleet")
-        .into_inner();
-    let tenants = op
-        .list_tenants(pb::ListTenantsRequest::default())
-        .await
-        .expect("tenants")
-        .into_inner()
-        .tenants;
+    let OperatorFigures {
+        fleet,
+        pools,
+        tenants,
+    } = broker.operator_figures().await;
 
     // Pools: every figure equals the pool view's.
     assert_eq!(pools.len(), 2);
@@ -364,7 +330,7 @@ async fn a_restarted_broker_counts_its_recovered_leases_but_not_old_events() {
     let broker = Broker::start(config.clone()).await;
     let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
     for (id, model) in [("r1", "h100"), ("r2", "a800"), ("r3", "h100")] {
-        a.submit_request(submit(id, gang(1, 8, model)))
+        a.submit_request(submit(id, gang(1, 8, model, HOUR)))
             .await
             .expect("placed");
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use suanli_broker::credentials::{Credentials, FILE_NAME};
 use suanli_broker::{BrokerConfig, RunSummary};
 use suanli_core::{Catalogue, Fleet};
+use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::pool_service_client::PoolServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
@@ -49,6 +50,31 @@ interconnect = "nvlink"
 price_fen_per_device_hour = 1000
 "#;
 
+/// A standard-priority gang of `nodes` x `m` devices of `model`.
+pub fn gang(nodes: u32, m: u32, model: &str, duration_ms: u64) -> pb::RequestSpec {
+    pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes,
+            devices_per_node: m,
+        })),
+        duration_ms,
+        priority: pb::Priority::Standard as i32,
+        constraints: Some(pb::Constraints {
+            models: vec![model.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A submission of `spec` under the client's `request_id` (empty: none).
+pub fn submit(request_id: &str, spec: pb::RequestSpec) -> pb::SubmitRequestRequest {
+    pb::SubmitRequestRequest {
+        request_id: request_id.into(),
+        spec: Some(spec),
+    }
+}
+
 /// A configuration for tests: the small fleet, fast ticks, data in `dir`.
 pub fn test_config(dir: &Path) -> BrokerConfig {
     let mut c = BrokerConfig::dev_default();
@@ -58,6 +84,16 @@ pub fn test_config(dir: &Path) -> BrokerConfig {
     // Tests run side by side: each that wants the HTTP side binds its own free port.
     c.http = None;
     c
+}
+
+/// The operator API's figures, to check other views of the broker against.
+pub struct OperatorFigures {
+    /// The fleet summary.
+    pub fleet: pb::FleetSummary,
+    /// Every pool.
+    pub pools: Vec<pb::Pool>,
+    /// Every tenant.
+    pub tenants: Vec<pb::Tenant>,
 }
 
 /// A broker running in this process.
@@ -143,6 +179,33 @@ impl Broker {
             .connect()
             .await
             .expect("connect")
+    }
+
+    /// What the operator API says of the fleet, every pool (one page) and every tenant.
+    pub async fn operator_figures(&self) -> OperatorFigures {
+        let mut op = self.operator(&self.creds.operator).await;
+        let fleet = op
+            .get_fleet_summary(pb::GetFleetSummaryRequest::default())
+            .await
+            .expect("fleet summary")
+            .into_inner();
+        let pools = op
+            .list_pools(pb::ListPoolsRequest::default())
+            .await
+            .expect("pools")
+            .into_inner()
+            .pools;
+        let tenants = op
+            .list_tenants(pb::ListTenantsRequest::default())
+            .await
+            .expect("tenants")
+            .into_inner()
+            .tenants;
+        OperatorFigures {
+            fleet,
+            pools,
+            tenants,
+        }
     }
 
     /// A tenant client with `token`.

@@ -19,6 +19,11 @@ use crate::error::BrokerError;
 use crate::store::Store;
 use crate::writer::Idempotency;
 
+/// The first byte of every saved snapshot. The image is postcard, which is not
+/// self-describing: a change to the engine's state changes the format, and a snapshot of
+/// another format is refused by name instead of being misread.
+pub(crate) const SNAPSHOT_FORMAT: u8 = 2;
+
 /// What the writer hands to the snapshot thread: its state, cloned at a batch boundary.
 pub(crate) struct Capture {
     /// The log index the state is at: every entry before it is in it.
@@ -48,8 +53,17 @@ pub(crate) struct Image {
 impl Image {
     /// Reads a saved snapshot; `at` names it in errors.
     pub fn decode(at: u64, bytes: &[u8]) -> Result<Image, BrokerError> {
-        postcard::from_bytes(bytes)
-            .map_err(|e| BrokerError::Store(format!("snapshot at log index {at}: {e}")))
+        match bytes.split_first() {
+            Some((&SNAPSHOT_FORMAT, image)) => postcard::from_bytes(image)
+                .map_err(|e| BrokerError::Store(format!("snapshot at log index {at}: {e}"))),
+            Some((other, _)) => Err(BrokerError::Store(format!(
+                "snapshot at log index {at} has format {other}; this broker reads format \
+                 {SNAPSHOT_FORMAT} (start from a data folder of this version)"
+            ))),
+            None => Err(BrokerError::Store(format!(
+                "snapshot at log index {at} is empty"
+            ))),
+        }
     }
 
     /// The request records, decoded.
@@ -77,7 +91,10 @@ impl Capture {
             tokens: self.tokens,
             now: self.now,
         };
-        postcard::to_stdvec(&image).map_err(|e| BrokerError::Store(format!("snapshot: {e}")))
+        let mut bytes = vec![SNAPSHOT_FORMAT];
+        postcard::to_io(&image, &mut bytes)
+            .map_err(|e| BrokerError::Store(format!("snapshot: {e}")))?;
+        Ok(bytes)
     }
 
     /// Encodes and saves the snapshot on a thread of its own.
@@ -114,5 +131,24 @@ mod tests {
             panic!("damaged bytes decoded");
         };
         assert!(e.to_string().contains("snapshot at log index 5"), "{e}");
+        let mut damaged = vec![SNAPSHOT_FORMAT];
+        damaged.extend_from_slice(b"not a snapshot");
+        let Err(e) = Image::decode(6, &damaged) else {
+            panic!("damaged bytes decoded");
+        };
+        assert!(e.to_string().contains("snapshot at log index 6"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_of_another_format_is_refused_by_name() {
+        let Err(e) = Image::decode(7, &[SNAPSHOT_FORMAT + 1, 0, 0]) else {
+            panic!("another format decoded");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("has format {}", SNAPSHOT_FORMAT + 1)),
+            "{e}"
+        );
+        assert!(e.contains("log index 7"), "{e}");
     }
 }

@@ -433,6 +433,9 @@ impl Engine {
         if *self.preemptible() != preemptible {
             return mismatch("preemptible leases", self.preemptible(), &preemptible);
         }
+        if due.len() != live {
+            return mismatch("lease ends due", &due.len(), &live);
+        }
         Ok(())
     }
 

@@ -236,6 +236,10 @@ pub(crate) struct Request {
     pub state: RequestState,
     /// Whether it sits in the wait queue (a new request is tried before it is queued).
     pub in_queue: bool,
+    /// The pass during which it was last queued: a victim requeued by a pass waits for the
+    /// next one.
+    #[serde(default)]
+    pub queued_in_pass: u64,
     pub reason: WaitReason,
     pub position: u32,
     /// Fleet epoch at which `matchable` was computed.
@@ -335,8 +339,9 @@ pub struct Engine {
     pub(crate) tenant_ids: FxHashMap<String, TenantIx>,
     pub(crate) requests: FxHashMap<RequestId, Request>,
     pub(crate) queue: WaitQueue,
-    /// Lease end times; entries of leases that ended early are dropped lazily.
-    ends: BinaryHeap<Reverse<(Millis, RequestId)>>,
+    /// The live leases by end time: expiry takes them from the front, and the reservation
+    /// estimate walks them in order.
+    ends: BTreeSet<(Millis, RequestId)>,
     pub(crate) live_leases: usize,
     /// Queued requests per class that wait for capacity (or have not been looked at yet).
     capacity_waiting: [u32; 3],
@@ -356,6 +361,9 @@ pub struct Engine {
     arrivals: Vec<RequestId>,
     /// Positions given since the last full pass.
     ranked: u32,
+    /// Passes made so far (full and arrivals-only).
+    #[serde(default)]
+    passes: u64,
     /// Bumped whenever the fleet changes shape, so cached `matchable` answers are recomputed.
     fleet_epoch: u64,
     next_request: u64,
@@ -391,7 +399,7 @@ impl Engine {
             tenant_ids: FxHashMap::default(),
             requests: FxHashMap::default(),
             queue: WaitQueue::default(),
-            ends: BinaryHeap::new(),
+            ends: BTreeSet::new(),
             live_leases: 0,
             capacity_waiting: [0; 3],
             spot_leases: 0,
@@ -402,6 +410,7 @@ impl Engine {
             next_timed: Millis::MAX,
             arrivals: Vec::new(),
             ranked: 0,
+            passes: 0,
             fleet_epoch: 0,
             next_request: 1,
             now: 0,
@@ -931,6 +940,7 @@ impl Engine {
                 submitted_at: now,
                 state: RequestState::Queued,
                 in_queue: false,
+                queued_in_pass: 0,
                 reason: WaitReason::Pending,
                 position: self.queue.len() as u32 + 1,
                 match_epoch: u64::MAX,
@@ -953,6 +963,7 @@ impl Engine {
         self.arrivals.push(id);
         let r = self.requests.get_mut(&id).expect("request to queue");
         r.in_queue = true;
+        r.queued_in_pass = self.passes;
         let (class, tenant, reason) = (r.priority, r.tenant, r.reason);
         self.queue.push(class, tenant, id);
         self.tenants[tenant.0 as usize].queued += 1;
@@ -982,20 +993,17 @@ impl Engine {
         }
         // The positions of those behind it change: the next tick ranks them again.
         self.pass_due = true;
-        let (class, tenant, waiting) = (
-            r.priority.rank(),
-            r.tenant,
-            Self::waits_for_capacity(r.reason),
-        );
+        let (priority, tenant, waiting) =
+            (r.priority, r.tenant, Self::waits_for_capacity(r.reason));
         if waiting {
-            self.capacity_waiting[class] -= 1;
+            self.capacity_waiting[priority.rank()] -= 1;
         }
         self.tenants[tenant.0 as usize].queued -= 1;
-        self.queue.left();
+        let requests = &self.requests;
+        let queued = |q| requests.get(&q).is_some_and(|r: &Request| r.in_queue);
+        self.queue.left(priority, tenant, queued);
         if self.queue.wants_compaction() {
-            let requests = &self.requests;
-            self.queue
-                .compact(|q| requests.get(&q).is_some_and(|r| r.in_queue));
+            self.queue.compact(queued);
         }
     }
 
@@ -1091,6 +1099,7 @@ impl Engine {
             self.borrowing_leases -= 1;
         }
         self.preemptible.remove(&id);
+        self.ends.remove(&(lease.end, id));
         if requeue {
             let r = self.requests.get_mut(&id).expect("live lease");
             r.state = RequestState::Queued;
@@ -1108,35 +1117,14 @@ impl Engine {
                 reason,
             });
         }
-        self.maybe_trim_ends();
-    }
-
-    fn maybe_trim_ends(&mut self) {
-        if self.ends.len() > 2 * self.live_leases + 1024 {
-            let requests = &self.requests;
-            self.ends.retain(|&Reverse((t, id))| {
-                requests
-                    .get(&id)
-                    .and_then(|r| r.lease.as_ref())
-                    .is_some_and(|l| l.end == t)
-            });
-        }
     }
 
     fn expire(&mut self, out: &mut Vec<Event>) {
-        while let Some(&Reverse((t, id))) = self.ends.peek() {
+        while let Some(&(t, id)) = self.ends.first() {
             if t > self.now {
                 break;
             }
-            self.ends.pop();
-            let live = self
-                .requests
-                .get(&id)
-                .and_then(|r| r.lease.as_ref())
-                .is_some_and(|l| l.end == t);
-            if live {
-                self.end_lease(id, RequestState::Completed, EndReason::Expired, out);
-            }
+            self.end_lease(id, RequestState::Completed, EndReason::Expired, out);
         }
     }
 
@@ -1293,7 +1281,7 @@ impl Engine {
         if r.priority == Priority::Spot || borrowed > 0 {
             self.preemptible.insert(id);
         }
-        self.ends.push(Reverse((end, id)));
+        self.ends.insert((end, id));
         out.push(Event::Placed { request: id });
     }
 
@@ -1355,6 +1343,8 @@ impl Engine {
             failed: FxHashSet::default(),
             preemption_budget: PREEMPTION_SEARCHES_PER_PASS,
         };
+        self.passes += 1;
+        let this_pass = self.passes;
         let mut position = ranked;
         for snapshot in classes {
             let mut heap: BinaryHeap<Reverse<(Share, usize, usize)>> = snapshot
@@ -1368,7 +1358,9 @@ impl Engine {
                 let mut next = None;
                 while let Some(&id) = ids.get(cursor) {
                     match self.requests.get_mut(&id) {
-                        Some(r) if r.state == RequestState::Queued => {
+                        Some(r)
+                            if r.state == RequestState::Queued && r.queued_in_pass != this_pass =>
+                        {
                             position += 1;
                             r.position = position;
                             next = Some(id);
@@ -1419,60 +1411,54 @@ impl Engine {
         candidates: &[u32],
         is_candidate: &[bool],
     ) -> Option<Millis> {
-        let mut ends: Vec<(Millis, RequestId)> = self
-            .requests
-            .iter()
-            .filter_map(|(&id, q)| {
-                let l = q.lease.as_ref()?;
-                l.slices
-                    .iter()
-                    .any(|s| is_candidate[s.group as usize])
-                    .then_some((l.end, id))
-            })
-            .collect();
-        ends.sort_unstable();
-        let mut scratch: FxHashMap<u32, Vec<u16>> = candidates
-            .iter()
-            .map(|&g| {
-                (
-                    g,
-                    self.supply.groups[g as usize]
-                        .nodes
-                        .free_per_node()
-                        .to_vec(),
-                )
-            })
-            .collect();
-        let fits = |scratch: &FxHashMap<u32, Vec<u16>>| -> bool {
-            match r.shape {
-                Shape::Gang {
-                    nodes,
-                    devices_per_node,
-                } => scratch.values().any(|free| {
-                    free.iter().filter(|&&f| f >= devices_per_node).count() as u64 >= nodes as u64
-                }),
-                Shape::Elastic { tflops, .. } => {
-                    let total: Tflops = scratch
-                        .iter()
-                        .map(|(&g, free)| {
-                            free.iter().map(|&f| f as u64).sum::<u64>()
-                                * self.supply.groups[g as usize].tflops_per_device as u64
-                        })
-                        .sum();
-                    total >= tflops
-                }
-            }
+        // The candidate groups' free devices per node, refilled lease by lease. What the fit
+        // needs is kept up to date as devices come back, so each lease costs only its slices:
+        // per group, the nodes with room for a gang's node; in all, the free TFLOPS.
+        let mut scratch: FxHashMap<u32, (Vec<u16>, u64)> = FxHashMap::default();
+        let mut best_nodes = 0u64;
+        let mut free_tflops: Tflops = 0;
+        let per_node = match r.shape {
+            Shape::Gang {
+                devices_per_node, ..
+            } => devices_per_node,
+            Shape::Elastic { .. } => 0,
         };
-        if fits(&scratch) {
+        for &g in candidates {
+            let group = &self.supply.groups[g as usize];
+            let free = group.nodes.free_per_node().to_vec();
+            let roomy = free.iter().filter(|&&f| f >= per_node).count() as u64;
+            free_tflops +=
+                free.iter().map(|&f| f as u64).sum::<u64>() * group.tflops_per_device as u64;
+            best_nodes = best_nodes.max(roomy);
+            scratch.insert(g, (free, roomy));
+        }
+        let fits = |best_nodes: u64, free_tflops: Tflops| match r.shape {
+            Shape::Gang { nodes, .. } => best_nodes >= nodes as u64,
+            Shape::Elastic { tflops, .. } => free_tflops >= tflops,
+        };
+        if fits(best_nodes, free_tflops) {
             return Some(self.now.max(r.start_after));
         }
-        for (end, id) in ends {
+        for &(end, id) in &self.ends {
+            let mut touched = false;
             for s in &self.requests[&id].lease.as_ref().expect("live").slices {
-                if let Some(free) = scratch.get_mut(&s.group) {
-                    free[s.node as usize] += s.devices;
+                if !is_candidate[s.group as usize] {
+                    continue;
                 }
+                let Some((free, roomy)) = scratch.get_mut(&s.group) else {
+                    continue;
+                };
+                let before = free[s.node as usize];
+                free[s.node as usize] += s.devices;
+                if before < per_node && free[s.node as usize] >= per_node {
+                    *roomy += 1;
+                    best_nodes = best_nodes.max(*roomy);
+                }
+                free_tflops += s.devices as u64
+                    * self.supply.groups[s.group as usize].tflops_per_device as u64;
+                touched = true;
             }
-            if fits(&scratch) {
+            if touched && fits(best_nodes, free_tflops) {
                 return Some(end.max(r.start_after));
             }
         }
@@ -1646,9 +1632,9 @@ impl Engine {
         &self.preemptible
     }
 
-    /// Lease end times waiting to expire, stale entries included, for audits.
+    /// Lease end times waiting to expire, for audits.
     pub(crate) fn pending_ends(&self) -> impl Iterator<Item = (Millis, RequestId)> + '_ {
-        self.ends.iter().map(|&Reverse(e)| e)
+        self.ends.iter().copied()
     }
 
     // ----- digest -----

@@ -38,9 +38,29 @@ impl WaitQueue {
         self.entries += 1;
     }
 
-    /// Notes that a request left the queue; its entry is dropped at the next compaction.
-    pub fn left(&mut self) {
+    /// Notes that a request of `tenant` in `class` left the queue. Its entry goes at once when
+    /// it is at the front of its FIFO (the usual case: the oldest request starts first), with
+    /// any left entries behind it, so a queue that drains keeps no stale entries for the passes
+    /// to walk; an entry further back is dropped at the next compaction.
+    pub fn left(
+        &mut self,
+        class: Priority,
+        tenant: TenantIx,
+        mut queued: impl FnMut(RequestId) -> bool,
+    ) {
         self.stale += 1;
+        let class = &mut self.classes[class.rank()];
+        let Some(q) = class.get_mut(&tenant) else {
+            return;
+        };
+        while q.front().is_some_and(|&id| !queued(id)) {
+            q.pop_front();
+            self.stale -= 1;
+            self.entries -= 1;
+        }
+        if q.is_empty() {
+            class.remove(&tenant);
+        }
     }
 
     /// Requests still waiting.
@@ -85,9 +105,27 @@ mod tests {
         q.push(Priority::Standard, t, RequestId(3));
         let order: Vec<u64> = q.classes[1][&t].iter().map(|r| r.0).collect();
         assert_eq!(order, [1, 2, 3, 5]);
-        q.left();
+        q.left(Priority::Standard, t, |id| id != RequestId(2)); // not at the front: stays
+        assert_eq!(q.classes[1][&t].len(), 4);
         q.compact(|id| id != RequestId(2));
         assert_eq!(q.len(), 3);
+    }
+
+    #[test]
+    fn entries_that_leave_from_the_front_go_at_once() {
+        let mut q = WaitQueue::default();
+        let t = TenantIx(0);
+        for id in [1, 2, 3] {
+            q.push(Priority::Critical, t, RequestId(id));
+        }
+        // 2 leaves first (stays, behind 1), then 1: both go, 3 is the front.
+        q.left(Priority::Critical, t, |id| id != RequestId(2));
+        q.left(Priority::Critical, t, |id| id == RequestId(3));
+        let order: Vec<u64> = q.classes[0][&t].iter().map(|r| r.0).collect();
+        assert_eq!((order, q.len()), (vec![3], 1));
+        q.left(Priority::Critical, t, |_| false);
+        assert!(q.classes[0].is_empty(), "an emptied FIFO is dropped");
+        assert_eq!(q.len(), 0);
     }
 
     #[test]
@@ -97,7 +135,7 @@ mod tests {
         for id in [1, 2] {
             q.push(Priority::Spot, t, RequestId(id));
         }
-        q.left(); // 1 is placed; its entry stays until compaction
+        q.left(Priority::Spot, t, |id| id != RequestId(1)); // 1 is placed: its entry goes
         q.push(Priority::Spot, t, RequestId(1)); // 1 is preempted and requeued
         let order: Vec<u64> = q.classes[2][&t].iter().map(|r| r.0).collect();
         assert_eq!(order, [1, 2]);

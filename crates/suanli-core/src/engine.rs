@@ -1514,9 +1514,10 @@ impl Engine {
                 nodes,
                 devices_per_node,
             } => self.gang_victims(&candidates, &victims, nodes, devices_per_node),
-            Shape::Elastic { tflops, .. } => {
-                self.elastic_victims(&is_candidate, &candidates, &victims, tflops)
-            }
+            Shape::Elastic {
+                tflops,
+                min_chunk_tflops,
+            } => self.elastic_victims(&candidates, &victims, tflops, min_chunk_tflops),
         };
         let Some(chosen) = chosen else {
             return false;
@@ -1586,34 +1587,50 @@ impl Engine {
         best.map(|b| b.2)
     }
 
-    /// Victims (in preference order) until the candidate groups hold the elastic amount.
+    /// Victims (in preference order) until the candidate groups hold the elastic amount in
+    /// pieces the placement will take. A group counts only once it has at least
+    /// min(min chunk, amount) free: the placement takes such a group for whatever is still
+    /// missing and may pass over a smaller one, so ending victims for capacity in smaller
+    /// pieces would end them for nothing (and, requeued, they would be placed and ended again
+    /// pass after pass).
     fn elastic_victims(
         &self,
-        is_candidate: &[bool],
         candidates: &[u32],
         victims: &[(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)],
         tflops: Tflops,
+        min_chunk: Tflops,
     ) -> Option<Vec<RequestId>> {
+        let threshold = min_chunk.min(tflops);
         let group_tflops = |g: u32| self.supply.groups[g as usize].tflops_per_device as u64;
-        let mut free: Tflops = candidates
+        let mut free: FxHashMap<u32, Tflops> = candidates
             .iter()
-            .map(|&g| self.supply.groups[g as usize].nodes.free_devices() * group_tflops(g))
-            .sum();
+            .map(|&g| {
+                let devices = self.supply.groups[g as usize].nodes.free_devices();
+                (g, devices * group_tflops(g))
+            })
+            .collect();
+        let mut usable: Tflops = free.values().filter(|&&f| f >= threshold).sum();
         let mut chosen = Vec::new();
         for &(_, _, Reverse(vid)) in victims {
-            if free >= tflops {
+            if usable >= tflops {
                 break;
             }
             let lease = self.requests[&vid].lease.as_ref().expect("victim lease");
-            free += lease
-                .slices
-                .iter()
-                .filter(|s| is_candidate[s.group as usize])
-                .map(|s| s.devices as u64 * group_tflops(s.group))
-                .sum::<u64>();
+            for s in &lease.slices {
+                let Some(f) = free.get_mut(&s.group) else {
+                    continue;
+                };
+                let before = *f;
+                *f += s.devices as u64 * group_tflops(s.group);
+                if before >= threshold {
+                    usable += *f - before;
+                } else if *f >= threshold {
+                    usable += *f;
+                }
+            }
             chosen.push(vid);
         }
-        (free >= tflops).then_some(chosen)
+        (usable >= tflops).then_some(chosen)
     }
 
     /// Counters kept for speed, for audits: live leases, requests waiting for capacity by
@@ -1907,6 +1924,49 @@ mod tests {
             reason: EndReason::Preempted
         }));
         assert_eq!(e.request(spot).unwrap().state, RequestState::Queued);
+    }
+
+    /// Two groups of one 8-device node, each half standard and half spot work.
+    fn half_spot_fleet() -> (Engine, [RequestId; 2]) {
+        let mut e = engine(vec![
+            pool("p1", External, 5, &[("h100", 8, 1, 1000)]),
+            pool("p2", External, 5, &[("h100", 8, 1, 1000)]),
+        ]);
+        let mut spots = Vec::new();
+        for _ in 0..2 {
+            submit(&mut e, gang("a", 1, 4, "h100"), 0);
+            let mut spot = gang("a", 1, 4, "h100");
+            spot.priority = Priority::Spot;
+            spot.requeue = true;
+            spots.push(submit(&mut e, spot, 0));
+        }
+        (e, [spots[0], spots[1]])
+    }
+
+    #[test]
+    fn elastic_work_preempts_only_for_pieces_it_can_use() {
+        // 8 devices in one piece: ending both spot leases frees 4 + 4, which it cannot use.
+        let (mut e, spots) = half_spot_fleet();
+        let whole = submit(&mut e, elastic("a", 8 * 989, 8 * 989), 1);
+        for now in 2..5 {
+            let ev = ok(e.apply(Command::Tick, now));
+            assert!(!placed(&ev, whole));
+            assert!(
+                !ev.iter().any(|e| matches!(e, Event::Requeued { .. })),
+                "{ev:?}"
+            );
+        }
+        for s in spots {
+            assert_eq!(e.request(s).unwrap().state, RequestState::Placed);
+        }
+        // In pieces of 4 devices it can use both: the spot leases go and it is placed.
+        let (mut e, spots) = half_spot_fleet();
+        let halves = submit(&mut e, elastic("a", 8 * 989, 4 * 989), 1);
+        let ev = ok(e.apply(Command::Tick, 2));
+        assert!(placed(&ev, halves));
+        for s in spots {
+            assert_eq!(e.request(s).unwrap().state, RequestState::Queued);
+        }
     }
 
     #[test]

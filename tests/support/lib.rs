@@ -161,16 +161,19 @@ impl Broker {
     }
 
     /// Stops the broker gracefully and returns its final digest.
-    pub async fn stop(mut self) -> u64 {
+    pub async fn stop(self) -> u64 {
+        self.stop_summary().await.digest
+    }
+
+    /// Stops the broker gracefully and returns what it reported: its final digest and ledger.
+    pub async fn stop_summary(mut self) -> RunSummary {
         let _ = self.stop.take().expect("running").send(());
-        let summary = self
-            .task
+        self.task
             .take()
             .expect("running")
             .await
             .expect("join")
-            .expect("clean stop");
-        summary.digest
+            .expect("clean stop")
     }
 
     async fn channel(&self) -> Channel {

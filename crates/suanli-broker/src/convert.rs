@@ -8,6 +8,11 @@ use suanli_core::{
 };
 use suanli_proto::v1 as pb;
 
+use suanli_billing::{
+    Budget, BudgetPeriod, Fen, Month, SubsidyReport, TenantStatement, Voucher, VoucherId,
+    VoucherScope, VoucherSpec,
+};
+
 use crate::error::BrokerError;
 
 /// Longest string the broker accepts in an identifier-like field.
@@ -256,8 +261,11 @@ fn lease_to_pb(l: &LeaseView) -> pb::Lease {
                 model: p.model.clone(),
                 node: p.node,
                 devices: p.devices as u32,
+                // Fixed by the writer at placement.
+                price_fen_per_device_hour: 0,
             })
             .collect(),
+        running_since_unix_ms: None,
     }
 }
 
@@ -278,6 +286,8 @@ pub fn request_to_pb(v: &RequestView, spec: &pb::RequestSpec, now: u64) -> pb::R
         end_reason: pb::EndReason::Unspecified as i32,
         submit_time_unix_ms: v.submitted_at,
         update_time_unix_ms: now,
+        // Counted by the writer.
+        leases: 0,
     }
 }
 
@@ -465,6 +475,244 @@ pub fn fleet_to_pb(
         keyed(&u.by_region),
         kinds,
     )
+}
+
+// Accounting: vouchers, budgets, statements, the subsidy report.
+
+fn kind_from_pb(value: i32, field: &str) -> Result<PoolKind, BrokerError> {
+    match pb::PoolKind::try_from(value) {
+        Ok(pb::PoolKind::LocalCentre) => Ok(PoolKind::LocalCentre),
+        Ok(pb::PoolKind::LocalCloud) => Ok(PoolKind::LocalCloud),
+        Ok(pb::PoolKind::External) => Ok(PoolKind::External),
+        _ => Err(BrokerError::field(
+            field,
+            format!("{value} is not a pool kind (1 local centre, 2 local cloud, 3 external)"),
+        )),
+    }
+}
+
+fn fen_field(value: i64, field: &str) -> Result<Fen, BrokerError> {
+    if value < 0 {
+        return Err(BrokerError::field(field, format!("{value} is negative")));
+    }
+    Ok(Fen(value))
+}
+
+/// A voucher to issue, validated; errors name the field under `field`.
+pub fn voucher_from_pb(
+    v: Option<pb::VoucherSpec>,
+    field: &str,
+) -> Result<VoucherSpec, BrokerError> {
+    let v = v.ok_or_else(|| BrokerError::field(field, "required"))?;
+    let f = |name: &str| format!("{field}.{name}");
+    for (name, value) in [("id", &v.id), ("tenant", &v.tenant)] {
+        if value.is_empty() {
+            return Err(BrokerError::field(f(name), "required"));
+        }
+        check_name(&f(name), value)?;
+    }
+    if v.face_value_fen <= 0 {
+        return Err(BrokerError::field(
+            f("face_value_fen"),
+            "must be above zero",
+        ));
+    }
+    if v.rate_bp == 0 || v.rate_bp > suanli_billing::FULL_RATE_BP {
+        return Err(BrokerError::field(
+            f("rate_bp"),
+            format!("{} is outside 1..=10000 (0.01% to 100%)", v.rate_bp),
+        ));
+    }
+    let per_lease_cap = match v.per_lease_cap_fen {
+        Some(cap) if cap <= 0 => {
+            return Err(BrokerError::field(
+                f("per_lease_cap_fen"),
+                "must be above zero",
+            ));
+        }
+        cap => cap.map(Fen),
+    };
+    let scope = v
+        .scope
+        .ok_or_else(|| BrokerError::field(f("scope"), "required"))?;
+    let given = usize::from(scope.all_pools)
+        + usize::from(!scope.pools.is_empty())
+        + usize::from(!scope.pool_kinds.is_empty());
+    if given != 1 {
+        return Err(BrokerError::field(
+            f("scope"),
+            "give exactly one of all_pools, pools and pool_kinds",
+        ));
+    }
+    let scope = if scope.all_pools {
+        VoucherScope::AllPools
+    } else if !scope.pools.is_empty() {
+        check_names(&f("scope.pools"), &scope.pools)?;
+        VoucherScope::Pools(scope.pools.into_iter().collect())
+    } else {
+        VoucherScope::PoolKinds(
+            scope
+                .pool_kinds
+                .iter()
+                .map(|&k| kind_from_pb(k, &f("scope.pool_kinds")))
+                .collect::<Result<_, _>>()?,
+        )
+    };
+    if v.valid_until_unix_ms <= v.valid_from_unix_ms {
+        return Err(BrokerError::field(
+            f("valid_until_unix_ms"),
+            "must be after valid_from_unix_ms",
+        ));
+    }
+    let spec = VoucherSpec {
+        id: VoucherId::new(v.id),
+        tenant: v.tenant,
+        face_value: Fen(v.face_value_fen),
+        rate_bp: v.rate_bp,
+        per_lease_cap,
+        scope,
+        valid_from: v.valid_from_unix_ms,
+        valid_until: v.valid_until_unix_ms,
+    };
+    spec.validate().map_err(crate::billing::billing_error)?;
+    Ok(spec)
+}
+
+/// A voucher with its balance.
+pub fn voucher_to_pb(v: &Voucher) -> pb::VoucherBalance {
+    let s = &v.spec;
+    let scope = match &s.scope {
+        VoucherScope::AllPools => pb::VoucherScope {
+            all_pools: true,
+            ..Default::default()
+        },
+        VoucherScope::Pools(pools) => pb::VoucherScope {
+            pools: pools.iter().cloned().collect(),
+            ..Default::default()
+        },
+        VoucherScope::PoolKinds(kinds) => pb::VoucherScope {
+            pool_kinds: kinds.iter().map(|&k| kind_to_pb(k) as i32).collect(),
+            ..Default::default()
+        },
+    };
+    pb::VoucherBalance {
+        spec: Some(pb::VoucherSpec {
+            id: s.id.0.clone(),
+            tenant: s.tenant.clone(),
+            face_value_fen: s.face_value.fen(),
+            rate_bp: s.rate_bp,
+            per_lease_cap_fen: s.per_lease_cap.map(Fen::fen),
+            scope: Some(scope),
+            valid_from_unix_ms: s.valid_from,
+            valid_until_unix_ms: s.valid_until,
+        }),
+        scope_label: s.scope.label(),
+        issued_unix_ms: v.issued_at,
+        used_fen: v.used.fen(),
+        remaining_fen: v.remaining().fen(),
+    }
+}
+
+/// A budget to set: `None` removes the tenant's budget.
+pub fn budget_from_pb(b: Option<pb::Budget>, field: &str) -> Result<Option<Budget>, BrokerError> {
+    let Some(b) = b else { return Ok(None) };
+    let limit = fen_field(b.limit_fen, &format!("{field}.limit_fen"))?;
+    match pb::BudgetPeriod::try_from(b.period) {
+        Ok(pb::BudgetPeriod::Monthly) => Ok(Some(Budget::monthly(limit))),
+        Ok(pb::BudgetPeriod::Total) => Ok(Some(Budget::total(limit))),
+        _ => Err(BrokerError::field(
+            format!("{field}.period"),
+            format!("{} is not a budget period (1 monthly, 2 total)", b.period),
+        )),
+    }
+}
+
+/// A budget on the wire.
+pub fn budget_to_pb(b: &Budget) -> pb::Budget {
+    pb::Budget {
+        limit_fen: b.limit.fen(),
+        period: match b.period {
+            BudgetPeriod::Monthly => pb::BudgetPeriod::Monthly,
+            BudgetPeriod::Total => pb::BudgetPeriod::Total,
+        } as i32,
+    }
+}
+
+/// A month `YYYY-MM`; empty is the month containing `now`.
+pub fn month_from_pb(text: &str, field: &str, now: u64) -> Result<Month, BrokerError> {
+    if text.is_empty() {
+        return Ok(Month::containing(now));
+    }
+    text.parse()
+        .map_err(|e: suanli_billing::BillingError| BrokerError::field(field, e.to_string()))
+}
+
+/// A tenant's statement on the wire.
+pub fn statement_to_pb(s: &TenantStatement) -> pb::Statement {
+    pb::Statement {
+        tenant: s.tenant.clone(),
+        month: s.month.to_string(),
+        leases: s.leases,
+        lines: s
+            .lines
+            .iter()
+            .map(|l| pb::UsageLine {
+                model: l.model.clone(),
+                pool_kind: kind_to_pb(l.pool_kind) as i32,
+                lease_parts: l.lease_parts,
+                milli_p_hours: u64::try_from(l.milli_p_hours()).unwrap_or(u64::MAX),
+                cost_fen: l.cost.fen(),
+                subsidy_fen: l.subsidy.fen(),
+                due_fen: l.due.fen(),
+            })
+            .collect(),
+        vouchers: s
+            .vouchers
+            .iter()
+            .map(|v| pb::VoucherLine {
+                voucher: v.voucher.0.clone(),
+                rate_bp: v.rate_bp,
+                scope: v.scope.clone(),
+                issued_fen: v.issued.fen(),
+                used_in_month_fen: v.used_in_month.fen(),
+                remaining_fen: v.remaining.fen(),
+            })
+            .collect(),
+        cost_fen: s.cost.fen(),
+        subsidy_fen: s.subsidy.fen(),
+        due_fen: s.due.fen(),
+        adjustments_fen: s.adjustments_total.fen(),
+        payable_fen: s.payable.fen(),
+        usage_csv: s.usage_csv(),
+        vouchers_csv: s.vouchers_csv(),
+    }
+}
+
+/// The subsidy report on the wire.
+pub fn subsidy_report_to_pb(r: &SubsidyReport) -> pb::GetSubsidyReportResponse {
+    pb::GetSubsidyReportResponse {
+        months: r
+            .months
+            .iter()
+            .map(|m| pb::SubsidyMonth {
+                month: m.month.to_string(),
+                by_pool_kind: m
+                    .by_pool_kind
+                    .iter()
+                    .filter(|(_, a)| a.is_positive())
+                    .map(|(&k, a)| pb::PoolKindAmount {
+                        pool_kind: kind_to_pb(k) as i32,
+                        amount_fen: a.fen(),
+                    })
+                    .collect(),
+                spent_fen: m.spent.fen(),
+                issued_fen: m.issued.fen(),
+                budget_fen: m.budget.map(Fen::fen),
+                remaining_fen: m.remaining.map(Fen::fen),
+            })
+            .collect(),
+        csv: r.to_csv(),
+    }
 }
 
 #[cfg(test)]

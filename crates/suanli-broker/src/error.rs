@@ -26,6 +26,9 @@ pub enum BrokerError {
     /// The thing asked for does not exist (or belongs to someone else).
     #[error("{0}")]
     NotFound(String),
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The thing is in a state that does not allow the call.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -73,6 +76,7 @@ impl From<BrokerError> for Status {
             BrokerError::Unauthenticated(_) => Code::Unauthenticated,
             BrokerError::PermissionDenied(_) => Code::PermissionDenied,
             BrokerError::NotFound(_) => Code::NotFound,
+            BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
             BrokerError::Overloaded => Code::ResourceExhausted,
             BrokerError::Unavailable(_) => Code::Unavailable,

@@ -11,6 +11,7 @@
 //! - [`store`]: the durable command log and snapshots behind a trait (redb by default);
 //!   `snapshot`: what a snapshot holds, saved off the writer's thread.
 //! - `views`: what queries read.
+//! - [`billing`]: vouchers, budgets and settlement in the writer, derived from the command log.
 //! - `service`: the three gRPC services; [`convert`]: messages to core types and back.
 //! - [`http`]: the HTTP side: health, metrics and the operator console.
 //! - `metrics`: the Prometheus metrics `/metrics` serves: the fleet read from the views at
@@ -30,6 +31,7 @@ pub mod http;
 pub mod server;
 pub mod store;
 
+pub mod billing;
 mod console;
 pub mod convert;
 mod metrics;
@@ -44,7 +46,7 @@ use std::path::PathBuf;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use server::{Listeners, RunSummary, recovered_digest, run, run_with};
+pub use server::{Listeners, RunSummary, recovered_digest, recovered_ledger, run, run_with};
 
 /// What `suanli serve` was asked for on its command line.
 #[derive(Clone, Debug, Default)]

@@ -31,6 +31,8 @@ use crate::writer::{self, Writer};
 pub struct RunSummary {
     /// The engine digest after the last batch.
     pub digest: u64,
+    /// The accounting ledger after the last batch.
+    pub ledger: suanli_billing::Ledger,
 }
 
 /// The bound sockets a broker serves on.
@@ -219,7 +221,7 @@ pub async fn run_with(
         }
     }
     info!("stopped accepting; finishing the last batch");
-    let digest = tokio::task::spawn_blocking(move || {
+    let (digest, ledger) = tokio::task::spawn_blocking(move || {
         stopper.stop();
         join.join()
     })
@@ -227,7 +229,7 @@ pub async fn run_with(
     .map_err(|e| BrokerError::Unavailable(e.to_string()))?
     .map_err(|_| BrokerError::Unavailable("the writer panicked".into()))??;
     info!(digest, "stopped");
-    Ok(RunSummary { digest })
+    Ok(RunSummary { digest, ledger })
 }
 
 /// The engine digest that recovery from the data folder gives, without serving: equal to the
@@ -243,6 +245,21 @@ pub fn recovered_digest(config: &BrokerConfig) -> Result<u64, BrokerError> {
         watch,
     )?;
     Ok(w.engine().digest())
+}
+
+/// The ledger that recovery from the data folder gives, without serving: equal to the ledger
+/// a stopped broker reported, since it is derived from the log.
+pub fn recovered_ledger(config: &BrokerConfig) -> Result<suanli_billing::Ledger, BrokerError> {
+    let store = RedbStore::open(&config.data_dir)?;
+    let (watch, _) = broadcast::channel(1);
+    let w = Writer::recover(
+        Arc::new(config.clone()),
+        Arc::new(store),
+        Arc::new(Views::default()),
+        Tokens::default(),
+        watch,
+    )?;
+    Ok(w.ledger().clone())
 }
 
 /// What start-up must add to a recovered engine: missing pools, changed tenants, missing tokens.

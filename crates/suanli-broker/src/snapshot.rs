@@ -1,5 +1,5 @@
 //! Snapshots of the writer's state: the engine, the readable request records, the idempotency
-//! keys, the tokens and the clock, as of one index of the command log.
+//! keys, the tokens, the clock and the ledger, as of one index of the command log.
 //!
 //! Taking one must not stall the writer: the writer only clones what it owns (the engine, the
 //! keys) and the `Arc`s of the records, in one batch boundary; a background thread encodes the
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use suanli_billing::Ledger;
 use suanli_core::Engine;
 use suanli_proto::v1 as pb;
 
@@ -22,7 +23,7 @@ use crate::writer::Idempotency;
 /// The first byte of every saved snapshot. The image is postcard, which is not
 /// self-describing: a change to the engine's state changes the format, and a snapshot of
 /// another format is refused by name instead of being misread.
-pub(crate) const SNAPSHOT_FORMAT: u8 = 2;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 3;
 
 /// What the writer hands to the snapshot thread: its state, cloned at a batch boundary.
 pub(crate) struct Capture {
@@ -35,6 +36,8 @@ pub(crate) struct Capture {
     pub idempotency: Idempotency,
     pub tokens: Vec<(Principal, String)>,
     pub now: u64,
+    /// The ledger (see `billing`): derived from the log like the engine.
+    pub ledger: Ledger,
 }
 
 /// A snapshot as saved.
@@ -48,6 +51,8 @@ pub(crate) struct Image {
     pub idempotency: Idempotency,
     pub tokens: Vec<(Principal, String)>,
     pub now: u64,
+    /// The ledger (see `billing`): derived from the log like the engine.
+    pub ledger: Ledger,
 }
 
 impl Image {
@@ -90,6 +95,7 @@ impl Capture {
             idempotency: self.idempotency,
             tokens: self.tokens,
             now: self.now,
+            ledger: self.ledger,
         };
         let mut bytes = vec![SNAPSHOT_FORMAT];
         postcard::to_io(&image, &mut bytes)

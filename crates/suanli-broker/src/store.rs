@@ -40,6 +40,16 @@ pub enum Entry {
         /// The caller's idempotency key, if any.
         key: Option<IdemKey>,
     },
+    /// An accounting command (a voucher issued, a budget set) applied at `now`; see
+    /// [`crate::billing`].
+    Billing {
+        /// Time it was applied at (unix ms).
+        now: u64,
+        /// The command.
+        op: crate::billing::BillingOp,
+        /// The caller's idempotency key, if any.
+        key: Option<IdemKey>,
+    },
     /// A bearer token granted to a principal (it replaces the principal's earlier tokens).
     Credential {
         /// Who it is for.

@@ -5,7 +5,8 @@
 //! with one sync, publishes the read views and only then answers the callers and tells the
 //! watchers: a reply means the command is durable. It also ticks the engine, carries out leases
 //! on simulated pools, tells pool agents which leases to start and stop, and marks pools whose
-//! agent fell silent as lost.
+//! agent fell silent as lost. It keeps the ledger too, as a consequence of the log (see
+//! [`crate::billing`]): it settles each lease as the engine reports its end.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -14,12 +15,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
+use suanli_billing::{Bill, Ledger};
 use suanli_core::{Command, EndReason, Engine, Event, PoolHealth, Quote, RequestId, RequestSpec};
 use suanli_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::auth::{Principal, Tokens};
+use crate::billing::{self, BillingOp};
 use crate::config::{BrokerConfig, Execution};
 use crate::convert;
 use crate::error::BrokerError;
@@ -75,8 +78,16 @@ pub(crate) enum Op {
     },
     Quote {
         spec: RequestSpec,
-        reply: oneshot::Sender<Result<Quote, BrokerError>>,
+        reply: oneshot::Sender<Result<(Quote, Option<Bill>), BrokerError>>,
     },
+    /// An accounting command, logged like a command of the engine.
+    Billing {
+        op: BillingOp,
+        key: Option<IdemKey>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    /// Reads the ledger once the batch it arrived in is durable.
+    ReadLedger(Box<dyn FnOnce(&Ledger) + Send>),
     AgentHello {
         pool: String,
         running: Vec<u64>,
@@ -172,9 +183,27 @@ impl Handle {
         .await?
     }
 
-    /// A dry run of a submission.
-    pub async fn quote(&self, spec: RequestSpec) -> Result<Quote, BrokerError> {
+    /// A dry run of a submission, with what it would cost after subsidy when placeable now.
+    pub async fn quote(&self, spec: RequestSpec) -> Result<(Quote, Option<Bill>), BrokerError> {
         self.ask(|reply| Op::Quote { spec, reply }).await?
+    }
+
+    /// Applies an accounting command; answers once it is durable.
+    pub async fn billing(&self, op: BillingOp, key: Option<IdemKey>) -> Result<(), BrokerError> {
+        self.ask(|reply| Op::Billing { op, key, reply }).await?
+    }
+
+    /// Reads the ledger, as of the end of a durable batch.
+    pub async fn read_ledger<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Ledger) -> T + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        self.ask(|reply| {
+            Op::ReadLedger(Box::new(move |ledger| {
+                let _ = reply.send(read(ledger));
+            }))
+        })
+        .await
     }
 
     /// An agent joined (or came back).
@@ -204,6 +233,9 @@ enum Reply {
         Result<Vec<Event>, BrokerError>,
     ),
     Unit(oneshot::Sender<Result<(), BrokerError>>),
+    /// A read of the ledger, answered once the batch is durable, so that nobody reads a
+    /// settlement a crash could still take back.
+    Read(Box<dyn FnOnce(&Ledger) + Send>),
 }
 
 /// The writer's state. See the module documentation.
@@ -239,6 +271,8 @@ pub(crate) struct Writer {
     stopping: bool,
     /// Counters and timings for `/metrics`.
     metrics: Arc<WriterMetrics>,
+    /// The accounting ledger, derived from the log (see [`crate::billing`]).
+    ledger: Ledger,
 }
 
 /// Wall-clock unix milliseconds.
@@ -284,6 +318,7 @@ impl Writer {
             live: false,
             stopping: false,
             metrics: Arc::default(),
+            ledger: Ledger::new(),
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -301,6 +336,15 @@ impl Writer {
                     w.process(&events, now);
                     if let Some(k) = key {
                         w.idem.insert(k, events, now);
+                    }
+                }
+                Entry::Billing { now, op, key } => {
+                    w.now = w.now.max(now);
+                    if let Err(e) = w.apply_billing(op, now) {
+                        warn!(error = %e, "a logged accounting command failed on replay");
+                    }
+                    if let Some(k) = key {
+                        w.idem.insert(k, Vec::new(), now);
                     }
                 }
                 Entry::Credential { principal, token } => w.tokens.grant(principal, token),
@@ -328,6 +372,7 @@ impl Writer {
             idempotency,
             tokens,
             now,
+            ledger,
             ..
         } = image;
         engine
@@ -345,6 +390,7 @@ impl Writer {
         }
         self.ended = ended;
         self.idem = idempotency;
+        self.ledger = ledger;
         for (principal, token) in tokens {
             self.tokens.grant(principal, token);
         }
@@ -379,6 +425,7 @@ impl Writer {
             idempotency: self.idem.clone(),
             tokens: self.tokens.all(),
             now: self.now,
+            ledger: self.ledger.clone(),
         };
         self.last_snapshot = upto;
         self.snapshotting = Some(capture.save_in_background(self.store.clone()));
@@ -401,6 +448,86 @@ impl Writer {
     /// The engine (for start-up checks).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Applies an accounting command to the ledger; the same on live apply and on replay.
+    fn apply_billing(&mut self, op: BillingOp, now: u64) -> Result<(), BrokerError> {
+        let tenant = match &op {
+            BillingOp::IssueVoucher(v) => &v.tenant,
+            BillingOp::SetBudget { tenant, .. } => tenant,
+        };
+        if self.engine.tenant_usage(tenant).is_none() {
+            return Err(BrokerError::NotFound(format!("tenant {tenant} not found")));
+        }
+        match op {
+            BillingOp::IssueVoucher(v) => self.ledger.issue_voucher(v, now),
+            BillingOp::SetBudget { tenant, budget } => {
+                if let Some(b) = &budget {
+                    b.validate().map_err(billing::billing_error)?;
+                }
+                self.ledger.set_budget(&tenant, budget, now)
+            }
+        }
+        .map_err(billing::billing_error)
+    }
+
+    /// Refuses a submission that would take its tenant past its budget: what it would pay
+    /// after subsidy for the placement the engine would choose now, for its whole duration
+    /// (nothing when it would wait), on top of what it has paid in the budget's period.
+    fn check_budget(&mut self, spec: &RequestSpec, now: u64) -> Result<(), BrokerError> {
+        let has_budget = self
+            .ledger
+            .tenant(&spec.tenant)
+            .is_some_and(|a| a.budget.is_some());
+        if !has_budget {
+            return Ok(());
+        }
+        let estimate = match self.engine.quote(spec, now)?.placement {
+            Some(p) => {
+                let usage = billing::quoted_usage(&self.engine, spec, &p, now);
+                self.ledger
+                    .quote(&usage)
+                    .map_err(billing::billing_error)?
+                    .tenant_due
+            }
+            None => suanli_billing::Fen::ZERO,
+        };
+        self.ledger
+            .would_exceed(&spec.tenant, estimate, now)
+            .map_err(billing::billing_error)
+    }
+
+    /// A quote with what it would cost after subsidy.
+    fn quote(
+        &mut self,
+        spec: &RequestSpec,
+        now: u64,
+    ) -> Result<(Quote, Option<Bill>), BrokerError> {
+        let quote = self.engine.quote(spec, now)?;
+        let bill = match &quote.placement {
+            Some(p) => {
+                let usage = billing::quoted_usage(&self.engine, spec, p, now);
+                Some(self.ledger.quote(&usage).map_err(billing::billing_error)?)
+            }
+            None => None,
+        };
+        Ok((quote, bill))
+    }
+
+    /// Settles a lease that ended at `now`, from the record it had before.
+    fn settle(&mut self, previous: Option<&pb::Request>, now: u64) {
+        let Some(usage) = previous.and_then(|p| billing::usage_of(&self.engine, p, now)) else {
+            return;
+        };
+        let lease = usage.lease.clone();
+        if let Err(e) = self.ledger.settle(usage, now) {
+            error!(lease = %lease, error = %e, "could not settle a lease");
+        }
     }
 
     /// Applies and logs commands before the writer runs (registering the fleet, tenants).
@@ -441,6 +568,9 @@ impl Writer {
         entries: &mut Vec<Entry>,
     ) -> Result<Vec<Event>, BrokerError> {
         if let Command::Submit(spec) = &command {
+            if self.live {
+                self.check_budget(spec, now)?;
+            }
             self.submitting = Some(spec.clone());
         }
         let events = self.decide(command.clone(), now);
@@ -509,7 +639,9 @@ impl Writer {
                     let mut r = convert::request_to_pb(&view, &spec, now);
                     if let Some(p) = &previous {
                         r.submit_time_unix_ms = p.submit_time_unix_ms;
+                        r.leases = p.leases;
                     }
+                    self.fix_lease(ev, &mut r, previous.as_deref(), now);
                     r
                 }
                 (_, None) => continue,
@@ -520,6 +652,9 @@ impl Writer {
                     .entry(record.tenant.clone())
                     .or_default()
                     .push(id.0);
+            }
+            if matches!(ev, Event::Ended { .. } | Event::Requeued { .. }) {
+                self.settle(previous.as_deref(), now);
             }
             if self.live {
                 self.act(ev, &record, previous.as_deref(), now);
@@ -540,6 +675,37 @@ impl Writer {
             self.metrics
                 .moved(previous.as_ref().map(|p| p.state), record.state);
             self.views.requests.insert(id.0, Arc::new(record));
+        }
+    }
+
+    /// Keeps what a lease's record must not lose when it is rebuilt from the engine: a new
+    /// placement fixes each part's price and counts the lease; later records keep them, and
+    /// the start of running is the time the broker applied the start.
+    fn fix_lease(&self, ev: &Event, r: &mut pb::Request, previous: Option<&pb::Request>, now: u64) {
+        let Some(lease) = r.lease.as_mut() else {
+            return;
+        };
+        if matches!(ev, Event::Placed { .. }) {
+            // A new lease, even when the engine requeued and placed again in one decision.
+            r.leases += 1;
+            lease.running_since_unix_ms = None;
+            for part in &mut lease.parts {
+                part.price_fen_per_device_hour = self
+                    .engine
+                    .pool_spec(&part.pool)
+                    .and_then(|s| s.groups.get(part.group as usize))
+                    .map_or(0, |g| g.price_fen_per_device_hour);
+            }
+            return;
+        }
+        if let Some(before) = previous.and_then(|p| p.lease.as_ref()) {
+            for (part, was) in lease.parts.iter_mut().zip(&before.parts) {
+                part.price_fen_per_device_hour = was.price_fen_per_device_hour;
+            }
+            lease.running_since_unix_ms = before.running_since_unix_ms;
+        }
+        if matches!(ev, Event::Started { .. }) {
+            lease.running_since_unix_ms = Some(now);
         }
     }
 
@@ -913,8 +1079,9 @@ impl Writer {
         });
     }
 
-    /// Runs until every sender is gone (the server stopped), then returns the final digest.
-    pub fn run(mut self, rx: Receiver<Op>) -> Result<u64, BrokerError> {
+    /// Runs until every sender is gone (the server stopped), then returns the final digest and
+    /// ledger.
+    pub fn run(mut self, rx: Receiver<Op>) -> WriterResult {
         self.live = true;
         self.started_at = self.clock();
         self.rearm_timers();
@@ -967,6 +1134,8 @@ impl Writer {
                             drop(tx.send(Err(BrokerError::Store(e.to_string()))))
                         }
                         Reply::Unit(tx) => drop(tx.send(Err(BrokerError::Store(e.to_string())))),
+                        // Dropped unanswered: the caller sees the writer stopped.
+                        Reply::Read(_) => {}
                     }
                 }
                 return Err(e);
@@ -1004,6 +1173,7 @@ impl Writer {
                 match r {
                     Reply::Events(tx, result) => drop(tx.send(result)),
                     Reply::Unit(tx) => drop(tx.send(Ok(()))),
+                    Reply::Read(read) => read(&self.ledger),
                 }
             }
             for ev in self.pending_watch.drain(..) {
@@ -1033,7 +1203,7 @@ impl Writer {
         if let Some(h) = self.snapshotting.take() {
             Self::finished(h);
         }
-        Ok(self.engine.digest())
+        Ok((self.engine.digest(), self.ledger))
     }
 
     fn handle(&mut self, op: Op, now: u64, entries: &mut Vec<Entry>, replies: &mut Vec<Reply>) {
@@ -1063,8 +1233,25 @@ impl Writer {
                 replies.push(Reply::Unit(reply));
             }
             Op::Quote { spec, reply } => {
-                let _ = reply.send(self.engine.quote(&spec, now).map_err(Into::into));
+                let _ = reply.send(self.quote(&spec, now));
             }
+            Op::Billing { op, key, reply } => {
+                if key.as_ref().is_some_and(|k| self.idem.get(k).is_some()) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                match self.apply_billing(op.clone(), now) {
+                    Ok(()) => {
+                        if let Some(k) = key.clone() {
+                            self.idem.insert(k, Vec::new(), now);
+                        }
+                        entries.push(Entry::Billing { now, op, key });
+                        replies.push(Reply::Unit(reply));
+                    }
+                    Err(e) => drop(reply.send(Err(e))),
+                }
+            }
+            Op::ReadLedger(read) => replies.push(Reply::Read(read)),
             Op::AgentHello { pool, running, tx } => {
                 self.agent_hello(pool, running, tx, now, entries)
             }
@@ -1094,11 +1281,14 @@ fn start_lease(
     }
 }
 
+/// What the writer thread ends with: the final engine digest and ledger.
+pub(crate) type WriterResult = Result<(u64, Ledger), BrokerError>;
+
 /// Starts the writer thread; returns the services' handle and the thread's join handle.
 pub(crate) fn spawn(
     writer: Writer,
     capacity: usize,
-) -> (Handle, std::thread::JoinHandle<Result<u64, BrokerError>>) {
+) -> (Handle, std::thread::JoinHandle<WriterResult>) {
     let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
     let join = std::thread::Builder::new()
         .name("suanli-writer".into())

@@ -3,6 +3,7 @@
 //! - `suanli serve` runs the broker.
 //! - Tenants (AI companies): `submit`, `get`, `list`, `cancel`, `release`, `watch`, `quote`, `me`.
 //! - Operators: `fleet`, `pools`, `tenants`, `queue`, and `top`, the live picture in a terminal.
+//! - Accounting: `vouchers` (and `vouchers issue`), `bill`, `subsidy`, `budget`.
 //! - `suanli agent` runs a pool's agent (with simulated jobs); `suanli loadgen` drives a broker
 //!   and measures it.
 //! - `suanli sim` runs the engine on a virtual clock over a trace; `suanli sim compare` writes
@@ -12,7 +13,8 @@
 //! - `client`: the broker's address, tokens and the credentials file, error lines.
 //! - `parse` and `time`: the values people type (durations, shapes, amounts, times, names).
 //! - `output`: tables and JSON.
-//! - `tenant_cmds`, `operator_cmds`, `top`, `agent`, `loadgen`, `serve`: one module per area.
+//! - `tenant_cmds`, `operator_cmds`, `billing_cmds`, `top`, `agent`, `loadgen`, `serve`: one
+//!   module per area.
 //!
 //! Errors are one line on stderr, `error: <gRPC code>: <message>` for a failed call; the exit
 //! code is 2 for a usage error and 1 for any other failure.
@@ -25,6 +27,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod agent;
+mod billing_cmds;
 mod client;
 mod loadgen;
 mod operator_cmds;
@@ -91,6 +94,17 @@ enum Command {
     /// terminal or with --once, print one screen as plain text (operator).
     Top(top::TopArgs),
 
+    /// List compute vouchers with their balances (a tenant: its own; the operator: all, or
+    /// --tenant's); `vouchers issue` issues one (operator).
+    Vouchers(billing_cmds::VouchersArgs),
+    /// Show a month's statement: usage, cost, subsidy, amount due (a tenant: its own; the
+    /// operator: --tenant's).
+    Bill(billing_cmds::BillArgs),
+    /// Show the subsidy vouchers paid per month and pool kind (operator).
+    Subsidy(billing_cmds::SubsidyArgs),
+    /// Set or remove the spending limit of the tenant named by --tenant (operator).
+    Budget(billing_cmds::BudgetArgs),
+
     /// Run a pool's agent: register the pool and run its leases (simulated).
     Agent(agent::AgentArgs),
     /// Drive a broker with many tenants' submissions and measure its latency.
@@ -126,6 +140,10 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,
         Command::Queue(a) => operator_cmds::queue(g, a).await,
         Command::Top(a) => top::run(g, a).await,
+        Command::Vouchers(a) => billing_cmds::vouchers(g, a).await,
+        Command::Bill(a) => billing_cmds::bill(g, a).await,
+        Command::Subsidy(a) => billing_cmds::subsidy(g, a).await,
+        Command::Budget(a) => billing_cmds::budget(g, a).await,
         Command::Agent(a) => agent::run(g, a).await,
         Command::Loadgen(a) => loadgen::run(g, a).await,
         Command::Sim(a) => sim::run(g, a),
@@ -206,6 +224,33 @@ mod tests {
                 &["agent", "--fleet", "f", "--pool", "p", "--speedup", "0"],
                 "--speedup",
             ),
+            (
+                &[
+                    "vouchers", "issue", "--face", "ten", "--rate", "50%", "--until", "+30d",
+                ],
+                "--face",
+            ),
+            (
+                &[
+                    "vouchers", "issue", "--face", "10", "--rate", "150%", "--until", "+30d",
+                ],
+                "--rate",
+            ),
+            (
+                &[
+                    "vouchers", "issue", "--face", "10", "--rate", "50%", "--until", "soon",
+                ],
+                "--until",
+            ),
+            (
+                &[
+                    "vouchers", "issue", "--face", "10", "--rate", "5%", "--until", "+1d",
+                    "--scope", "moon",
+                ],
+                "--scope",
+            ),
+            (&["bill", "--month", "2025-13"], "--month"),
+            (&["budget", "--limit", "1.234"], "--limit"),
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{args:?}");

@@ -282,8 +282,11 @@ fn wait_text(w: &WaitInfo) -> String {
 }
 
 fn lease_text(l: &Lease) -> String {
+    let running = l
+        .running_since_unix_ms
+        .map_or(String::new(), |t| format!(", running since {}", time(t)));
     format!(
-        "{} to {}, {} P (borrowed {} P), {} CNY/h",
+        "{} to {}, {} P (borrowed {} P), {} CNY/h{running}",
         time(l.start_unix_ms),
         time(l.end_unix_ms),
         p(l.tflops),
@@ -470,6 +473,11 @@ pub fn quote_detail(q: &Quote) -> String {
             "estimated cost",
             format!("{} CNY", cny(q.estimated_cost_fen)),
         ));
+        pairs.push((
+            "voucher subsidy",
+            format!("{} CNY", cny(q.estimated_subsidy_fen)),
+        ));
+        pairs.push(("you would pay", format!("{} CNY", cny(q.estimated_due_fen))));
     } else {
         pairs.push(("would wait", wait_reason(q.wait_reason)));
         pairs.push((
@@ -742,6 +750,7 @@ pub fn parts_json(parts: &[LeasePart]) -> Value {
                 "model": x.model,
                 "node": x.node,
                 "devices": x.devices,
+                "price_fen_per_device_hour": x.price_fen_per_device_hour,
             })
         })
         .collect()
@@ -766,8 +775,10 @@ pub fn request_json(r: &Request) -> Value {
             "tflops": l.tflops,
             "price_fen_per_hour": l.price_fen_per_hour,
             "borrowed_tflops": l.borrowed_tflops,
+            "running_since_unix_ms": l.running_since_unix_ms,
             "parts": parts_json(&l.parts),
         })),
+        "leases": r.leases,
         "end_reason": enum_name(r.end_reason, EndReason::as_str_name),
         "submit_time_unix_ms": r.submit_time_unix_ms,
         "update_time_unix_ms": r.update_time_unix_ms,
@@ -801,6 +812,8 @@ pub fn quote_json(q: &Quote) -> Value {
         "tflops": q.tflops,
         "price_fen_per_hour": q.price_fen_per_hour,
         "estimated_cost_fen": q.estimated_cost_fen,
+        "estimated_subsidy_fen": q.estimated_subsidy_fen,
+        "estimated_due_fen": q.estimated_due_fen,
         "wait_reason": enum_name(q.wait_reason, WaitReason::as_str_name),
         "earliest_start_unix_ms": q.earliest_start_unix_ms,
     })

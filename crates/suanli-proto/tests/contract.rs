@@ -62,6 +62,8 @@ fn tenant_service_has_its_methods() {
             "WatchRequests",
             "QuoteRequest",
             "GetTenant",
+            "GetStatement",
+            "ListVouchers",
         ]
     );
 }
@@ -87,6 +89,11 @@ fn operator_service_has_its_methods() {
             "SetTenant",
             "ListTenants",
             "ListQueue",
+            "IssueVoucher",
+            "ListVouchers",
+            "SetBudget",
+            "GetStatement",
+            "GetSubsidyReport",
         ]
     );
 }
@@ -121,6 +128,8 @@ fn every_mutating_call_carries_an_idempotency_key() {
         "DrainPoolRequest",
         "UndrainPoolRequest",
         "SetTenantRequest",
+        "IssueVoucherRequest",
+        "SetBudgetRequest",
     ] {
         let message = fds
             .file
@@ -272,12 +281,15 @@ fn placed_request() -> Request {
                     model: "h100".into(),
                     node,
                     devices: 8,
+                    price_fen_per_device_hour: 2500,
                 })
                 .collect(),
+            running_since_unix_ms: Some(1_767_000_000_200),
         }),
         end_reason: EndReason::Preempted as i32,
         submit_time_unix_ms: 1_766_999_000_000,
         update_time_unix_ms: 1_767_000_000_500,
+        leases: 1,
     }
 }
 
@@ -346,4 +358,44 @@ fn enum_names_match_the_proto() {
         v1::PoolKind::from_str_name("POOL_KIND_LOCAL_CENTRE"),
         Some(v1::PoolKind::LocalCentre)
     );
+}
+
+#[test]
+fn a_voucher_and_a_statement_round_trip_through_the_wire_format() {
+    let voucher = v1::VoucherBalance {
+        spec: Some(v1::VoucherSpec {
+            id: "FT-2025-0001".into(),
+            tenant: "acme".into(),
+            face_value_fen: 1_000_000,
+            rate_bp: 5_000,
+            per_lease_cap_fen: Some(50_000),
+            scope: Some(v1::VoucherScope {
+                pool_kinds: vec![
+                    v1::PoolKind::LocalCentre as i32,
+                    v1::PoolKind::LocalCloud as i32,
+                ],
+                ..Default::default()
+            }),
+            valid_from_unix_ms: 1_740_758_400_000,
+            valid_until_unix_ms: 1_748_534_400_000,
+        }),
+        scope_label: "kinds:local_centre;local_cloud".into(),
+        issued_unix_ms: 1_740_758_400_000,
+        used_fen: 105_600,
+        remaining_fen: 894_400,
+    };
+    let back = v1::VoucherBalance::decode(voucher.encode_to_vec().as_slice()).expect("decodes");
+    assert_eq!(back, voucher);
+    // A removed cap is absent, not zero.
+    let uncapped = v1::VoucherSpec {
+        per_lease_cap_fen: None,
+        ..voucher.spec.clone().unwrap()
+    };
+    let back = v1::VoucherSpec::decode(uncapped.encode_to_vec().as_slice()).expect("decodes");
+    assert_eq!(back.per_lease_cap_fen, None);
+    assert_eq!(
+        v1::BudgetPeriod::from_str_name("BUDGET_PERIOD_MONTHLY"),
+        Some(v1::BudgetPeriod::Monthly)
+    );
+    assert_eq!(v1::BudgetPeriod::default(), v1::BudgetPeriod::Unspecified);
 }

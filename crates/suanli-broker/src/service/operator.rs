@@ -8,6 +8,7 @@ use tracing::instrument;
 
 use super::{Shared, idem_key, page_from, page_size};
 use crate::auth::{Principal, new_token, principal};
+use crate::billing::BillingOp;
 use crate::convert;
 use crate::error::BrokerError;
 
@@ -169,5 +170,142 @@ impl OperatorService for OperatorApi {
             requests,
             next_page_token,
         }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "IssueVoucher"))]
+    async fn issue_voucher(
+        &self,
+        req: Request<pb::IssueVoucherRequest>,
+    ) -> Result<Response<pb::VoucherBalance>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id)?;
+        let spec = convert::voucher_from_pb(req.voucher, "voucher")?;
+        let id = spec.id.clone();
+        self.0
+            .writer
+            .billing(BillingOp::IssueVoucher(spec), key)
+            .await?;
+        let voucher = self
+            .0
+            .writer
+            .read_ledger(move |l| l.voucher(&id).map(convert::voucher_to_pb))
+            .await?
+            .ok_or_else(|| Status::internal("an issued voucher is missing"))?;
+        Ok(Response::new(voucher))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListVouchers"))]
+    async fn list_vouchers(
+        &self,
+        req: Request<pb::ListVouchersRequest>,
+    ) -> Result<Response<pb::ListVouchersResponse>, Status> {
+        principal(&req)?.operator()?;
+        let tenant = req.into_inner().tenant;
+        let vouchers = self
+            .0
+            .writer
+            .read_ledger(move |l| {
+                l.vouchers()
+                    .filter(|v| tenant.is_empty() || v.spec.tenant == tenant)
+                    .map(convert::voucher_to_pb)
+                    .collect()
+            })
+            .await?;
+        Ok(Response::new(pb::ListVouchersResponse { vouchers }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "SetBudget"))]
+    async fn set_budget(
+        &self,
+        req: Request<pb::SetBudgetRequest>,
+    ) -> Result<Response<pb::SetBudgetResponse>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id)?;
+        if req.tenant.is_empty() {
+            return Err(BrokerError::field("tenant", "required").into());
+        }
+        let budget = convert::budget_from_pb(req.budget, "budget")?;
+        let tenant = req.tenant;
+        self.0
+            .writer
+            .billing(
+                BillingOp::SetBudget {
+                    tenant: tenant.clone(),
+                    budget,
+                },
+                key,
+            )
+            .await?;
+        let name = tenant.clone();
+        let budget = self
+            .0
+            .writer
+            .read_ledger(move |l| l.tenant(&name).and_then(|a| a.budget))
+            .await?;
+        Ok(Response::new(pb::SetBudgetResponse {
+            tenant,
+            budget: budget.as_ref().map(convert::budget_to_pb),
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetStatement"))]
+    async fn get_statement(
+        &self,
+        req: Request<pb::GetStatementRequest>,
+    ) -> Result<Response<pb::Statement>, Status> {
+        principal(&req)?.operator()?;
+        let req = req.into_inner();
+        if req.tenant.is_empty() {
+            return Err(BrokerError::field("tenant", "required").into());
+        }
+        if !self
+            .0
+            .views
+            .snapshot()
+            .tenants
+            .iter()
+            .any(|t| t.id == req.tenant)
+        {
+            return Err(BrokerError::NotFound(format!("tenant {} not found", req.tenant)).into());
+        }
+        let month = convert::month_from_pb(&req.month, "month", crate::writer::wall_ms())?;
+        let tenant = req.tenant;
+        let statement = self
+            .0
+            .writer
+            .read_ledger(move |l| l.tenant_statement(&tenant, month))
+            .await?
+            .map_err(crate::billing::billing_error)?;
+        Ok(Response::new(convert::statement_to_pb(&statement)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetSubsidyReport"))]
+    async fn get_subsidy_report(
+        &self,
+        req: Request<pb::GetSubsidyReportRequest>,
+    ) -> Result<Response<pb::GetSubsidyReportResponse>, Status> {
+        principal(&req)?.operator()?;
+        let req = req.into_inner();
+        let now = crate::writer::wall_ms();
+        let first = convert::month_from_pb(&req.first_month, "first_month", now)?;
+        let last = if req.last_month.is_empty() {
+            first
+        } else {
+            convert::month_from_pb(&req.last_month, "last_month", now)?
+        };
+        if last < first {
+            return Err(BrokerError::field("last_month", "before first_month").into());
+        }
+        let report = self
+            .0
+            .writer
+            .read_ledger(move |l| l.subsidy_report(first, last))
+            .await?
+            .map_err(crate::billing::billing_error)?;
+        Ok(Response::new(convert::subsidy_report_to_pb(&report)))
     }
 }

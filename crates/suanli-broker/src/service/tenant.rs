@@ -244,7 +244,7 @@ impl TenantService for TenantApi {
         let tenant = who.tenant()?.to_string();
         let spec = convert::request_spec(&tenant, req.into_inner().spec, "spec")?;
         let duration = spec.duration_ms;
-        let q = self.0.writer.quote(spec).await?;
+        let (q, bill) = self.0.writer.quote(spec).await?;
         let now = crate::writer::wall_ms();
         let mut out = pb::Quote {
             quote_time_unix_ms: now,
@@ -269,12 +269,18 @@ impl TenantService for TenantApi {
                     model: x.model.clone(),
                     node: 0,
                     devices: x.devices as u32,
+                    price_fen_per_device_hour: 0,
                 })
                 .collect();
             out.tflops = p.tflops;
             out.price_fen_per_hour = p.price_fen_per_hour;
             out.estimated_cost_fen =
                 (p.price_fen_per_hour as u128 * duration as u128).div_ceil(3_600_000) as u64;
+            // The vouchers pay their share of the charge as settlement computes it (to the fen,
+            // half up); the tenant pays the rest of the estimate above.
+            let subsidy = bill.map_or(0, |b| b.subsidy.fen().max(0) as u64);
+            out.estimated_subsidy_fen = subsidy.min(out.estimated_cost_fen);
+            out.estimated_due_fen = out.estimated_cost_fen - out.estimated_subsidy_fen;
         }
         Ok(Response::new(out))
     }
@@ -295,5 +301,52 @@ impl TenantService for TenantApi {
         let found = snapshot.tenants.iter().find(|t| t.id == tenant).cloned();
         let t = found.ok_or_else(|| BrokerError::NotFound(format!("tenant {tenant} not found")))?;
         Ok(Response::new(t))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetStatement"))]
+    async fn get_statement(
+        &self,
+        req: Request<pb::GetStatementRequest>,
+    ) -> Result<Response<pb::Statement>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?.to_string();
+        let req = req.into_inner();
+        if !req.tenant.is_empty() && req.tenant != tenant {
+            return Err(BrokerError::PermissionDenied(format!(
+                "a tenant sees only its own statement, not {}",
+                req.tenant
+            ))
+            .into());
+        }
+        let month = convert::month_from_pb(&req.month, "month", crate::writer::wall_ms())?;
+        let statement = self
+            .0
+            .writer
+            .read_ledger(move |l| l.tenant_statement(&tenant, month))
+            .await?
+            .map_err(crate::billing::billing_error)?;
+        Ok(Response::new(convert::statement_to_pb(&statement)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListVouchers"))]
+    async fn list_vouchers(
+        &self,
+        req: Request<pb::ListVouchersRequest>,
+    ) -> Result<Response<pb::ListVouchersResponse>, Status> {
+        let who = principal(&req)?;
+        let tenant = who.tenant()?.to_string();
+        let asked = &req.get_ref().tenant;
+        if !asked.is_empty() && *asked != tenant {
+            return Err(BrokerError::PermissionDenied(format!(
+                "a tenant sees only its own vouchers, not {asked}"
+            ))
+            .into());
+        }
+        let vouchers = self
+            .0
+            .writer
+            .read_ledger(move |l| l.vouchers_of(&tenant).map(convert::voucher_to_pb).collect())
+            .await?;
+        Ok(Response::new(pb::ListVouchersResponse { vouchers }))
     }
 }

@@ -27,14 +27,22 @@ impl Drop for Serving {
 
 /// Starts `suanli serve` on a free port; returns it and its address. Snapshots are taken every
 /// few entries, so a kill also lands around snapshots and log truncation.
+#[allow(dead_code)] // not every test binary that shares this module uses it
 pub fn start(dir: &Path) -> (Serving, String) {
+    start_with(
+        dir,
+        "snapshot_every = 40\n[pools]\nsimulated = [\"*\"]\n",
+        &[],
+    )
+}
+
+/// Starts `suanli serve` as [`start`] does, with `config` as its configuration file and
+/// `args` added to its command line.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub fn start_with(dir: &Path, config_text: &str, args: &[&str]) -> (Serving, String) {
     let _ = std::fs::remove_file(dir.join(FILE_NAME));
     let config = dir.join("broker.toml");
-    std::fs::write(
-        &config,
-        "snapshot_every = 40\n[pools]\nsimulated = [\"*\"]\n",
-    )
-    .expect("write the config");
+    std::fs::write(&config, config_text).expect("write the config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))
         .args([
             "serve",
@@ -47,6 +55,7 @@ pub fn start(dir: &Path) -> (Serving, String) {
         .arg(&config)
         .arg("--data-dir")
         .arg(dir)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -1,0 +1,236 @@
+//! Accounting in the running broker: the ledger of `suanli-billing`, derived from the command
+//! log.
+//!
+//! The engine is deterministic and the log is durable, so the ledger is not a second store:
+//! the writer keeps a [`Ledger`] and changes it only as a consequence of logged entries,
+//! applied in the same code on live apply and on replay:
+//! - operators' billing commands ([`BillingOp`]: issue a voucher, set a budget) are log
+//!   entries of their own (`Entry::Billing`), with the time they were applied at;
+//! - a lease is settled when the engine reports that it ended (completed, released, cancelled
+//!   or stopped while running, preempted, lost with its pool, or requeued: each placement is a
+//!   lease of its own, `r{id}#{n}`), at the `now` of the logged command that ended it, never
+//!   the wall clock. It runs from the time the broker recorded it started running (at placement
+//!   on simulated pools, at the agent's report on agent pools) and is priced at the prices
+//!   fixed on its parts at placement. A lease that never started running is not charged.
+//!
+//! Replay therefore re-derives the same ledger, and since settlement is idempotent by lease id
+//! and each lease end is one logged consequence, every lease is charged exactly once across
+//! crashes and restarts. Snapshots carry the ledger with the rest of the writer's state.
+//!
+//! Budgets are checked before a submission is logged (a refused submission is not logged, so
+//! replay never re-checks one): what the tenant has paid in the budget's period plus what the
+//! placement the engine would choose now would cost it after subsidy, for its whole estimated
+//! duration. Leases still running are not held against the budget. Pools bill by the
+//! millisecond: fleet files have no billing increment yet.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use suanli_billing::{Budget, Fen, LeaseId, LeasePart, LeaseUsage, VoucherSpec};
+use suanli_core::{Engine, RequestSpec};
+use suanli_proto::v1 as pb;
+
+use crate::error::BrokerError;
+
+/// A broker-level accounting command, logged as it is applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BillingOp {
+    /// An operator issued a voucher.
+    IssueVoucher(VoucherSpec),
+    /// An operator set (or, with `None`, removed) a tenant's budget.
+    SetBudget {
+        /// The tenant.
+        tenant: String,
+        /// The budget.
+        budget: Option<Budget>,
+    },
+}
+
+/// The id of a request's `n`th lease (from 1) in the ledger.
+pub fn lease_id(request: u64, n: u32) -> LeaseId {
+    LeaseId::new(format!("r{request}#{n}"))
+}
+
+/// What a lease used, from its record as the broker kept it, ending at `ended_at`; `None` if
+/// it never started running.
+pub fn usage_of(engine: &Engine, record: &pb::Request, ended_at: u64) -> Option<LeaseUsage> {
+    let lease = record.lease.as_ref()?;
+    let started_at = lease.running_since_unix_ms?;
+    // One part per node group: the nodes of a group share model and price.
+    let mut parts: BTreeMap<(String, u32), (String, u64, u64)> = BTreeMap::new();
+    for p in &lease.parts {
+        let part = parts
+            .entry((p.pool.clone(), p.group))
+            .or_insert_with(|| (p.model.clone(), 0, p.price_fen_per_device_hour));
+        part.1 += u64::from(p.devices);
+    }
+    let catalogue = engine.catalogue();
+    let parts = parts
+        .into_iter()
+        .map(|((pool, _), (model, devices, price))| {
+            let kind = engine
+                .pool_spec(&pool)
+                .map_or(suanli_core::PoolKind::External, |s| s.kind);
+            let per_device = catalogue
+                .lookup(&model)
+                .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
+            LeasePart {
+                pool,
+                pool_kind: kind,
+                model,
+                devices,
+                tflops: devices * per_device,
+                price_per_device_hour: Fen(price as i64),
+                billing_increment_ms: None,
+            }
+        })
+        .collect();
+    Some(LeaseUsage {
+        lease: lease_id(record.id, record.leases.max(1)),
+        tenant: record.tenant.clone(),
+        started_at,
+        ended_at: ended_at.max(started_at),
+        parts,
+    })
+}
+
+/// The usage a quote's placement would have if it ran its whole duration from `now`.
+pub fn quoted_usage(
+    engine: &Engine,
+    spec: &RequestSpec,
+    placement: &suanli_core::QuotePlacement,
+    now: u64,
+) -> LeaseUsage {
+    let catalogue = engine.catalogue();
+    let parts = placement
+        .parts
+        .iter()
+        .map(|p| {
+            let pool = engine.pool_spec(&p.pool);
+            let price = pool
+                .and_then(|s| s.groups.get(p.group as usize))
+                .map_or(0, |g| g.price_fen_per_device_hour);
+            let per_device = catalogue
+                .lookup(&p.model)
+                .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
+            LeasePart {
+                pool: p.pool.clone(),
+                pool_kind: pool.map_or(suanli_core::PoolKind::External, |s| s.kind),
+                model: p.model.clone(),
+                devices: p.devices,
+                tflops: p.devices * per_device,
+                price_per_device_hour: Fen(price as i64),
+                billing_increment_ms: None,
+            }
+        })
+        .collect();
+    LeaseUsage {
+        lease: LeaseId::new("quote"),
+        tenant: spec.tenant.clone(),
+        started_at: now,
+        ended_at: now.saturating_add(spec.duration_ms),
+        parts,
+    }
+}
+
+/// The wire name of a field the accounting core names.
+fn wire_field(field: &str) -> String {
+    match field {
+        "voucher" => "voucher.id".into(),
+        "tenant" => "voucher.tenant".into(),
+        "face_value" => "voucher.face_value_fen".into(),
+        "per_lease_cap" => "voucher.per_lease_cap_fen".into(),
+        "budget.limit" => "budget.limit_fen".into(),
+        other => other.into(),
+    }
+}
+
+/// An accounting error as the caller sees it.
+pub fn billing_error(e: suanli_billing::BillingError) -> BrokerError {
+    use suanli_billing::BillingError as B;
+    let text = e.to_string();
+    match e {
+        B::BudgetExceeded { .. } => BrokerError::FailedPrecondition(text),
+        B::DuplicateVoucher { .. } => BrokerError::AlreadyExists(text),
+        B::UnknownVoucher { .. } | B::VoucherOfOtherTenant { .. } => BrokerError::NotFound(text),
+        B::EmptyField { field }
+        | B::NotPositive { field, .. }
+        | B::Zero { field }
+        | B::Negative { field, .. } => BrokerError::field(wire_field(field), text),
+        B::RateOutOfRange { .. } => BrokerError::field("voucher.rate_bp", text),
+        B::ValidityEndsBeforeStart { .. } => {
+            BrokerError::field("voucher.valid_until_unix_ms", text)
+        }
+        B::EmptyScope { .. } => BrokerError::field("voucher.scope", text),
+        B::InvalidMonth { .. } => BrokerError::field("month", text),
+        B::ReportTooLong { .. } => BrokerError::field("last_month", text),
+        _ => BrokerError::FailedPrecondition(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use suanli_billing::{BillingError, VoucherId};
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn accounting_errors_get_the_code_and_the_wire_field() {
+        let code = |e: BillingError| tonic::Status::from(billing_error(e));
+        let s = code(BillingError::NotPositive {
+            field: "face_value",
+            value: Fen(0),
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("voucher.face_value_fen"), "{s:?}");
+        let s = code(BillingError::DuplicateVoucher {
+            voucher: VoucherId::new("v"),
+        });
+        assert_eq!(s.code(), Code::AlreadyExists);
+        let s = code(BillingError::BudgetExceeded {
+            tenant: "t".into(),
+            period: suanli_billing::BudgetPeriodLabel {
+                period: suanli_billing::BudgetPeriod::Total,
+                month: None,
+            },
+            limit: Fen(100),
+            committed: Fen(0),
+            requested: Fen(200),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("total budget of ¥1.00"), "{s:?}");
+    }
+
+    #[test]
+    fn a_lease_bills_from_when_it_ran_one_part_per_node_group() {
+        let engine = Engine::new(Default::default(), suanli_core::Catalogue::builtin());
+        let part = |node, devices| pb::LeasePart {
+            pool: "p".into(),
+            group: 0,
+            model: "h100".into(),
+            node,
+            devices,
+            price_fen_per_device_hour: 3_000,
+        };
+        let mut record = pb::Request {
+            id: 7,
+            tenant: "t".into(),
+            leases: 2,
+            lease: Some(pb::Lease {
+                parts: vec![part(0, 8), part(1, 4)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(usage_of(&engine, &record, 10), None, "it never ran");
+        record.lease.as_mut().unwrap().running_since_unix_ms = Some(1_000);
+        let usage = usage_of(&engine, &record, 3_601_000).unwrap();
+        assert_eq!(usage.lease, LeaseId::new("r7#2"));
+        assert_eq!(usage.running_ms(), 3_600_000);
+        assert_eq!(usage.parts.len(), 1);
+        assert_eq!(usage.parts[0].devices, 12);
+        assert_eq!(usage.parts[0].tflops, 12 * 989);
+        assert_eq!(suanli_billing::charge_lease(&usage).unwrap().1, Fen(36_000));
+    }
+}

@@ -13,11 +13,17 @@
 //! - `philly/futian-2024`: the committed Philly trace as it is (15,000 jobs).
 //! - `philly-loaded/futian-2024`: Philly with jobs 8 times as large arriving twice as fast (the
 //!   golden test's run: large gangs queue).
+//! - `synthetic-1m-subsidy/futian-2025`: `synthetic-1m` with a subsidy policy (a 50% voucher on
+//!   all pools for each tenant, ¥1,000,000 face value, at most ¥2,000 per lease), so every lease
+//!   is shared between a voucher and its tenant: the cost of the accounting.
 
 use std::time::{Duration, Instant};
 
 use suanli_core::Catalogue;
-use suanli_sim::{RequestRule, SimConfig, SyntheticConfig, Workload, fleet_by_name, simulate};
+use suanli_sim::accounts::Fen;
+use suanli_sim::{
+    RequestRule, SimConfig, SubsidyPolicy, SyntheticConfig, Workload, fleet_by_name, simulate,
+};
 
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -43,10 +49,22 @@ fn run(
     rule: RequestRule,
     workload: impl Fn(&Catalogue) -> Workload,
 ) {
+    run_with(name, runs, fleet, rule, None, workload);
+}
+
+fn run_with(
+    name: &str,
+    runs: usize,
+    fleet: &str,
+    rule: RequestRule,
+    subsidy: Option<SubsidyPolicy>,
+    workload: impl Fn(&Catalogue) -> Workload,
+) {
     let catalogue = Catalogue::builtin();
     let fleet = fleet_by_name(fleet, &catalogue).expect("fleet");
     let config = SimConfig {
         rule,
+        subsidy,
         ..SimConfig::default()
     };
     let mut times = Vec::new();
@@ -65,14 +83,17 @@ fn run(
     let t = median(times);
     println!(
         "sim/{name}: median {:.3} s over {runs} runs ({:.0} jobs/s), peak RSS {peak:.0} MiB; \
-         {} jobs, offered {:.0}P, utilisation {:.1}%, wait mean {:.0} s, p99 {:.0} s",
+         {} jobs, offered {:.0}P, utilisation {:.1}%, wait mean {:.0} s, p99 {:.0} s; \
+         cost {:.0} CNY, subsidy {:.0} CNY",
         t.as_secs_f64(),
         s.jobs as f64 / t.as_secs_f64(),
         s.jobs,
         s.offered_p,
         s.utilisation * 100.0,
         s.wait_mean_s,
-        s.wait_p99_s
+        s.wait_p99_s,
+        s.cost_yuan,
+        s.subsidy_yuan
     );
 }
 
@@ -105,6 +126,22 @@ fn main() {
             3,
             "futian-2025",
             RequestRule::default(),
+            |c| {
+                Workload::synthetic(SyntheticConfig::philly_fit(1_000_000, 1), c)
+                    .expect("synthetic")
+            },
+        );
+    }
+    if wanted("synthetic-1m-subsidy/") {
+        let mut policy = SubsidyPolicy::parse("50%@all").expect("policy");
+        policy.per_tenant = Some(Fen(100_000_000));
+        policy.per_lease_cap = Some(Fen(200_000));
+        run_with(
+            "synthetic-1m-subsidy/futian-2025",
+            3,
+            "futian-2025",
+            RequestRule::default(),
+            Some(policy),
             |c| {
                 Workload::synthetic(SyntheticConfig::philly_fit(1_000_000, 1), c)
                     .expect("synthetic")

@@ -1,5 +1,7 @@
 //! `suanli sim`: one simulated run of a workload on a fleet, printed as a summary or as JSON;
 //! `suanli sim compare`: the capacity-planning report over a grid of fleets, loads and policies.
+//! Both take a subsidy policy (`--subsidy`): the compute voucher every tenant receives at the
+//! start of a run, accounted by the billing ledger.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
@@ -7,7 +9,9 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use suanli_billing::Fen;
 use suanli_core::{Catalogue, Policy};
+use suanli_sim::accounts::{SubsidyPolicy, parse_yuan};
 use suanli_sim::compare::{GridConfig, run_grid, write_report};
 use suanli_sim::job::DEFAULT_REFERENCE_TFLOPS;
 use suanli_sim::{Failures, RequestRule, SimConfig, Summary, Workload, fleet_by_name, simulate};
@@ -65,6 +69,45 @@ pub struct RunArgs {
     /// Also print utilisation by pool (JSON always has it).
     #[arg(long)]
     pub by_pool: bool,
+    #[command(flatten)]
+    pub subsidy: SubsidyArgs,
+}
+
+/// The subsidy policy of a run: one compute voucher per tenant, issued when the run starts and
+/// valid for the whole run. Without `--subsidy` no voucher is issued and the subsidy is 0 (the
+/// cost is still reported).
+#[derive(Args, Debug, Clone)]
+pub struct SubsidyArgs {
+    /// Subsidy policy: every tenant gets one compute voucher at the start, valid for the whole
+    /// run, paying RATE of each bill (50% or 0.5) on SCOPE: all (the default),
+    /// local (the local centre and clouds), or pool kinds joined by + or , (local_centre,
+    /// local_cloud, external). Example: --subsidy 50%@local.
+    #[arg(long, value_parser = parse_subsidy, value_name = "RATE[@SCOPE]")]
+    pub subsidy: Option<Box<SubsidyPolicy>>,
+    /// Face value of each tenant's voucher, in yuan [default: unlimited].
+    #[arg(long, requires = "subsidy", value_parser = parse_yuan, value_name = "YUAN")]
+    pub subsidy_per_tenant: Option<Fen>,
+    /// Most a voucher pays towards one lease, in yuan [default: no cap].
+    #[arg(long, requires = "subsidy", value_parser = parse_yuan, value_name = "YUAN")]
+    pub subsidy_cap_per_lease: Option<Fen>,
+}
+
+impl SubsidyArgs {
+    fn policy(&self) -> Option<SubsidyPolicy> {
+        self.subsidy.as_deref().map(|p| SubsidyPolicy {
+            per_tenant: self.subsidy_per_tenant,
+            per_lease_cap: self.subsidy_cap_per_lease,
+            ..p.clone()
+        })
+    }
+}
+
+/// Boxed to keep the command-line enum small.
+fn parse_subsidy(s: &str) -> Result<Box<SubsidyPolicy>, String> {
+    SubsidyPolicy::parse(s).map(Box::new).map_err(|e| match e {
+        suanli_sim::SimError::Option { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 /// The grid of the capacity-planning report.
@@ -100,6 +143,9 @@ pub struct CompareArgs {
     /// Stop a run's arrivals once this many jobs wait (it is saturated).
     #[arg(long, default_value_t = 2_000)]
     pub max_waiting: u64,
+    /// The subsidy policy of every run of the grid.
+    #[command(flatten)]
+    pub subsidy: SubsidyArgs,
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -139,6 +185,7 @@ fn single(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
         }),
         record_commands: false,
         max_waiting: None,
+        subsidy: a.subsidy.policy(),
     };
     let finished = simulate(&fleet, &catalogue, workload, &config).context("simulation")?;
     let s = &finished.summary;
@@ -243,15 +290,69 @@ fn human(s: &Summary, by_pool: bool) -> String {
     );
     let _ = writeln!(
         o,
-        "cost {:.0} CNY; subsidy: not accounted by the engine yet; digest {}",
-        s.cost_yuan, s.digest
+        "cost {} over {} leases; subsidy {} ({} of the cost: local centre {}, local cloud {}, external {}); tenants paid {}",
+        yuan(s.cost_fen),
+        s.leases_settled,
+        yuan(s.subsidy_fen),
+        pct(s.subsidy_share),
+        kind_yuan(s, "local_centre"),
+        kind_yuan(s, "local_cloud"),
+        kind_yuan(s, "external"),
+        yuan(s.tenant_paid_fen)
     );
+    match &s.subsidy_policy {
+        Some(policy) => {
+            let _ = writeln!(
+                o,
+                "subsidy policy: {policy}; {} vouchers issued{}, {} exhausted",
+                s.vouchers_issued,
+                s.vouchers_face_yuan
+                    .map(|f| format!(" (face value {} in all)", yuan((f * 100.0).round() as i64)))
+                    .unwrap_or_default(),
+                s.vouchers_exhausted
+            );
+        }
+        None => {
+            let _ = writeln!(o, "subsidy policy: none (see --subsidy)");
+        }
+    }
+    if s.leases_open_at_end > 0 {
+        let _ = writeln!(
+            o,
+            "{} leases still held at the end of the run were charged up to it",
+            s.leases_open_at_end
+        );
+    }
+    let _ = writeln!(o, "digest {}", s.digest);
     if by_pool {
         for (pool, u) in &s.utilisation_by_pool {
             let _ = writeln!(o, "  {pool:<28} {}", pct(*u));
         }
     }
     o
+}
+
+/// An amount in fen as yuan with two decimals and thousands separators: `12,345.67 CNY`.
+fn yuan(fen: i64) -> String {
+    let text = Fen(fen).yuan_decimal();
+    let (sign, digits) = match text.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", text.as_str()),
+    };
+    let (whole, cents) = digits.split_once('.').unwrap_or((digits, "00"));
+    let mut grouped = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{sign}{grouped}.{cents} CNY")
+}
+
+fn kind_yuan(s: &Summary, kind: &str) -> String {
+    let y = s.subsidy_by_pool_kind.get(kind).copied().unwrap_or(0.0);
+    yuan((y * 100.0).round() as i64)
 }
 
 fn compare(g: &GlobalArgs, a: &CompareArgs) -> anyhow::Result<()> {
@@ -261,6 +362,7 @@ fn compare(g: &GlobalArgs, a: &CompareArgs) -> anyhow::Result<()> {
         size_factor: a.size_factor,
         threads: a.threads,
         max_waiting: a.max_waiting,
+        subsidy: a.subsidy.policy(),
         ..GridConfig::default()
     };
     if !a.demands.is_empty() {
@@ -327,5 +429,100 @@ impl Progress {
         if self.on {
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<SimArgs, String> {
+        Cli::try_parse_from(std::iter::once("sim").chain(args.iter().copied()))
+            .map(|c| c.sim)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn subsidy_options_make_a_policy() {
+        let a = parse(&[
+            "--subsidy",
+            "50%@local",
+            "--subsidy-per-tenant",
+            "10000",
+            "--subsidy-cap-per-lease",
+            "99.5",
+        ])
+        .unwrap();
+        let p = a.run.subsidy.policy().unwrap();
+        assert_eq!(p.rate_bp, 5_000);
+        assert_eq!(p.per_tenant, Some(Fen(1_000_000)));
+        assert_eq!(p.per_lease_cap, Some(Fen(9_950)));
+        assert_eq!(
+            p.to_string(),
+            "50% on local pools, ¥10000.00 per tenant, at most ¥99.50 per lease"
+        );
+        assert!(parse(&[]).unwrap().run.subsidy.policy().is_none());
+        let c = parse(&["compare", "--subsidy", "0.3@external"]).unwrap();
+        let Some(SimAction::Compare(c)) = c.action else {
+            panic!("compare expected");
+        };
+        assert_eq!(c.subsidy.policy().unwrap().rate_bp, 3_000);
+    }
+
+    #[test]
+    fn bad_subsidy_values_name_the_option() {
+        for (args, option) in [
+            (&["--subsidy", "0%"][..], "--subsidy <RATE[@SCOPE]>"),
+            (&["--subsidy", "50%@moon"][..], "--subsidy <RATE[@SCOPE]>"),
+            (
+                &["--subsidy", "50%", "--subsidy-per-tenant", "1.234"][..],
+                "--subsidy-per-tenant",
+            ),
+            (
+                &["--subsidy", "50%", "--subsidy-cap-per-lease=-3"][..],
+                "--subsidy-cap-per-lease",
+            ),
+            // A face value without a policy is an error, not silently ignored.
+            (&["--subsidy-per-tenant", "5"][..], "--subsidy"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(option), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_summary_shows_cost_and_subsidy() {
+        let s = Summary {
+            subsidy_policy: Some("50% on local pools, unlimited".into()),
+            cost_fen: 123_456_789,
+            subsidy_fen: 23_456_789,
+            tenant_paid_fen: 100_000_000,
+            subsidy_share: 0.19,
+            vouchers_issued: 3,
+            vouchers_exhausted: 1,
+            subsidy_by_pool_kind: [("local_cloud".to_string(), 234_567.89)].into(),
+            ..Summary::default()
+        };
+        let text = human(&s, false);
+        assert!(
+            text.contains(
+                "cost 1,234,567.89 CNY over 0 leases; subsidy 234,567.89 CNY (19.0% of the cost: \
+                 local centre 0.00 CNY, local cloud 234,567.89 CNY, external 0.00 CNY); tenants \
+                 paid 1,000,000.00 CNY"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "subsidy policy: 50% on local pools, unlimited; 3 vouchers issued, 1 exhausted"
+        ));
+        assert_eq!(yuan(-5), "-0.05 CNY");
+        assert_eq!(yuan(100_000), "1,000.00 CNY");
     }
 }

@@ -4,6 +4,10 @@
 //! Demand is given in P of offered load (TFLOPS x run time of the arriving jobs per unit of
 //! time); each level becomes a load factor of the synthetic workload, measured once from the
 //! generated jobs, so every fleet and policy sees the very same jobs at a given level.
+//!
+//! A subsidy policy ([`GridConfig::subsidy`]) applies to every run: the report then gives what
+//! it cost the district (the vouchers' share of the bill) in each run, and at each fleet's
+//! saturation point.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use suanli_core::{Catalogue, Fleet, Policy};
 
+use crate::accounts::SubsidyPolicy;
 use crate::error::SimError;
 use crate::job::{RequestBuilder, RequestRule};
 use crate::metrics::{Series, Summary};
@@ -40,6 +45,8 @@ pub struct GridConfig {
     pub threads: usize,
     /// A run stops taking arrivals once this many jobs wait (it is saturated).
     pub max_waiting: u64,
+    /// The subsidy policy of every run; `None` = no voucher (subsidy 0).
+    pub subsidy: Option<SubsidyPolicy>,
 }
 
 impl Default for GridConfig {
@@ -58,6 +65,7 @@ impl Default for GridConfig {
             size_factor: 4.0,
             threads: 0,
             max_waiting: 2_000,
+            subsidy: None,
         }
     }
 }
@@ -159,6 +167,7 @@ pub fn run_grid(
                         },
                         seed: config.workload.seed,
                         max_waiting: Some(config.max_waiting),
+                        subsidy: config.subsidy.clone(),
                         ..SimConfig::default()
                     };
                     let result = Workload::synthetic(config.workload.clone(), catalogue)
@@ -189,6 +198,20 @@ pub fn run_grid(
 /// because too many jobs waited.
 fn is_saturated(s: &Summary) -> bool {
     s.saturated || s.wait_p99_s > SATURATION_P99_WAIT_S
+}
+
+/// Yuan, rounded to the yuan, with thousands separators.
+fn money(yuan: f64) -> String {
+    let whole = format!("{:.0}", yuan.abs());
+    let mut grouped = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let sign = if yuan < -0.5 { "-" } else { "" };
+    format!("{sign}¥{grouped}")
 }
 
 fn hours(s: f64) -> String {
@@ -260,6 +283,7 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
             first.summary.capacity_p,
             policy.as_str()
         );
+        let served = fine.and_then(|d| rows.iter().find(|r| r.demand_p == d));
         match (fine, saturated) {
             (Some(d), Some(s)) => {
                 let _ = writeln!(
@@ -292,6 +316,29 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
                 );
             }
         }
+        if let (Some(policy), Some(r)) = (&config.subsidy, served) {
+            let s = &r.summary;
+            let days = s.makespan_h / 24.0;
+            let _ = writeln!(
+                o,
+                "  At {:.0}P, {}, the subsidy ({policy}) cost the district {} over the \
+                 {days:.1}-day run, about {} a day: {:.0}% of the {} compute bill.",
+                r.demand_p,
+                if saturated.is_some() {
+                    "the most it serves before saturating"
+                } else {
+                    "the highest demand of the grid"
+                },
+                money(s.subsidy_yuan),
+                money(if days > 0.0 {
+                    s.subsidy_yuan / days
+                } else {
+                    0.0
+                }),
+                s.subsidy_share * 100.0,
+                money(s.cost_yuan)
+            );
+        }
     }
     let _ = writeln!(
         o,
@@ -314,17 +361,17 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
     let _ = writeln!(o, "## All runs\n");
     let _ = writeln!(
         o,
-        "| fleet | policy | demand P | offered P | window (h) | utilisation | local | external | wait mean | wait p50 | wait p99 | JCT mean | slowdown | Jain | fragmentation | stranded P | unserved | cost (CNY) |"
+        "| fleet | policy | demand P | offered P | window (h) | utilisation | local | external | wait mean | wait p50 | wait p99 | JCT mean | slowdown | Jain | fragmentation | stranded P | unserved | cost (CNY) | subsidy (CNY) | tenants paid (CNY) |"
     );
     let _ = writeln!(
         o,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in runs {
         let s = &r.summary;
         let _ = writeln!(
             o,
-            "| {} | {} | {:.0}{} | {:.0} | {:.0} | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.2} | {:.3} | {:.1}% | {:.0} | {} | {:.0} |",
+            "| {} | {} | {:.0}{} | {:.0} | {:.0} | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.2} | {:.3} | {:.1}% | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
             r.fleet,
             r.policy.as_str(),
             r.demand_p,
@@ -343,13 +390,22 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
             s.fragmentation * 100.0,
             s.stranded_p,
             s.unserved,
-            s.cost_yuan
+            s.cost_yuan,
+            s.subsidy_yuan,
+            s.tenant_paid_yuan
         );
     }
     let _ = writeln!(
         o,
-        "\nCost is the sum of lease prices over the time held; voucher subsidies are not \
-         accounted by the engine yet."
+        "\nCost is what the leases were charged by the billing rules: each lease at the prices \
+         fixed at placement for the time it was held. {}",
+        match &config.subsidy {
+            Some(p) => format!(
+                "Subsidy is what the compute vouchers paid of it, tenants paid the rest; every \
+                 tenant received one voucher at the start of each run: {p}."
+            ),
+            None => "No subsidy policy was given (`--subsidy`): the tenants paid it all.".into(),
+        }
     );
     o
 }
@@ -493,6 +549,7 @@ mod tests {
             policies: vec![Policy::Cheapest, Policy::BestFit],
             workload,
             threads: 2,
+            subsidy: Some(SubsidyPolicy::parse("40%@all").unwrap()),
             ..GridConfig::default()
         };
         let catalogue = Catalogue::builtin();
@@ -514,6 +571,23 @@ mod tests {
         write_report(&dir, &config, &runs).unwrap();
         let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
         assert_eq!(report.matches("| futian-").count(), 8, "{report}");
+        // Every run was subsidised, and the reading says what it cost at each fleet's
+        // saturation point (or the highest demand, when it does not saturate).
+        for r in &runs {
+            assert!(r.summary.subsidy_fen > 0, "{:?}", r.summary);
+            assert_eq!(
+                r.summary.subsidy_policy.as_deref(),
+                Some("40% on all pools, unlimited")
+            );
+        }
+        assert!(report.contains("| subsidy (CNY) | tenants paid (CNY) |"));
+        assert_eq!(
+            report
+                .matches("the subsidy (40% on all pools, unlimited) cost the district ¥")
+                .count(),
+            2,
+            "{report}"
+        );
         for chart in [
             "utilisation_vs_demand.svg",
             "p99_wait_vs_demand.svg",

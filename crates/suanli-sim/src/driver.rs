@@ -14,6 +14,7 @@ use std::collections::BinaryHeap;
 use suanli_core::engine::{Command, Event};
 use suanli_core::{Engine, Millis, RequestId};
 
+use crate::error::SimError;
 use crate::layout::Layout;
 use crate::metrics::{Recorder, Series, Summary};
 
@@ -139,20 +140,20 @@ impl Driver {
 
     /// Ends the run at `now`: withdraws what still waits (nothing is left that could place it),
     /// and returns the summary, the series, the engine's digest and the commands applied (when
-    /// recording).
-    pub fn finish(mut self, now: Millis) -> Finished {
+    /// recording). An error only if the run's accounts overflowed.
+    pub fn finish(mut self, now: Millis) -> Result<Finished, SimError> {
         for request in self.recorder.waiting_requests() {
             self.apply(Command::Cancel { request }, now);
         }
-        let (mut summary, series) = self.recorder.finish(now);
+        let (mut summary, series) = self.recorder.finish(now)?;
         let digest = self.engine.digest();
         summary.digest = format!("{digest:016x}");
-        Finished {
+        Ok(Finished {
             summary,
             series,
             digest,
             commands: self.log,
-        }
+        })
     }
 }
 

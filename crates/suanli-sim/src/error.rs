@@ -58,6 +58,9 @@ pub enum SimError {
         /// What is wrong.
         reason: String,
     },
+    /// The run's accounts could not be kept (an amount overflowed).
+    #[error("accounts: {0}")]
+    Billing(#[from] suanli_billing::BillingError),
     /// The engine refused the setup (a pool or tenant of the fleet).
     #[error("engine setup: {0}")]
     Engine(#[from] CoreError),

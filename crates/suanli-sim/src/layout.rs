@@ -3,7 +3,7 @@
 //! string lookups in the hot loop.
 
 use rustc_hash::FxHashMap;
-use suanli_core::{Catalogue, Fleet, Tflops};
+use suanli_core::{Catalogue, Fleet, PoolKind, Tflops};
 
 /// One node group of the fleet, in the engine's registration order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +14,9 @@ pub struct GroupInfo {
     pub model: u16,
     /// TFLOPS of one device.
     pub device_tflops: Tflops,
+    /// Price of one device for one hour, in fen, from the fleet file. The simulator never
+    /// changes a pool's prices, so this is also the price the engine fixes at placement.
+    pub price_fen_per_device_hour: u64,
 }
 
 /// Indexes over a fleet.
@@ -23,6 +26,10 @@ pub struct Layout {
     pub pool_ids: Vec<String>,
     /// Whether each pool is local (the centre or a cloud).
     pub pool_local: Vec<bool>,
+    /// Kind of each pool, for billing (voucher scopes and subsidy by pool kind).
+    pub pool_kind: Vec<PoolKind>,
+    /// Index in `groups` of each pool's first node group.
+    pub pool_first_group: Vec<u32>,
     /// Capacity of each pool, in TFLOPS.
     pub pool_capacity: Vec<Tflops>,
     /// Catalogue model ids, by catalogue index.
@@ -52,6 +59,8 @@ impl Layout {
         let mut layout = Layout {
             pool_ids: Vec::new(),
             pool_local: Vec::new(),
+            pool_kind: Vec::new(),
+            pool_first_group: Vec::new(),
             pool_capacity: Vec::new(),
             model_capacity: vec![0; model_ids.len()],
             model_ids,
@@ -66,6 +75,8 @@ impl Layout {
             layout.pool_ix.insert(pool.id.clone(), p);
             layout.pool_ids.push(pool.id.clone());
             layout.pool_local.push(pool.kind.is_local());
+            layout.pool_kind.push(pool.kind);
+            layout.pool_first_group.push(layout.groups.len() as u32);
             let mut capacity = 0;
             for g in &pool.groups {
                 let model = catalogue.lookup(&g.model).map_or(0, |m| m.0);
@@ -77,6 +88,7 @@ impl Layout {
                     pool: p,
                     model,
                     device_tflops,
+                    price_fen_per_device_hour: g.price_fen_per_device_hour,
                 });
             }
             layout.pool_capacity.push(capacity);
@@ -91,5 +103,17 @@ impl Layout {
     /// Index of a pool id.
     pub fn pool(&self, id: &str) -> Option<u32> {
         self.pool_ix.get(id).copied()
+    }
+
+    /// Index in `groups` of node group `group` of pool `pool`.
+    pub fn group(&self, pool: u32, group: u32) -> Option<u32> {
+        let first = *self.pool_first_group.get(pool as usize)?;
+        let end = self
+            .pool_first_group
+            .get(pool as usize + 1)
+            .copied()
+            .unwrap_or(self.groups.len() as u32);
+        let g = first.checked_add(group)?;
+        (g < end).then_some(g)
     }
 }

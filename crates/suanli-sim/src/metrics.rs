@@ -14,9 +14,14 @@
 //!   x = 1 / (its mean bounded slowdown); J = (Σx)² / (n Σx²), 1 when every tenant's jobs were
 //!   slowed alike, 1/n when one tenant got all the speed.
 //! - **fragmentation**: see [`crate::fragmentation`].
-//! - **cost**: the sum over leases of their price per hour (fixed at placement) times the time
-//!   they were held. Subsidy (compute vouchers) is not accounted by the engine yet, so the
-//!   summary reports none.
+//! - **cost, subsidy, tenants paid**: by the billing rules ([`crate::accounts`]): every lease
+//!   attempt that ends is charged for the time it was held, at the prices fixed at placement,
+//!   each part rounded to the fen; the subsidy policy's vouchers pay their share and the
+//!   tenants the rest, so cost = subsidy + tenants paid, to the fen. The same cost computed
+//!   without rounding (the engine's price per hour of each lease times the time held) differs
+//!   from it by at most half a fen per lease part; the billed figure is the one reported.
+//!   Leases still held when the run ends are settled at its end (the loop runs until the last
+//!   lease ends, so normally there are none; `leases_open_at_end` counts them).
 //! - **queue_mean**, **in_system_mean**: time-averaged number of waiting jobs and of jobs in
 //!   the system over the whole run (for Little's law).
 
@@ -26,6 +31,8 @@ use rustc_hash::FxHashMap;
 use suanli_core::engine::Event;
 use suanli_core::{Engine, Millis, RequestId, RequestSpec, RequestState, Shape, Tflops};
 
+use crate::accounts::{BilledPart, Billing, BillingFigures, POOL_KINDS, SubsidyPolicy};
+use crate::error::SimError;
 use crate::fragmentation::{Demand, Waiting, stranded};
 use crate::layout::Layout;
 
@@ -69,6 +76,11 @@ struct Footprint {
     local: Tflops,
     start: Millis,
     price_fen_per_hour: u64,
+    /// Devices per node group, for the bill.
+    billed: Vec<BilledPart>,
+    tenant: u32,
+    /// 1 for the first lease of a request, 2 after one requeue, ...
+    attempt: u32,
 }
 
 /// The integral of a stepwise value over time, up to a cut-off.
@@ -163,6 +175,7 @@ pub struct Recorder {
     sample_every: Millis,
     next_sample: Millis,
     cost_fen_ms: u128,
+    billing: Billing,
     command_rejections: u64,
     demanded_tflops_ms: u128,
     last_event: Millis,
@@ -171,6 +184,7 @@ pub struct Recorder {
 impl Recorder {
     /// A recorder for a fleet.
     pub fn new(layout: Layout) -> Self {
+        let billing = Billing::new(&layout);
         let model_bits = layout
             .model_ids
             .iter()
@@ -205,6 +219,7 @@ impl Recorder {
             sample_every: FIRST_SAMPLE_EVERY_MS,
             next_sample: Millis::MAX,
             cost_fen_ms: 0,
+            billing,
             command_rejections: 0,
             demanded_tflops_ms: 0,
             last_event: 0,
@@ -214,6 +229,16 @@ impl Recorder {
     /// The fleet layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Issues every tenant its voucher under `policy` at `now`, before the first lease.
+    pub fn open_subsidy(
+        &mut self,
+        policy: &SubsidyPolicy,
+        tenants: &[String],
+        now: Millis,
+    ) -> Result<(), SimError> {
+        self.billing.open(policy, tenants, now)
     }
 
     /// Called before a Submit is applied at `now`: the next `Submitted` (or `Rejected`) event
@@ -379,6 +404,7 @@ impl Recorder {
                 self.unqueue(ix, now);
                 let job = &mut self.jobs[ix as usize];
                 job.placed.get_or_insert(now);
+                let (tenant, attempt) = (job.tenant, u32::from(job.requeues) + 1);
                 if let Some(lease) = lease {
                     let mut fp = Footprint {
                         parts: Vec::with_capacity(1),
@@ -386,6 +412,9 @@ impl Recorder {
                         local: 0,
                         start: now,
                         price_fen_per_hour: lease.price_fen_per_hour,
+                        billed: Vec::with_capacity(1),
+                        tenant,
+                        attempt,
                     };
                     for part in &lease.parts {
                         let (Some(pool), Some(&model)) = (
@@ -394,6 +423,13 @@ impl Recorder {
                         ) else {
                             continue;
                         };
+                        if let Some(g) = self.layout.group(pool, part.group) {
+                            let devices = u64::from(part.devices);
+                            match fp.billed.iter_mut().find(|b| b.0 == g) {
+                                Some(b) => b.1 += devices,
+                                None => fp.billed.push((g, devices)),
+                            }
+                        }
                         let t = part.devices as Tflops * self.layout.model_tflops[model as usize];
                         fp.tflops += t;
                         if self.layout.pool_local[pool as usize] {
@@ -475,8 +511,19 @@ impl Recorder {
     fn release(&mut self, request: RequestId, now: Millis, cut: Millis) {
         if let Some(fp) = self.leases.remove(&request) {
             self.hold(&fp, now, cut, false);
-            self.cost_fen_ms += fp.price_fen_per_hour as u128 * (now - fp.start.min(now)) as u128;
+            self.settle(request, &fp, now, false);
         }
+    }
+
+    /// Charges a lease that ended (or is cut off by the end of the run, `open`) at `now`.
+    fn settle(&mut self, request: RequestId, fp: &Footprint, now: Millis, open: bool) {
+        self.cost_fen_ms += fp.price_fen_per_hour as u128 * (now - fp.start.min(now)) as u128;
+        let tenant = self
+            .tenant_names
+            .get(fp.tenant as usize)
+            .map_or("unknown", String::as_str);
+        self.billing
+            .settle(request, fp.attempt, tenant, fp.start, now, &fp.billed, open);
     }
 
     /// Jobs waiting now.
@@ -591,10 +638,39 @@ pub struct Summary {
     pub in_system_mean: f64,
     /// Accepted jobs per hour over the run.
     pub arrival_rate_per_h: f64,
-    /// Sum of lease prices times the time held, in yuan.
+    /// The subsidy policy (`null`: none, no voucher was issued).
+    pub subsidy_policy: Option<String>,
+    /// What the leases cost, by the billing rules, in yuan (see the module documentation).
     pub cost_yuan: f64,
-    /// Voucher subsidy spent: `null`, the engine does not account for subsidies yet.
-    pub subsidy_yuan: Option<f64>,
+    /// What the vouchers paid of it: what the subsidy policy cost the district, in yuan.
+    pub subsidy_yuan: f64,
+    /// What the tenants paid themselves, in yuan: `cost_yuan - subsidy_yuan`.
+    pub tenant_paid_yuan: f64,
+    /// `cost_yuan` in fen, exact.
+    pub cost_fen: i64,
+    /// `subsidy_yuan` in fen, exact.
+    pub subsidy_fen: i64,
+    /// `tenant_paid_yuan` in fen, exact: `cost_fen = subsidy_fen + tenant_paid_fen`.
+    pub tenant_paid_fen: i64,
+    /// Subsidy by pool kind (`local_centre`, `local_cloud`, `external`), in yuan.
+    pub subsidy_by_pool_kind: BTreeMap<String, f64>,
+    /// Share of the cost the district paid: `subsidy_fen / cost_fen` (0 without cost).
+    pub subsidy_share: f64,
+    /// Face value of all vouchers issued, in yuan (`null` when unlimited or no policy).
+    pub vouchers_face_yuan: Option<f64>,
+    /// Vouchers issued (one per tenant under a policy).
+    pub vouchers_issued: u64,
+    /// Vouchers with nothing left at the end of the run.
+    pub vouchers_exhausted: u64,
+    /// Lease attempts settled (charged).
+    pub leases_settled: u64,
+    /// Of those, leases still held when the run ended, settled at its end time.
+    pub leases_open_at_end: u64,
+    /// The cost without rounding: each lease's price per hour fixed by the engine times the
+    /// time held, in yuan. A cross-check of `cost_yuan`, which it differs from by at most half
+    /// a fen per lease part; not in the JSON.
+    #[serde(skip)]
+    pub cost_unrounded_yuan: f64,
     /// Commands other than submissions that the engine rejected (0 in a sound run).
     pub command_rejections: u64,
     /// The engine's digest at the end of the run (hex).
@@ -635,10 +711,19 @@ fn ratio(num: u128, den: u128) -> f64 {
 }
 
 impl Recorder {
-    /// Closes the books at `end` (the last event) and computes the summary and the series.
-    pub fn finish(&mut self, end: Millis) -> (Summary, Series) {
+    /// Closes the books at `end` (the last event) and computes the summary and the series;
+    /// an error only if the accounts overflowed.
+    pub fn finish(&mut self, end: Millis) -> Result<(Summary, Series), SimError> {
         let start = self.window_start.unwrap_or(0);
         let end = end.max(self.last_event).max(start);
+        // Leases still held are settled at the end, in request order (vouchers pay in the
+        // order of settlement).
+        let mut open: Vec<(RequestId, Footprint)> = self.leases.drain().collect();
+        open.sort_unstable_by_key(|(id, _)| *id);
+        for (request, fp) in &open {
+            self.settle(*request, fp, end, true);
+        }
+        let billing = self.billing.figures()?;
         self.close_window(end);
         let cut = self.window_end;
         self.flush_timeline(cut, cut);
@@ -668,8 +753,7 @@ impl Recorder {
             ),
             queue_mean: ratio(self.queue.area, run),
             in_system_mean: ratio(self.in_system.area, run),
-            cost_yuan: ratio(self.cost_fen_ms, 3_600_000 * 100),
-            subsidy_yuan: None,
+            cost_unrounded_yuan: ratio(self.cost_fen_ms, 3_600_000 * 100),
             command_rejections: self.command_rejections,
             ..Summary::default()
         };
@@ -745,6 +829,7 @@ impl Recorder {
         } else {
             sum * sum / (shares.len() as f64 * squares)
         };
+        self.bill_into(&mut s, &billing);
         let fragments: Vec<f64> = self.samples.iter().filter_map(|x| x.0).collect();
         s.fragmentation = mean(&fragments);
         let stranded: Vec<f64> = self.samples.iter().map(|x| x.1 as f64 / 1000.0).collect();
@@ -775,13 +860,38 @@ impl Recorder {
                 })
                 .collect()
         };
-        (
+        Ok((
             s,
             Series {
                 utilisation,
                 wait_cdf,
             },
-        )
+        ))
+    }
+
+    fn bill_into(&self, s: &mut Summary, b: &BillingFigures) {
+        let yuan = |f: suanli_billing::Fen| f.fen() as f64 / 100.0;
+        let policy = self.billing.policy();
+        s.subsidy_policy = policy.map(|p| p.to_string());
+        s.cost_yuan = yuan(b.cost);
+        s.subsidy_yuan = yuan(b.subsidy);
+        s.tenant_paid_yuan = yuan(b.tenant_paid);
+        s.cost_fen = b.cost.fen();
+        s.subsidy_fen = b.subsidy.fen();
+        s.tenant_paid_fen = b.tenant_paid.fen();
+        s.subsidy_by_pool_kind = POOL_KINDS
+            .iter()
+            .zip(b.subsidy_by_kind)
+            .map(|(k, f)| (k.as_str().to_string(), yuan(f)))
+            .collect();
+        s.subsidy_share = ratio(b.subsidy.fen().max(0) as u128, b.cost.fen().max(0) as u128);
+        s.vouchers_face_yuan = policy
+            .and_then(|p| p.per_tenant)
+            .map(|face| face.fen() as f64 * b.vouchers_issued as f64 / 100.0);
+        s.vouchers_issued = b.vouchers_issued;
+        s.vouchers_exhausted = b.vouchers_exhausted;
+        s.leases_settled = b.leases;
+        s.leases_open_at_end = b.open_at_end;
     }
 }
 

@@ -19,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use suanli_core::engine::Command;
 use suanli_core::{Catalogue, Engine, EngineConfig, Fleet, Millis, Policy, TenantSpec, Tflops};
 
+use crate::accounts::SubsidyPolicy;
 use crate::driver::{Driver, Finished};
 use crate::error::SimError;
 use crate::job::{RequestBuilder, RequestRule};
@@ -52,6 +53,9 @@ pub struct SimConfig {
     /// Stop feeding arrivals once more jobs than this wait: the fleet is saturated, and every
     /// scheduling pass would walk an ever longer queue. `None` = feed the whole workload.
     pub max_waiting: Option<u64>,
+    /// The voucher every tenant receives at the start, valid for the whole run; `None` = no
+    /// subsidy (leases are still charged). See [`crate::accounts`].
+    pub subsidy: Option<SubsidyPolicy>,
 }
 
 impl Default for SimConfig {
@@ -63,6 +67,7 @@ impl Default for SimConfig {
             failures: None,
             record_commands: false,
             max_waiting: None,
+            subsidy: None,
         }
     }
 }
@@ -131,6 +136,11 @@ pub fn simulate(
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_fa11);
     let mut pool_events: BinaryHeap<PoolEvent> = BinaryHeap::new();
     let first = jobs.peek().map_or(0, |j| j.submit_ms);
+    if let Some(policy) = &config.subsidy {
+        driver
+            .recorder_mut()
+            .open_subsidy(policy, &tenants, first)?;
+    }
     if let Some(f) = config.failures {
         for p in 0..fleet.pools.len() as u32 {
             pool_events.push(Reverse((first + exp_ms(&mut rng, f.mtbf_h), p, true)));
@@ -226,7 +236,7 @@ pub fn simulate(
             driver.apply(Command::Tick, now);
         }
     }
-    let mut finished = driver.finish(now);
+    let mut finished = driver.finish(now)?;
     let s = &mut finished.summary;
     s.fleet = fleet.name.clone();
     s.workload = name;

@@ -122,7 +122,7 @@ pub struct CompareArgs {
     /// Offered demand levels, in P [default: 5000,7500,10000,12500,15000,20000,25000].
     #[arg(long, value_delimiter = ',', value_parser = positive, value_name = "P,...")]
     pub demands: Vec<f64>,
-    /// Policies [default: cheapest,lowest_latency; best_fit is much slower].
+    /// Policies [default: cheapest,lowest_latency,best_fit].
     #[arg(long, value_delimiter = ',', value_parser = parse_policy, value_name = "POLICY,...")]
     pub policies: Vec<Policy>,
     /// Synthetic jobs per run.

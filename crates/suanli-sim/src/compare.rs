@@ -58,9 +58,7 @@ impl Default for GridConfig {
             demands_p: vec![
                 5_000.0, 7_500.0, 10_000.0, 12_500.0, 15_000.0, 20_000.0, 25_000.0,
             ],
-            // Best fit is left out by default: on these grids the engine's best-fit placement is
-            // two orders of magnitude slower (BENCHMARKS.md); `--policies` adds it.
-            policies: vec![Policy::Cheapest, Policy::LowestLatency],
+            policies: vec![Policy::Cheapest, Policy::LowestLatency, Policy::BestFit],
             workload,
             size_factor: 4.0,
             threads: 0,

@@ -21,7 +21,7 @@ use suanli_core::PoolKind;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
-use support::{start_with, wait_for_credentials};
+use support::{channel, start_with, wait_for_credentials, with_token};
 use tonic::transport::Channel;
 
 /// Prices of one fen per device-millisecond, so that leases of a few hundred milliseconds
@@ -60,27 +60,6 @@ price_fen_per_device_hour = 1800000
 /// one that recovery settles leases from the log); a simulated lease of 10 minutes runs 100 ms.
 const CONFIG: &str =
     "snapshot_every = 200\n[pools]\nsimulated = [\"*\"]\nsimulated_speedup = 6000.0\n";
-
-async fn channel(addr: &str) -> Channel {
-    for _ in 0..500 {
-        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("cannot connect to {addr}")
-}
-
-fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
 
 fn spec(i: u64) -> pb::RequestSpec {
     let model = if i.is_multiple_of(3) { "a800" } else { "h100" };

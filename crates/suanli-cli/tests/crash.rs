@@ -10,29 +10,7 @@ use std::time::Duration;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
-use support::{start, wait_for_credentials};
-use tonic::transport::Channel;
-
-async fn channel(addr: &str) -> Channel {
-    for _ in 0..500 {
-        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("cannot connect to {addr}")
-}
-
-fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
+use support::{channel, start, wait_for_credentials, with_token};
 
 fn spec(i: u64) -> pb::RequestSpec {
     let shape = if i.is_multiple_of(2) {

@@ -84,3 +84,28 @@ pub async fn wait_for_credentials(dir: &Path) -> Credentials {
     }
     panic!("no credentials file")
 }
+
+/// A gRPC channel to the broker at `addr`, retried while it starts.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub async fn channel(addr: &str) -> tonic::transport::Channel {
+    for _ in 0..500 {
+        if let Ok(c) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("cannot connect to {addr}")
+}
+
+/// `msg` as a call carrying `token`.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}

@@ -25,6 +25,22 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A tenant's statement for `month` (the wire form; empty: this month), read from the
+    /// ledger once its batch is durable.
+    pub async fn statement(
+        &self,
+        tenant: String,
+        month: &str,
+    ) -> Result<suanli_proto::v1::Statement, tonic::Status> {
+        let month = crate::convert::month_from_pb(month, "month", crate::writer::wall_ms())?;
+        let statement = self
+            .writer
+            .read_ledger(move |l| l.tenant_statement(&tenant, month))
+            .await?
+            .map_err(crate::billing::billing_error)?;
+        Ok(crate::convert::statement_to_pb(&statement))
+    }
+
     /// A pool as the views show it.
     pub fn pool(&self, id: &str) -> Result<suanli_proto::v1::Pool, BrokerError> {
         self.views

@@ -272,15 +272,9 @@ impl OperatorService for OperatorApi {
         {
             return Err(BrokerError::NotFound(format!("tenant {} not found", req.tenant)).into());
         }
-        let month = convert::month_from_pb(&req.month, "month", crate::writer::wall_ms())?;
-        let tenant = req.tenant;
-        let statement = self
-            .0
-            .writer
-            .read_ledger(move |l| l.tenant_statement(&tenant, month))
-            .await?
-            .map_err(crate::billing::billing_error)?;
-        Ok(Response::new(convert::statement_to_pb(&statement)))
+        Ok(Response::new(
+            self.0.statement(req.tenant, &req.month).await?,
+        ))
     }
 
     #[instrument(skip_all, fields(rpc = "GetSubsidyReport"))]

@@ -318,14 +318,7 @@ impl TenantService for TenantApi {
             ))
             .into());
         }
-        let month = convert::month_from_pb(&req.month, "month", crate::writer::wall_ms())?;
-        let statement = self
-            .0
-            .writer
-            .read_ledger(move |l| l.tenant_statement(&tenant, month))
-            .await?
-            .map_err(crate::billing::billing_error)?;
-        Ok(Response::new(convert::statement_to_pb(&statement)))
+        Ok(Response::new(self.0.statement(tenant, &req.month).await?))
     }
 
     #[instrument(skip_all, fields(rpc = "ListVouchers"))]

@@ -359,4 +359,20 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("field snapshot_every"), "{e}");
     }
+
+    #[test]
+    fn the_http_address_is_an_address_or_off() {
+        let pools = "[pools]\nsimulated = [\"*\"]\n";
+        let e = BrokerConfig::from_toml("http = \"localhost\"\n", Path::new(".")).unwrap_err();
+        assert!(e.starts_with("field http:"), "{e}");
+        let c =
+            BrokerConfig::from_toml(&format!("http = \"off\"\n{pools}"), Path::new(".")).unwrap();
+        assert_eq!(c.http, None);
+        let c = BrokerConfig::from_toml(
+            &format!("http = \"127.0.0.1:9090\"\n{pools}"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.http, Some("127.0.0.1:9090".parse().unwrap()));
+    }
 }

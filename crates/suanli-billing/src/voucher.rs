@@ -27,7 +27,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use suanli_core::{Millis, PoolKind};
+use suanli_core::{Millis, PoolKind, Subsidy, SubsidyPools};
 
 use crate::charge::{LeasePart, LeaseUsage, PartCharge};
 use crate::error::BillingError;
@@ -205,6 +205,24 @@ impl Voucher {
     /// The order in which vouchers pay: oldest expiring first, then order of issue.
     pub fn payment_order(&self) -> (Millis, u64) {
         (self.spec.valid_until, self.issue_seq)
+    }
+
+    /// Whether it can pay a bill settled at `at`: valid then and not used up.
+    pub fn can_pay_at(&self, at: Millis) -> bool {
+        self.spec.valid_from <= at && at < self.spec.valid_until && self.remaining().is_positive()
+    }
+
+    /// The voucher as placement sees it (for the policy "cheapest after subsidy"): its rate
+    /// and scope, not its balance or cap.
+    pub fn as_subsidy(&self) -> Subsidy {
+        Subsidy {
+            rate_bp: self.spec.rate_bp,
+            pools: match &self.spec.scope {
+                VoucherScope::AllPools => SubsidyPools::All,
+                VoucherScope::Pools(p) => SubsidyPools::Pools(p.clone()),
+                VoucherScope::PoolKinds(k) => SubsidyPools::Kinds(k.clone()),
+            },
+        }
     }
 }
 

@@ -20,14 +20,15 @@
 //! Budgets are checked before a submission is logged (a refused submission is not logged, so
 //! replay never re-checks one): what the tenant has paid in the budget's period plus what the
 //! placement the engine would choose now would cost it after subsidy, for its whole estimated
-//! duration. Leases still running are not held against the budget. Pools bill by the
-//! millisecond: fleet files have no billing increment yet.
+//! duration. Leases still running are not held against the budget. A pool's billing increment
+//! (`billing_increment_s` in its fleet entry or registration) is fixed on each lease part at
+//! placement, with the price.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use suanli_billing::{Budget, Fen, LeaseId, LeasePart, LeaseUsage, VoucherSpec};
-use suanli_core::{Engine, RequestSpec};
+use suanli_billing::{Budget, Fen, LeaseId, LeasePart, LeaseUsage, Ledger, Voucher, VoucherSpec};
+use suanli_core::{Command, Engine, RequestSpec, Subsidy};
 use suanli_proto::v1 as pb;
 
 use crate::error::BrokerError;
@@ -44,6 +45,11 @@ pub enum BillingOp {
         /// The budget.
         budget: Option<Budget>,
     },
+    /// An operator set (or, with `None`, removed) the district's monthly subsidy budget.
+    SetSubsidyBudget {
+        /// Subsidy the district plans to spend per month.
+        monthly: Option<Fen>,
+    },
 }
 
 /// The id of a request's `n`th lease (from 1) in the ledger.
@@ -56,42 +62,153 @@ pub fn lease_id(request: u64, n: u32) -> LeaseId {
 pub fn usage_of(engine: &Engine, record: &pb::Request, ended_at: u64) -> Option<LeaseUsage> {
     let lease = record.lease.as_ref()?;
     let started_at = lease.running_since_unix_ms?;
-    // One part per node group: the nodes of a group share model and price.
-    let mut parts: BTreeMap<(String, u32), (String, u64, u64)> = BTreeMap::new();
-    for p in &lease.parts {
-        let part = parts
-            .entry((p.pool.clone(), p.group))
-            .or_insert_with(|| (p.model.clone(), 0, p.price_fen_per_device_hour));
-        part.1 += u64::from(p.devices);
-    }
-    let catalogue = engine.catalogue();
-    let parts = parts
-        .into_iter()
-        .map(|((pool, _), (model, devices, price))| {
-            let kind = engine
-                .pool_spec(&pool)
-                .map_or(suanli_core::PoolKind::External, |s| s.kind);
-            let per_device = catalogue
-                .lookup(&model)
-                .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
-            LeasePart {
-                pool,
-                pool_kind: kind,
-                model,
-                devices,
-                tflops: devices * per_device,
-                price_per_device_hour: Fen(price as i64),
-                billing_increment_ms: None,
-            }
-        })
-        .collect();
     Some(LeaseUsage {
         lease: lease_id(record.id, record.leases.max(1)),
         tenant: record.tenant.clone(),
         started_at,
         ended_at: ended_at.max(started_at),
-        parts,
+        parts: parts_of(engine, lease),
     })
+}
+
+/// What a lease just placed would use if it ran from its placement to its expiry: what its
+/// tenant's budget is held for.
+pub fn placed_usage(engine: &Engine, record: &pb::Request) -> Option<LeaseUsage> {
+    let lease = record.lease.as_ref()?;
+    Some(LeaseUsage {
+        lease: lease_id(record.id, record.leases.max(1)),
+        tenant: record.tenant.clone(),
+        started_at: lease.start_unix_ms,
+        ended_at: lease.end_unix_ms.max(lease.start_unix_ms),
+        parts: parts_of(engine, lease),
+    })
+}
+
+/// A lease's parts for billing, one per node group (the nodes of a group share model, price
+/// and increment), at the price and increment fixed on them at placement.
+fn parts_of(engine: &Engine, lease: &pb::Lease) -> Vec<LeasePart> {
+    /// Model, devices, price and increment of one node group's part.
+    struct Group<'a> {
+        model: &'a str,
+        devices: u64,
+        price: u64,
+        increment_s: Option<u32>,
+    }
+    let mut groups: BTreeMap<(&str, u32), Group<'_>> = BTreeMap::new();
+    for p in &lease.parts {
+        groups
+            .entry((p.pool.as_str(), p.group))
+            .or_insert(Group {
+                model: &p.model,
+                devices: 0,
+                price: p.price_fen_per_device_hour,
+                increment_s: p.billing_increment_s,
+            })
+            .devices += u64::from(p.devices);
+    }
+    let catalogue = engine.catalogue();
+    groups
+        .into_iter()
+        .map(|((pool, _), g)| {
+            let kind = engine
+                .pool_spec(pool)
+                .map_or(suanli_core::PoolKind::External, |s| s.kind);
+            let per_device = catalogue
+                .lookup(g.model)
+                .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
+            LeasePart {
+                pool: pool.to_string(),
+                pool_kind: kind,
+                model: g.model.to_string(),
+                devices: g.devices,
+                tflops: g.devices * per_device,
+                price_per_device_hour: Fen(g.price as i64),
+                billing_increment_ms: g.increment_s.map(|s| u64::from(s) * 1_000),
+            }
+        })
+        .collect()
+}
+
+/// What the engine was last told of tenants' vouchers (see [`Command::SetSubsidies`]), and
+/// when it must be told again: for a tenant whose vouchers changed (one was issued, or paid
+/// towards a lease and may have run out) and for everyone when a voucher's validity begins or
+/// ends. The writer syncs before every command it applies, live and on replay, from the
+/// ledger and the command's `now` alone, so replay tells the engine the same at the same
+/// points and placement decides the same.
+#[derive(Debug)]
+pub struct Subsidies {
+    /// Tenants to sync at the next command.
+    dirty: BTreeSet<String>,
+    /// Sync every tenant at the next command (after start or a snapshot).
+    all: bool,
+    /// The next time a voucher's validity begins or ends.
+    next_change: u64,
+}
+
+impl Default for Subsidies {
+    fn default() -> Self {
+        Subsidies {
+            dirty: BTreeSet::new(),
+            all: true,
+            next_change: 0,
+        }
+    }
+}
+
+impl Subsidies {
+    /// A tenant's vouchers changed.
+    pub fn changed(&mut self, tenant: &str) {
+        if !self.all && !self.dirty.contains(tenant) {
+            self.dirty.insert(tenant.to_string());
+        }
+    }
+
+    /// The commands that bring the engine's view of vouchers up to date at `now`.
+    pub fn sync(&mut self, ledger: &Ledger, engine: &Engine, now: u64) -> Vec<Command> {
+        let all = self.all || now >= self.next_change;
+        if !all && self.dirty.is_empty() {
+            return Vec::new();
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        self.all = false;
+        let tenants: Vec<&str> = if all {
+            self.next_change = u64::MAX;
+            for v in ledger.vouchers() {
+                for t in [v.spec.valid_from, v.spec.valid_until] {
+                    if t > now {
+                        self.next_change = self.next_change.min(t);
+                    }
+                }
+            }
+            let mut all: BTreeSet<&str> =
+                ledger.vouchers().map(|v| v.spec.tenant.as_str()).collect();
+            all.extend(dirty.iter().map(String::as_str));
+            all.into_iter().collect()
+        } else {
+            for v in dirty.iter().flat_map(|t| ledger.vouchers_of(t)) {
+                for t in [v.spec.valid_from, v.spec.valid_until] {
+                    if t > now {
+                        self.next_change = self.next_change.min(t);
+                    }
+                }
+            }
+            dirty.iter().map(String::as_str).collect()
+        };
+        tenants
+            .into_iter()
+            .filter_map(|tenant| {
+                let terms: Vec<Subsidy> = ledger
+                    .vouchers_of(tenant)
+                    .filter(|v| v.can_pay_at(now))
+                    .map(Voucher::as_subsidy)
+                    .collect();
+                (engine.subsidies(tenant) != terms.as_slice()).then(|| Command::SetSubsidies {
+                    tenant: tenant.to_string(),
+                    subsidies: terms,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The usage a quote's placement would have if it ran its whole duration from `now`.
@@ -120,7 +237,9 @@ pub fn quoted_usage(
                 devices: p.devices,
                 tflops: p.devices * per_device,
                 price_per_device_hour: Fen(price as i64),
-                billing_increment_ms: None,
+                billing_increment_ms: pool
+                    .and_then(|s| s.billing_increment_s)
+                    .map(|s| u64::from(s) * 1_000),
             }
         })
         .collect();
@@ -141,6 +260,7 @@ fn wire_field(field: &str) -> String {
         "face_value" => "voucher.face_value_fen".into(),
         "per_lease_cap" => "voucher.per_lease_cap_fen".into(),
         "budget.limit" => "budget.limit_fen".into(),
+        "subsidy_budget.monthly" => "monthly_fen".into(),
         other => other.into(),
     }
 }
@@ -212,6 +332,7 @@ mod tests {
             node,
             devices,
             price_fen_per_device_hour: 3_000,
+            billing_increment_s: Some(60),
         };
         let mut record = pb::Request {
             id: 7,
@@ -232,5 +353,14 @@ mod tests {
         assert_eq!(usage.parts[0].devices, 12);
         assert_eq!(usage.parts[0].tflops, 12 * 989);
         assert_eq!(suanli_billing::charge_lease(&usage).unwrap().1, Fen(36_000));
+        // The increment fixed on the parts applies: 61 s bill as two started minutes.
+        assert_eq!(usage.parts[0].billing_increment_ms, Some(60_000));
+        let short = usage_of(&engine, &record, 62_000).unwrap();
+        assert_eq!(short.running_ms(), 61_000);
+        assert_eq!(
+            suanli_billing::charge_lease(&short).unwrap().1,
+            Fen(1_200),
+            "12 devices x 30 yuan/h x 2 min"
+        );
     }
 }

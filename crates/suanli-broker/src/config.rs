@@ -182,7 +182,7 @@ impl BrokerConfig {
         }
         if let Some(p) = file.default_policy {
             c.engine.default_policy = Policy::from_name(&p).ok_or_else(|| {
-                format!("field default_policy: {p:?} is not cheapest, lowest_latency or best_fit")
+                format!("field default_policy: {p:?} is not cheapest, cheapest_after_subsidy, lowest_latency or best_fit")
             })?;
         }
         let pools = file.pools.unwrap_or_default();

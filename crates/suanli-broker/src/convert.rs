@@ -79,6 +79,7 @@ pub fn request_spec(
         Ok(pb::Policy::Cheapest) => Some(Policy::Cheapest),
         Ok(pb::Policy::LowestLatency) => Some(Policy::LowestLatency),
         Ok(pb::Policy::BestFit) => Some(Policy::BestFit),
+        Ok(pb::Policy::CheapestAfterSubsidy) => Some(Policy::CheapestAfterSubsidy),
         Err(_) => {
             return Err(BrokerError::field(
                 format!("{field}.policy"),
@@ -147,6 +148,7 @@ pub fn spec_to_pb(spec: &RequestSpec) -> pb::RequestSpec {
             Some(Policy::Cheapest) => pb::Policy::Cheapest,
             Some(Policy::LowestLatency) => pb::Policy::LowestLatency,
             Some(Policy::BestFit) => pb::Policy::BestFit,
+            Some(Policy::CheapestAfterSubsidy) => pb::Policy::CheapestAfterSubsidy,
         } as i32,
         start_after_unix_ms: spec.start_after_ms,
         deadline_unix_ms: spec.deadline_ms,
@@ -263,6 +265,7 @@ fn lease_to_pb(l: &LeaseView) -> pb::Lease {
                 devices: p.devices as u32,
                 // Fixed by the writer at placement.
                 price_fen_per_device_hour: 0,
+                billing_increment_s: None,
             })
             .collect(),
         running_since_unix_ms: None,
@@ -351,6 +354,7 @@ pub fn pool_spec_to_pb(spec: &PoolSpec) -> pb::Pool {
             .collect(),
         health: pb::PoolHealth::Unspecified as i32,
         utilisation: None,
+        billing_increment_s: spec.billing_increment_s,
     }
 }
 
@@ -398,6 +402,7 @@ pub fn pool_from_pb(p: Option<pb::Pool>, field: &str) -> Result<PoolSpec, Broker
         rtt_ms: p.rtt_ms,
         data_zone: p.data_zone,
         groups,
+        billing_increment_s: p.billing_increment_s,
     })
 }
 

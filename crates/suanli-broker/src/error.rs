@@ -62,6 +62,7 @@ impl From<BrokerError> for Status {
             BrokerError::Core(c) => match c {
                 CoreError::InvalidPool(_)
                 | CoreError::InvalidTenant { .. }
+                | CoreError::InvalidSubsidy { .. }
                 | CoreError::InvalidRequest { .. } => Code::InvalidArgument,
                 CoreError::DuplicatePool { .. } => Code::AlreadyExists,
                 CoreError::UnknownPool { .. }

@@ -414,7 +414,7 @@ impl Collector for FleetCollector {
 // The writer
 
 /// Names of the engine's commands, indexed by [`command_kind`].
-const COMMANDS: [&str; 14] = [
+const COMMANDS: [&str; 15] = [
     "register_pool",
     "update_pool",
     "drain_pool",
@@ -429,6 +429,7 @@ const COMMANDS: [&str; 14] = [
     "lease_started",
     "lease_finished",
     "tick",
+    "set_subsidies",
 ];
 
 /// The index of a command's kind in [`COMMANDS`].
@@ -448,6 +449,7 @@ pub(crate) fn command_kind(c: &Command) -> usize {
         Command::LeaseStarted { .. } => 11,
         Command::LeaseFinished { .. } => 12,
         Command::Tick => 13,
+        Command::SetSubsidies { .. } => 14,
     }
 }
 

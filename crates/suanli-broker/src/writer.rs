@@ -273,6 +273,8 @@ pub(crate) struct Writer {
     metrics: Arc<WriterMetrics>,
     /// The accounting ledger, derived from the log (see [`crate::billing`]).
     ledger: Ledger,
+    /// What the engine was last told of tenants' vouchers, and when to tell it again.
+    subsidies: billing::Subsidies,
 }
 
 /// Wall-clock unix milliseconds.
@@ -319,6 +321,7 @@ impl Writer {
             stopping: false,
             metrics: Arc::default(),
             ledger: Ledger::new(),
+            subsidies: billing::Subsidies::default(),
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -329,6 +332,7 @@ impl Writer {
             match entry {
                 Entry::Command { now, command, key } => {
                     w.now = w.now.max(now);
+                    w.sync_subsidies(now);
                     if let Command::Submit(spec) = &command {
                         w.submitting = Some(spec.clone());
                     }
@@ -391,6 +395,8 @@ impl Writer {
         self.ended = ended;
         self.idem = idempotency;
         self.ledger = ledger;
+        // The engine came with its subsidies; check them again before the next command.
+        self.subsidies = billing::Subsidies::default();
         for (principal, token) in tokens {
             self.tokens.grant(principal, token);
         }
@@ -458,22 +464,41 @@ impl Writer {
     /// Applies an accounting command to the ledger; the same on live apply and on replay.
     fn apply_billing(&mut self, op: BillingOp, now: u64) -> Result<(), BrokerError> {
         let tenant = match &op {
-            BillingOp::IssueVoucher(v) => &v.tenant,
-            BillingOp::SetBudget { tenant, .. } => tenant,
+            BillingOp::IssueVoucher(v) => Some(&v.tenant),
+            BillingOp::SetBudget { tenant, .. } => Some(tenant),
+            BillingOp::SetSubsidyBudget { .. } => None,
         };
-        if self.engine.tenant_usage(tenant).is_none() {
+        if let Some(tenant) = tenant
+            && self.engine.tenant_usage(tenant).is_none()
+        {
             return Err(BrokerError::NotFound(format!("tenant {tenant} not found")));
         }
         match op {
-            BillingOp::IssueVoucher(v) => self.ledger.issue_voucher(v, now),
+            BillingOp::IssueVoucher(v) => {
+                self.subsidies.changed(&v.tenant);
+                self.ledger.issue_voucher(v, now)
+            }
             BillingOp::SetBudget { tenant, budget } => {
                 if let Some(b) = &budget {
                     b.validate().map_err(billing::billing_error)?;
                 }
                 self.ledger.set_budget(&tenant, budget, now)
             }
+            BillingOp::SetSubsidyBudget { monthly } => self.ledger.set_subsidy_budget(monthly, now),
         }
         .map_err(billing::billing_error)
+    }
+
+    /// Tells the engine which vouchers can pay each tenant's bills at `now` when that may
+    /// have changed. Called before every command, live and on replay alike, so placement
+    /// under "cheapest after subsidy" decides the same both times (see [`billing::Subsidies`]).
+    fn sync_subsidies(&mut self, now: u64) {
+        for command in self.subsidies.sync(&self.ledger, &self.engine, now) {
+            let events = self.engine.apply(command, now);
+            if let [Event::Rejected { error }] = &events[..] {
+                error!(error = %error, "the engine refused a tenant's subsidies");
+            }
+        }
     }
 
     /// Refuses a submission that would take its tenant past its budget: what it would pay
@@ -519,14 +544,54 @@ impl Writer {
         Ok((quote, bill))
     }
 
-    /// Settles a lease that ended at `now`, from the record it had before.
+    /// Settles a lease that ended at `now`, from the record it had before; a lease that never
+    /// ran is not charged, and only its budget hold (if any) is released.
     fn settle(&mut self, previous: Option<&pb::Request>, now: u64) {
-        let Some(usage) = previous.and_then(|p| billing::usage_of(&self.engine, p, now)) else {
+        let Some(previous) = previous.filter(|p| p.lease.is_some()) else {
+            return;
+        };
+        let Some(usage) = billing::usage_of(&self.engine, previous, now) else {
+            let lease = billing::lease_id(previous.id, previous.leases.max(1));
+            if self.ledger.hold(&lease).is_some()
+                && let Err(e) = self.ledger.release_hold(lease.clone(), now)
+            {
+                error!(lease = %lease, error = %e, "could not release a budget hold");
+            }
             return;
         };
         let lease = usage.lease.clone();
-        if let Err(e) = self.ledger.settle(usage, now) {
-            error!(lease = %lease, error = %e, "could not settle a lease");
+        match self.ledger.settle(usage, now) {
+            Ok(outcome) if !outcome.settlement.bill.vouchers.is_empty() => {
+                // A voucher may have run out.
+                self.subsidies
+                    .changed(&outcome.settlement.bill.usage.tenant);
+            }
+            Ok(_) => {}
+            Err(e) => error!(lease = %lease, error = %e, "could not settle a lease"),
+        }
+    }
+
+    /// Holds a newly placed lease's cost after subsidy, for its whole duration, against its
+    /// tenant's budget until it is settled, so that later submissions see it. Only tenants
+    /// with a budget are held.
+    fn hold(&mut self, record: &pb::Request, now: u64) {
+        let has_budget = self
+            .ledger
+            .tenant(&record.tenant)
+            .is_some_and(|a| a.budget.is_some());
+        if !has_budget {
+            return;
+        }
+        let Some(usage) = billing::placed_usage(&self.engine, record) else {
+            return;
+        };
+        let lease = usage.lease.clone();
+        let held = self.ledger.quote(&usage).and_then(|bill| {
+            self.ledger
+                .place_hold(lease.clone(), &record.tenant, bill.tenant_due, now)
+        });
+        if let Err(e) = held {
+            error!(lease = %lease, error = %e, "could not hold a lease against its budget");
         }
     }
 
@@ -567,6 +632,7 @@ impl Writer {
         key: Option<IdemKey>,
         entries: &mut Vec<Entry>,
     ) -> Result<Vec<Event>, BrokerError> {
+        self.sync_subsidies(now);
         if let Command::Submit(spec) = &command {
             if self.live {
                 self.check_budget(spec, now)?;
@@ -582,6 +648,7 @@ impl Writer {
         entries.push(Entry::Command { now, command, key });
         self.process(&events, now);
         while let Some(next) = self.followups.pop() {
+            self.sync_subsidies(now);
             let more = self.decide(next.clone(), now);
             if !matches!(more[..], [Event::Rejected { .. }]) {
                 entries.push(Entry::Command {
@@ -656,6 +723,9 @@ impl Writer {
             if matches!(ev, Event::Ended { .. } | Event::Requeued { .. }) {
                 self.settle(previous.as_deref(), now);
             }
+            if matches!(ev, Event::Placed { .. }) {
+                self.hold(&record, now);
+            }
             if self.live {
                 self.act(ev, &record, previous.as_deref(), now);
             }
@@ -690,17 +760,18 @@ impl Writer {
             r.leases += 1;
             lease.running_since_unix_ms = None;
             for part in &mut lease.parts {
-                part.price_fen_per_device_hour = self
-                    .engine
-                    .pool_spec(&part.pool)
+                let pool = self.engine.pool_spec(&part.pool);
+                part.price_fen_per_device_hour = pool
                     .and_then(|s| s.groups.get(part.group as usize))
                     .map_or(0, |g| g.price_fen_per_device_hour);
+                part.billing_increment_s = pool.and_then(|s| s.billing_increment_s);
             }
             return;
         }
         if let Some(before) = previous.and_then(|p| p.lease.as_ref()) {
             for (part, was) in lease.parts.iter_mut().zip(&before.parts) {
                 part.price_fen_per_device_hour = was.price_fen_per_device_hour;
+                part.billing_increment_s = was.billing_increment_s;
             }
             lease.running_since_unix_ms = before.running_since_unix_ms;
         }

@@ -42,7 +42,8 @@ pub struct RunArgs {
     /// Workload: philly, synthetic, synthetic:N (N jobs), or the path of a CSV trace.
     #[arg(long, default_value = "philly", value_name = "TRACE")]
     pub trace: String,
-    /// The engine's default placement policy: cheapest, lowest_latency or best_fit.
+    /// The engine's default placement policy: cheapest, cheapest_after_subsidy,
+    /// lowest_latency or best_fit.
     #[arg(long, default_value = "cheapest", value_parser = parse_policy, value_name = "POLICY")]
     pub policy: Policy,
     /// Divide arrival times by this (2 = twice the demand).
@@ -149,7 +150,9 @@ pub struct CompareArgs {
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
-    Policy::from_name(s).ok_or_else(|| format!("{s:?} is not cheapest, lowest_latency or best_fit"))
+    Policy::from_name(s).ok_or_else(|| {
+        format!("{s:?} is not cheapest, cheapest_after_subsidy, lowest_latency or best_fit")
+    })
 }
 
 fn positive(s: &str) -> Result<f64, String> {

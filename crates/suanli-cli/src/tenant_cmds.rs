@@ -48,6 +48,9 @@ pub enum PolicyArg {
     /// The node group with the least free capacity that still fits.
     #[value(name = "best_fit", alias = "best-fit")]
     BestFit,
+    /// Lowest price for the tenant after its compute vouchers pay their share.
+    #[value(name = "cheapest_after_subsidy", alias = "cheapest-after-subsidy")]
+    CheapestAfterSubsidy,
 }
 
 impl From<PolicyArg> for Policy {
@@ -56,6 +59,7 @@ impl From<PolicyArg> for Policy {
             PolicyArg::Cheapest => Policy::Cheapest,
             PolicyArg::LowestLatency => Policy::LowestLatency,
             PolicyArg::BestFit => Policy::BestFit,
+            PolicyArg::CheapestAfterSubsidy => Policy::CheapestAfterSubsidy,
         }
     }
 }

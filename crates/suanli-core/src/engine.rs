@@ -17,7 +17,7 @@
 //!   only if they end before that time or use none of those groups (EASY backfill).
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 
 use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
@@ -32,6 +32,7 @@ use crate::queue::WaitQueue;
 use crate::request::{
     EndReason, Priority, RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
 };
+use crate::subsidy::{Discount, Subsidy};
 use crate::units::{Millis, PoolIx, RequestId, TenantIx, Tflops};
 
 /// Longest duration a request may ask for: one year.
@@ -87,6 +88,16 @@ pub enum Command {
     },
     /// Create or change a tenant.
     SetTenant(TenantSpec),
+    /// Set (an empty list removes) the compute vouchers that can pay a tenant's bills now, as
+    /// placement sees them: under [`Policy::CheapestAfterSubsidy`] the tenant's requests go
+    /// where it pays least after them. The shell sends this whenever a voucher is issued, runs
+    /// out or expires; the tenant need not be known yet. Placed leases stay where they are.
+    SetSubsidies {
+        /// The tenant's name.
+        tenant: String,
+        /// Its vouchers' rates and scopes.
+        subsidies: Vec<Subsidy>,
+    },
     /// A tenant asks for compute.
     Submit(RequestSpec),
     /// The tenant withdraws a queued request or stops a placed one.
@@ -149,6 +160,11 @@ pub enum Event {
     /// A tenant was created or changed.
     TenantSet {
         /// Tenant name.
+        tenant: String,
+    },
+    /// A tenant's subsidies were set (see [`Command::SetSubsidies`]).
+    SubsidiesSet {
+        /// The tenant's name.
         tenant: String,
     },
     /// A request was accepted and queued.
@@ -366,6 +382,10 @@ pub struct Engine {
     passes: u64,
     /// Bumped whenever the fleet changes shape, so cached `matchable` answers are recomputed.
     fleet_epoch: u64,
+    /// Tenants' compute vouchers as placement sees them, by tenant name, resolved against the
+    /// fleet (see [`crate::subsidy`]). Set by the shell; only the policy "cheapest after
+    /// subsidy" reads them.
+    subsidies: BTreeMap<String, Discount>,
     next_request: u64,
     pub(crate) now: Millis,
 }
@@ -412,6 +432,7 @@ impl Engine {
             ranked: 0,
             passes: 0,
             fleet_epoch: 0,
+            subsidies: BTreeMap::new(),
             next_request: 1,
             now: 0,
         }
@@ -445,7 +466,10 @@ impl Engine {
         self.now = self.now.max(now);
         let frees_or_reshapes = !matches!(
             command,
-            Command::Submit(_) | Command::LeaseStarted { .. } | Command::Tick
+            Command::Submit(_)
+                | Command::LeaseStarted { .. }
+                | Command::Tick
+                | Command::SetSubsidies { .. }
         );
         let result = match command {
             Command::RegisterPool(spec) => self.register_pool(spec).map(|p| {
@@ -463,6 +487,9 @@ impl Engine {
                 healthy,
             } => self.set_node_health(pool, group, node, healthy, out),
             Command::SetTenant(spec) => self.set_tenant(spec, out),
+            Command::SetSubsidies { tenant, subsidies } => {
+                self.set_subsidies(tenant, subsidies, out)
+            }
             Command::Submit(spec) => self.submit(spec, out),
             Command::Cancel { request } => self.cancel(request, out),
             Command::Release { request } => self.end_live(
@@ -508,7 +535,55 @@ impl Engine {
         let (_, models) = self.supply.add_pool(spec);
         self.supply.rebuild(models);
         self.fleet_epoch += 1;
+        self.resolve_subsidies();
         Ok(id)
+    }
+
+    fn set_subsidies(
+        &mut self,
+        tenant: String,
+        terms: Vec<Subsidy>,
+        out: &mut Vec<Event>,
+    ) -> Result<(), CoreError> {
+        Discount::validate(&tenant, &terms)?;
+        if terms.is_empty() {
+            self.subsidies.remove(&tenant);
+        } else {
+            let groups = self.group_pools();
+            let discount = Discount::resolve(terms, groups.into_iter());
+            self.subsidies.insert(tenant.clone(), discount);
+        }
+        out.push(Event::SubsidiesSet { tenant });
+        Ok(())
+    }
+
+    /// The vouchers set for a tenant by [`Command::SetSubsidies`].
+    pub fn subsidies(&self, tenant: &str) -> &[Subsidy] {
+        self.subsidies.get(tenant).map_or(&[], |d| &d.terms)
+    }
+
+    /// The pool of each node group, in group order.
+    fn group_pools(&self) -> Vec<&PoolSpec> {
+        let supply = &self.supply;
+        supply
+            .groups
+            .iter()
+            .map(|g| &supply.pools[g.pool.0 as usize].spec)
+            .collect()
+    }
+
+    /// Resolves every tenant's subsidies again after the fleet changed.
+    fn resolve_subsidies(&mut self) {
+        if self.subsidies.is_empty() {
+            return;
+        }
+        let subsidies = std::mem::take(&mut self.subsidies);
+        let groups = self.group_pools();
+        let resolved = subsidies
+            .into_iter()
+            .map(|(t, d)| (t, Discount::resolve(d.terms, groups.iter().copied())))
+            .collect();
+        self.subsidies = resolved;
     }
 
     fn pool_ix(&self, pool: &str) -> Result<PoolIx, CoreError> {
@@ -580,6 +655,7 @@ impl Engine {
         pool.spec = spec;
         self.supply.rebuild(models);
         self.fleet_epoch += 1;
+        self.resolve_subsidies();
         out.push(Event::PoolUpdated { pool: id });
         Ok(())
     }
@@ -862,7 +938,10 @@ impl Engine {
             return Ok(waits(WaitReason::NotYetStartable, spec.start_after_ms));
         }
         let ahead: u32 = self.capacity_waiting[..=spec.priority.rank()].iter().sum();
-        let plan = self.supply.plan(&filter, &spec.shape, policy, None);
+        let discount = discount_of(&self.subsidies, &self.tenants, tenant, policy);
+        let plan = self
+            .supply
+            .plan_for(&filter, &spec.shape, policy, None, discount);
         let Some(plan) = plan.filter(|_| ahead == 0) else {
             if !self.supply.matchable(&filter, &spec.shape) {
                 return Ok(waits(WaitReason::NoMatchingPool, None));
@@ -1198,7 +1277,11 @@ impl Engine {
         }
         let (tenant, memo) = (r.tenant, (r.filter_key, r.shape, r.policy));
         let r = &self.requests[&id];
-        let Some(mut plan) = self.supply.plan(&r.filter, &r.shape, r.policy, None) else {
+        let discount = discount_of(&self.subsidies, &self.tenants, tenant, r.policy);
+        let Some(mut plan) = self
+            .supply
+            .plan_for(&r.filter, &r.shape, r.policy, None, discount)
+        else {
             if !self.refresh_matchable(id) {
                 self.set_reason(id, WaitReason::NoMatchingPool);
                 return Start::Waits;
@@ -1226,9 +1309,11 @@ impl Engine {
                 .at
                 .is_some_and(|at| now.saturating_add(r.duration) <= at);
             if res.request != id && !ends_in_time && plan_touches(&plan, &res.groups) {
+                let discount = discount_of(&self.subsidies, &self.tenants, tenant, r.policy);
+                let avoid = Some(&res.groups[..]);
                 let other = self
                     .supply
-                    .plan(&r.filter, &r.shape, r.policy, Some(&res.groups));
+                    .plan_for(&r.filter, &r.shape, r.policy, avoid, discount);
                 match other.map(|p| (self.supply.plan_size(&p, &r.shape), p)) {
                     Some((s, p)) if self.quota_allows(tenant, s.0) => (size, plan) = (s, p),
                     _ => {
@@ -1526,7 +1611,11 @@ impl Engine {
             self.end_lease(v, RequestState::Preempted, EndReason::Preempted, out);
         }
         let r = &self.requests[&id];
-        match self.supply.plan(&r.filter, &r.shape, r.policy, None) {
+        let discount = discount_of(&self.subsidies, &self.tenants, r.tenant, r.policy);
+        match self
+            .supply
+            .plan_for(&r.filter, &r.shape, r.policy, None, discount)
+        {
             Some(plan) => {
                 let size = self.supply.plan_size(&plan, &r.shape);
                 if !self.quota_allows(r.tenant, size.0) {
@@ -1673,6 +1762,7 @@ impl Engine {
         for id in ids {
             (id, &self.requests[id]).hash(&mut h);
         }
+        self.subsidies.hash(&mut h);
         h.finish()
     }
 }
@@ -1693,6 +1783,19 @@ fn set_reason(r: &mut Request, reason: WaitReason, capacity_waiting: &mut [u32; 
     }
 }
 
+/// A tenant's discount when its request's policy ranks by it.
+fn discount_of<'a>(
+    subsidies: &'a BTreeMap<String, Discount>,
+    tenants: &[Tenant],
+    tenant: TenantIx,
+    policy: Policy,
+) -> Option<&'a Discount> {
+    if policy != Policy::CheapestAfterSubsidy || subsidies.is_empty() {
+        return None;
+    }
+    subsidies.get(&tenants[tenant.0 as usize].spec.name)
+}
+
 /// Whether a tenant may hold `tflops` more.
 fn quota_allows(t: &Tenant, tflops: Tflops) -> bool {
     t.used.saturating_add(tflops) <= t.limit()
@@ -1709,6 +1812,7 @@ fn plan_touches(plan: &Plan, groups: &[bool]) -> bool {
 mod tests {
     use super::*;
     use crate::fleet::PoolKind::{External, LocalCentre};
+    use crate::subsidy::SubsidyPools;
     use crate::testkit::*;
 
     fn pool_of(e: &Engine, id: RequestId) -> String {
@@ -1753,6 +1857,115 @@ mod tests {
         // A 2-node gang still finds a whole group.
         let id2 = submit(&mut e, gang("a", 2, 8, "h100"), 0);
         assert!(e.request(id2).unwrap().lease.is_some());
+    }
+
+    fn local_half_off() -> Vec<Subsidy> {
+        vec![Subsidy {
+            rate_bp: 6_000,
+            pools: SubsidyPools::Kinds([LocalCentre].into()),
+        }]
+    }
+
+    #[test]
+    fn cheapest_after_subsidy_ranks_by_what_the_tenant_pays() {
+        let mut e = three_pools();
+        let mut spec = gang("a", 1, 8, "h100");
+        spec.policy = Some(Policy::CheapestAfterSubsidy);
+        // No vouchers: the same as cheapest.
+        let id = submit(&mut e, spec.clone(), 0);
+        assert_eq!(pool_of(&e, id), "cheap-far");
+        // 60% off local: 3000 -> 1200 fen, below the 1500 of cheap-far.
+        let set = Command::SetSubsidies {
+            tenant: "a".into(),
+            subsidies: local_half_off(),
+        };
+        let events = ok(e.apply(set, 1));
+        assert_eq!(events, vec![Event::SubsidiesSet { tenant: "a".into() }]);
+        assert_eq!(e.subsidies("a"), &local_half_off()[..]);
+        let id2 = submit(&mut e, spec.clone(), 1);
+        assert_eq!(pool_of(&e, id2), "local");
+        // Plain cheapest ignores vouchers.
+        let id3 = submit(&mut e, gang("a", 1, 8, "h100"), 1);
+        assert_eq!(pool_of(&e, id3), "cheap-far");
+        // The second local node, then what is left: mid at its list price.
+        let id4 = submit(&mut e, spec.clone(), 1);
+        assert_eq!(pool_of(&e, id4), "local");
+        let id5 = submit(&mut e, spec.clone(), 1);
+        assert_eq!(pool_of(&e, id5), "mid");
+        let id6 = submit(&mut e, spec.clone(), 1);
+        assert_eq!(e.request(id6).unwrap().state, RequestState::Queued);
+        // Removing the vouchers: back to list prices for new placements.
+        let clear = Command::SetSubsidies {
+            tenant: "a".into(),
+            subsidies: vec![],
+        };
+        ok(e.apply(clear, 2));
+        assert!(e.subsidies("a").is_empty());
+        assert!(e.audit().is_ok());
+    }
+
+    #[test]
+    fn an_elastic_request_fills_the_subsidised_pools_first() {
+        let mut e = three_pools();
+        ok(e.apply(
+            Command::SetSubsidies {
+                tenant: "a".into(),
+                subsidies: local_half_off(),
+            },
+            0,
+        ));
+        let mut spec = elastic("a", 989 * 20, 989);
+        spec.policy = Some(Policy::CheapestAfterSubsidy);
+        let id = submit(&mut e, spec.clone(), 0);
+        let parts = e.request(id).unwrap().lease.unwrap().parts;
+        let devices = |pool: &str| -> u64 {
+            parts
+                .iter()
+                .filter(|p| p.pool == pool)
+                .map(|p| p.devices as u64)
+                .sum()
+        };
+        // 16 local devices first (1200), then cheap-far (1500) for the other 4.
+        assert_eq!((devices("local"), devices("cheap-far")), (16, 4));
+        spec.policy = Some(Policy::Cheapest);
+        let mut e = three_pools();
+        let id = submit(&mut e, spec, 0);
+        let parts = e.request(id).unwrap().lease.unwrap().parts;
+        assert!(parts.iter().all(|p| p.pool != "local"), "{parts:?}");
+    }
+
+    #[test]
+    fn subsidies_cover_pools_registered_after_them_and_reject_bad_rates() {
+        let mut e = engine(vec![pool("far", External, 40, &[("h100", 8, 1, 1000)])]);
+        ok(e.apply(
+            Command::SetSubsidies {
+                tenant: "a".into(),
+                subsidies: local_half_off(),
+            },
+            0,
+        ));
+        let digest = e.digest();
+        let bad = Command::SetSubsidies {
+            tenant: "a".into(),
+            subsidies: vec![Subsidy {
+                rate_bp: 0,
+                pools: SubsidyPools::All,
+            }],
+        };
+        let events = e.apply(bad, 0);
+        assert!(
+            matches!(&events[..], [Event::Rejected { error: CoreError::InvalidSubsidy { field, .. } }] if field == "subsidy[0].rate_bp"),
+            "{events:?}"
+        );
+        assert_eq!(e.digest(), digest, "a rejected command changes nothing");
+        ok(e.apply(
+            Command::RegisterPool(pool("home", LocalCentre, 1, &[("h100", 8, 1, 2000)])),
+            1,
+        ));
+        let mut spec = gang("a", 1, 8, "h100");
+        spec.policy = Some(Policy::CheapestAfterSubsidy);
+        let id = submit(&mut e, spec, 2);
+        assert_eq!(pool_of(&e, id), "home", "2000 x 40% = 800 < 1000");
     }
 
     #[test]

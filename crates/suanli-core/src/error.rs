@@ -58,6 +58,16 @@ pub enum CoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A tenant's subsidies are invalid.
+    #[error("tenant {tenant}: field {field}: {reason}")]
+    InvalidSubsidy {
+        /// The tenant name.
+        tenant: String,
+        /// The offending field, e.g. `subsidy[1].rate_bp`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A request specification is invalid.
     #[error("request field {field}: {reason}")]
     InvalidRequest {

@@ -19,6 +19,9 @@ pub const FUTIAN_2025: &str = include_str!("../../../deploy/fleets/futian-2025.t
 /// Largest number of devices on one node.
 pub const MAX_DEVICES_PER_NODE: u16 = 16;
 
+/// Longest billing increment a pool may have: one day.
+pub const MAX_BILLING_INCREMENT_S: u32 = 86_400;
+
 /// Where a pool sits relative to the district.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +67,9 @@ pub struct PoolSpec {
     pub data_zone: String,
     /// Node groups, each of identical nodes.
     pub groups: Vec<GroupSpec>,
+    /// The pool's minimum billing increment in seconds: running time is billed rounded up to
+    /// it (60 bills per started minute). `None` bills to the millisecond.
+    pub billing_increment_s: Option<u32>,
 }
 
 /// A validated node group: `nodes` identical nodes of `devices_per_node` devices of one model.
@@ -135,6 +141,7 @@ struct PoolFile {
     region: String,
     rtt_ms: i64,
     data_zone: String,
+    billing_increment_s: Option<i64>,
     #[serde(default)]
     group: Vec<GroupFile>,
 }
@@ -170,6 +177,18 @@ impl PoolFile {
     fn into_spec(self) -> Result<PoolSpec, FleetError> {
         let id = self.id;
         let rtt_ms = in_range(&id, "rtt_ms".into(), self.rtt_ms, 0, 60_000)?;
+        let billing_increment_s = self
+            .billing_increment_s
+            .map(|s| {
+                in_range(
+                    &id,
+                    "billing_increment_s".into(),
+                    s,
+                    1,
+                    MAX_BILLING_INCREMENT_S.into(),
+                )
+            })
+            .transpose()?;
         let mut groups = Vec::with_capacity(self.group.len());
         for (i, g) in self.group.into_iter().enumerate() {
             groups.push(GroupSpec {
@@ -200,6 +219,7 @@ impl PoolFile {
             rtt_ms,
             data_zone: self.data_zone,
             groups,
+            billing_increment_s,
         })
     }
 }
@@ -220,6 +240,15 @@ impl PoolSpec {
         }
         if self.groups.is_empty() {
             return Err(invalid(id, "group", "a pool needs at least one node group"));
+        }
+        if let Some(s) = self.billing_increment_s
+            && !(1..=MAX_BILLING_INCREMENT_S).contains(&s)
+        {
+            return Err(invalid(
+                id,
+                "billing_increment_s",
+                format!("{s} is out of range 1..={MAX_BILLING_INCREMENT_S}"),
+            ));
         }
         for (i, g) in self.groups.iter().enumerate() {
             if catalogue.lookup(&g.model).is_none() {
@@ -353,6 +382,35 @@ mod tests {
         assert!(
             e.starts_with("pool p1: field group[0].price_fen_per_device_hour: -5"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_billing_increment_is_read_and_checked() {
+        let with = |v: &str| {
+            ONE_POOL.replace(
+                "rtt_ms = 30",
+                &format!("rtt_ms = 30\nbilling_increment_s = {v}"),
+            )
+        };
+        let f = Fleet::from_toml(&with("60"), &Catalogue::builtin()).unwrap();
+        assert_eq!(f.pools[0].billing_increment_s, Some(60));
+        let f = Fleet::from_toml(ONE_POOL, &Catalogue::builtin()).unwrap();
+        assert_eq!(
+            f.pools[0].billing_increment_s, None,
+            "absent: to the millisecond"
+        );
+        assert_eq!(
+            err(&with("0")),
+            "pool p1: field billing_increment_s: 0 is out of range 1..=86400"
+        );
+        let mut spec = f.pools[0].clone();
+        spec.billing_increment_s = Some(86_401);
+        assert_eq!(
+            spec.validate(&Catalogue::builtin())
+                .unwrap_err()
+                .to_string(),
+            "pool p1: field billing_increment_s: 86401 is out of range 1..=86400"
         );
     }
 

@@ -18,7 +18,9 @@
 //! - `capacity`: free devices per node of one node group, bucketed by free count.
 //! - `index`: per-model orderings of node groups with capacity aggregates, so placement does not
 //!   scan the fleet.
-//! - `placement`: the placement policies (cheapest, lowest latency, best fit).
+//! - `placement`: the placement policies (cheapest, cheapest after subsidy, lowest latency,
+//!   best fit).
+//! - [`subsidy`]: tenants' compute vouchers as placement sees them (rates and scopes).
 //! - `queue`: the waiting queue ordered by priority class, weighted fair share and FIFO.
 //! - [`engine`]: the state machine: commands in, events out; scheduling, backfill, preemption.
 //! - [`query`]: read-only views: utilisation, tenant usage, why a request waits.
@@ -32,6 +34,7 @@ pub mod error;
 pub mod fleet;
 pub mod query;
 pub mod request;
+pub mod subsidy;
 pub mod units;
 
 mod audit;
@@ -52,4 +55,5 @@ pub use placement::{Policy, PoolHealth};
 pub use request::{
     Constraints, EndReason, Priority, RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
 };
+pub use subsidy::{Subsidy, SubsidyPools};
 pub use units::{Fen, Millis, ModelIx, RequestId, TFLOPS_PER_P, Tflops};

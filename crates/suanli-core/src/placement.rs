@@ -14,6 +14,7 @@ use crate::catalogue::Catalogue;
 use crate::fleet::PoolSpec;
 use crate::index::{GroupStats, Index, OrderKeys};
 use crate::request::Shape;
+use crate::subsidy::Discount;
 use crate::units::{ModelIx, PoolIx, Tflops};
 
 /// How to choose among the node groups that satisfy a request.
@@ -34,6 +35,10 @@ pub enum Policy {
     /// Lowest price: per device-hour for gangs, per TFLOPS-hour for elastic requests.
     #[default]
     Cheapest,
+    /// Lowest price for the tenant after its compute vouchers pay their share: as
+    /// [`Policy::Cheapest`], with each group's price scaled by the share the tenant pays there
+    /// (see [`crate::subsidy`]). The same as `Cheapest` for a tenant without vouchers.
+    CheapestAfterSubsidy,
     /// Local pools first, then the shortest round trip.
     LowestLatency,
     /// The group with the least free capacity that still fits: keeps large holes for large jobs.
@@ -45,6 +50,7 @@ impl Policy {
     pub fn as_str(self) -> &'static str {
         match self {
             Policy::Cheapest => "cheapest",
+            Policy::CheapestAfterSubsidy => "cheapest_after_subsidy",
             Policy::LowestLatency => "lowest_latency",
             Policy::BestFit => "best_fit",
         }
@@ -54,6 +60,7 @@ impl Policy {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "cheapest" => Some(Policy::Cheapest),
+            "cheapest_after_subsidy" => Some(Policy::CheapestAfterSubsidy),
             "lowest_latency" => Some(Policy::LowestLatency),
             "best_fit" => Some(Policy::BestFit),
             _ => None,
@@ -403,17 +410,35 @@ impl Supply {
     }
 
     /// The key under which a group competes across models: smaller is better.
-    fn key(&self, policy: Policy, g: u32, elastic: bool) -> (u64, u64, u64) {
+    fn key(
+        &self,
+        policy: Policy,
+        g: u32,
+        elastic: bool,
+        discount: Option<&Discount>,
+    ) -> (u64, u64, u64) {
         let group = &self.groups[g as usize];
         let pool = &self.pools[group.pool.0 as usize];
         let rtt = pool.spec.rtt_ms as u64;
         match policy {
-            Policy::Cheapest if elastic => (
-                group.price * 1_000_000 / group.tflops_per_device as u64,
-                rtt,
-                g as u64,
-            ),
-            Policy::Cheapest => (group.price, rtt, g as u64),
+            Policy::Cheapest | Policy::CheapestAfterSubsidy => {
+                let per_unit = if elastic {
+                    group.tflops_per_device as u64
+                } else {
+                    1_000_000
+                };
+                let price = match discount {
+                    None => group.price * 1_000_000 / per_unit,
+                    // What the tenant pays, one step finer than a share of the list price: the
+                    // product is below 1e8 fen x 1e6 ppm x 1e6, exact in u128.
+                    Some(d) => {
+                        let share = u128::from(d.share_ppm[g as usize]);
+                        let p = u128::from(group.price) * share * 1_000_000 / u128::from(per_unit);
+                        u64::try_from(p).unwrap_or(u64::MAX)
+                    }
+                };
+                (price, rtt, g as u64)
+            }
             Policy::LowestLatency => (
                 (!pool.spec.kind.is_local() as u64) << 32 | rtt,
                 group.price,
@@ -440,11 +465,11 @@ impl Supply {
     ) -> Option<u32> {
         let mi = &self.index.models[model];
         match policy {
-            Policy::Cheapest | Policy::LowestLatency => {
-                let tree = if policy == Policy::Cheapest {
-                    &mi.cheapest
-                } else {
+            Policy::Cheapest | Policy::CheapestAfterSubsidy | Policy::LowestLatency => {
+                let tree = if policy == Policy::LowestLatency {
                     &mi.latency
+                } else {
+                    &mi.cheapest
                 };
                 let leaf = tree.find_first(cursor.leaf, m, need)?;
                 cursor.leaf = leaf + 1;
@@ -471,17 +496,67 @@ impl Supply {
         policy: Policy,
         avoid: Option<&[bool]>,
     ) -> Option<Plan> {
+        self.plan_for(f, shape, policy, avoid, None)
+    }
+
+    /// [`Supply::plan`] for a tenant with a discount: under
+    /// [`Policy::CheapestAfterSubsidy`] groups rank by the price the tenant pays there.
+    pub fn plan_for(
+        &mut self,
+        f: &Filter,
+        shape: &Shape,
+        policy: Policy,
+        avoid: Option<&[bool]>,
+        discount: Option<&Discount>,
+    ) -> Option<Plan> {
         self.prepare(policy);
+        let discount = discount.filter(|_| policy == Policy::CheapestAfterSubsidy);
+        let walk = Walk { policy, discount };
         match *shape {
             Shape::Gang {
                 nodes,
                 devices_per_node,
-            } => self.plan_gang(f, nodes, devices_per_node, policy, avoid),
+            } => self.plan_gang(f, nodes, devices_per_node, walk, avoid),
             Shape::Elastic {
                 tflops,
                 min_chunk_tflops,
-            } => self.plan_elastic(f, tflops, min_chunk_tflops, policy, avoid),
+            } => self.plan_elastic(f, tflops, min_chunk_tflops, walk, avoid),
         }
+    }
+
+    /// The next group of one model in a walk's order after `cursor` that may fit, and, when the
+    /// walk has a discount, whose share is `share`: within one share, price order is the order
+    /// of what the tenant pays.
+    fn next_of(
+        &self,
+        walk: Walk<'_>,
+        lane: Lane,
+        cursor: &mut Cursor,
+        m: u16,
+        need: u64,
+    ) -> Option<u32> {
+        loop {
+            let g = self.next_in_model(walk.policy, lane.model, cursor, m, need)?;
+            match (walk.discount, lane.share) {
+                (Some(d), Some(share)) if d.share_ppm[g as usize] != share => continue,
+                _ => return Some(g),
+            }
+        }
+    }
+
+    /// The lanes a walk visits: one per allowed model, times one per share under a discount.
+    fn lanes(&self, f: &Filter, walk: Walk<'_>) -> Vec<Lane> {
+        let shares: &[u32] = walk.discount.map_or(&[], |d| &d.shares);
+        models_of(f.models, self.catalogue.len())
+            .flat_map(|model| {
+                let per_share = shares.iter().map(move |&s| Lane {
+                    model,
+                    share: Some(s),
+                });
+                let whole = shares.is_empty().then_some(Lane { model, share: None });
+                per_share.chain(whole)
+            })
+            .collect()
     }
 
     fn usable(&self, f: &Filter, g: u32, avoid: Option<&[bool]>) -> bool {
@@ -493,18 +568,18 @@ impl Supply {
         f: &Filter,
         n: u32,
         m: u16,
-        policy: Policy,
+        walk: Walk<'_>,
         avoid: Option<&[bool]>,
     ) -> Option<Plan> {
         let need = n as u64 * m as u64;
         let mut best: Option<((u64, u64, u64), u32)> = None;
-        for model in models_of(f.models, self.catalogue.len()) {
+        for lane in self.lanes(f, walk) {
             let mut cursor = Cursor::default();
-            while let Some(g) = self.next_in_model(policy, model, &mut cursor, m, need) {
+            while let Some(g) = self.next_of(walk, lane, &mut cursor, m, need) {
                 if self.usable(f, g, avoid)
                     && self.groups[g as usize].nodes.nodes_with_at_least(m) >= n
                 {
-                    let key = self.key(policy, g, false);
+                    let key = self.key(walk.policy, g, false, walk.discount);
                     if best.is_none_or(|(k, _)| key < k) {
                         best = Some((key, g));
                     }
@@ -520,29 +595,33 @@ impl Supply {
         f: &Filter,
         tflops: Tflops,
         min_chunk: Tflops,
-        policy: Policy,
+        walk: Walk<'_>,
         avoid: Option<&[bool]>,
     ) -> Option<Plan> {
-        // One cursor per allowed model, merged by key so that models compete group by group.
-        let mut heads: Vec<(usize, Cursor, Option<u32>)> =
-            models_of(f.models, self.catalogue.len())
-                .map(|model| {
-                    let mut c = Cursor::default();
-                    let g = self.next_in_model(policy, model, &mut c, 1, 1);
-                    (model, c, g)
-                })
-                .collect();
+        // One cursor per lane, merged by key so that models (and shares) compete group by
+        // group.
+        let mut heads: Vec<(Lane, Cursor, Option<u32>)> = self
+            .lanes(f, walk)
+            .into_iter()
+            .map(|lane| {
+                let mut c = Cursor::default();
+                let g = self.next_of(walk, lane, &mut c, 1, 1);
+                (lane, c, g)
+            })
+            .collect();
         let mut parts = Vec::new();
         let mut missing = tflops;
         while missing > 0 {
             let (i, g) = heads
                 .iter()
                 .enumerate()
-                .filter_map(|(i, h)| h.2.map(|g| (self.key(policy, g, true), i, g)))
+                .filter_map(|(i, h)| {
+                    h.2.map(|g| (self.key(walk.policy, g, true, walk.discount), i, g))
+                })
                 .min()
                 .map(|(_, i, g)| (i, g))?;
-            let (model, cursor, next) = &mut heads[i];
-            *next = self.next_in_model(policy, *model, cursor, 1, 1);
+            let (lane, cursor, next) = &mut heads[i];
+            *next = self.next_of(walk, *lane, cursor, 1, 1);
             if !self.usable(f, g, avoid) {
                 continue;
             }
@@ -626,6 +705,21 @@ impl Supply {
             self.refresh(g);
         }
     }
+}
+
+/// How one placement walks the groups: the policy's order, and for
+/// [`Policy::CheapestAfterSubsidy`] the tenant's discount.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    policy: Policy,
+    discount: Option<&'a Discount>,
+}
+
+/// One model's groups, or with a discount those of one share of the price.
+#[derive(Clone, Copy, Debug)]
+struct Lane {
+    model: usize,
+    share: Option<u32>,
 }
 
 /// Position of a walk through one model's order.
@@ -802,5 +896,129 @@ mod tests {
             None,
             "no h100 group has 3 nodes"
         );
+    }
+
+    mod after_subsidy {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fleet::PoolKind;
+        use crate::subsidy::{Subsidy, SubsidyPools};
+
+        const KINDS: [PoolKind; 3] = [
+            PoolKind::LocalCentre,
+            PoolKind::LocalCloud,
+            PoolKind::External,
+        ];
+        const MODELS: [&str; 2] = ["h100", "a800"];
+
+        /// Pools of one group each: (kind, model, price, nodes, nodes taken, rtt).
+        fn fleet() -> impl Strategy<Value = Vec<(usize, usize, u64, u32, u32, u32)>> {
+            prop::collection::vec(
+                (
+                    0..3usize,
+                    0..2usize,
+                    1u64..5_000,
+                    1u32..4,
+                    0u32..4,
+                    1u32..50,
+                ),
+                1..12,
+            )
+        }
+
+        fn terms() -> impl Strategy<Value = Vec<(u32, Option<usize>)>> {
+            prop::collection::vec((1u32..=10_000, prop::option::of(0..3usize)), 0..3)
+        }
+
+        fn build(pools: &[(usize, usize, u64, u32, u32, u32)]) -> Supply {
+            let mut s = Supply::new(Catalogue::builtin());
+            for (i, &(kind, model, price, nodes, taken, rtt)) in pools.iter().enumerate() {
+                let spec = crate::testkit::pool(
+                    &format!("p{i}"),
+                    KINDS[kind],
+                    rtt,
+                    &[(MODELS[model], 8, nodes, price)],
+                );
+                let (_, models) = s.add_pool(spec);
+                s.rebuild(models);
+                let g = s.groups.len() as u32 - 1;
+                let mut out = Vec::new();
+                s.groups[g as usize].nodes.take_devices(
+                    g,
+                    u64::from(taken.min(nodes)) * 8,
+                    &mut out,
+                );
+                s.refresh(g);
+            }
+            s
+        }
+
+        fn discount(s: &Supply, terms: &[(u32, Option<usize>)]) -> Discount {
+            let terms = terms
+                .iter()
+                .map(|&(rate_bp, kind)| Subsidy {
+                    rate_bp,
+                    pools: kind.map_or(SubsidyPools::All, |k| {
+                        SubsidyPools::Kinds([KINDS[k]].into())
+                    }),
+                })
+                .collect();
+            Discount::resolve(
+                terms,
+                s.groups.iter().map(|g| &s.pools[g.pool.0 as usize].spec),
+            )
+        }
+
+        /// What the tenant pays per device-hour in a group, in fen x 1e6, with the tie-breaks.
+        fn tenant_key(s: &Supply, d: &Discount, g: u32, per_unit: u128) -> (u128, u32, u32) {
+            let group = &s.groups[g as usize];
+            let rtt = s.pools[group.pool.0 as usize].spec.rtt_ms;
+            (
+                u128::from(group.price) * u128::from(d.share_ppm[g as usize]) * 1_000_000
+                    / per_unit,
+                rtt,
+                g,
+            )
+        }
+
+        proptest! {
+            /// A gang goes to the group, among those that can hold it, where the tenant pays
+            /// least after its vouchers; an elastic request takes groups in that order.
+            #[test]
+            fn placement_is_the_cheapest_for_the_tenant(pools in fleet(), terms in terms(), nodes in 1u32..3) {
+                let mut s = build(&pools);
+                let d = discount(&s, &terms);
+                let f = super::any(&s);
+                let gang = Shape::Gang { nodes, devices_per_node: 8 };
+                let best = (0..s.groups.len() as u32)
+                    .filter(|&g| s.groups[g as usize].nodes.nodes_with_at_least(8) >= nodes)
+                    .min_by_key(|&g| tenant_key(&s, &d, g, 1_000_000));
+                let plan = s.plan_for(&f, &gang, Policy::CheapestAfterSubsidy, None, Some(&d));
+                prop_assert_eq!(plan, best.map(|group| Plan::Gang { group }));
+
+                let tflops = 600 * 16;
+                let elastic = Shape::Elastic { tflops, min_chunk_tflops: 1 };
+                let mut order: Vec<u32> = (0..s.groups.len() as u32)
+                    .filter(|&g| s.groups[g as usize].nodes.free_devices() > 0)
+                    .collect();
+                order.sort_by_key(|&g| tenant_key(&s, &d, g, u128::from(s.groups[g as usize].tflops_per_device)));
+                let mut missing = tflops;
+                let mut expected = Vec::new();
+                for g in order {
+                    if missing == 0 {
+                        break;
+                    }
+                    let group = &s.groups[g as usize];
+                    let per = u64::from(group.tflops_per_device);
+                    let devices = group.nodes.free_devices().min(missing.div_ceil(per));
+                    expected.push((g, devices));
+                    missing = missing.saturating_sub(devices * per);
+                }
+                let plan = s.plan_for(&f, &elastic, Policy::CheapestAfterSubsidy, None, Some(&d));
+                let expected = (missing == 0).then_some(Plan::Elastic { parts: expected });
+                prop_assert_eq!(plan, expected);
+            }
+        }
     }
 }

@@ -29,6 +29,7 @@ pub fn pool(id: &str, kind: PoolKind, rtt_ms: u32, groups: &[(&str, u16, u32, u6
                 price_fen_per_device_hour: price,
             })
             .collect(),
+        billing_increment_s: None,
     }
 }
 

@@ -14,7 +14,8 @@ use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 use suanli_core::engine::MAX_DURATION_MS;
 use suanli_core::{
     Catalogue, Command, Constraints, EndReason, Engine, EngineConfig, Event, GroupSpec, PoolHealth,
-    PoolKind, PoolSpec, Priority, RequestId, RequestSpec, RequestState, Shape, TenantSpec,
+    PoolKind, PoolSpec, Priority, RequestId, RequestSpec, RequestState, Shape, Subsidy,
+    SubsidyPools, TenantSpec,
 };
 
 const FLEET_MODELS: [&str; 4] = ["h100", "a800", "rtx4090", "ascend-910b"];
@@ -66,6 +67,16 @@ enum Op {
         node: u32,
         healthy: bool,
     },
+    /// A tenant's vouchers as placement sees them are set (rates of 0 are refused), by pool
+    /// kind, by one pool, or everywhere; none clears them.
+    Subsidies(Pick, Vec<(u32, SubsidyScopeOp)>),
+}
+
+#[derive(Clone, Debug)]
+enum SubsidyScopeOp {
+    All,
+    Local,
+    Pool(Pick),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -202,6 +213,7 @@ fn pools() -> impl Strategy<Value = Vec<PoolSpec>> {
                 rtt_ms,
                 data_zone: zone.into(),
                 groups,
+                billing_increment_s: None,
             })
             .collect()
     })
@@ -305,6 +317,7 @@ fn submit_op() -> impl Strategy<Value = SubmitOp> {
     let policy = prop::option::of(select(
         &[
             suanli_core::Policy::Cheapest,
+            suanli_core::Policy::CheapestAfterSubsidy,
             suanli_core::Policy::LowestLatency,
             suanli_core::Policy::BestFit,
         ][..],
@@ -420,7 +433,19 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (pick_strategy(), 0u32..4, 0u32..8, prop::bool::weighted(0.4)).prop_map(
             |(pool, group, node, healthy)| Op::Node { pool, group, node, healthy }
         ),
+        2 => (pick_strategy(), prop::collection::vec(subsidy_term(), 0..=2))
+            .prop_map(|(tenant, terms)| Op::Subsidies(tenant, terms)),
     ]
+}
+
+fn subsidy_term() -> impl Strategy<Value = (u32, SubsidyScopeOp)> {
+    let rate = prop_oneof![1 => Just(0u32), 8 => 1u32..=10_000, 1 => Just(10_000u32)];
+    let scope = prop_oneof![
+        Just(SubsidyScopeOp::All),
+        Just(SubsidyScopeOp::Local),
+        pick_strategy().prop_map(SubsidyScopeOp::Pool),
+    ];
+    (rate, scope)
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -613,6 +638,25 @@ impl Run {
                 group: *group,
                 node: *node,
                 healthy: *healthy,
+            },
+            Op::Subsidies(tenant, terms) => Command::SetSubsidies {
+                tenant: pick(tenant, &self.tenants)
+                    .map_or_else(|| "ghost".to_string(), |t| t.name.clone()),
+                subsidies: terms
+                    .iter()
+                    .map(|(rate_bp, scope)| Subsidy {
+                        rate_bp: *rate_bp,
+                        pools: match scope {
+                            SubsidyScopeOp::All => SubsidyPools::All,
+                            SubsidyScopeOp::Local => SubsidyPools::Kinds(
+                                [PoolKind::LocalCentre, PoolKind::LocalCloud].into(),
+                            ),
+                            SubsidyScopeOp::Pool(p) => {
+                                SubsidyPools::Pools([self.pool_id(p)].into())
+                            }
+                        },
+                    })
+                    .collect(),
             },
         }
     }

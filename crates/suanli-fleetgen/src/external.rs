@@ -59,6 +59,8 @@ impl ExternalMarket {
             region: region.id,
             rtt_ms,
             data_zone,
+            // External compute centres sell by the started hour.
+            billing_increment_s: Some(3_600),
             groups,
         }
     }

@@ -88,6 +88,8 @@ pub(crate) struct Pool {
     pub region: &'static str,
     pub rtt_ms: u32,
     pub data_zone: DataZone,
+    /// Running time is billed rounded up to this many seconds; `None` bills to the ms.
+    pub billing_increment_s: Option<u32>,
     pub groups: Vec<Group>,
 }
 
@@ -192,7 +194,9 @@ const UNITS: &[&str] = &[
     "Units: rtt_ms = network round trip from Futian in whole milliseconds;",
     "price_fen_per_device_hour = fen (0.01 CNY) per device-hour; capacity is counted in",
     "P = 1000 TFLOPS of dense FP16 at rated peak: nodes * devices_per_node * fp16_dense_tflops",
-    "(per device, from deploy/catalogue.toml).",
+    "(per device, from deploy/catalogue.toml); billing_increment_s = a lease's running time",
+    "is billed rounded up to this many seconds (the district's pools per started minute,",
+    "external pools per started hour).",
 ];
 
 fn push_comment(out: &mut String, line: &str) {
@@ -214,6 +218,9 @@ pub(crate) fn render_pool(pool: &Pool, out: &mut String) {
     writeln!(out, "region = {}", toml_string(pool.region)).unwrap();
     writeln!(out, "rtt_ms = {}", pool.rtt_ms).unwrap();
     writeln!(out, "data_zone = \"{}\"", pool.data_zone.as_str()).unwrap();
+    if let Some(s) = pool.billing_increment_s {
+        writeln!(out, "billing_increment_s = {s}").unwrap();
+    }
     for group in &pool.groups {
         writeln!(out, "\n[[pool.group]]").unwrap();
         writeln!(out, "model = {}", toml_string(group.model)).unwrap();

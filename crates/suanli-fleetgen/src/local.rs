@@ -5,6 +5,9 @@ use crate::fleet::{DataZone, Group, Interconnect, Pool, PoolKind};
 
 const SHENZHEN: &str = "guangdong-shenzhen";
 
+/// The district's own pools bill per started minute.
+const PER_STARTED_MINUTE: u32 = 60;
+
 /// The three local pools as of the end of 2024: about 3036P in the compute centre, 778P and
 /// 293P in the two cloud platforms.
 pub(crate) fn pools_2024() -> Vec<Pool> {
@@ -16,6 +19,7 @@ pub(crate) fn pools_2024() -> Vec<Pool> {
             region: SHENZHEN,
             rtt_ms: 1,
             data_zone: DataZone::Mainland,
+            billing_increment_s: Some(PER_STARTED_MINUTE),
             groups: vec![
                 eight_per_node("ascend-910b", 1000, Interconnect::Hccs, 700),
                 eight_per_node("h800", 40, Interconnect::Nvlink, 1400),
@@ -29,6 +33,7 @@ pub(crate) fn pools_2024() -> Vec<Pool> {
             region: SHENZHEN,
             rtt_ms: 2,
             data_zone: DataZone::Mainland,
+            billing_increment_s: Some(PER_STARTED_MINUTE),
             groups: vec![
                 eight_per_node("h800", 48, Interconnect::Nvlink, 1450),
                 eight_per_node("a800", 96, Interconnect::Nvlink, 720),
@@ -43,6 +48,7 @@ pub(crate) fn pools_2024() -> Vec<Pool> {
             // One more hop through the cross-border zone's gateway.
             rtt_ms: 3,
             data_zone: DataZone::Hetao,
+            billing_increment_s: Some(PER_STARTED_MINUTE),
             groups: vec![
                 eight_per_node("h800", 24, Interconnect::Nvlink, 1500),
                 eight_per_node("h20", 48, Interconnect::Nvlink, 500),

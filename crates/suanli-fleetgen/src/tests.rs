@@ -26,6 +26,7 @@ struct PoolEntry {
     region: String,
     rtt_ms: u32,
     data_zone: String,
+    billing_increment_s: Option<u32>,
     group: Vec<GroupEntry>,
 }
 
@@ -178,6 +179,8 @@ fn generated_text_follows_the_fleet_schema_and_matches_its_totals() {
             assert!(!pool.name.is_empty() && pool.rtt_ms >= 1, "{}", pool.id);
             assert!(pool.region.contains('-'), "{}", pool.region);
             assert!(["mainland", "hetao"].contains(&pool.data_zone.as_str()));
+            let per_started = if pool.kind == "external" { 3_600 } else { 60 };
+            assert_eq!(pool.billing_increment_s, Some(per_started), "{}", pool.id);
             assert!(!pool.group.is_empty(), "{}", pool.id);
             for group in &pool.group {
                 assert!((1..=16).contains(&group.devices_per_node));

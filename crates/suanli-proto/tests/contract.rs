@@ -94,6 +94,7 @@ fn operator_service_has_its_methods() {
             "SetBudget",
             "GetStatement",
             "GetSubsidyReport",
+            "SetSubsidyBudget",
         ]
     );
 }
@@ -282,6 +283,7 @@ fn placed_request() -> Request {
                     node,
                     devices: 8,
                     price_fen_per_device_hour: 2500,
+                    billing_increment_s: Some(60),
                 })
                 .collect(),
             running_since_unix_ms: Some(1_767_000_000_200),

@@ -11,8 +11,12 @@
 //! time (placement to end: the simulator confirms every lease at once) and its parts, one per
 //! node group, at the group's price per device-hour from the fleet file. The simulator never
 //! changes a price, so that is the price the engine fixed at placement (the engine's lease
-//! carries only the total price per hour; the per-part prices come from the layout). Fleet
-//! files have no billing increment: leases are billed to the millisecond.
+//! carries only the total price per hour; the per-part prices come from the layout), with the
+//! pool's billing increment from the fleet file.
+//!
+//! The vouchers' rates and scopes are also given to the engine, and taken back when a voucher
+//! runs out, so that the placement policy "cheapest after subsidy" ranks pools by what each
+//! tenant pays there.
 //!
 //! Settling applies the functions a ledger settlement is made of, [`charge_lease`] and
 //! [`allocate`], to the vouchers kept here, and adds up the bills; it does not append to a
@@ -238,6 +242,9 @@ pub struct Billing {
     leases: u64,
     open_at_end: u64,
     error: Option<BillingError>,
+    /// Tenants whose voucher ran out since [`Billing::take_exhausted`] was last called, so the
+    /// run can tell placement they no longer have it.
+    exhausted: Vec<String>,
 }
 
 /// A run's billing figures, exact in fen.
@@ -279,7 +286,7 @@ impl Billing {
                     price_per_device_hour: Fen(
                         i64::try_from(g.price_fen_per_device_hour).unwrap_or(-1)
                     ),
-                    billing_increment_ms: None,
+                    billing_increment_ms: g.billing_increment_ms,
                 })
                 .collect();
         Billing {
@@ -301,6 +308,7 @@ impl Billing {
             leases: 0,
             open_at_end: 0,
             error: None,
+            exhausted: Vec::new(),
         }
     }
 
@@ -343,6 +351,11 @@ impl Billing {
         }
         self.policy = Some(policy.clone());
         Ok(())
+    }
+
+    /// Tenants whose voucher ran out since the last call.
+    pub fn take_exhausted(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.exhausted)
     }
 
     /// The policy the vouchers were issued under.
@@ -443,6 +456,9 @@ impl Billing {
             // `allocate` never pays beyond the remaining balance, so this cannot overflow.
             let v = &mut self.vouchers[i];
             v.used = v.used.checked_add(subsidy, "voucher used")?;
+            if subsidy.is_positive() && !v.remaining().is_positive() {
+                self.exhausted.push(v.spec.tenant.clone());
+            }
         }
         self.cost = cost;
         self.subsidy = total_subsidy;
@@ -602,7 +618,7 @@ mod tests {
                             devices,
                             tflops: devices * group.device_tflops,
                             price_per_device_hour: Fen(group.price_fen_per_device_hour as i64),
-                            billing_increment_ms: None,
+                            billing_increment_ms: group.billing_increment_ms,
                         }
                     })
                     .collect(),

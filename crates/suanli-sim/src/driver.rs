@@ -104,6 +104,14 @@ impl Driver {
             self.placed = placed;
             self.placed.clear();
         }
+        // Placement stops counting on a voucher the moment it runs out.
+        for tenant in self.recorder.take_exhausted_vouchers() {
+            let clear = Command::SetSubsidies {
+                tenant,
+                subsidies: Vec::new(),
+            };
+            self.apply_one(clear, now);
+        }
         Applied {
             rejected: applied.rejected,
             queued,

@@ -17,6 +17,8 @@ pub struct GroupInfo {
     /// Price of one device for one hour, in fen, from the fleet file. The simulator never
     /// changes a pool's prices, so this is also the price the engine fixes at placement.
     pub price_fen_per_device_hour: u64,
+    /// Its pool's billing increment in ms, from the fleet file; `None` bills to the ms.
+    pub billing_increment_ms: Option<u64>,
 }
 
 /// Indexes over a fleet.
@@ -89,6 +91,7 @@ impl Layout {
                     model,
                     device_tflops,
                     price_fen_per_device_hour: g.price_fen_per_device_hour,
+                    billing_increment_ms: pool.billing_increment_s.map(|s| u64::from(s) * 1_000),
                 });
             }
             layout.pool_capacity.push(capacity);

@@ -231,6 +231,16 @@ impl Recorder {
         &self.layout
     }
 
+    /// The run's accounts.
+    pub fn billing(&self) -> &Billing {
+        &self.billing
+    }
+
+    /// Tenants whose voucher ran out since the last call.
+    pub fn take_exhausted_vouchers(&mut self) -> Vec<String> {
+        self.billing.take_exhausted()
+    }
+
     /// Issues every tenant its voucher under `policy` at `now`, before the first lease.
     pub fn open_subsidy(
         &mut self,

@@ -140,6 +140,24 @@ pub fn simulate(
         driver
             .recorder_mut()
             .open_subsidy(policy, &tenants, first)?;
+        // Placement sees each voucher's rate and scope: the policy "cheapest after subsidy"
+        // ranks pools by what the tenant pays there.
+        let vouchers = driver.recorder_mut().billing().vouchers().to_vec();
+        for v in vouchers {
+            let set = Command::SetSubsidies {
+                tenant: v.spec.tenant.clone(),
+                subsidies: vec![v.as_subsidy()],
+            };
+            if driver.apply(set, first).rejected {
+                return Err(SimError::option(
+                    "subsidy",
+                    format!(
+                        "the engine refused the subsidy of tenant {:?}",
+                        v.spec.tenant
+                    ),
+                ));
+            }
+        }
     }
     if let Some(f) = config.failures {
         for p in 0..fleet.pools.len() as u32 {

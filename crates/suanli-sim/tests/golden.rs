@@ -4,8 +4,12 @@
 //!
 //! The run: Philly on futian-2024, each GPU 312 TFLOPS, jobs 8 times as large (up to 384
 //! devices) arriving 2 times as fast, seed 1, so that large gangs queue.
+//!
+//! The costs moved once, deliberately, when the fleet files gained billing increments (the
+//! district's pools per started minute, external pools per started hour): same decisions,
+//! about 2% more charged.
 
-use suanli_core::Catalogue;
+use suanli_core::{Catalogue, Policy};
 use suanli_sim::accounts::Fen;
 use suanli_sim::{RequestRule, SimConfig, SubsidyPolicy, Workload, fleet_by_name, simulate};
 
@@ -45,7 +49,7 @@ fn philly_on_futian_2024_golden_figures() {
         got,
         "jobs 15000 completed 15000 unserved 0 offered 2765.0P utilisation 0.1598 wait mean 4230.8s \
          p50 0.0s p99 97799.0s jct mean 79184.6s slowdown 5.139 jain 0.8420 fragmentation 0.9807 \
-         cost 39588221"
+         cost 40342074"
     );
 }
 
@@ -85,8 +89,61 @@ fn philly_on_futian_2024_golden_subsidy() {
     );
     assert_eq!(
         got,
-        "leases 15000 cost 3958822135 subsidy 238959210 tenants paid 3719862925 local_centre \
-         1915447.54 local_cloud 474144.56 external 0.00 vouchers 136 exhausted 2"
+        "leases 15000 cost 4034207356 subsidy 239301390 tenants paid 3794905966 local_centre \
+         1917947.39 local_cloud 475066.51 external 0.00 vouchers 136 exhausted 2"
     );
     assert_eq!(s.cost_fen, s.subsidy_fen + s.tenant_paid_fen);
+}
+
+/// With a voucher that pays half on the district's own pools, the policy "cheapest after
+/// subsidy" sends work where tenants pay least after it: more of it runs on the local pools,
+/// the vouchers pay more, and tenants pay less than under plain "cheapest", whose ranking
+/// ignores the voucher.
+#[test]
+fn cheapest_after_subsidy_moves_work_to_the_subsidised_pools() {
+    let catalogue = Catalogue::builtin();
+    let fleet = fleet_by_name("futian-2024", &catalogue).unwrap();
+    let run = |policy: Policy| {
+        let workload = Workload::by_name("philly", 1, &catalogue, false).unwrap();
+        let config = SimConfig {
+            rule: RequestRule {
+                load_factor: 2.0,
+                size_factor: 8.0,
+                ..RequestRule::default()
+            },
+            policy,
+            subsidy: Some(SubsidyPolicy::parse("50%@local").unwrap()),
+            ..SimConfig::default()
+        };
+        simulate(&fleet, &catalogue, workload, &config)
+            .unwrap()
+            .summary
+    };
+    let plain = run(Policy::Cheapest);
+    let aware = run(Policy::CheapestAfterSubsidy);
+    assert_eq!(aware.completed, plain.completed);
+    assert!(
+        aware.utilisation_local > plain.utilisation_local,
+        "local utilisation {} vs {}",
+        aware.utilisation_local,
+        plain.utilisation_local
+    );
+    assert!(aware.subsidy_fen > plain.subsidy_fen);
+    assert!(
+        aware.tenant_paid_fen < plain.tenant_paid_fen,
+        "tenants paid {} vs {}",
+        aware.tenant_paid_fen,
+        plain.tenant_paid_fen
+    );
+    eprintln!(
+        "local utilisation {:.4} -> {:.4}, subsidy {} -> {}, tenants paid {} -> {}, wait mean {:.0}s -> {:.0}s",
+        plain.utilisation_local,
+        aware.utilisation_local,
+        plain.subsidy_fen,
+        aware.subsidy_fen,
+        plain.tenant_paid_fen,
+        aware.tenant_paid_fen,
+        plain.wait_mean_s,
+        aware.wait_mean_s
+    );
 }

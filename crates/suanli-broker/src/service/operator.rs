@@ -252,6 +252,30 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    #[instrument(skip_all, fields(rpc = "SetSubsidyBudget"))]
+    async fn set_subsidy_budget(
+        &self,
+        req: Request<pb::SetSubsidyBudgetRequest>,
+    ) -> Result<Response<pb::SetSubsidyBudgetResponse>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id)?;
+        let monthly = req.monthly_fen.map(suanli_billing::Fen);
+        self.0
+            .writer
+            .billing(BillingOp::SetSubsidyBudget { monthly }, key)
+            .await?;
+        let monthly = self
+            .0
+            .writer
+            .read_ledger(|l| l.subsidy_budget_monthly())
+            .await?;
+        Ok(Response::new(pb::SetSubsidyBudgetResponse {
+            monthly_fen: monthly.map(|f| f.0),
+        }))
+    }
+
     #[instrument(skip_all, fields(rpc = "GetStatement"))]
     async fn get_statement(
         &self,

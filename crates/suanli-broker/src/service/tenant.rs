@@ -270,6 +270,7 @@ impl TenantService for TenantApi {
                     node: 0,
                     devices: x.devices as u32,
                     price_fen_per_device_hour: 0,
+                    billing_increment_s: None,
                 })
                 .collect();
             out.tflops = p.tflops;

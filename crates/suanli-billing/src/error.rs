@@ -124,6 +124,19 @@ pub enum BillingError {
         /// The lease.
         lease: LeaseId,
     },
+    /// The lease ended in a month the ledger has closed by compaction: whether it was settled
+    /// before is forgotten, so settling it now could charge it twice.
+    #[error(
+        "lease {lease} ended in {month}, a closed month (the ledger was compacted before {closed_before}); it cannot be settled any more"
+    )]
+    LeaseInClosedMonth {
+        /// The lease.
+        lease: LeaseId,
+        /// The month in which it ended.
+        month: crate::month::Month,
+        /// Months before this one are closed.
+        closed_before: crate::month::Month,
+    },
     /// The lease is already settled, so it can no longer be held against a budget.
     #[error("lease {lease} is already settled")]
     AlreadySettled {

@@ -9,6 +9,36 @@
 //!
 //! A ledger serialises as its entries alone and deserialises by replaying them.
 //!
+//! # Compaction
+//! A ledger keeps every settlement, so it grows with every lease. [`Ledger::compact`] closes
+//! the months strictly before a given month (China Standard Time) and folds them:
+//! - **What belongs to a month**: a lease belongs, whole, to the month in which it **ended**
+//!   (a settlement batch is never split); an adjustment to the month it was made in. Vouchers,
+//!   budgets, tenant accounts and open holds belong to no month and are kept whole (a hold is
+//!   open until its lease settles, whenever that is).
+//! - **What is kept of a closed month**: per tenant and month, what its statement and the
+//!   subsidy report need ([`ClosedMonth`]: lease count, usage lines, cost, subsidy, what each
+//!   voucher and each pool kind paid), and every adjustment as a line (statements list them).
+//!   The settlements of closed months and all entries so far are dropped. Every query
+//!   (statements, the subsidy report, voucher balances, totals, budgets, tenant accounts)
+//!   answers exactly as before; `settlements()` and `settlement()` know only open months.
+//! - **Idempotency after compaction**: a closed month's lease ids are forgotten, so a repeat of
+//!   their settlement could not be recognised. Settling a lease that **ended in a closed month**
+//!   is therefore refused with [`BillingError::LeaseInClosedMonth`]; callers close only months
+//!   they no longer settle into. A lease id must not be reused for a lease ending later (the
+//!   broker makes every id unique): the ledger cannot tell. Adjustments may still be made at any
+//!   time; one dated in a closed month counts there.
+//! - **Serialised form**: the entries so far are replaced by one [`EntryKind::Compacted`]
+//!   entry: a [`Checkpoint`] of the whole state, closed months folded, open months'
+//!   settlements whole. It takes the sequence number of the last entry it replaces and stands
+//!   for the entries `0..=seq`, so sequence numbers stay continuous and later entries number
+//!   exactly as without compaction: `next_seq()` is unchanged by it and `entries_from(seq)`
+//!   counts from it (a log stores it in place of the entries it replaces). `apply` installs
+//!   it: at the start of a log after checking it is consistent in itself (sums, voucher
+//!   balances, charges recomputed from usage), after other entries only if it is exactly what
+//!   compacting them gives. The other entry kinds are unchanged, so logs written before
+//!   compaction existed replay as they did.
+//!
 //! Settling one lease appends, in one batch: the lease charge, one voucher debit per voucher
 //! and lease part that pays, and the tenant's amount due. The broker must write a batch
 //! atomically; a log cut inside a batch is refused on replay.
@@ -24,6 +54,10 @@ use crate::error::{BillingError, BudgetPeriodLabel};
 use crate::money::Fen;
 use crate::month::Month;
 use crate::voucher::{Voucher, VoucherId, VoucherShare, VoucherSpec, allocate};
+
+mod compact;
+
+pub use compact::{Checkpoint, ClosedBooks, ClosedMonth, CompactOutcome, FoldedAdjustment};
 
 /// One entry of the ledger.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,6 +143,13 @@ pub enum EntryKind {
         /// The lease.
         lease: LeaseId,
     },
+    /// The ledger was compacted: this entry stands for itself and every entry before it
+    /// (sequence numbers `0..=seq`; it takes the last one's number) and carries the state they
+    /// added up to, the closed months folded. See "Compaction" in the module docs.
+    Compacted {
+        /// The state at this entry.
+        checkpoint: Box<Checkpoint>,
+    },
 }
 
 /// A lease's charge shared between vouchers and the tenant: a settlement, or a quote.
@@ -171,7 +212,7 @@ pub struct SettleOutcome {
 }
 
 /// What a tenant has spent and holds, for budgets.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TenantAccount {
     /// The budget, if any.
     pub budget: Option<Budget>,
@@ -184,7 +225,7 @@ pub struct TenantAccount {
 }
 
 /// An open hold on a tenant's budget.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Hold {
     /// The tenant.
     pub tenant: String,
@@ -193,7 +234,7 @@ pub struct Hold {
 }
 
 /// Sums over the whole ledger: charges = voucher debits + tenant dues, always.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LedgerTotals {
     /// Sum of lease charges.
     pub charges: Fen,
@@ -221,6 +262,8 @@ pub struct Ledger {
     holds: BTreeMap<LeaseId, Hold>,
     subsidy_budget_monthly: Option<Fen>,
     totals: LedgerTotals,
+    /// The closed months, once the ledger was compacted.
+    closed: Option<ClosedBooks>,
 }
 
 impl Ledger {
@@ -246,20 +289,26 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// All entries, in order.
+    /// All entries, in order. After compaction the first is the [`EntryKind::Compacted`]
+    /// checkpoint, which stands for the entries before it.
     pub fn entries(&self) -> &[LedgerEntry] {
         &self.entries
     }
 
     /// Entries from sequence number `seq` on: what an operation appended, for the durable log.
+    /// After compaction a `seq` the checkpoint replaced gives the checkpoint and all after it.
     pub fn entries_from(&self, seq: u64) -> &[LedgerEntry] {
-        let start = usize::try_from(seq).map_or(self.entries.len(), |s| s.min(self.entries.len()));
+        let first = self.entries.first().map_or(0, |e| e.seq);
+        let offset = seq.saturating_sub(first);
+        let start =
+            usize::try_from(offset).map_or(self.entries.len(), |s| s.min(self.entries.len()));
         &self.entries[start..]
     }
 
     /// Sequence number the next entry will get.
     pub fn next_seq(&self) -> u64 {
-        self.entries.len() as u64
+        // Entries are continuous from the first, which is 0 or a checkpoint's.
+        self.entries.last().map_or(0, |e| e.seq.saturating_add(1))
     }
 
     /// A voucher by id.
@@ -360,12 +409,14 @@ impl Ledger {
     /// Settles an ended lease: charges it, debits the vouchers that apply, records what the
     /// tenant owes and releases its budget hold. Idempotent by lease id: settling a lease again
     /// with the same usage returns the existing settlement and appends nothing; with different
-    /// usage it is an error.
+    /// usage it is an error. A lease that ended in a month closed by [`Ledger::compact`] is
+    /// refused ([`BillingError::LeaseInClosedMonth`]): whether it was settled is forgotten.
     pub fn settle(
         &mut self,
         usage: LeaseUsage,
         now: Millis,
     ) -> Result<SettleOutcome, BillingError> {
+        self.check_open(&usage)?;
         if let Some(existing) = self.settlements.get(&usage.lease) {
             if existing.bill.usage != usage {
                 return Err(BillingError::ConflictingSettlement { lease: usage.lease });
@@ -401,6 +452,21 @@ impl Ledger {
             settlement,
             newly_settled: true,
         })
+    }
+
+    /// Refuses a lease that ended in a closed month.
+    fn check_open(&self, usage: &LeaseUsage) -> Result<(), BillingError> {
+        if let Some(closed) = &self.closed {
+            let month = Month::containing(usage.ended_at);
+            if month < closed.before {
+                return Err(BillingError::LeaseInClosedMonth {
+                    lease: usage.lease.clone(),
+                    month,
+                    closed_before: closed.before,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Records a correction of what a tenant owes (positive) or a credit (negative).
@@ -563,10 +629,17 @@ impl Ledger {
 
     fn apply_checked(&mut self, entry: LedgerEntry) -> Result<(), BillingError> {
         let seq = entry.seq;
-        if seq != self.next_seq() {
+        // A checkpoint takes the sequence number of the last entry it replaces (so the entries
+        // after it number as they would without it); a log may start with one.
+        let expected = match (&entry.kind, self.entries.last()) {
+            (EntryKind::Compacted { .. }, None) => seq,
+            (EntryKind::Compacted { .. }, Some(last)) => last.seq,
+            _ => self.next_seq(),
+        };
+        if seq != expected {
             return Err(corrupt(
-                self.next_seq(),
-                format!("expected sequence number {}, found {seq}", self.next_seq()),
+                expected,
+                format!("expected sequence number {expected}, found {seq}"),
             ));
         }
         let in_settlement = matches!(
@@ -616,6 +689,7 @@ impl Ledger {
                 if self.settlements.contains_key(&usage.lease) {
                     return Err(corrupt(seq, format!("lease {} charged twice", usage.lease)));
                 }
+                self.check_open(usage)?;
                 let (expected_parts, expected_total) = charge_lease(usage)?;
                 if &expected_parts != parts || expected_total != *total {
                     return Err(corrupt(
@@ -815,6 +889,10 @@ impl Ledger {
                     })?;
                 self.release(&hold);
             }
+            EntryKind::Compacted { checkpoint } => {
+                // Clears the entries it replaces; it becomes the first.
+                self.apply_checkpoint(seq, checkpoint)?;
+            }
         }
         self.entries.push(entry);
         Ok(())
@@ -976,11 +1054,11 @@ mod tests {
     const DAY: Millis = 24 * HOUR;
 
     /// 2025-03-01 00:00 China Standard Time.
-    fn march() -> Millis {
+    pub(super) fn march() -> Millis {
         Month::new(2025, 3).unwrap().starts_at_ms() as Millis
     }
 
-    fn spec(
+    pub(super) fn spec(
         id: &str,
         tenant: &str,
         face: i64,
@@ -1001,7 +1079,7 @@ mod tests {
     }
 
     /// One device at ¥100.00 per hour in a local pool.
-    fn usage(lease: &str, tenant: &str, start: Millis, end: Millis) -> LeaseUsage {
+    pub(super) fn usage(lease: &str, tenant: &str, start: Millis, end: Millis) -> LeaseUsage {
         LeaseUsage {
             lease: LeaseId::new(lease),
             tenant: tenant.into(),

@@ -34,6 +34,10 @@
 //! - **Months** are calendar months in China Standard Time (UTC+8, no daylight saving). A lease
 //!   belongs, whole, to the month in which it **ended**; an adjustment to the month it was
 //!   made in.
+//! - **Compaction** ([`Ledger::compact`]) folds the months before a given month into per tenant
+//!   and month summaries and drops their settlements, so memory no longer grows with every
+//!   lease; every statement, report and balance answers as before, and a lease that ended in a
+//!   closed month can no longer be settled (see the [`ledger`] module docs).
 //! - **Budgets** limit what a tenant pays itself (after subsidy), **per month** or **in total**
 //!   (each budget says which): committed = amounts due of leases ended in the period +
 //!   adjustments in it + holds on leases not yet settled; a new lease is refused when
@@ -134,8 +138,8 @@ pub use budget::{Budget, BudgetPeriod};
 pub use charge::{LeaseId, LeasePart, LeaseUsage, PartCharge, charge_lease};
 pub use error::{BillingError, BudgetPeriodLabel};
 pub use ledger::{
-    Bill, EntryKind, Hold, Ledger, LedgerEntry, LedgerTotals, SettleOutcome, Settlement,
-    TenantAccount,
+    Bill, Checkpoint, ClosedBooks, ClosedMonth, CompactOutcome, EntryKind, FoldedAdjustment, Hold,
+    Ledger, LedgerEntry, LedgerTotals, SettleOutcome, Settlement, TenantAccount,
 };
 pub use money::Fen;
 pub use month::Month;

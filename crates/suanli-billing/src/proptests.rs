@@ -9,6 +9,9 @@
 //! - settling again returns the same settlement and appends nothing;
 //! - replaying the entries (directly and through serde) gives the same ledger;
 //! - statements and the subsidy report add up to the ledger's totals;
+//! - compacting at any month changes no answer (statements, subsidy report, voucher balances,
+//!   totals, budgets, accounts), nor do the same operations applied after it; compacting again
+//!   or earlier changes nothing; a compacted ledger replays and round-trips through serde;
 //! - extreme or invalid input is refused or handled, never a panic, and leaves a consistent
 //!   ledger.
 
@@ -19,9 +22,11 @@ use suanli_core::{Millis, PoolKind};
 
 use crate::budget::Budget;
 use crate::charge::{LeaseId, LeasePart, LeaseUsage, MS_PER_HOUR};
-use crate::ledger::{EntryKind, Ledger};
+use crate::error::BillingError;
+use crate::ledger::{EntryKind, Hold, Ledger, LedgerTotals, SettleOutcome, TenantAccount};
 use crate::money::Fen;
 use crate::month::Month;
+use crate::statement::{SubsidyReport, TenantStatement, VoucherBalance};
 use crate::voucher::{FULL_RATE_BP, VoucherId, VoucherScope, VoucherSpec};
 
 const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
@@ -142,8 +147,41 @@ fn expected_part_charge(part: &LeasePart, running: Millis) -> i64 {
     ((2 * n + d) / (2 * d)) as i64
 }
 
+/// The lease a `Settle` operation at index `i` settles.
+fn lease_usage(
+    tenant: usize,
+    start: Millis,
+    running: Millis,
+    parts: &[(usize, usize, u64, i64, u8)],
+    i: usize,
+) -> LeaseUsage {
+    LeaseUsage {
+        lease: LeaseId::new(format!("r{i}")),
+        tenant: TENANTS[tenant].into(),
+        started_at: T0 + start,
+        ended_at: T0 + start + running,
+        parts: parts
+            .iter()
+            .map(|&(pool, model, devices, price, inc)| LeasePart {
+                pool: POOLS[pool].0.into(),
+                pool_kind: POOLS[pool].1,
+                model: MODELS[model].0.into(),
+                devices,
+                tflops: devices * MODELS[model].1,
+                price_per_device_hour: Fen(price),
+                billing_increment_ms: increment(inc),
+            })
+            .collect(),
+    }
+}
+
 /// Runs the operations, checking what holds after each step; returns the ledger.
 fn run(ops: &[Op]) -> Result<Ledger, TestCaseError> {
+    Ok(run_settling(ops)?.0)
+}
+
+/// [`run`], also returning the usage of every lease settled, in order.
+fn run_settling(ops: &[Op]) -> Result<(Ledger, Vec<LeaseUsage>), TestCaseError> {
     let mut ledger = Ledger::new();
     let mut settled: Vec<LeaseUsage> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
@@ -176,24 +214,7 @@ fn run(ops: &[Op]) -> Result<Ledger, TestCaseError> {
                 running,
                 parts,
             } => {
-                let usage = LeaseUsage {
-                    lease: LeaseId::new(format!("r{i}")),
-                    tenant: TENANTS[tenant].into(),
-                    started_at: T0 + start,
-                    ended_at: T0 + start + running,
-                    parts: parts
-                        .iter()
-                        .map(|&(pool, model, devices, price, inc)| LeasePart {
-                            pool: POOLS[pool].0.into(),
-                            pool_kind: POOLS[pool].1,
-                            model: MODELS[model].0.into(),
-                            devices,
-                            tflops: devices * MODELS[model].1,
-                            price_per_device_hour: Fen(price),
-                            billing_increment_ms: increment(inc),
-                        })
-                        .collect(),
-                };
+                let usage = lease_usage(tenant, start, running, &parts, i);
                 let quote = ledger.quote(&usage).unwrap();
                 let before = ledger.next_seq();
                 let outcome = ledger.settle(usage.clone(), now).unwrap();
@@ -267,7 +288,7 @@ fn run(ops: &[Op]) -> Result<Ledger, TestCaseError> {
         }
         check_invariants(&ledger)?;
     }
-    Ok(ledger)
+    Ok((ledger, settled))
 }
 
 fn check_invariants(ledger: &Ledger) -> Result<(), TestCaseError> {
@@ -583,4 +604,241 @@ fn check_invariants_without_recomputing(ledger: &Ledger) -> Result<(), TestCaseE
         }
     }
     Ok(())
+}
+
+/// Everything a caller can ask a ledger, over the months the operations reach, for comparing a
+/// compacted ledger with the same ledger uncompacted.
+#[derive(Debug, PartialEq)]
+struct Answers {
+    statements: Vec<Result<TenantStatement, BillingError>>,
+    csv: Vec<String>,
+    report: Result<SubsidyReport, BillingError>,
+    balances: Vec<VoucherBalance>,
+    totals: LedgerTotals,
+    accounts: Vec<Option<TenantAccount>>,
+    probes: Vec<Result<(), BillingError>>,
+    subsidy_budget: Option<Fen>,
+    holds: Vec<Option<Hold>>,
+}
+
+/// The first and last month the operations reach (leases end up to about 65 days after T0).
+fn reach() -> (Month, Month) {
+    (Month::containing(T0), Month::containing(T0 + 120 * DAY))
+}
+
+fn answers(ledger: &Ledger) -> Answers {
+    let (first, last) = reach();
+    let mut statements = Vec::new();
+    let mut csv = Vec::new();
+    for tenant in TENANTS {
+        let mut month = first;
+        while month <= last {
+            let s = ledger.tenant_statement(tenant, month);
+            if let Ok(s) = &s {
+                csv.push(s.summary_csv());
+                csv.push(s.vouchers_csv());
+            }
+            statements.push(s);
+            month = month.next();
+        }
+    }
+    let report = ledger.subsidy_report(first, last);
+    if let Ok(r) = &report {
+        csv.push(r.to_csv());
+    }
+    let mut probes = Vec::new();
+    for tenant in TENANTS {
+        for at in [T0, T0 + 15 * DAY, T0 + 45 * DAY, T0 + 75 * DAY] {
+            for amount in [0, 50_000, 2_000_000] {
+                probes.push(ledger.would_exceed(tenant, Fen(amount), at));
+            }
+        }
+    }
+    Answers {
+        statements,
+        csv,
+        report,
+        balances: ledger.voucher_balances(None),
+        totals: ledger.totals(),
+        accounts: TENANTS.iter().map(|t| ledger.tenant(t).cloned()).collect(),
+        probes,
+        subsidy_budget: ledger.subsidy_budget_monthly(),
+        // Hold ids are `h{i}` for operation indices below 90.
+        holds: (0..90)
+            .map(|i| ledger.hold(&LeaseId::new(format!("h{i}"))).cloned())
+            .collect(),
+    }
+}
+
+/// What an operation answered, for comparing two ledgers given the same operation.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Done(Result<(), BillingError>),
+    Settled(Result<SettleOutcome, BillingError>),
+    Held(Result<(), BillingError>, Option<Result<(), BillingError>>),
+}
+
+/// The lease a `Settle` or `Resettle` at index `i` names, if any.
+fn named_lease(op: &Op, i: usize, settled: &[LeaseUsage]) -> Option<LeaseUsage> {
+    match op {
+        Op::Settle {
+            tenant,
+            start,
+            running,
+            parts,
+        } => Some(lease_usage(*tenant, *start, *running, parts, i)),
+        Op::Resettle(pick) if !settled.is_empty() => Some(settled[pick % settled.len()].clone()),
+        _ => None,
+    }
+}
+
+/// Performs one operation at index `i` and time `now`, whatever it answers.
+fn perform(
+    ledger: &mut Ledger,
+    op: &Op,
+    i: usize,
+    now: Millis,
+    lease: Option<LeaseUsage>,
+) -> Answer {
+    match op.clone() {
+        Op::Issue {
+            tenant,
+            face,
+            rate_bp,
+            cap,
+            scope: code,
+            from,
+            length,
+        } => Answer::Done(ledger.issue_voucher(
+            VoucherSpec {
+                id: VoucherId::new(format!("v{i}")),
+                tenant: TENANTS[tenant].into(),
+                face_value: Fen(face),
+                rate_bp,
+                per_lease_cap: cap.map(Fen),
+                scope: scope(code),
+                valid_from: T0 + from,
+                valid_until: T0 + from + length,
+            },
+            now,
+        )),
+        Op::Settle { .. } | Op::Resettle(_) => match lease {
+            Some(usage) => Answer::Settled(ledger.settle(usage, now)),
+            None => Answer::Done(Ok(())),
+        },
+        Op::Budget {
+            tenant,
+            limit,
+            monthly,
+        } => {
+            let budget = if monthly {
+                Budget::monthly(Fen(limit))
+            } else {
+                Budget::total(Fen(limit))
+            };
+            Answer::Done(ledger.set_budget(TENANTS[tenant], Some(budget), now))
+        }
+        Op::Hold { tenant, amount } => {
+            let fits = ledger.would_exceed(TENANTS[tenant], Fen(amount), now);
+            let placed = fits.is_ok().then(|| {
+                ledger.place_hold(
+                    LeaseId::new(format!("h{i}")),
+                    TENANTS[tenant],
+                    Fen(amount),
+                    now,
+                )
+            });
+            Answer::Held(fits, placed)
+        }
+        Op::Adjust { tenant, amount } => {
+            Answer::Done(ledger.adjust(TENANTS[tenant], Fen(amount), "correction", now))
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Compaction changes no answer, now or after further operations, and is stable.
+    #[test]
+    fn compaction_changes_no_answer(
+        ops in proptest::collection::vec(op(), 1..60),
+        cut in 0u8..5,
+        more in proptest::collection::vec(op(), 0..30),
+    ) {
+        let (mut full, mut settled) = run_settling(&ops)?;
+        let mut cut_month = Month::containing(T0);
+        for _ in 0..cut {
+            cut_month = cut_month.next();
+        }
+        let mut compacted = full.clone();
+        let outcome = compacted.compact(cut_month, T0 + 200 * DAY).unwrap();
+        // A ledger without entries has nothing to fold and closes nothing.
+        let closed = compacted.closed_before();
+        prop_assert_eq!(outcome.compacted, !full.entries().is_empty());
+        prop_assert_eq!(closed, outcome.compacted.then_some(cut_month));
+        prop_assert_eq!(compacted.next_seq(), full.next_seq());
+        prop_assert_eq!(compacted.entries().len(), full.entries().len().min(1));
+        prop_assert!(compacted.settlements().all(|s| !Month::containing(s.bill.usage.ended_at).lt(&cut_month)));
+        prop_assert_eq!(answers(&compacted), answers(&full));
+
+        // Again, or earlier: nothing changes.
+        let once = compacted.clone();
+        for month in [cut_month, Month::containing(T0), Month::containing(0)] {
+            prop_assert!(!compacted.compact(month, T0 + 201 * DAY).unwrap().compacted);
+            prop_assert_eq!(&compacted, &once);
+        }
+        // It replays alone, after the entries it replaced, and through serde.
+        prop_assert_eq!(&Ledger::from_entries(compacted.entries().to_vec()).unwrap(), &compacted);
+        let mut log = full.entries().to_vec();
+        log.extend(compacted.entries().iter().cloned());
+        prop_assert_eq!(&Ledger::from_entries(log).unwrap(), &compacted);
+        let json = serde_json::to_string(&compacted).unwrap();
+        let back: Ledger = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(&back, &compacted);
+        prop_assert_eq!(answers(&back), answers(&compacted));
+
+        // The same operations on both answer the same, except that the compacted ledger
+        // refuses leases of closed months (and the uncompacted one is then left alone).
+        for (k, op) in more.iter().enumerate() {
+            let i = ops.len() + k;
+            let now = T0 + (k as Millis % 3) * 30 * DAY + i as Millis;
+            let lease = named_lease(op, i, &settled);
+            if let Some(usage) = &lease {
+                let month = Month::containing(usage.ended_at);
+                if let Some(closed_before) = closed
+                    && month < closed_before
+                {
+                    let refused = compacted.settle(usage.clone(), now);
+                    let expected = Err(BillingError::LeaseInClosedMonth {
+                        lease: usage.lease.clone(),
+                        month,
+                        closed_before,
+                    });
+                    prop_assert_eq!(refused, expected);
+                    continue;
+                }
+            }
+            let a = perform(&mut full, op, i, now, lease.clone());
+            let b = perform(&mut compacted, op, i, now, lease.clone());
+            if let (Answer::Settled(Ok(outcome)), Some(usage)) = (&a, lease)
+                && outcome.newly_settled
+            {
+                settled.push(usage);
+            }
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(full.next_seq(), compacted.next_seq());
+            prop_assert_eq!(answers(&compacted), answers(&full));
+        }
+        prop_assert_eq!(&Ledger::from_entries(compacted.entries().to_vec()).unwrap(), &compacted);
+
+        // Compacting a month further: a second checkpoint on one, the first on the other.
+        let later = cut_month.next();
+        compacted.compact(later, T0 + 202 * DAY).unwrap();
+        full.compact(later, T0 + 202 * DAY).unwrap();
+        prop_assert_eq!(answers(&compacted), answers(&full));
+        let json = serde_json::to_string(&compacted).unwrap();
+        let back: Ledger = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(&back, &compacted);
+    }
 }

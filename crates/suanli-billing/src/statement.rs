@@ -7,7 +7,9 @@
 //! - P-hours count actual running time (not the billed time rounded up to an increment): they
 //!   measure compute delivered. They are exact integers of TFLOPS x ms internally and are shown
 //!   in P-hours with three decimals, rounded half up.
-//! - Statements scan the settlements; they are for reports, not for the hot path.
+//! - Statements scan the settlements; they are for reports, not for the hot path. Months a
+//!   compaction closed are read from what it kept of them ([`crate::ClosedMonth`]), so they
+//!   read the same as before.
 //!
 //! CSV: a header line, then one line per row, lines ending in `\n`; a field is quoted (with `"`
 //! doubled) when it holds a comma, a quote, a line break or leading or trailing spaces; money in
@@ -35,7 +37,7 @@ pub const POOL_KINDS: [PoolKind; 3] = [
 ];
 
 /// Usage and money of one accelerator model in one kind of pool, in one month.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct UsageLine {
     /// Accelerator model id.
     pub model: String,
@@ -200,6 +202,27 @@ impl Ledger {
         let mut used: BTreeMap<&VoucherId, (Fen, Fen)> = BTreeMap::new();
         let mut leases = 0;
         let (mut cost, mut subsidy) = (Fen::ZERO, Fen::ZERO);
+        // Closed months start the sums with what compaction kept of them.
+        let closed = self.closed_books();
+        let closed_months = closed.and_then(|c| c.tenants.get(tenant));
+        for (&m, summary) in closed_months.into_iter().flat_map(|ms| ms.range(..=month)) {
+            let in_month = m == month;
+            for (voucher, &amount) in &summary.voucher_use {
+                let entry = used.entry(voucher).or_default();
+                entry.1 = entry.1.checked_add(amount, "voucher used")?;
+                if in_month {
+                    entry.0 = entry.0.checked_add(amount, "voucher used")?;
+                }
+            }
+            if in_month {
+                leases += summary.leases;
+                cost = cost.checked_add(summary.cost, "statement cost")?;
+                subsidy = subsidy.checked_add(summary.subsidy, "statement subsidy")?;
+                for line in &summary.lines {
+                    lines.insert((line.model.clone(), line.pool_kind), line.clone());
+                }
+            }
+        }
         for settlement in self.settlements() {
             let bill = &settlement.bill;
             if bill.usage.tenant != tenant || i128::from(bill.usage.ended_at) >= next_month_start {
@@ -270,6 +293,16 @@ impl Ledger {
         }
         let mut adjustments = Vec::new();
         let mut adjustments_total = Fen::ZERO;
+        let folded = closed.into_iter().flat_map(|c| &c.adjustments);
+        for a in folded.filter(|a| a.tenant == tenant && month.contains(a.at)) {
+            adjustments_total = adjustments_total.checked_add(a.amount, "adjustments")?;
+            adjustments.push(AdjustmentLine {
+                seq: a.seq,
+                at: a.at,
+                amount: a.amount,
+                reason: a.reason.clone(),
+            });
+        }
         for entry in self.entries() {
             if let EntryKind::Adjusted {
                 tenant: t,
@@ -351,6 +384,22 @@ impl Ledger {
                 },
             );
             month = month.next();
+        }
+        // Closed months add what compaction kept of them (`range` needs `first <= last`).
+        let closed = self
+            .closed_books()
+            .into_iter()
+            .flat_map(|c| c.tenants.values());
+        let in_range = closed.filter(|_| first <= last);
+        for (m, summary) in in_range.flat_map(|by_month| by_month.range(first..=last)) {
+            let Some(row) = months.get_mut(m) else {
+                continue;
+            };
+            for (&kind, &amount) in &summary.subsidy_by_pool_kind {
+                let slot = row.by_pool_kind.entry(kind).or_default();
+                *slot = slot.checked_add(amount, "subsidy by pool kind")?;
+                row.spent = row.spent.checked_add(amount, "subsidy spent")?;
+            }
         }
         for settlement in self.settlements() {
             let bill = &settlement.bill;

@@ -553,3 +553,351 @@ async fn the_ledger_is_rebuilt_from_the_command_log_alone() {
     assert_eq!(recovered, summary.ledger);
     assert_eq!(recovered.totals(), summary.ledger.totals());
 }
+
+/// The small fleet with the local pool billing per started hour.
+fn fleet_billing_hourly_locally() -> suanli_core::Fleet {
+    let text = suanli_e2e::SMALL_FLEET.replacen(
+        "data_zone = \"mainland\"",
+        "data_zone = \"mainland\"\nbilling_increment_s = 3600",
+        1,
+    );
+    suanli_core::Fleet::from_toml(&text, &suanli_core::Catalogue::builtin()).unwrap()
+}
+
+/// A gang of one node of 8 devices, of h100 (local, ¥30) or a800 (external, ¥10), placed
+/// by what the tenant pays after its vouchers.
+fn after_subsidy(request_id: &str) -> pb::SubmitRequestRequest {
+    let spec = pb::RequestSpec {
+        constraints: Some(pb::Constraints {
+            models: vec!["h100".into(), "a800".into()],
+            ..Default::default()
+        }),
+        policy: pb::Policy::CheapestAfterSubsidy as i32,
+        ..gang(1, 8, "h100", HOUR)
+    };
+    submit(request_id, spec)
+}
+
+fn pools_of(r: &pb::Request) -> Vec<String> {
+    let mut pools: Vec<String> = r
+        .lease
+        .iter()
+        .flat_map(|l| l.parts.iter().map(|p| p.pool.clone()))
+        .collect();
+    pools.dedup();
+    pools
+}
+
+#[tokio::test]
+async fn cheapest_after_subsidy_follows_the_vouchers_and_replays_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.fleet = fleet_billing_hourly_locally();
+    config.snapshot_every = 5;
+    let broker = Broker::start(config.clone()).await;
+    let mut op = broker.operator(&broker.creds.operator.clone()).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut c = broker.tenant(&broker.tenant_token("tenant-c")).await;
+    let now = now_ms();
+    // Tenant a: 70% off the local pool now, ¥100 in all. Tenant c: the same from 1.5 s on.
+    let seventy = |id: &str, tenant: &str, from: u64| pb::VoucherSpec {
+        rate_bp: 7_000,
+        ..local_voucher(id, tenant, 100, from)
+    };
+    op.issue_voucher(issue(seventy("A-70", "tenant-a", now - HOUR)))
+        .await
+        .unwrap();
+    let c_from = now_ms() + 1_500;
+    op.issue_voucher(issue(seventy("C-70", "tenant-c", c_from)))
+        .await
+        .unwrap();
+
+    // ¥30 x 30% = ¥9 a device-hour locally for a, below the external ¥10: placement ranks by
+    // the voucher's rate; the quote pays no more than its ¥100 balance.
+    let q = a
+        .quote_request(pb::QuoteRequestRequest {
+            spec: after_subsidy("").spec,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.pools, ["near"]);
+    assert_eq!(
+        (q.estimated_cost_fen, q.estimated_due_fen),
+        (24_000, 14_000)
+    );
+    let ra = a
+        .submit_request(after_subsidy("a-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pools_of(&ra), ["near"]);
+    assert_eq!(
+        ra.lease.as_ref().unwrap().parts[0].billing_increment_s,
+        Some(3_600),
+        "the pool's increment is fixed on the lease"
+    );
+    // Plain cheapest ignores the voucher; c's voucher is not valid yet.
+    let mut plain = after_subsidy("a-plain");
+    plain.spec.as_mut().unwrap().policy = pb::Policy::Cheapest as i32;
+    let rp = a.submit_request(plain).await.unwrap().into_inner();
+    assert_eq!(pools_of(&rp), ["far"]);
+    a.release_request(pb::ReleaseRequestRequest {
+        name: rp.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    let rc = c
+        .submit_request(after_subsidy("c-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pools_of(&rc), ["far"], "c's voucher is not valid yet");
+    c.release_request(pb::ReleaseRequestRequest {
+        name: rc.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+
+    // a's lease ran well under an hour but the pool bills per started hour: ¥240, of which
+    // the voucher pays 70% = ¥168, more than its ¥100: it runs out.
+    let done = a
+        .release_request(pb::ReleaseRequestRequest {
+            name: ra.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let month = Month::containing(done.update_time_unix_ms).to_string();
+    let statement = a
+        .get_statement(pb::GetStatementRequest {
+            tenant: String::new(),
+            month: month.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(statement.leases, 2);
+    let far_hour_share = statement.cost_fen - 24_000;
+    // The external lease ran a few ms, billed to the millisecond.
+    assert!((0..8_000).contains(&far_hour_share), "{statement:?}");
+    assert_eq!(statement.subsidy_fen, 10_000, "{statement:?}");
+    // Without a voucher, a goes where the list price is lowest again.
+    let ra2 = a
+        .submit_request(after_subsidy("a-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pools_of(&ra2), ["far"], "a's voucher ran out");
+
+    // Once c's voucher is valid, c's requests go to the local pool.
+    let wait = c_from.saturating_sub(now_ms()) + 200;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let rc2 = c
+        .submit_request(after_subsidy("c-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pools_of(&rc2), ["near"], "c's voucher is valid now");
+
+    // Replay reaches the same engine (placements and what it was told of vouchers) and ledger.
+    let summary = broker.stop_summary().await;
+    assert_eq!(
+        suanli_broker::recovered_digest(&config).unwrap(),
+        summary.digest
+    );
+    assert_eq!(
+        suanli_broker::recovered_ledger(&config).unwrap(),
+        summary.ledger
+    );
+}
+
+#[tokio::test]
+async fn a_budget_holds_placed_leases_against_concurrent_submissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let broker = Broker::start(config.clone()).await;
+    let mut op = broker.operator(&broker.creds.operator.clone()).await;
+    let c = broker.tenant(&broker.tenant_token("tenant-c")).await;
+    // ¥300 a month; an hour of 8 h100 is ¥240 and two are placeable at once.
+    op.set_budget(pb::SetBudgetRequest {
+        tenant: "tenant-c".into(),
+        budget: Some(pb::Budget {
+            limit_fen: 30_000,
+            period: pb::BudgetPeriod::Monthly as i32,
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (r1, r2) = tokio::join!(
+        c1.submit_request(submit("one", gang(1, 8, "h100", HOUR))),
+        c2.submit_request(submit("two", gang(1, 8, "h100", HOUR))),
+    );
+    let (ok, refused): (Vec<_>, Vec<_>) = [r1, r2].into_iter().partition(|r| r.is_ok());
+    assert_eq!((ok.len(), refused.len()), (1, 1), "one fits, not both");
+    let refused = refused.into_iter().next().unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("¥240.00 already committed"),
+        "the placed lease is held: {}",
+        refused.message()
+    );
+    // Released after a moment, the lease is charged what it ran and its hold goes.
+    let placed = ok.into_iter().next().unwrap().unwrap().into_inner();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = c;
+    c.release_request(pb::ReleaseRequestRequest {
+        name: placed.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    c.submit_request(submit("three", gang(1, 8, "h100", HOUR)))
+        .await
+        .expect("the hold is released at settlement");
+    let summary = broker.stop_summary().await;
+    let account = summary.ledger.tenant("tenant-c").unwrap();
+    assert_eq!(account.held, Fen(24_000), "only the open lease is held");
+    assert!(account.spent_total.is_positive() && account.spent_total < Fen(100));
+}
+
+#[tokio::test]
+async fn a_requeued_lease_is_settled_and_its_next_placement_is_a_lease_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let broker = Broker::start(config.clone()).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut b = broker.tenant(&broker.tenant_token("tenant-b")).await;
+    // Spot work on both local nodes, to be requeued when preempted.
+    let spot = pb::RequestSpec {
+        priority: pb::Priority::Spot as i32,
+        requeue: true,
+        ..gang(2, 8, "h100", HOUR)
+    };
+    let rs = a
+        .submit_request(submit("spot", spot))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rs.leases, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Standard work preempts it; it goes back to the queue.
+    let rb = b
+        .submit_request(submit("std", gang(1, 8, "h100", HOUR)))
+        .await
+        .unwrap()
+        .into_inner();
+    // The next pass preempts the spot work for it.
+    let get = |name: &str| pb::GetRequestRequest { name: name.into() };
+    let mut rb = b.get_request(get(&rb.name)).await.unwrap().into_inner();
+    for _ in 0..100 {
+        if rb.lease.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        rb = b.get_request(get(&rb.name)).await.unwrap().into_inner();
+    }
+    assert_eq!(pools_of(&rb), ["near"]);
+    let requeued = a.get_request(get(&rs.name)).await.unwrap().into_inner();
+    assert_eq!(requeued.state(), pb::RequestState::Queued);
+    // Once b is done, the spot work is placed again: its second lease.
+    b.release_request(pb::ReleaseRequestRequest {
+        name: rb.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut again = a.get_request(get(&rs.name)).await.unwrap().into_inner();
+    for _ in 0..100 {
+        if again.leases == 2 && again.lease.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        again = a.get_request(get(&rs.name)).await.unwrap().into_inner();
+    }
+    assert_eq!(again.leases, 2, "{again:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let done = a
+        .release_request(pb::ReleaseRequestRequest {
+            name: rs.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let summary = broker.stop_summary().await;
+    let first = summary
+        .ledger
+        .settlement(&LeaseId::new(format!("r{}#1", rs.id)))
+        .expect("the preempted lease is settled");
+    let second = summary
+        .ledger
+        .settlement(&LeaseId::new(format!("r{}#2", rs.id)))
+        .expect("the second lease is settled");
+    for s in [first, second] {
+        assert_eq!(s.bill.usage.tenant, "tenant-a");
+        assert_eq!(s.bill.usage.parts.len(), 1);
+        assert_eq!(s.bill.usage.parts[0].devices, 16);
+        assert!(s.bill.charge.is_positive());
+    }
+    assert!(first.bill.usage.ended_at <= second.bill.usage.started_at);
+    assert_eq!(second.bill.usage, usage_from_record(&done));
+    // Replay settles both again, exactly once each.
+    assert_eq!(
+        suanli_broker::recovered_ledger(&config).unwrap(),
+        summary.ledger
+    );
+}
+
+#[tokio::test]
+async fn the_district_subsidy_budget_is_set_over_grpc_and_reported_against() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let broker = Broker::start(config.clone()).await;
+    let mut op = broker.operator(&broker.creds.operator.clone()).await;
+    let set = |monthly_fen| pb::SetSubsidyBudgetRequest {
+        monthly_fen,
+        request_id: String::new(),
+    };
+    let done = op
+        .set_subsidy_budget(set(Some(100_000_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.monthly_fen, Some(100_000_000));
+    let report = op
+        .get_subsidy_report(pb::GetSubsidyReportRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.months.len(), 1);
+    assert_eq!(report.months[0].budget_fen, Some(100_000_000));
+    assert_eq!(report.months[0].remaining_fen, Some(100_000_000));
+    let negative = op.set_subsidy_budget(set(Some(-1))).await.unwrap_err();
+    assert_eq!(negative.code(), Code::InvalidArgument);
+    assert!(negative.message().contains("monthly_fen"), "{negative:?}");
+    let mut as_tenant = broker.operator(&broker.tenant_token("tenant-a")).await;
+    let denied = as_tenant.set_subsidy_budget(set(None)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    // It is durable, and removing it is too.
+    let summary = broker.stop_summary().await;
+    assert_eq!(
+        summary.ledger.subsidy_budget_monthly(),
+        Some(Fen(100_000_000))
+    );
+    let broker = Broker::start(config.clone()).await;
+    let mut op = broker.operator(&broker.creds.operator.clone()).await;
+    let removed = op.set_subsidy_budget(set(None)).await.unwrap().into_inner();
+    assert_eq!(removed.monthly_fen, None);
+    let summary = broker.stop_summary().await;
+    assert_eq!(summary.ledger.subsidy_budget_monthly(), None);
+    assert_eq!(
+        suanli_broker::recovered_ledger(&config).unwrap(),
+        summary.ledger
+    );
+}

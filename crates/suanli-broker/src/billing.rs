@@ -27,7 +27,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use suanli_billing::{Budget, Fen, LeaseId, LeasePart, LeaseUsage, Ledger, Voucher, VoucherSpec};
+use suanli_billing::ledger::EntryKind;
+use suanli_billing::{
+    Budget, Fen, LeaseId, LeasePart, LeaseUsage, Ledger, Month, Voucher, VoucherSpec,
+};
 use suanli_core::{Command, Engine, RequestSpec, Subsidy};
 use suanli_proto::v1 as pb;
 
@@ -127,6 +130,30 @@ fn parts_of(engine: &Engine, lease: &pb::Lease) -> Vec<LeasePart> {
             }
         })
         .collect()
+}
+
+/// The month before which the ledger's months should be folded in `month`: all but `month`
+/// and the one before it, when an entry not folded yet is older than that; `None` when there
+/// is nothing to fold.
+pub fn months_to_close(ledger: &Ledger, month: Month) -> Option<Month> {
+    let last_month = Month::new(
+        if month.month() == 1 {
+            month.year() - 1
+        } else {
+            month.year()
+        },
+        if month.month() == 1 {
+            12
+        } else {
+            month.month() - 1
+        },
+    )
+    .ok()?;
+    let oldest_open = ledger
+        .entries()
+        .iter()
+        .find(|e| !matches!(e.kind, EntryKind::Compacted { .. }))?;
+    (Month::containing(oldest_open.at) < last_month).then_some(last_month)
 }
 
 /// What the engine was last told of tenants' vouchers (see [`Command::SetSubsidies`]), and
@@ -361,6 +388,46 @@ mod tests {
             suanli_billing::charge_lease(&short).unwrap().1,
             Fen(1_200),
             "12 devices x 30 yuan/h x 2 min"
+        );
+    }
+
+    #[test]
+    fn months_before_last_month_are_folded_once() {
+        let month = |y, m| Month::new(y, m).unwrap();
+        let at = |m: Month| u64::try_from(m.starts_at_ms()).unwrap() + 3_600_000;
+        let mut ledger = Ledger::new();
+        assert_eq!(
+            months_to_close(&ledger, month(2025, 3)),
+            None,
+            "nothing to fold"
+        );
+        ledger
+            .set_budget("t", Some(Budget::monthly(Fen(100))), at(month(2024, 12)))
+            .unwrap();
+        // December 2024 is last month in January: kept open.
+        assert_eq!(months_to_close(&ledger, month(2025, 1)), None);
+        // In February, December is folded: months before January.
+        assert_eq!(
+            months_to_close(&ledger, month(2025, 2)),
+            Some(month(2025, 1))
+        );
+        let outcome = ledger.compact(month(2025, 1), at(month(2025, 2))).unwrap();
+        assert!(outcome.compacted);
+        assert_eq!(
+            months_to_close(&ledger, month(2025, 2)),
+            None,
+            "folded once"
+        );
+        assert_eq!(
+            months_to_close(&ledger, month(2025, 6)),
+            None,
+            "nothing open"
+        );
+        ledger.set_budget("t", None, at(month(2025, 2))).unwrap();
+        assert_eq!(months_to_close(&ledger, month(2025, 3)), None);
+        assert_eq!(
+            months_to_close(&ledger, month(2025, 4)),
+            Some(month(2025, 3))
         );
     }
 }

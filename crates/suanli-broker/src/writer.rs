@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
-use suanli_billing::{Bill, Ledger};
+use suanli_billing::{Bill, Ledger, Month};
 use suanli_core::{Command, EndReason, Engine, Event, PoolHealth, Quote, RequestId, RequestSpec};
 use suanli_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -275,6 +275,8 @@ pub(crate) struct Writer {
     ledger: Ledger,
     /// What the engine was last told of tenants' vouchers, and when to tell it again.
     subsidies: billing::Subsidies,
+    /// When to look for closed months to fold in the ledger next: the start of next month.
+    close_months_at: u64,
 }
 
 /// Wall-clock unix milliseconds.
@@ -322,6 +324,7 @@ impl Writer {
             metrics: Arc::default(),
             ledger: Ledger::new(),
             subsidies: billing::Subsidies::default(),
+            close_months_at: 0,
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -332,7 +335,7 @@ impl Writer {
             match entry {
                 Entry::Command { now, command, key } => {
                     w.now = w.now.max(now);
-                    w.sync_subsidies(now);
+                    w.before_command(now);
                     if let Command::Submit(spec) = &command {
                         w.submitting = Some(spec.clone());
                     }
@@ -397,6 +400,7 @@ impl Writer {
         self.ledger = ledger;
         // The engine came with its subsidies; check them again before the next command.
         self.subsidies = billing::Subsidies::default();
+        self.close_months_at = 0;
         for (principal, token) in tokens {
             self.tokens.grant(principal, token);
         }
@@ -489,9 +493,42 @@ impl Writer {
         .map_err(billing::billing_error)
     }
 
+    /// What the writer derives from the ledger before each command at `now`, live and on
+    /// replay alike, from the ledger and `now` alone, so replay arrives at the same state.
+    fn before_command(&mut self, now: u64) {
+        self.close_months(now);
+        self.sync_subsidies(now);
+    }
+
+    /// At the first command of a month, folds the ledger's months before last month into its
+    /// checkpoint (see `suanli_billing::ledger`): their statements stay whole, their per-lease
+    /// detail leaves memory (it stays in the command log), so the ledger does not grow
+    /// without bound. Last month stays open. Whether anything is folded depends only on the
+    /// ledger and `now`: on whether an entry not yet folded is older than last month.
+    fn close_months(&mut self, now: u64) {
+        if now < self.close_months_at {
+            return;
+        }
+        let month = Month::containing(now);
+        self.close_months_at = u64::try_from(month.next().starts_at_ms()).unwrap_or(u64::MAX);
+        let Some(before) = billing::months_to_close(&self.ledger, month) else {
+            return;
+        };
+        match self.ledger.compact(before, now) {
+            Ok(outcome) if outcome.compacted => info!(
+                closed_before = %before,
+                leases = outcome.leases_folded,
+                entries = outcome.entries_replaced,
+                "folded closed months of the ledger into its checkpoint"
+            ),
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "could not fold closed months of the ledger"),
+        }
+    }
+
     /// Tells the engine which vouchers can pay each tenant's bills at `now` when that may
-    /// have changed. Called before every command, live and on replay alike, so placement
-    /// under "cheapest after subsidy" decides the same both times (see [`billing::Subsidies`]).
+    /// have changed, so placement under "cheapest after subsidy" decides the same live and on
+    /// replay (see [`billing::Subsidies`]).
     fn sync_subsidies(&mut self, now: u64) {
         for command in self.subsidies.sync(&self.ledger, &self.engine, now) {
             let events = self.engine.apply(command, now);
@@ -632,7 +669,7 @@ impl Writer {
         key: Option<IdemKey>,
         entries: &mut Vec<Entry>,
     ) -> Result<Vec<Event>, BrokerError> {
-        self.sync_subsidies(now);
+        self.before_command(now);
         if let Command::Submit(spec) = &command {
             if self.live {
                 self.check_budget(spec, now)?;
@@ -648,7 +685,7 @@ impl Writer {
         entries.push(Entry::Command { now, command, key });
         self.process(&events, now);
         while let Some(next) = self.followups.pop() {
-            self.sync_subsidies(now);
+            self.before_command(now);
             let more = self.decide(next.clone(), now);
             if !matches!(more[..], [Event::Rejected { .. }]) {
                 entries.push(Entry::Command {
@@ -1304,6 +1341,9 @@ impl Writer {
                 replies.push(Reply::Unit(reply));
             }
             Op::Quote { spec, reply } => {
+                // As a submission at `now` would see it. Syncing early changes nothing replay
+                // does not: the next command syncs to the same vouchers at its own `now`.
+                self.sync_subsidies(now);
                 let _ = reply.send(self.quote(&spec, now));
             }
             Op::Billing { op, key, reply } => {

@@ -12,8 +12,8 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use suanli_proto::v1::{
     Budget, BudgetPeriod, GetStatementRequest, GetSubsidyReportRequest, IssueVoucherRequest,
-    ListVouchersRequest, PoolKind, SetBudgetRequest, Statement, VoucherBalance, VoucherScope,
-    VoucherSpec,
+    ListVouchersRequest, PoolKind, SetBudgetRequest, SetSubsidyBudgetRequest, Statement,
+    VoucherBalance, VoucherScope, VoucherSpec,
 };
 use tonic::Code;
 
@@ -87,6 +87,13 @@ pub struct SubsidyArgs {
     /// Print the report as CSV.
     #[arg(long)]
     pub csv: bool,
+    /// First set the district's monthly subsidy budget, in yuan, that the report sets spending
+    /// against.
+    #[arg(long, value_name = "YUAN", value_parser = yuan_fen)]
+    pub set_budget: Option<i64>,
+    /// First remove the district's monthly subsidy budget.
+    #[arg(long, conflicts_with = "set_budget")]
+    pub remove_budget: bool,
 }
 
 /// `suanli budget`: set or remove the budget of the tenant named by --tenant (operator).
@@ -365,8 +372,16 @@ async fn tenant_statement(g: &GlobalArgs, month: String) -> anyhow::Result<State
 
 /// `suanli subsidy`.
 pub async fn subsidy(g: &GlobalArgs, a: &SubsidyArgs) -> anyhow::Result<()> {
-    let report = client::operator_client(g)
-        .await?
+    let mut client = client::operator_client(g).await?;
+    if a.set_budget.is_some() || a.remove_budget {
+        client
+            .set_subsidy_budget(SetSubsidyBudgetRequest {
+                monthly_fen: a.set_budget,
+                request_id: crate::parse::new_request_id(),
+            })
+            .await?;
+    }
+    let report = client
         .get_subsidy_report(GetSubsidyReportRequest {
             first_month: a.from.clone().unwrap_or_default(),
             last_month: a.to.clone().unwrap_or_default(),

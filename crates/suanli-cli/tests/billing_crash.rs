@@ -439,6 +439,21 @@ async fn vouchers_budgets_and_bills_from_the_command_line() {
     assert_eq!(seen, bill);
     let report = ok(&suanli(&addr, &op, &["subsidy", "--csv"]), "subsidy --csv");
     assert!(report.starts_with("month,local_centre_cny,"), "{report}");
+    // The district's monthly subsidy budget, set from the CLI, heads the report's budget.
+    let budgeted: serde_json::Value = serde_json::from_str(&ok(
+        &suanli(&addr, &op, &["--json", "subsidy", "--set-budget", "50000"]),
+        "subsidy --set-budget",
+    ))
+    .unwrap();
+    let month = &budgeted["months"][0];
+    assert_eq!(month["budget_fen"], 5_000_000, "{budgeted}");
+    let spent = month["spent_fen"].as_i64().unwrap();
+    assert!(spent >= subsidy, "{budgeted}");
+    assert_eq!(
+        month["remaining_fen"].as_i64(),
+        Some(5_000_000 - spent),
+        "{budgeted}"
+    );
     // A tenant may not read another's bill.
     let denied = suanli(&addr, &b, &["bill", "--tenant", "tenant-a"]);
     assert!(!denied.status.success());

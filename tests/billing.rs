@@ -901,3 +901,78 @@ async fn the_district_subsidy_budget_is_set_over_grpc_and_reported_against() {
         summary.ledger
     );
 }
+
+#[tokio::test]
+async fn an_operator_adjustment_is_on_the_statement_once_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let broker = Broker::start(config.clone()).await;
+    let mut op = broker.operator(&broker.creds.operator.clone()).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let adjust =
+        |tenant: &str, amount_fen, reason: &str, request_id: &str| pb::AdjustBalanceRequest {
+            tenant: tenant.into(),
+            amount_fen,
+            reason: reason.into(),
+            request_id: request_id.into(),
+        };
+    let credit = adjust("tenant-a", -5_000, "SLA credit: pool outage", "credit-1");
+    let done = op
+        .adjust_balance(credit.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    // A retry under the same request_id adjusts nothing more.
+    op.adjust_balance(credit).await.unwrap();
+    op.adjust_balance(adjust("tenant-a", 1_234, "support hours", ""))
+        .await
+        .unwrap();
+    let statement = a
+        .get_statement(pb::GetStatementRequest {
+            tenant: String::new(),
+            month: done.month.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(statement.adjustments_fen, -5_000 + 1_234);
+    assert_eq!(statement.payable_fen, statement.due_fen - 5_000 + 1_234);
+    let lines: Vec<(i64, &str)> = statement
+        .adjustments
+        .iter()
+        .map(|a| (a.amount_fen, a.reason.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            (-5_000, "SLA credit: pool outage"),
+            (1_234, "support hours")
+        ]
+    );
+    for (bad, field) in [
+        (adjust("tenant-a", 0, "nothing", ""), "amount_fen"),
+        (adjust("tenant-a", 100, " ", ""), "reason"),
+        (adjust("", 100, "x", ""), "tenant"),
+    ] {
+        let e = op.adjust_balance(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().contains(field), "{field}: {e:?}");
+    }
+    let nobody = op
+        .adjust_balance(adjust("nobody", 100, "x", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(nobody.code(), Code::NotFound);
+    let mut as_tenant = broker.operator(&broker.tenant_token("tenant-a")).await;
+    let denied = as_tenant
+        .adjust_balance(adjust("tenant-a", -100, "self-service", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let summary = broker.stop_summary().await;
+    assert_eq!(summary.ledger.totals().adjustments, Fen(-5_000 + 1_234));
+    assert_eq!(
+        suanli_broker::recovered_ledger(&config).unwrap(),
+        summary.ledger
+    );
+}

@@ -53,6 +53,15 @@ pub enum BillingOp {
         /// Subsidy the district plans to spend per month.
         monthly: Option<Fen>,
     },
+    /// An operator corrected what a tenant owes.
+    Adjust {
+        /// The tenant.
+        tenant: String,
+        /// Positive charges, negative credits.
+        amount: Fen,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The id of a request's `n`th lease (from 1) in the ledger.
@@ -288,6 +297,7 @@ fn wire_field(field: &str) -> String {
         "per_lease_cap" => "voucher.per_lease_cap_fen".into(),
         "budget.limit" => "budget.limit_fen".into(),
         "subsidy_budget.monthly" => "monthly_fen".into(),
+        "adjustment.amount" => "amount_fen".into(),
         other => other.into(),
     }
 }

@@ -690,6 +690,15 @@ pub fn statement_to_pb(s: &TenantStatement) -> pb::Statement {
         payable_fen: s.payable.fen(),
         usage_csv: s.usage_csv(),
         vouchers_csv: s.vouchers_csv(),
+        adjustments: s
+            .adjustments
+            .iter()
+            .map(|a| pb::Adjustment {
+                time_unix_ms: a.at,
+                amount_fen: a.amount.fen(),
+                reason: a.reason.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -469,7 +469,7 @@ impl Writer {
     fn apply_billing(&mut self, op: BillingOp, now: u64) -> Result<(), BrokerError> {
         let tenant = match &op {
             BillingOp::IssueVoucher(v) => Some(&v.tenant),
-            BillingOp::SetBudget { tenant, .. } => Some(tenant),
+            BillingOp::SetBudget { tenant, .. } | BillingOp::Adjust { tenant, .. } => Some(tenant),
             BillingOp::SetSubsidyBudget { .. } => None,
         };
         if let Some(tenant) = tenant
@@ -489,6 +489,11 @@ impl Writer {
                 self.ledger.set_budget(&tenant, budget, now)
             }
             BillingOp::SetSubsidyBudget { monthly } => self.ledger.set_subsidy_budget(monthly, now),
+            BillingOp::Adjust {
+                tenant,
+                amount,
+                reason,
+            } => self.ledger.adjust(&tenant, amount, &reason, now),
         }
         .map_err(billing::billing_error)
     }

@@ -11,9 +11,9 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use suanli_proto::v1::{
-    Budget, BudgetPeriod, GetStatementRequest, GetSubsidyReportRequest, IssueVoucherRequest,
-    ListVouchersRequest, PoolKind, SetBudgetRequest, SetSubsidyBudgetRequest, Statement,
-    VoucherBalance, VoucherScope, VoucherSpec,
+    AdjustBalanceRequest, Budget, BudgetPeriod, GetStatementRequest, GetSubsidyReportRequest,
+    IssueVoucherRequest, ListVouchersRequest, PoolKind, SetBudgetRequest, SetSubsidyBudgetRequest,
+    Statement, VoucherBalance, VoucherScope, VoucherSpec,
 };
 use tonic::Code;
 
@@ -96,6 +96,17 @@ pub struct SubsidyArgs {
     pub remove_budget: bool,
 }
 
+/// `suanli adjust`: correct what the tenant named by --tenant owes (operator).
+#[derive(Args, Clone, Debug)]
+pub struct AdjustArgs {
+    /// Yuan to charge the tenant, or with a leading `-` to credit it (`-150.00`).
+    #[arg(long, value_name = "YUAN", value_parser = signed_yuan_fen, allow_hyphen_values = true)]
+    pub amount: i64,
+    /// Why, shown on the tenant's statement.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+}
+
 /// `suanli budget`: set or remove the budget of the tenant named by --tenant (operator).
 #[derive(Args, Clone, Debug)]
 pub struct BudgetArgs {
@@ -152,6 +163,14 @@ pub fn yuan_fen(text: &str) -> Result<i64, String> {
         .checked_mul(100)
         .and_then(|f| f.checked_add(frac))
         .ok_or_else(bad)
+}
+
+/// Yuan as [`yuan_fen`], or with a leading `-` the negative amount.
+pub fn signed_yuan_fen(text: &str) -> Result<i64, String> {
+    match text.trim().strip_prefix('-') {
+        Some(rest) => yuan_fen(rest).map(|f| -f),
+        None => yuan_fen(text),
+    }
 }
 
 /// A rate in percent with up to two decimals (`50%`, `12.5%`) in basis points, 0.01% to 100%.
@@ -368,6 +387,38 @@ async fn tenant_statement(g: &GlobalArgs, month: String) -> anyhow::Result<State
     })
     .await?
     .into_inner())
+}
+
+/// `suanli adjust`.
+pub async fn adjust(g: &GlobalArgs, a: &AdjustArgs) -> anyhow::Result<()> {
+    let tenant = tenant_flag(g, "adjust")?;
+    let done = client::operator_client(g)
+        .await?
+        .adjust_balance(AdjustBalanceRequest {
+            tenant,
+            amount_fen: a.amount,
+            reason: a.reason.clone(),
+            request_id: crate::parse::new_request_id(),
+        })
+        .await?
+        .into_inner();
+    if g.json {
+        output::print_json(&json!({
+            "tenant": done.tenant,
+            "month": done.month,
+            "amount_fen": a.amount,
+            "reason": a.reason,
+        }));
+    } else {
+        output::emit(&format!(
+            "tenant  {}\nmonth   {}\namount  {} CNY\nreason  {}\n",
+            done.tenant,
+            done.month,
+            signed_cny(a.amount),
+            a.reason
+        ));
+    }
+    Ok(())
 }
 
 /// `suanli subsidy`.
@@ -614,6 +665,18 @@ fn statement_text(s: &Statement) -> String {
         out.push('\n');
         out.push_str(&t.render());
     }
+    if !s.adjustments.is_empty() {
+        let mut t = output::Table::new(&["ADJUSTED AT", ">AMOUNT CNY", "REASON"]);
+        for a in &s.adjustments {
+            t.row(vec![
+                output::time(a.time_unix_ms),
+                signed_cny(a.amount_fen),
+                a.reason.clone(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
     out
 }
 
@@ -626,6 +689,11 @@ fn statement_json(s: &Statement) -> Value {
         "subsidy_fen": s.subsidy_fen,
         "due_fen": s.due_fen,
         "adjustments_fen": s.adjustments_fen,
+        "adjustments": s.adjustments.iter().map(|a| json!({
+            "time_unix_ms": a.time_unix_ms,
+            "amount_fen": a.amount_fen,
+            "reason": a.reason,
+        })).collect::<Vec<_>>(),
         "payable_fen": s.payable_fen,
         "lines": s.lines.iter().map(|l| json!({
             "model": l.model,

@@ -104,6 +104,9 @@ enum Command {
     Subsidy(billing_cmds::SubsidyArgs),
     /// Set or remove the spending limit of the tenant named by --tenant (operator).
     Budget(billing_cmds::BudgetArgs),
+    /// Charge (or with a negative amount credit) the tenant named by --tenant, with a reason
+    /// shown on its statement (operator).
+    Adjust(billing_cmds::AdjustArgs),
 
     /// Run a pool's agent: register the pool and run its leases (simulated).
     Agent(agent::AgentArgs),
@@ -144,6 +147,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Bill(a) => billing_cmds::bill(g, a).await,
         Command::Subsidy(a) => billing_cmds::subsidy(g, a).await,
         Command::Budget(a) => billing_cmds::budget(g, a).await,
+        Command::Adjust(a) => billing_cmds::adjust(g, a).await,
         Command::Agent(a) => agent::run(g, a).await,
         Command::Loadgen(a) => loadgen::run(g, a).await,
         Command::Sim(a) => sim::run(g, a),

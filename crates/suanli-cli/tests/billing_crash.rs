@@ -447,6 +447,35 @@ async fn vouchers_budgets_and_bills_from_the_command_line() {
     .unwrap();
     let month = &budgeted["months"][0];
     assert_eq!(month["budget_fen"], 5_000_000, "{budgeted}");
+    // A credit with its reason, on tenant-a's bill.
+    let adjusted = ok(
+        &suanli(
+            &addr,
+            &op,
+            &[
+                "adjust",
+                "--tenant",
+                "tenant-a",
+                "--amount",
+                "-12.50",
+                "--reason",
+                "SLA credit",
+            ],
+        ),
+        "adjust",
+    );
+    assert!(adjusted.contains("-12.50 CNY"), "{adjusted}");
+    let billed: serde_json::Value =
+        serde_json::from_str(&ok(&suanli(&addr, &a, &["--json", "bill"]), "bill")).unwrap();
+    assert_eq!(billed["adjustments_fen"], -1_250, "{billed}");
+    assert_eq!(billed["adjustments"][0]["reason"], "SLA credit", "{billed}");
+    assert_eq!(
+        billed["payable_fen"].as_i64(),
+        Some(due - 1_250),
+        "{billed}"
+    );
+    let text = ok(&suanli(&addr, &a, &["bill"]), "bill");
+    assert!(text.contains("SLA credit"), "{text}");
     let spent = month["spent_fen"].as_i64().unwrap();
     assert!(spent >= subsidy, "{budgeted}");
     assert_eq!(

@@ -95,6 +95,7 @@ fn operator_service_has_its_methods() {
             "GetStatement",
             "GetSubsidyReport",
             "SetSubsidyBudget",
+            "AdjustBalance",
         ]
     );
 }

@@ -1,5 +1,6 @@
 //! `OperatorService`: what the platform's operators call.
 
+use suanli_billing::ledger::EntryKind;
 use suanli_core::Command;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_server::OperatorService;
@@ -273,6 +274,47 @@ impl OperatorService for OperatorApi {
             .await?;
         Ok(Response::new(pb::SetSubsidyBudgetResponse {
             monthly_fen: monthly.map(|f| f.0),
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "AdjustBalance"))]
+    async fn adjust_balance(
+        &self,
+        req: Request<pb::AdjustBalanceRequest>,
+    ) -> Result<Response<pb::AdjustBalanceResponse>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id)?;
+        if req.tenant.is_empty() {
+            return Err(BrokerError::field("tenant", "required").into());
+        }
+        if req.reason.trim().is_empty() {
+            return Err(BrokerError::field("reason", "required").into());
+        }
+        let op = BillingOp::Adjust {
+            tenant: req.tenant.clone(),
+            amount: suanli_billing::Fen(req.amount_fen),
+            reason: req.reason,
+        };
+        self.0.writer.billing(op, key).await?;
+        // The month of the tenant's latest adjustment: the one just made (or, for a retry, the
+        // one made the first time, unless the tenant was adjusted again since).
+        let tenant = req.tenant.clone();
+        let at = self
+            .0
+            .writer
+            .read_ledger(move |l| {
+                l.entries().iter().rev().find_map(|e| match &e.kind {
+                    EntryKind::Adjusted { tenant: t, .. } if *t == tenant => Some(e.at),
+                    _ => None,
+                })
+            })
+            .await?
+            .ok_or_else(|| BrokerError::Store("the adjustment is not in the ledger".into()))?;
+        Ok(Response::new(pb::AdjustBalanceResponse {
+            tenant: req.tenant,
+            month: suanli_billing::Month::containing(at).to_string(),
         }))
     }
 

@@ -90,6 +90,21 @@ impl Month {
         }
     }
 
+    /// The month before this one.
+    pub fn prev(self) -> Month {
+        if self.month == 1 {
+            Month {
+                year: self.year - 1,
+                month: 12,
+            }
+        } else {
+            Month {
+                year: self.year,
+                month: self.month - 1,
+            }
+        }
+    }
+
     /// Whether the instant `at` falls in this month.
     pub fn contains(self, at: Millis) -> bool {
         Month::containing(at) == self
@@ -218,7 +233,9 @@ mod tests {
             let start = month.starts_at_ms() as Millis;
             assert_eq!(Month::containing(start), month);
             assert_ne!(Month::containing(start - 1), month);
+            assert_eq!(Month::containing(start - 1), month.prev());
             let next = month.next();
+            assert_eq!(next.prev(), month);
             assert!(next.starts_at_ms() > month.starts_at_ms());
             month = next;
         }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use suanli_core::{Millis, PoolKind, TFLOPS_PER_P};
 
-use crate::charge::MS_PER_HOUR;
+use crate::charge::{LeasePart, MS_PER_HOUR};
 use crate::error::BillingError;
 use crate::ledger::{EntryKind, Ledger};
 use crate::money::{Fen, div_round_half_up};
@@ -56,6 +56,38 @@ pub struct UsageLine {
 }
 
 impl UsageLine {
+    /// An empty line of one model in one kind of pool.
+    pub(crate) fn new(model: &str, pool_kind: PoolKind) -> UsageLine {
+        UsageLine {
+            model: model.to_string(),
+            pool_kind,
+            lease_parts: 0,
+            tflops_ms: 0,
+            cost: Fen::ZERO,
+            subsidy: Fen::ZERO,
+            due: Fen::ZERO,
+        }
+    }
+
+    /// Adds one lease part that ran `running_ms`: its charge and what vouchers paid of it.
+    /// Statements and the summaries of closed months add parts with this one arithmetic.
+    pub(crate) fn add_part(
+        &mut self,
+        part: &LeasePart,
+        charge: Fen,
+        subsidy: Fen,
+        running_ms: u128,
+    ) -> Result<(), BillingError> {
+        self.lease_parts += 1;
+        self.tflops_ms = self
+            .tflops_ms
+            .saturating_add(u128::from(part.tflops) * running_ms);
+        self.cost = self.cost.checked_add(charge, "statement cost")?;
+        self.subsidy = self.subsidy.checked_add(subsidy, "statement subsidy")?;
+        self.due = self.cost.checked_sub(self.subsidy, "statement due")?;
+        Ok(())
+    }
+
     /// Delivered compute in thousandths of a P-hour, rounded half up.
     pub fn milli_p_hours(&self) -> u128 {
         milli_p_hours(self.tflops_ms)
@@ -244,27 +276,10 @@ impl Ledger {
             subsidy = subsidy.checked_add(bill.subsidy, "statement subsidy")?;
             let running = u128::from(bill.usage.running_ms());
             for (i, (part, charge)) in bill.usage.parts.iter().zip(&bill.parts).enumerate() {
-                let part_subsidy = bill.subsidy_of_part(i);
-                let line = lines
+                lines
                     .entry((part.model.clone(), part.pool_kind))
-                    .or_insert_with(|| UsageLine {
-                        model: part.model.clone(),
-                        pool_kind: part.pool_kind,
-                        lease_parts: 0,
-                        tflops_ms: 0,
-                        cost: Fen::ZERO,
-                        subsidy: Fen::ZERO,
-                        due: Fen::ZERO,
-                    });
-                line.lease_parts += 1;
-                line.tflops_ms = line
-                    .tflops_ms
-                    .saturating_add(u128::from(part.tflops) * running);
-                line.cost = line.cost.checked_add(charge.amount, "statement cost")?;
-                line.subsidy = line
-                    .subsidy
-                    .checked_add(part_subsidy, "statement subsidy")?;
-                line.due = line.cost.checked_sub(line.subsidy, "statement due")?;
+                    .or_insert_with(|| UsageLine::new(&part.model, part.pool_kind))
+                    .add_part(part, charge.amount, bill.subsidy_of_part(i), running)?;
             }
         }
         let mut vouchers = Vec::new();

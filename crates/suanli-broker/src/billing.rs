@@ -118,46 +118,44 @@ fn parts_of(engine: &Engine, lease: &pb::Lease) -> Vec<LeasePart> {
             })
             .devices += u64::from(p.devices);
     }
-    let catalogue = engine.catalogue();
     groups
         .into_iter()
-        .map(|((pool, _), g)| {
-            let kind = engine
-                .pool_spec(pool)
-                .map_or(suanli_core::PoolKind::External, |s| s.kind);
-            let per_device = catalogue
-                .lookup(g.model)
-                .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
-            LeasePart {
-                pool: pool.to_string(),
-                pool_kind: kind,
-                model: g.model.to_string(),
-                devices: g.devices,
-                tflops: g.devices * per_device,
-                price_per_device_hour: Fen(g.price as i64),
-                billing_increment_ms: g.increment_s.map(|s| u64::from(s) * 1_000),
-            }
-        })
+        .map(|((pool, _), g)| lease_part(engine, pool, g.model, g.devices, g.price, g.increment_s))
         .collect()
+}
+
+/// One part of a lease for billing: `devices` of `model` in `pool` at `price` fen a device-hour,
+/// billed by `increment_s`; its kind and TFLOPS from the engine's fleet and catalogue.
+fn lease_part(
+    engine: &Engine,
+    pool: &str,
+    model: &str,
+    devices: u64,
+    price: u64,
+    increment_s: Option<u32>,
+) -> LeasePart {
+    let catalogue = engine.catalogue();
+    let per_device = catalogue
+        .lookup(model)
+        .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
+    LeasePart {
+        pool: pool.to_string(),
+        pool_kind: engine
+            .pool_spec(pool)
+            .map_or(suanli_core::PoolKind::External, |s| s.kind),
+        model: model.to_string(),
+        devices,
+        tflops: devices * per_device,
+        price_per_device_hour: Fen(price as i64),
+        billing_increment_ms: increment_s.map(|s| u64::from(s) * 1_000),
+    }
 }
 
 /// The month before which the ledger's months should be folded in `month`: all but `month`
 /// and the one before it, when an entry not folded yet is older than that; `None` when there
 /// is nothing to fold.
 pub fn months_to_close(ledger: &Ledger, month: Month) -> Option<Month> {
-    let last_month = Month::new(
-        if month.month() == 1 {
-            month.year() - 1
-        } else {
-            month.year()
-        },
-        if month.month() == 1 {
-            12
-        } else {
-            month.month() - 1
-        },
-    )
-    .ok()?;
+    let last_month = month.prev();
     let oldest_open = ledger
         .entries()
         .iter()
@@ -207,27 +205,23 @@ impl Subsidies {
         }
         let dirty = std::mem::take(&mut self.dirty);
         self.all = false;
+        // The next validity boundary after `now` among the vouchers looked at.
+        let next_boundary = |vouchers: &mut dyn Iterator<Item = &Voucher>| {
+            vouchers
+                .flat_map(|v| [v.spec.valid_from, v.spec.valid_until])
+                .filter(|&t| t > now)
+                .min()
+                .unwrap_or(u64::MAX)
+        };
         let tenants: Vec<&str> = if all {
-            self.next_change = u64::MAX;
-            for v in ledger.vouchers() {
-                for t in [v.spec.valid_from, v.spec.valid_until] {
-                    if t > now {
-                        self.next_change = self.next_change.min(t);
-                    }
-                }
-            }
+            self.next_change = next_boundary(&mut ledger.vouchers());
             let mut all: BTreeSet<&str> =
                 ledger.vouchers().map(|v| v.spec.tenant.as_str()).collect();
             all.extend(dirty.iter().map(String::as_str));
             all.into_iter().collect()
         } else {
-            for v in dirty.iter().flat_map(|t| ledger.vouchers_of(t)) {
-                for t in [v.spec.valid_from, v.spec.valid_until] {
-                    if t > now {
-                        self.next_change = self.next_change.min(t);
-                    }
-                }
-            }
+            let mut theirs = dirty.iter().flat_map(|t| ledger.vouchers_of(t));
+            self.next_change = self.next_change.min(next_boundary(&mut theirs));
             dirty.iter().map(String::as_str).collect()
         };
         tenants
@@ -254,7 +248,6 @@ pub fn quoted_usage(
     placement: &suanli_core::QuotePlacement,
     now: u64,
 ) -> LeaseUsage {
-    let catalogue = engine.catalogue();
     let parts = placement
         .parts
         .iter()
@@ -263,20 +256,8 @@ pub fn quoted_usage(
             let price = pool
                 .and_then(|s| s.groups.get(p.group as usize))
                 .map_or(0, |g| g.price_fen_per_device_hour);
-            let per_device = catalogue
-                .lookup(&p.model)
-                .map_or(0, |ix| u64::from(catalogue.model(ix).fp16_dense_tflops));
-            LeasePart {
-                pool: p.pool.clone(),
-                pool_kind: pool.map_or(suanli_core::PoolKind::External, |s| s.kind),
-                model: p.model.clone(),
-                devices: p.devices,
-                tflops: p.devices * per_device,
-                price_per_device_hour: Fen(price as i64),
-                billing_increment_ms: pool
-                    .and_then(|s| s.billing_increment_s)
-                    .map(|s| u64::from(s) * 1_000),
-            }
+            let increment_s = pool.and_then(|s| s.billing_increment_s);
+            lease_part(engine, &p.pool, &p.model, p.devices, price, increment_s)
         })
         .collect();
     LeaseUsage {

@@ -553,15 +553,19 @@ impl Writer {
         }
     }
 
+    /// Whether a tenant has a budget: only then are its submissions checked and its placed
+    /// leases held.
+    fn has_budget(&self, tenant: &str) -> bool {
+        self.ledger
+            .tenant(tenant)
+            .is_some_and(|a| a.budget.is_some())
+    }
+
     /// Refuses a submission that would take its tenant past its budget: what it would pay
     /// after subsidy for the placement the engine would choose now, for its whole duration
     /// (nothing when it would wait), on top of what it has paid in the budget's period.
     fn check_budget(&mut self, spec: &RequestSpec, now: u64) -> Result<(), BrokerError> {
-        let has_budget = self
-            .ledger
-            .tenant(&spec.tenant)
-            .is_some_and(|a| a.budget.is_some());
-        if !has_budget {
+        if !self.has_budget(&spec.tenant) {
             return Ok(());
         }
         let estimate = match self.engine.quote(spec, now)?.placement {
@@ -627,11 +631,7 @@ impl Writer {
     /// tenant's budget until it is settled, so that later submissions see it. Only tenants
     /// with a budget are held.
     fn hold(&mut self, record: &pb::Request, now: u64) {
-        let has_budget = self
-            .ledger
-            .tenant(&record.tenant)
-            .is_some_and(|a| a.budget.is_some());
-        if !has_budget {
+        if !self.has_budget(&record.tenant) {
             return;
         }
         let Some(usage) = billing::placed_usage(&self.engine, record) else {

@@ -727,6 +727,12 @@ mod tests {
         for bad in ["", "1.234", "-5", "ten", "1e3", "99999999999999999999"] {
             assert!(yuan_fen(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(signed_yuan_fen("-12.50"), Ok(-1_250));
+        assert_eq!(signed_yuan_fen("12.5"), Ok(1_250));
+        for bad in ["-", "--5", "-ten", "- 5x"] {
+            let e = signed_yuan_fen(bad).unwrap_err();
+            assert!(e.contains("expected an amount in yuan"), "{bad:?}: {e}");
+        }
         assert_eq!(rate_bp("50%"), Ok(5_000));
         assert_eq!(rate_bp("12.5%"), Ok(1_250));
         assert_eq!(rate_bp("100"), Ok(10_000));

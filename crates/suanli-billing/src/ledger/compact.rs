@@ -53,31 +53,12 @@ impl ClosedMonth {
             {
                 Ok(at) => at,
                 Err(at) => {
-                    self.lines.insert(
-                        at,
-                        UsageLine {
-                            model: part.model.clone(),
-                            pool_kind: part.pool_kind,
-                            lease_parts: 0,
-                            tflops_ms: 0,
-                            cost: Fen::ZERO,
-                            subsidy: Fen::ZERO,
-                            due: Fen::ZERO,
-                        },
-                    );
+                    let line = UsageLine::new(&part.model, part.pool_kind);
+                    self.lines.insert(at, line);
                     at
                 }
             };
-            let line = &mut self.lines[at];
-            line.lease_parts += 1;
-            line.tflops_ms = line
-                .tflops_ms
-                .saturating_add(u128::from(part.tflops) * running);
-            line.cost = line.cost.checked_add(charge.amount, "statement cost")?;
-            line.subsidy = line
-                .subsidy
-                .checked_add(bill.subsidy_of_part(i), "statement subsidy")?;
-            line.due = line.cost.checked_sub(line.subsidy, "statement due")?;
+            self.lines[at].add_part(part, charge.amount, bill.subsidy_of_part(i), running)?;
         }
         for share in &bill.vouchers {
             let used = self.voucher_use.entry(share.voucher.clone()).or_default();

@@ -12,6 +12,7 @@ use crate::auth::{Principal, new_token, principal};
 use crate::billing::BillingOp;
 use crate::convert;
 use crate::error::BrokerError;
+use crate::store::IdemKey;
 
 /// The operator service.
 pub struct OperatorApi(pub Shared);
@@ -105,10 +106,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetTenantRequest>,
     ) -> Result<Response<pb::SetTenantResponse>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let req = req.into_inner();
-        let key = idem_key(who.key(), &req.request_id)?;
+        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
         let spec = convert::tenant_from_pb(req.tenant, "tenant")?;
         let name = spec.name.clone();
         let is_new = !self.0.views.snapshot().tenants.iter().any(|t| t.id == name);
@@ -178,10 +176,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::IssueVoucherRequest>,
     ) -> Result<Response<pb::VoucherBalance>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let req = req.into_inner();
-        let key = idem_key(who.key(), &req.request_id)?;
+        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
         let spec = convert::voucher_from_pb(req.voucher, "voucher")?;
         let id = spec.id.clone();
         self.0
@@ -222,10 +217,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetBudgetRequest>,
     ) -> Result<Response<pb::SetBudgetResponse>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let req = req.into_inner();
-        let key = idem_key(who.key(), &req.request_id)?;
+        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
         if req.tenant.is_empty() {
             return Err(BrokerError::field("tenant", "required").into());
         }
@@ -258,10 +250,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetSubsidyBudgetRequest>,
     ) -> Result<Response<pb::SetSubsidyBudgetResponse>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let req = req.into_inner();
-        let key = idem_key(who.key(), &req.request_id)?;
+        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
         let monthly = req.monthly_fen.map(suanli_billing::Fen);
         self.0
             .writer
@@ -282,10 +271,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::AdjustBalanceRequest>,
     ) -> Result<Response<pb::AdjustBalanceResponse>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let req = req.into_inner();
-        let key = idem_key(who.key(), &req.request_id)?;
+        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
         if req.tenant.is_empty() {
             return Err(BrokerError::field("tenant", "required").into());
         }
@@ -368,4 +354,17 @@ impl OperatorService for OperatorApi {
             .map_err(crate::billing::billing_error)?;
         Ok(Response::new(convert::subsidy_report_to_pb(&report)))
     }
+}
+
+/// An operator's mutating call: checks the caller is the operator and returns the message with
+/// its idempotency key (from `request_id`).
+fn operator_mutation<T>(
+    req: Request<T>,
+    request_id: impl FnOnce(&T) -> &str,
+) -> Result<(T, Option<IdemKey>), Status> {
+    let who = principal(&req)?;
+    who.operator()?;
+    let req = req.into_inner();
+    let key = idem_key(who.key(), request_id(&req))?;
+    Ok((req, key))
 }

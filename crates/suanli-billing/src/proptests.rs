@@ -74,6 +74,52 @@ enum Op {
     },
 }
 
+impl Op {
+    /// The voucher an `Issue` at index `i` issues.
+    fn voucher(&self, i: usize) -> Option<VoucherSpec> {
+        let Op::Issue {
+            tenant,
+            face,
+            rate_bp,
+            cap,
+            scope: code,
+            from,
+            length,
+        } = *self
+        else {
+            return None;
+        };
+        Some(VoucherSpec {
+            id: VoucherId::new(format!("v{i}")),
+            tenant: TENANTS[tenant].into(),
+            face_value: Fen(face),
+            rate_bp,
+            per_lease_cap: cap.map(Fen),
+            scope: scope(code),
+            valid_from: T0 + from,
+            valid_until: T0 + from + length,
+        })
+    }
+
+    /// The tenant and budget a `Budget` sets.
+    fn budget(&self) -> Option<(&'static str, Budget)> {
+        let Op::Budget {
+            tenant,
+            limit,
+            monthly,
+        } = *self
+        else {
+            return None;
+        };
+        let budget = if monthly {
+            Budget::monthly(Fen(limit))
+        } else {
+            Budget::total(Fen(limit))
+        };
+        Some((TENANTS[tenant], budget))
+    }
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (
@@ -187,25 +233,8 @@ fn run_settling(ops: &[Op]) -> Result<(Ledger, Vec<LeaseUsage>), TestCaseError> 
     for (i, op) in ops.iter().enumerate() {
         let now = T0 + i as Millis + 1;
         match op.clone() {
-            Op::Issue {
-                tenant,
-                face,
-                rate_bp,
-                cap,
-                scope: code,
-                from,
-                length,
-            } => {
-                let spec = VoucherSpec {
-                    id: VoucherId::new(format!("v{i}")),
-                    tenant: TENANTS[tenant].into(),
-                    face_value: Fen(face),
-                    rate_bp,
-                    per_lease_cap: cap.map(Fen),
-                    scope: scope(code),
-                    valid_from: T0 + from,
-                    valid_until: T0 + from + length,
-                };
+            Op::Issue { .. } => {
+                let spec = op.voucher(i).expect("an Issue issues a voucher");
                 ledger.issue_voucher(spec, now).unwrap();
             }
             Op::Settle {
@@ -237,19 +266,9 @@ fn run_settling(ops: &[Op]) -> Result<(Ledger, Vec<LeaseUsage>), TestCaseError> 
                 prop_assert_eq!(again.settlement, existing);
                 prop_assert_eq!(ledger.next_seq(), entries);
             }
-            Op::Budget {
-                tenant,
-                limit,
-                monthly,
-            } => {
-                let budget = if monthly {
-                    Budget::monthly(Fen(limit))
-                } else {
-                    Budget::total(Fen(limit))
-                };
-                ledger
-                    .set_budget(TENANTS[tenant], Some(budget), now)
-                    .unwrap();
+            Op::Budget { .. } => {
+                let (tenant, budget) = op.budget().expect("a Budget sets a budget");
+                ledger.set_budget(tenant, Some(budget), now).unwrap();
             }
             Op::Hold { tenant, amount } => {
                 // A hold for a lease that a later Settle of the same index would settle.
@@ -701,42 +720,16 @@ fn perform(
     lease: Option<LeaseUsage>,
 ) -> Answer {
     match op.clone() {
-        Op::Issue {
-            tenant,
-            face,
-            rate_bp,
-            cap,
-            scope: code,
-            from,
-            length,
-        } => Answer::Done(ledger.issue_voucher(
-            VoucherSpec {
-                id: VoucherId::new(format!("v{i}")),
-                tenant: TENANTS[tenant].into(),
-                face_value: Fen(face),
-                rate_bp,
-                per_lease_cap: cap.map(Fen),
-                scope: scope(code),
-                valid_from: T0 + from,
-                valid_until: T0 + from + length,
-            },
-            now,
-        )),
+        Op::Issue { .. } => Answer::Done(
+            ledger.issue_voucher(op.voucher(i).expect("an Issue issues a voucher"), now),
+        ),
         Op::Settle { .. } | Op::Resettle(_) => match lease {
             Some(usage) => Answer::Settled(ledger.settle(usage, now)),
             None => Answer::Done(Ok(())),
         },
-        Op::Budget {
-            tenant,
-            limit,
-            monthly,
-        } => {
-            let budget = if monthly {
-                Budget::monthly(Fen(limit))
-            } else {
-                Budget::total(Fen(limit))
-            };
-            Answer::Done(ledger.set_budget(TENANTS[tenant], Some(budget), now))
+        Op::Budget { .. } => {
+            let (tenant, budget) = op.budget().expect("a Budget sets a budget");
+            Answer::Done(ledger.set_budget(tenant, Some(budget), now))
         }
         Op::Hold { tenant, amount } => {
             let fits = ledger.would_exceed(TENANTS[tenant], Fen(amount), now);

@@ -50,11 +50,14 @@ const ESTIMATED_STARTS: usize = 100;
 /// A queue of 2,000 or more, and the start estimates of any queue, are rebuilt at most this
 /// often.
 const QUEUE_VIEW_EVERY_MS: u64 = 500;
-/// Ticks (scheduling passes) may take at most 1/TICK_SHARE of the writer's time: with a long
-/// queue they come less often than the configured interval (a pass over 50,000 waiting
-/// requests takes tens of milliseconds; every call that arrives meanwhile waits for it, so the
-/// share of calls that meet a pass is about the share of time passes take).
-const TICK_SHARE: u64 = 200;
+/// Paced rebuilds of the queue view take at most 1/REBUILD_SHARE of the writer's time: a
+/// rebuild reads the whole queue, and every call that arrives meanwhile waits for it, so the
+/// share of calls that meet one is about the share of time rebuilds take.
+const REBUILD_SHARE: u64 = 200;
+/// While the engine walks a long scheduling pass in slices (one per tick, see
+/// `suanli_core::PASS_SLICE`), the next slice comes after SLICE_GAP times the last one's cost:
+/// slices take about a quarter of the writer's time, and the calls between them the rest.
+const SLICE_GAP: u32 = 3;
 /// A batch that takes longer than this, from taking its operations to its last reply and
 /// publication, is logged (at debug) with where its time went.
 const SLOW_BATCH: Duration = Duration::from_millis(10);
@@ -1147,9 +1150,8 @@ impl Writer {
             };
             let view = Arc::new(QueueView::new(entries, starts));
             if paced {
-                // Like ticks, paced rebuilds take at most 1/TICK_SHARE of the writer's time.
                 let cost = rebuilt.elapsed().as_millis() as u64;
-                self.next_queue_publish = now + (cost * TICK_SHARE).max(QUEUE_VIEW_EVERY_MS);
+                self.next_queue_publish = now + (cost * REBUILD_SHARE).max(QUEUE_VIEW_EVERY_MS);
             }
             view
         } else {
@@ -1247,11 +1249,13 @@ impl Writer {
                 let ticked = Instant::now();
                 let _ = self.apply_logged(Command::Tick, now, None, &mut entries);
                 self.check_heartbeats(now, &mut entries);
-                // A tick's pass over a long queue stalls every call behind it: space the ticks
-                // so that they take at most 1/TICK_SHARE of the writer's time (a 25 ms pass:
-                // every 5 s).
                 tick_cost = ticked.elapsed();
-                next_tick = now + tick.max(tick_cost.as_millis() as u64 * TICK_SHARE);
+                next_tick = if self.engine.pass_in_progress() {
+                    let gap = (tick_cost * SLICE_GAP).max(Duration::from_millis(1));
+                    now + gap.as_millis() as u64
+                } else {
+                    now + tick
+                };
             }
             self.fire_timers(now, &mut entries);
             self.forget_ended(now);

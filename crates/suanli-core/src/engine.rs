@@ -6,7 +6,8 @@
 //! # Scheduling
 //! A submitted request is placed at once when nothing of its class or a more important one is
 //! waiting for capacity; otherwise it waits for the next [`Command::Tick`]. A tick first expires
-//! leases whose time is up, then runs one pass over the queue:
+//! leases whose time is up, then walks a pass over the queue, at most
+//! [`EngineConfig::pass_slice`] requests of it (a longer pass goes on at the next tick):
 //! - classes in order (critical, standard, spot); inside a class the tenant with the smallest
 //!   weighted share (usage over weight) goes next, and a tenant's own requests go FIFO;
 //! - a request that fits, and whose tenant stays within quota plus borrowing limit, is placed;
@@ -39,10 +40,22 @@ use crate::units::{Millis, PoolIx, RequestId, TenantIx, Tflops};
 pub const MAX_DURATION_MS: Millis = 366 * 24 * 3600 * 1000;
 
 /// Settings of the engine that are not per request.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineConfig {
     /// Placement policy for requests that name none.
     pub default_policy: Policy,
+    /// Queue entries one tick's slice of a scheduling pass walks at most (at least 1); see
+    /// [`PASS_SLICE`], the default.
+    pub pass_slice: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            default_policy: Policy::default(),
+            pass_slice: PASS_SLICE,
+        }
+    }
 }
 
 /// What the engine is asked to do. Every command is applied at a caller-given `now`.
@@ -377,6 +390,8 @@ pub struct Engine {
     arrivals: Vec<RequestId>,
     /// Positions given since the last full pass.
     ranked: u32,
+    /// The pass under way, when the last tick did not finish it.
+    pass: Option<PassInProgress>,
     /// Passes made so far (full and arrivals-only).
     #[serde(default)]
     passes: u64,
@@ -394,7 +409,38 @@ pub struct Engine {
 /// wait for the next pass. Bounds a pass over a long queue on a full fleet.
 pub const PREEMPTION_SEARCHES_PER_PASS: u32 = 32;
 
-/// What one scheduling pass remembers while it walks the queue.
+/// Queue entries one tick's slice of a pass walks at most, unless the config says otherwise. A
+/// pass over a longer queue goes on at the next tick from where it stopped, so a tick costs
+/// about a millisecond however long the queue: calls that wait behind it in the broker wait
+/// that long, not for a pass over tens of thousands of requests. Requests not yet reached wait
+/// until the pass reaches them, one tick per slice.
+pub const PASS_SLICE: u32 = 2048;
+
+/// A scheduling pass under way: what it still has to walk. It is part of the engine's state
+/// (snapshots keep it), so a recovered engine goes on with it as the live one would.
+#[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
+struct PassInProgress {
+    /// Its number: requests queued since it began wait for the next pass.
+    id: u64,
+    /// Per class, each tenant's requests as the queue held them when the pass began.
+    classes: [Vec<TenantRun>; 3],
+    /// The class being walked.
+    class: usize,
+    /// The last position given.
+    position: u32,
+    /// Victim searches left.
+    preemption_budget: u32,
+}
+
+/// One tenant's requests of one class in a pass, and how many of them it has walked.
+#[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
+struct TenantRun {
+    tenant: TenantIx,
+    ids: Vec<RequestId>,
+    walked: usize,
+}
+
+/// What one slice of a scheduling pass remembers while it walks the queue.
 struct PassState {
     /// (filter, shape, policy) that found no capacity, even by preemption.
     failed: FxHashSet<(u64, Shape, Policy)>,
@@ -430,6 +476,7 @@ impl Engine {
             next_timed: Millis::MAX,
             arrivals: Vec::new(),
             ranked: 0,
+            pass: None,
             passes: 0,
             fleet_epoch: 0,
             subsidies: BTreeMap::new(),
@@ -1370,18 +1417,23 @@ impl Engine {
         out.push(Event::Placed { request: id });
     }
 
-    /// One scheduling pass over the queue (see the module documentation). It walks a snapshot
-    /// of the queue: requests requeued during the pass (preemption victims) wait for the next.
+    /// Begins a pass when one is due and walks the pass under way for one slice (see
+    /// [`EngineConfig::pass_slice`]).
     fn schedule(&mut self, out: &mut Vec<Event>) {
-        if self.pass_due || self.now >= self.next_timed {
-            self.full_pass(out);
-        } else if !self.arrivals.is_empty() {
-            self.arrivals_pass(out);
+        if self.pass.is_none() {
+            if self.pass_due || self.now >= self.next_timed {
+                self.begin_full_pass();
+            } else if !self.arrivals.is_empty() {
+                self.begin_arrivals_pass();
+            } else {
+                return;
+            }
         }
+        self.continue_pass(out);
     }
 
-    /// Ranks and tries every queued request.
-    fn full_pass(&mut self, out: &mut Vec<Event>) {
+    /// A pass that ranks and tries every queued request, in the order the queue holds them now.
+    fn begin_full_pass(&mut self) {
         self.pass_due = false;
         self.next_timed = Millis::MAX;
         self.reservation = None;
@@ -1390,18 +1442,21 @@ impl Engine {
             self.queue.classes[class.rank()]
                 .iter()
                 // Entries that left the queue are skipped by the pass itself.
-                .map(|(&t, q)| (t, q.iter().copied().collect()))
+                .map(|(&tenant, q)| TenantRun {
+                    tenant,
+                    ids: q.iter().copied().collect(),
+                    walked: 0,
+                })
                 .collect()
         });
-        self.ranked = self.pass(classes, 0, out);
+        self.begin_pass(classes, 0);
     }
 
     /// When nothing but new arrivals happened since the last pass, the requests that waited
     /// then would be decided the same way again (no capacity came free, no time came): only the
     /// arrivals are tried, ranked after them, under the same reservation.
-    fn arrivals_pass(&mut self, out: &mut Vec<Event>) {
-        let mut by_class: [std::collections::BTreeMap<TenantIx, Vec<RequestId>>; 3] =
-            Default::default();
+    fn begin_arrivals_pass(&mut self) {
+        let mut by_class: [BTreeMap<TenantIx, Vec<RequestId>>; 3] = Default::default();
         let mut arrivals = std::mem::take(&mut self.arrivals);
         arrivals.sort_unstable();
         for id in arrivals {
@@ -1412,56 +1467,91 @@ impl Engine {
                     .push(id);
             }
         }
-        let classes = by_class.map(|c| c.into_iter().collect());
-        self.ranked = self.pass(classes, self.ranked, out);
+        let classes = by_class.map(|c| {
+            c.into_iter()
+                .map(|(tenant, ids)| TenantRun {
+                    tenant,
+                    ids,
+                    walked: 0,
+                })
+                .collect()
+        });
+        self.begin_pass(classes, self.ranked);
     }
 
-    /// One pass over the given requests of each class (see the module documentation); positions
-    /// continue from `ranked`. Returns the last position given.
-    fn pass(
-        &mut self,
-        classes: [Vec<(TenantIx, Vec<RequestId>)>; 3],
-        ranked: u32,
-        out: &mut Vec<Event>,
-    ) -> u32 {
+    fn begin_pass(&mut self, classes: [Vec<TenantRun>; 3], ranked: u32) {
+        self.passes += 1;
+        self.pass = Some(PassInProgress {
+            id: self.passes,
+            classes,
+            class: 0,
+            position: ranked,
+            preemption_budget: PREEMPTION_SEARCHES_PER_PASS,
+        });
+    }
+
+    /// Walks the pass under way (see the module documentation) for at most
+    /// [`EngineConfig::pass_slice`] queue entries, and ends it when it has walked them all.
+    fn continue_pass(&mut self, out: &mut Vec<Event>) {
+        let Some(mut pass) = self.pass.take() else {
+            return;
+        };
+        // What did not fit is remembered for one slice only: capacity may come free between
+        // slices.
         let mut state = PassState {
             failed: FxHashSet::default(),
-            preemption_budget: PREEMPTION_SEARCHES_PER_PASS,
+            preemption_budget: pass.preemption_budget,
         };
-        self.passes += 1;
-        let this_pass = self.passes;
-        let mut position = ranked;
-        for snapshot in classes {
-            let mut heap: BinaryHeap<Reverse<(Share, usize, usize)>> = snapshot
+        let mut walked = 0u32;
+        'classes: while let Some(runs) = pass.classes.get_mut(pass.class) {
+            // Shares are read afresh at each slice: leases may have ended since the last one.
+            let mut heap: BinaryHeap<Reverse<(Share, usize)>> = runs
                 .iter()
                 .enumerate()
-                .map(|(i, &(t, _))| Reverse((self.share(t), i, 0)))
+                .filter(|(_, run)| run.walked < run.ids.len())
+                .map(|(i, run)| Reverse((self.share(run.tenant), i)))
                 .collect();
-            while let Some(Reverse((share, i, mut cursor))) = heap.pop() {
-                let ids = &snapshot[i].1;
+            while let Some(Reverse((share, i))) = heap.pop() {
+                if walked >= self.config.pass_slice.max(1) {
+                    break 'classes;
+                }
+                let run = &mut runs[i];
                 // Next request of this tenant that is still queued.
                 let mut next = None;
-                while let Some(&id) = ids.get(cursor) {
-                    match self.requests.get_mut(&id) {
-                        Some(r)
-                            if r.state == RequestState::Queued && r.queued_in_pass != this_pass =>
-                        {
-                            position += 1;
-                            r.position = position;
-                            next = Some(id);
-                            break;
-                        }
-                        _ => cursor += 1,
+                while let Some(&id) = run.ids.get(run.walked) {
+                    run.walked += 1;
+                    walked += 1;
+                    if let Some(r) = self.requests.get_mut(&id)
+                        && r.state == RequestState::Queued
+                        && r.queued_in_pass != pass.id
+                    {
+                        pass.position += 1;
+                        r.position = pass.position;
+                        next = Some(id);
+                        break;
                     }
                 }
                 let Some(id) = next else {
                     continue;
                 };
                 self.try_start(id, Some(&mut state), out);
-                heap.push(Reverse((self.share(share.tenant), i, cursor + 1)));
+                if run.walked < run.ids.len() {
+                    heap.push(Reverse((self.share(share.tenant), i)));
+                }
             }
+            pass.class += 1;
         }
-        position
+        if pass.class < pass.classes.len() {
+            pass.preemption_budget = state.preemption_budget;
+            self.pass = Some(pass);
+        } else {
+            self.ranked = pass.position;
+        }
+    }
+
+    /// Whether a scheduling pass is under way: the next tick goes on with it.
+    pub fn pass_in_progress(&self) -> bool {
+        self.pass.is_some()
     }
 
     fn share(&self, t: TenantIx) -> Share {
@@ -1763,6 +1853,7 @@ impl Engine {
             (id, &self.requests[id]).hash(&mut h);
         }
         self.subsidies.hash(&mut h);
+        self.pass.hash(&mut h);
         h.finish()
     }
 }
@@ -2120,6 +2211,38 @@ mod tests {
         ok(e.apply(Command::Tick, 4));
         assert_eq!(e.explain(big).unwrap().reason, WaitReason::CapacityBusy);
         let _ = hold;
+    }
+
+    #[test]
+    fn a_long_pass_goes_on_in_slices_and_arrivals_wait_for_the_next() {
+        let mut e = engine(vec![
+            pool("h", External, 5, &[("h100", 8, 1, 1000)]),
+            pool("r", External, 5, &[("rtx4090", 8, 2, 100)]),
+        ]);
+        e.config.pass_slice = 3;
+        submit(&mut e, gang("a", 1, 8, "h100"), 0); // fills the h100s
+        for _ in 0..4 {
+            submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        }
+        let small = submit(&mut e, gang("a", 1, 8, "rtx4090"), 0); // queued behind them
+        ok(e.apply(Command::Tick, 1));
+        assert!(e.pass_in_progress(), "three of six entries walked");
+        assert_eq!(e.request(small).unwrap().state, RequestState::Queued);
+        let late = submit(&mut e, gang("a", 1, 8, "rtx4090"), 2);
+        let ev = ok(e.apply(Command::Tick, 3));
+        assert!(placed(&ev, small), "the pass went on where it stopped");
+        assert!(!e.pass_in_progress());
+        assert_eq!(
+            e.request(late).unwrap().state,
+            RequestState::Queued,
+            "a request queued during a pass waits for the next"
+        );
+        ok(e.apply(Command::Tick, 4)); // a new pass: four h100 gangs, then `late`
+        assert_eq!(e.request(late).unwrap().state, RequestState::Queued);
+        let ev = ok(e.apply(Command::Tick, 5));
+        assert!(placed(&ev, late));
+        assert_eq!(e.explain(RequestId(5)).unwrap().position, 4);
+        assert_eq!(e.audit(), Ok(()));
     }
 
     #[test]

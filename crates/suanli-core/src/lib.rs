@@ -48,7 +48,9 @@ mod testkit;
 
 pub use audit::AuditError;
 pub use catalogue::{AcceleratorModel, Catalogue};
-pub use engine::{Command, Engine, EngineConfig, Event, Quote, QuotePart, QuotePlacement};
+pub use engine::{
+    Command, Engine, EngineConfig, Event, PASS_SLICE, Quote, QuotePart, QuotePlacement,
+};
 pub use error::CoreError;
 pub use fleet::{Fleet, FleetError, GroupSpec, PoolKind, PoolSpec};
 pub use placement::{Policy, PoolHealth};

@@ -40,6 +40,8 @@ const ZONES: [&str; 2] = ["mainland", "hetao"];
 #[derive(Clone, Debug)]
 struct Scenario {
     policy: suanli_core::Policy,
+    /// Small slices make every pass over a few requests go on across ticks.
+    pass_slice: u32,
     pools: Vec<PoolSpec>,
     tenants: Vec<TenantSpec>,
     steps: Vec<Step>,
@@ -466,12 +468,14 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 suanli_core::Policy::BestFit,
             ][..],
         ),
+        select(&[1, 2, 3, 5, suanli_core::PASS_SLICE][..]),
         pools(),
         tenants(),
         prop::collection::vec(step(), 30..=150),
     )
-        .prop_map(|(policy, pools, tenants, steps)| Scenario {
+        .prop_map(|(policy, pass_slice, pools, tenants, steps)| Scenario {
             policy,
+            pass_slice,
             pools,
             tenants,
             steps,
@@ -495,6 +499,7 @@ impl Run {
     fn new(s: &Scenario) -> Run {
         let config = EngineConfig {
             default_policy: s.policy,
+            pass_slice: s.pass_slice,
         };
         let mut engine = Engine::new(config, Catalogue::builtin());
         for p in &s.pools {
@@ -1057,12 +1062,15 @@ proptest! {
     }
 
     /// The queue counts what waits and ranks it once: `queue_len()` is the number of queued
-    /// requests after every command, and after a tick the requests that waited before it and
-    /// still wait hold distinct positions within 1..=n, n being how many requests the pass could
-    /// visit: those that waited before it and those it preempted back into the queue.
+    /// requests after every command, and when a pass ends (at the tick it began, or at a later
+    /// one when it went on in slices) the requests that waited when it began and still wait hold
+    /// distinct positions within 1..=n, n being how many requests the pass could visit: those
+    /// that waited when it began and those it preempted back into the queue.
     #[test]
     fn queue_positions_rank_each_request_once(s in scenario()) {
         let mut run = Run::new(&s);
+        // The requests queued when the pass under way began, and those it requeued so far.
+        let mut pass: Option<(Vec<RequestId>, usize)> = None;
         for step in &s.steps {
             let queued = |e: &Engine| -> Vec<RequestId> {
                 e.live_requests()
@@ -1079,15 +1087,21 @@ proptest! {
                     .iter()
                     .filter(|e| matches!(e, Event::Requeued { .. }))
                     .count();
-                let n = (before.len() + requeued) as u32;
+                let (waited, requeued_in_pass) = pass.get_or_insert((before, 0));
+                *requeued_in_pass += requeued;
+                if run.engine.pass_in_progress() {
+                    continue;
+                }
+                let n = (waited.len() + *requeued_in_pass) as u32;
                 let mut positions = BTreeSet::new();
-                for id in after.iter().filter(|id| before.contains(id)) {
+                for id in after.iter().filter(|id| waited.contains(id)) {
                     let p = run.engine.explain(*id).unwrap().position;
                     prop_assert!(
                         (1..=n).contains(&p) && positions.insert(p),
                         "{} at position {} of {} waiting", id, p, n
                     );
                 }
+                pass = None;
             }
         }
     }

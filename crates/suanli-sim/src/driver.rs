@@ -118,6 +118,16 @@ impl Driver {
         }
     }
 
+    /// Ticks the engine at `now` until its scheduling pass is done. The broker walks a long
+    /// pass in slices, a tick apart, so that calls do not wait behind it; the simulator has no
+    /// calls to keep waiting and walks it at one instant.
+    pub fn tick(&mut self, now: Millis) {
+        self.apply(Command::Tick, now);
+        while self.engine.pass_in_progress() {
+            self.apply(Command::Tick, now);
+        }
+    }
+
     fn apply_one(&mut self, command: Command, now: Millis) -> Applied {
         if let Command::Submit(spec) = &command {
             self.recorder.expect_submit(spec, now);

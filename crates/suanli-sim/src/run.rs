@@ -99,6 +99,7 @@ pub fn simulate(
     let engine = Engine::with_fleet(
         EngineConfig {
             default_policy: config.policy,
+            ..EngineConfig::default()
         },
         catalogue.clone(),
         fleet,
@@ -218,7 +219,7 @@ pub fn simulate(
             tick = true;
         }
         if tick {
-            driver.apply(Command::Tick, now);
+            driver.tick(now);
         }
 
         let mut queued = false;
@@ -251,7 +252,7 @@ pub fn simulate(
             pool_events.retain(|r| !r.0.2);
         }
         if queued {
-            driver.apply(Command::Tick, now);
+            driver.tick(now);
         }
     }
     let mut finished = driver.finish(now)?;

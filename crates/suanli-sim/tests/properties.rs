@@ -110,7 +110,10 @@ proptest! {
         // Apply the recorded commands to a fresh engine and follow every request.
         let commands = run.commands.clone().unwrap();
         let mut engine = Engine::with_fleet(
-            EngineConfig { default_policy: policy },
+            EngineConfig {
+                default_policy: policy,
+                ..EngineConfig::default()
+            },
             catalogue.clone(),
             &fleet,
         ).unwrap();
@@ -142,7 +145,10 @@ proptest! {
 
         // The same through the simulator's own replay.
         let fresh = Engine::with_fleet(
-            EngineConfig { default_policy: policy },
+            EngineConfig {
+                default_policy: policy,
+                ..EngineConfig::default()
+            },
             catalogue.clone(),
             &fleet,
         ).unwrap();

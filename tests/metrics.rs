@@ -253,6 +253,12 @@ async fn metrics_agree_with_the_api_and_pass_promtool() {
     );
     assert_eq!(value(&m, "suanli_requests_submitted_total", &[]), 3.0);
     assert_eq!(value(&m, "suanli_requests_placed_total", &[]), 2.0);
+    // Both were placed at submission: two waits of nothing.
+    let waits = (
+        value(&m, "suanli_request_queue_wait_seconds_count", &[]),
+        value(&m, "suanli_request_queue_wait_seconds_sum", &[]),
+    );
+    assert_eq!(waits, (2.0, 0.0));
     assert_eq!(
         value(
             &m,

@@ -157,6 +157,12 @@ const SECONDS_BOUNDS_NS: &[u64] = &[
     10_000_000_000,
 ];
 
+/// Bucket bounds of queue waits, in milliseconds: placed at once, then 1 ms to a day.
+const WAIT_BOUNDS_MS: &[u64] = &[
+    0, 1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000,
+    900_000, 3_600_000, 21_600_000, 86_400_000,
+];
+
 /// Bucket bounds of batch sizes, in operations, up to the writer's largest batch.
 const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
 
@@ -502,6 +508,8 @@ pub(crate) struct WriterMetrics {
     ended: [AtomicU64; END_REASONS.len()],
     /// Requests in each of [`LEASE_STATES`], as the views show them.
     leases: [AtomicI64; LEASE_STATES.len()],
+    /// Time from queueing (submission or requeue) to placement.
+    queue_wait: Histogram,
     batch_ops: Histogram,
     apply: Histogram,
     commit: Histogram,
@@ -518,6 +526,7 @@ impl Default for WriterMetrics {
             requeued: Default::default(),
             ended: Default::default(),
             leases: Default::default(),
+            queue_wait: Histogram::new(WAIT_BOUNDS_MS, 1e3),
             batch_ops: Histogram::new(BATCH_BOUNDS, 1.0),
             apply: Histogram::seconds(),
             commit: Histogram::seconds(),
@@ -543,6 +552,11 @@ impl WriterMetrics {
             _ => return,
         };
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// A request was placed `ms` milliseconds after it was queued.
+    pub(crate) fn waited(&self, ms: u64) {
+        self.queue_wait.observe_raw(ms);
     }
 
     /// A request record in the views moved from state `from` (none: new) to `to` (wire
@@ -651,6 +665,13 @@ impl Collector for WriterMetrics {
                 .iter()
                 .zip(&self.leases)
                 .map(|(&(_, s), g)| ([("state", s)], g.load(Relaxed).max(0) as u64)),
+        )?;
+        histograms(
+            e,
+            "suanli_request_queue_wait_seconds",
+            "Time from queueing (submission, or requeue after preemption or a lost pool) to \
+             placement; 0 for a request placed at submission.",
+            [(NO_LABELS, &self.queue_wait)],
         )?;
         histograms(
             e,

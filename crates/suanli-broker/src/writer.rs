@@ -54,9 +54,11 @@ const QUEUE_VIEW_EVERY_MS: u64 = 500;
 /// rebuild reads the whole queue, and every call that arrives meanwhile waits for it, so the
 /// share of calls that meet one is about the share of time rebuilds take.
 const REBUILD_SHARE: u64 = 200;
-/// While the engine walks a long scheduling pass in slices (one per tick, see
-/// `suanli_core::PASS_SLICE`), the next slice comes after SLICE_GAP times the last one's cost:
-/// slices take about a quarter of the writer's time, and the calls between them the rest.
+/// While the engine has a pass to walk (one under way, or capacity freed, or requests queued),
+/// the next tick comes after SLICE_GAP times the last one's cost, and at least a millisecond
+/// later, rather than after the configured interval: requests are placed within milliseconds,
+/// a tick's slice (see `suanli_core::PASS_SLICE`) places few at a time, and slices take at
+/// most about a quarter of the writer's time, the calls between them the rest.
 const SLICE_GAP: u32 = 3;
 /// A batch that takes longer than this, from taking its operations to its last reply and
 /// publication, is logged (at debug) with where its time went.
@@ -780,6 +782,14 @@ impl Writer {
             }
             if matches!(ev, Event::Placed { .. }) {
                 self.hold(&record, now);
+                if self.live {
+                    // Queued since its submission or its requeue, the last change of its record.
+                    let queued_at = previous
+                        .as_deref()
+                        .filter(|p| p.state == pb::RequestState::Queued as i32)
+                        .map_or(now, |p| p.update_time_unix_ms);
+                    self.metrics.waited(now.saturating_sub(queued_at));
+                }
             }
             if self.live {
                 self.act(ev, &record, previous.as_deref(), now);
@@ -1212,11 +1222,16 @@ impl Writer {
         self.live = true;
         self.started_at = self.clock();
         self.rearm_timers();
-        let tick = self.config.tick_interval.as_millis() as u64;
-        let mut next_tick = self.started_at + tick;
+        let interval = self.config.tick_interval.as_millis() as u64;
+        let mut last_tick = self.started_at;
+        // How soon after the last tick the next comes when the engine wants a pass.
+        let mut soon = 1;
+        let next_tick = |engine: &Engine, last_tick: u64, soon: u64| {
+            last_tick + if engine.pass_wanted() { soon } else { interval }
+        };
         let mut ops = Vec::new();
         loop {
-            let mut wake = next_tick;
+            let mut wake = next_tick(&self.engine, last_tick, soon);
             if self.publish_due {
                 wake = wake.min(self.last_publish + PUBLISH_EVERY_MS);
             }
@@ -1245,17 +1260,13 @@ impl Writer {
             }
             let handled = started.elapsed();
             let mut tick_cost = Duration::ZERO;
-            if now >= next_tick {
+            if now >= next_tick(&self.engine, last_tick, soon) {
                 let ticked = Instant::now();
                 let _ = self.apply_logged(Command::Tick, now, None, &mut entries);
                 self.check_heartbeats(now, &mut entries);
                 tick_cost = ticked.elapsed();
-                next_tick = if self.engine.pass_in_progress() {
-                    let gap = (tick_cost * SLICE_GAP).max(Duration::from_millis(1));
-                    now + gap.as_millis() as u64
-                } else {
-                    now + tick
-                };
+                last_tick = now;
+                soon = (tick_cost * SLICE_GAP).as_millis().max(1) as u64;
             }
             self.fire_timers(now, &mut entries);
             self.forget_ended(now);

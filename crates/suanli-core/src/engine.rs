@@ -409,12 +409,18 @@ pub struct Engine {
 /// wait for the next pass. Bounds a pass over a long queue on a full fleet.
 pub const PREEMPTION_SEARCHES_PER_PASS: u32 = 32;
 
-/// Queue entries one tick's slice of a pass walks at most, unless the config says otherwise. A
+/// Queue entries one tick's slice of a pass walks at most, unless the config says otherwise (a
+/// placement counts for [`PLACEMENT_WEIGHT`] entries). A
 /// pass over a longer queue goes on at the next tick from where it stopped, so a tick costs
 /// about a millisecond however long the queue: calls that wait behind it in the broker wait
 /// that long, not for a pass over tens of thousands of requests. Requests not yet reached wait
 /// until the pass reaches them, one tick per slice.
 pub const PASS_SLICE: u32 = 2048;
+
+/// What a placement counts for in a slice, in queue entries walked: placing a request (and
+/// what the shell does with each placement) costs some tens of times walking past one that
+/// waits, so a slice that places much stops sooner.
+pub const PLACEMENT_WEIGHT: u32 = 32;
 
 /// A scheduling pass under way: what it still has to walk. It is part of the engine's state
 /// (snapshots keep it), so a recovered engine goes on with it as the live one would.
@@ -1534,7 +1540,18 @@ impl Engine {
                 let Some(id) = next else {
                     continue;
                 };
-                self.try_start(id, Some(&mut state), out);
+                let (searches, reserved) = (state.preemption_budget, self.reservation.is_some());
+                if let Start::Placed = self.try_start(id, Some(&mut state), out) {
+                    walked += PLACEMENT_WEIGHT;
+                }
+                // A victim search reads every preemptible lease, a reservation estimate up to
+                // every live lease: each lease read counts for a quarter of an entry walked.
+                if state.preemption_budget < searches {
+                    walked = walked.saturating_add(self.preemptible.len() as u32 / 4);
+                }
+                if !reserved && self.reservation.is_some() {
+                    walked = walked.saturating_add(self.live_leases as u32 / 4);
+                }
                 if run.walked < run.ids.len() {
                     heap.push(Reverse((self.share(share.tenant), i)));
                 }
@@ -1552,6 +1569,13 @@ impl Engine {
     /// Whether a scheduling pass is under way: the next tick goes on with it.
     pub fn pass_in_progress(&self) -> bool {
         self.pass.is_some()
+    }
+
+    /// Whether the next tick would walk a pass: one is under way, or something happened that a
+    /// pass could act on (capacity freed, requests queued). A shell that ticks on a timer may
+    /// tick sooner while this holds.
+    pub fn pass_wanted(&self) -> bool {
+        self.pass.is_some() || self.pass_due || !self.arrivals.is_empty()
     }
 
     fn share(&self, t: TenantIx) -> Share {
@@ -2242,6 +2266,28 @@ mod tests {
         let ev = ok(e.apply(Command::Tick, 5));
         assert!(placed(&ev, late));
         assert_eq!(e.explain(RequestId(5)).unwrap().position, 4);
+        assert_eq!(e.audit(), Ok(()));
+    }
+
+    #[test]
+    fn a_placement_counts_for_many_entries_in_a_slice() {
+        let mut e = engine(vec![
+            pool("h", External, 5, &[("h100", 8, 2, 1000)]),
+            pool("r", External, 5, &[("rtx4090", 8, 4, 100)]),
+        ]);
+        e.config.pass_slice = PLACEMENT_WEIGHT;
+        submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let big = submit(&mut e, gang("a", 2, 8, "h100"), 0); // waits: the rest queue
+        let small: Vec<_> = (0..3)
+            .map(|_| submit(&mut e, gang("a", 1, 8, "rtx4090"), 0))
+            .collect();
+        let mut placed_per_tick = Vec::new();
+        for now in 1..=4 {
+            let ev = ok(e.apply(Command::Tick, now));
+            placed_per_tick.push(small.iter().filter(|&&id| placed(&ev, id)).count());
+        }
+        assert_eq!(placed_per_tick, [1, 1, 1, 0], "one placement fills a slice");
+        assert_eq!(e.request(big).unwrap().state, RequestState::Queued);
         assert_eq!(e.audit(), Ok(()));
     }
 

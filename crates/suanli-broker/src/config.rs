@@ -50,7 +50,9 @@ pub struct BrokerConfig {
     pub tenants: Vec<TenantConfig>,
     /// The operator's token; generated when absent.
     pub operator_token: Option<String>,
-    /// How often the engine ticks (expiry and scheduling).
+    /// How often the engine ticks (expiry and scheduling) when it has nothing to schedule;
+    /// while it has (requests queued, capacity freed, a pass under way) it ticks within a few
+    /// milliseconds.
     pub tick_interval: Duration,
     /// A pool whose agent is silent this long is lost.
     pub heartbeat_timeout: Duration,

@@ -1571,11 +1571,11 @@ impl Engine {
         self.pass.is_some()
     }
 
-    /// Whether the next tick would walk a pass: one is under way, or something happened that a
-    /// pass could act on (capacity freed, requests queued). A shell that ticks on a timer may
-    /// tick sooner while this holds.
+    /// Whether the next tick would walk a pass: one is under way, or requests wait and
+    /// something happened that a pass could act on (capacity freed, requests queued). A shell
+    /// that ticks on a timer may tick sooner while this holds.
     pub fn pass_wanted(&self) -> bool {
-        self.pass.is_some() || self.pass_due || !self.arrivals.is_empty()
+        self.pass.is_some() || (self.pass_due || !self.arrivals.is_empty()) && self.queue.len() > 0
     }
 
     fn share(&self, t: TenantIx) -> Share {

@@ -498,8 +498,8 @@ const LEASE_STATES: [(pb::RequestState, &str); 2] = [
 pub(crate) struct WriterMetrics {
     /// Per command kind: applied, rejected.
     commands: [[AtomicU64; 2]; COMMANDS.len()],
-    /// Per command kind: the engine's time to apply it (a decision; a tick is a scheduling
-    /// pass over the queue).
+    /// Per command kind: the engine's time to apply it (a decision; a tick is expiry and a
+    /// slice of a scheduling pass).
     decisions: [Histogram; COMMANDS.len()],
     submitted: AtomicU64,
     placed: AtomicU64,
@@ -611,7 +611,7 @@ impl Collector for WriterMetrics {
         histograms(
             e,
             "suanli_decision_seconds",
-            "Time the engine took to apply one command, by kind (a tick is a scheduling pass).",
+            "Time the engine took to apply one command, by kind (a tick is a slice of a scheduling pass).",
             COMMANDS
                 .iter()
                 .zip(&self.decisions)

@@ -374,7 +374,10 @@ impl Engine {
                 ),
             });
         }
-        Ok(())
+        match self.pass_fault() {
+            Some(detail) => Err(AuditError::Queue { detail }),
+            None => Ok(()),
+        }
     }
 
     fn audit_counters(&self, ids: &[RequestId]) -> Result<(), AuditError> {

@@ -1571,6 +1571,36 @@ impl Engine {
         self.pass.is_some()
     }
 
+    /// What is wrong with the pass under way, if anything: for the audit.
+    pub(crate) fn pass_fault(&self) -> Option<String> {
+        let pass = self.pass.as_ref()?;
+        if pass.id != self.passes {
+            return Some(format!(
+                "the pass under way is number {}, the last begun {}",
+                pass.id, self.passes
+            ));
+        }
+        if pass.class >= pass.classes.len() {
+            return Some(format!("the pass under way is at class {}", pass.class));
+        }
+        let runs = pass.classes.iter().flatten();
+        if let Some(run) = runs.clone().find(|run| run.walked > run.ids.len()) {
+            return Some(format!(
+                "the pass walked {} of the {} requests of tenant {}",
+                run.walked,
+                run.ids.len(),
+                run.tenant.0
+            ));
+        }
+        let entries: usize = runs.map(|run| run.ids.len()).sum();
+        (pass.position as usize > self.ranked as usize + entries).then(|| {
+            format!(
+                "the pass gave position {} with {entries} entries to walk",
+                pass.position
+            )
+        })
+    }
+
     /// Whether the next tick would walk a pass: one is under way, or requests wait and
     /// something happened that a pass could act on (capacity freed, requests queued). A shell
     /// that ticks on a timer may tick sooner while this holds.

@@ -571,6 +571,10 @@ pub struct Summary {
     pub size_factor: f64,
     /// TFLOPS of one device of a job naming no model.
     pub reference_tflops: u64,
+    /// Passes came at multiples of this many milliseconds (absent: at every event that called
+    /// for one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tick_interval_ms: Option<u64>,
     /// Rated capacity of the fleet, in P.
     pub capacity_p: f64,
     /// Compute the jobs arriving in the window asked for (TFLOPS x run time) over the window's

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use suanli_core::engine::Event;
+use suanli_core::engine::{Command, Event};
 use suanli_core::{Catalogue, Engine, EngineConfig, Fleet, Policy, Priority, RequestState};
 use suanli_sim::job::{Job, JobShape};
 use suanli_sim::trace::Trace;
@@ -86,6 +86,7 @@ proptest! {
         policy in 0usize..3,
         failures in any::<bool>(),
         seed in 0u64..1000,
+        tick_ms in proptest::option::of(1u64..=600_000),
     ) {
         let policy = [Policy::Cheapest, Policy::LowestLatency, Policy::BestFit][policy];
         let config = SimConfig {
@@ -93,6 +94,7 @@ proptest! {
             seed,
             failures: failures.then_some(Failures { mtbf_h: 0.2, mttr_h: 0.1 }),
             record_commands: true,
+            tick_interval_ms: tick_ms,
             ..SimConfig::default()
         };
         let catalogue = Catalogue::builtin();
@@ -109,6 +111,14 @@ proptest! {
 
         // Apply the recorded commands to a fresh engine and follow every request.
         let commands = run.commands.clone().unwrap();
+        if let Some(interval) = tick_ms {
+            for (now, command) in &commands {
+                prop_assert!(
+                    *command != Command::Tick || now % interval == 0,
+                    "a tick at {} with a {} ms interval", now, interval
+                );
+            }
+        }
         let mut engine = Engine::with_fleet(
             EngineConfig {
                 default_policy: policy,

@@ -515,6 +515,19 @@ mod tests {
     }
 
     #[test]
+    fn tick_ms_takes_a_positive_interval_of_at_most_a_day() {
+        assert_eq!(
+            parse(&["--tick-ms", "60000"]).unwrap().run.tick_ms,
+            Some(60_000)
+        );
+        assert_eq!(parse(&[]).unwrap().run.tick_ms, None);
+        for bad in ["0", "86400001", "-5", "1.5", "soon"] {
+            let err = parse(&[&format!("--tick-ms={bad}")]).unwrap_err();
+            assert!(err.contains("--tick-ms <MS>"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn the_summary_shows_cost_and_subsidy() {
         let s = Summary {
             subsidy_policy: Some("50% on local pools, unlimited".into()),

@@ -410,11 +410,11 @@ pub struct Engine {
 pub const PREEMPTION_SEARCHES_PER_PASS: u32 = 32;
 
 /// Queue entries one tick's slice of a pass walks at most, unless the config says otherwise (a
-/// placement counts for [`PLACEMENT_WEIGHT`] entries). A
-/// pass over a longer queue goes on at the next tick from where it stopped, so a tick costs
-/// about a millisecond however long the queue: calls that wait behind it in the broker wait
-/// that long, not for a pass over tens of thousands of requests. Requests not yet reached wait
-/// until the pass reaches them, one tick per slice.
+/// placement counts for [`PLACEMENT_WEIGHT`] entries). A pass over a longer queue goes on at
+/// the next tick from where it stopped, so a tick costs about a millisecond however long the
+/// queue: calls that wait behind it in the broker wait that long, not for a pass over tens of
+/// thousands of requests. Requests not yet reached wait until the pass reaches them, one tick
+/// per slice.
 pub const PASS_SLICE: u32 = 2048;
 
 /// What a placement counts for in a slice, in queue entries walked: placing a request (and
@@ -444,6 +444,16 @@ struct TenantRun {
     tenant: TenantIx,
     ids: Vec<RequestId>,
     walked: usize,
+}
+
+impl TenantRun {
+    fn new(tenant: TenantIx, ids: Vec<RequestId>) -> Self {
+        TenantRun {
+            tenant,
+            ids,
+            walked: 0,
+        }
+    }
 }
 
 /// What one slice of a scheduling pass remembers while it walks the queue.
@@ -1448,11 +1458,7 @@ impl Engine {
             self.queue.classes[class.rank()]
                 .iter()
                 // Entries that left the queue are skipped by the pass itself.
-                .map(|(&tenant, q)| TenantRun {
-                    tenant,
-                    ids: q.iter().copied().collect(),
-                    walked: 0,
-                })
+                .map(|(&tenant, q)| TenantRun::new(tenant, q.iter().copied().collect()))
                 .collect()
         });
         self.begin_pass(classes, 0);
@@ -1475,11 +1481,7 @@ impl Engine {
         }
         let classes = by_class.map(|c| {
             c.into_iter()
-                .map(|(tenant, ids)| TenantRun {
-                    tenant,
-                    ids,
-                    walked: 0,
-                })
+                .map(|(tenant, ids)| TenantRun::new(tenant, ids))
                 .collect()
         });
         self.begin_pass(classes, self.ranked);

@@ -24,6 +24,7 @@ fn hello_from(pool: &str, running: Vec<u64>) -> pb::AgentMessage {
             pool: pool.into(),
             agent_version: "test".into(),
             running_requests: running,
+            ..Default::default()
         })),
     }
 }
@@ -35,6 +36,7 @@ fn report(request: u64, kind: pb::LeaseReportKind) -> pb::AgentMessage {
             kind: kind as i32,
             time_unix_ms: 0,
             detail: String::new(),
+            ..Default::default()
         })),
     }
 }
@@ -57,7 +59,17 @@ fn one_h100_node() -> pb::RequestSpec {
     }
 }
 
+/// The next message from the broker that is not an acknowledgement of a report.
 async fn next(stream: &mut Streaming<pb::BrokerMessage>) -> pb::broker_message::Body {
+    loop {
+        match next_any(stream).await {
+            pb::broker_message::Body::ReportAck(_) => continue,
+            body => return body,
+        }
+    }
+}
+
+async fn next_any(stream: &mut Streaming<pb::BrokerMessage>) -> pb::broker_message::Body {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .expect("a message within 10 s")
@@ -65,6 +77,20 @@ async fn next(stream: &mut Streaming<pb::BrokerMessage>) -> pb::broker_message::
         .expect("no error")
         .body
         .expect("a body")
+}
+
+/// The broker acknowledges a report once it has dealt with it.
+async fn expect_ack(
+    stream: &mut Streaming<pb::BrokerMessage>,
+    request: u64,
+    kind: pb::LeaseReportKind,
+) {
+    match next_any(stream).await {
+        pb::broker_message::Body::ReportAck(a) => {
+            assert_eq!((a.request, a.kind), (request, kind as i32), "{a:?}");
+        }
+        other => panic!("expected a ReportAck, got {other:?}"),
+    }
 }
 
 /// Sends a heartbeat every 50 ms until aborted (the broker's timeout in this test is 300 ms).
@@ -197,12 +223,26 @@ async fn an_agent_runs_its_pools_leases_and_a_silent_agent_loses_its_pool() {
     tx.send(report(r.id, pb::LeaseReportKind::Started))
         .await
         .unwrap();
+    expect_ack(&mut from_broker, r.id, pb::LeaseReportKind::Started).await;
     eventually(&broker, &tenant_token, &r.name, pb::RequestState::Running).await;
+    // A repeated report is acknowledged again and changes nothing.
+    tx.send(report(r.id, pb::LeaseReportKind::Started))
+        .await
+        .unwrap();
+    expect_ack(&mut from_broker, r.id, pb::LeaseReportKind::Started).await;
     tx.send(report(r.id, pb::LeaseReportKind::Finished))
         .await
         .unwrap();
+    expect_ack(&mut from_broker, r.id, pb::LeaseReportKind::Finished).await;
     let done = eventually(&broker, &tenant_token, &r.name, pb::RequestState::Completed).await;
     assert_eq!(done.end_reason, pb::EndReason::Finished as i32);
+    // A report for a lease that has ended is stale: acknowledged, not applied.
+    tx.send(report(r.id, pb::LeaseReportKind::Failed))
+        .await
+        .unwrap();
+    expect_ack(&mut from_broker, r.id, pb::LeaseReportKind::Failed).await;
+    let still = eventually(&broker, &tenant_token, &r.name, pb::RequestState::Completed).await;
+    assert_eq!(still.end_reason, pb::EndReason::Finished as i32);
 
     // A second lease, then the agent falls silent: the pool is lost, the lease requeued.
     let r2 = tenant

@@ -113,6 +113,7 @@ impl Workload {
             start_after_ms: None,
             deadline_ms: None,
             requeue: priority == Priority::Spot,
+            workload: None,
         }
     }
 }

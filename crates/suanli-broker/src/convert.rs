@@ -3,8 +3,9 @@
 
 use suanli_core::query::{FleetUsage, LeaseView, PoolUsage, RequestView, TenantUsage, Utilisation};
 use suanli_core::{
-    Constraints, EndReason, GroupSpec, Policy, PoolHealth, PoolKind, PoolSpec, Priority,
-    RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
+    Constraints, EndReason, GroupSpec, JobCause, JobOutcome, Policy, PoolHealth, PoolKind,
+    PoolSpec, Priority, RequestSpec, RequestState, Runtime, Runtimes, Shape, TenantSpec,
+    WaitReason, Workload,
 };
 use suanli_proto::v1 as pb;
 
@@ -111,7 +112,233 @@ pub fn request_spec(
         start_after_ms: spec.start_after_unix_ms,
         deadline_ms: spec.deadline_unix_ms,
         requeue: spec.requeue,
+        workload: match spec.workload {
+            Some(w) => Some(Box::new(workload(w, &format!("{field}.workload"))?)),
+            None => None,
+        },
     })
+}
+
+/// Limits of a workload (see `Workload` in `types.proto`).
+pub mod workload_limits {
+    /// Entries of argv.
+    pub const ARGV_ENTRIES: usize = 256;
+    /// Bytes of one argv entry, or of one env value.
+    pub const VALUE_BYTES: usize = 4096;
+    /// Entries of env.
+    pub const ENV_ENTRIES: usize = 128;
+    /// Bytes of an env name.
+    pub const ENV_NAME_BYTES: usize = 128;
+    /// Bytes of working_dir, or of image.
+    pub const PATH_BYTES: usize = 1024;
+    /// Bytes of the whole workload.
+    pub const TOTAL_BYTES: usize = 64 * 1024;
+    /// Longest stop grace, in seconds.
+    pub const STOP_GRACE_S: u32 = 3600;
+}
+
+/// A workload from the wire, every limit checked; `field` names it in errors.
+pub fn workload(w: pb::Workload, field: &str) -> Result<Workload, BrokerError> {
+    use workload_limits::*;
+    let bad = |sub: String, why: String| BrokerError::field(format!("{field}.{sub}"), why);
+    if w.argv.is_empty() {
+        return Err(bad("argv".into(), "required: the program to run".into()));
+    }
+    if w.argv.len() > ARGV_ENTRIES {
+        return Err(bad(
+            "argv".into(),
+            format!("{} entries, more than {ARGV_ENTRIES}", w.argv.len()),
+        ));
+    }
+    if w.argv[0].is_empty() {
+        return Err(bad("argv[0]".into(), "empty: the program to run".into()));
+    }
+    let mut total = 0;
+    for (i, a) in w.argv.iter().enumerate() {
+        if a.len() > VALUE_BYTES {
+            return Err(bad(
+                format!("argv[{i}]"),
+                format!("{} bytes, more than {VALUE_BYTES}", a.len()),
+            ));
+        }
+        if a.contains('\0') {
+            return Err(bad(format!("argv[{i}]"), "contains a NUL byte".into()));
+        }
+        total += a.len();
+    }
+    if w.env.len() > ENV_ENTRIES {
+        return Err(bad(
+            "env".into(),
+            format!("{} entries, more than {ENV_ENTRIES}", w.env.len()),
+        ));
+    }
+    let mut env = Vec::with_capacity(w.env.len());
+    for (i, v) in w.env.into_iter().enumerate() {
+        let name_ok = !v.name.is_empty()
+            && v.name.len() <= ENV_NAME_BYTES
+            && v.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !v.name.as_bytes()[0].is_ascii_digit();
+        if !name_ok {
+            return Err(bad(
+                format!("env[{i}].name"),
+                format!(
+                    "{:?} is not a variable name (1 to {ENV_NAME_BYTES} letters, digits and _, \
+                     not starting with a digit)",
+                    v.name
+                ),
+            ));
+        }
+        if v.name.starts_with("SUANLI_") {
+            return Err(bad(
+                format!("env[{i}].name"),
+                format!(
+                    "{} is set by the agent (SUANLI_ names are reserved)",
+                    v.name
+                ),
+            ));
+        }
+        if v.value.len() > VALUE_BYTES {
+            return Err(bad(
+                format!("env[{i}].value"),
+                format!("{} bytes, more than {VALUE_BYTES}", v.value.len()),
+            ));
+        }
+        if v.value.contains('\0') {
+            return Err(bad(format!("env[{i}].value"), "contains a NUL byte".into()));
+        }
+        total += v.name.len() + v.value.len();
+        env.push((v.name, v.value));
+    }
+    for (name, value) in [("working_dir", &w.working_dir), ("image", &w.image)] {
+        if value.len() > PATH_BYTES {
+            return Err(bad(
+                name.into(),
+                format!("{} bytes, more than {PATH_BYTES}", value.len()),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(bad(name.into(), "contains a NUL byte".into()));
+        }
+        total += value.len();
+    }
+    if w.stop_grace_s > STOP_GRACE_S {
+        return Err(bad(
+            "stop_grace_s".into(),
+            format!("{} s, more than {STOP_GRACE_S}", w.stop_grace_s),
+        ));
+    }
+    if total > TOTAL_BYTES {
+        return Err(BrokerError::field(
+            field,
+            format!("{total} bytes in all, more than {TOTAL_BYTES}"),
+        ));
+    }
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    Ok(Workload {
+        argv: w.argv,
+        env,
+        working_dir: some(w.working_dir),
+        image: some(w.image),
+        stop_grace_s: w.stop_grace_s,
+    })
+}
+
+/// The wire form of a workload.
+pub fn workload_to_pb(w: &Workload) -> pb::Workload {
+    pb::Workload {
+        argv: w.argv.clone(),
+        env: w
+            .env
+            .iter()
+            .map(|(name, value)| pb::EnvVar {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        working_dir: w.working_dir.clone().unwrap_or_default(),
+        image: w.image.clone().unwrap_or_default(),
+        stop_grace_s: w.stop_grace_s,
+    }
+}
+
+/// The runtimes an agent announced; unknown values are named.
+pub fn runtimes(values: &[i32], field: &str) -> Result<Runtimes, BrokerError> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, &v) in values.iter().enumerate() {
+        out.push(match pb::WorkloadRuntime::try_from(v) {
+            Ok(pb::WorkloadRuntime::Command) => Runtime::Command,
+            Ok(pb::WorkloadRuntime::Container) => Runtime::Container,
+            _ => {
+                return Err(BrokerError::field(
+                    format!("{field}[{i}]"),
+                    format!("unknown workload runtime {v}"),
+                ));
+            }
+        });
+    }
+    Ok(Runtimes::of(out))
+}
+
+/// The longest outcome message kept.
+pub const MAX_OUTCOME_MESSAGE: usize = 1024;
+
+/// A job outcome from an agent's report; `failed` is the report's kind, for reports without
+/// an outcome (older agents, simulated jobs).
+pub fn job_outcome(o: Option<pb::JobOutcome>, failed: bool) -> JobOutcome {
+    let fallback = if failed {
+        JobCause::Failed
+    } else {
+        JobCause::Completed
+    };
+    let Some(o) = o else {
+        return JobOutcome::bare(fallback);
+    };
+    let cause = match pb::JobCause::try_from(o.cause) {
+        Ok(pb::JobCause::Completed) => JobCause::Completed,
+        Ok(pb::JobCause::Failed) => JobCause::Failed,
+        Ok(pb::JobCause::Cancelled) => JobCause::Cancelled,
+        Ok(pb::JobCause::TimedOut) => JobCause::TimedOut,
+        Ok(pb::JobCause::NodeFailed) => JobCause::NodeFailed,
+        Ok(pb::JobCause::Preempted) => JobCause::Preempted,
+        Ok(pb::JobCause::LaunchFailed) => JobCause::LaunchFailed,
+        Ok(pb::JobCause::Unspecified) | Err(_) => fallback,
+    };
+    let mut message = o.message;
+    if message.len() > MAX_OUTCOME_MESSAGE {
+        let mut end = MAX_OUTCOME_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    JobOutcome {
+        cause,
+        exit_code: o.exit_code,
+        signal: o.signal,
+        node_rank: o.node_rank,
+        message,
+    }
+}
+
+/// The wire form of a job outcome.
+pub fn job_outcome_to_pb(o: &JobOutcome) -> pb::JobOutcome {
+    pb::JobOutcome {
+        cause: match o.cause {
+            JobCause::Completed => pb::JobCause::Completed,
+            JobCause::Failed => pb::JobCause::Failed,
+            JobCause::Cancelled => pb::JobCause::Cancelled,
+            JobCause::TimedOut => pb::JobCause::TimedOut,
+            JobCause::NodeFailed => pb::JobCause::NodeFailed,
+            JobCause::Preempted => pb::JobCause::Preempted,
+            JobCause::LaunchFailed => pb::JobCause::LaunchFailed,
+        } as i32,
+        exit_code: o.exit_code,
+        signal: o.signal,
+        node_rank: o.node_rank,
+        message: o.message.clone(),
+    }
 }
 
 /// The wire form of a core request spec.
@@ -153,6 +380,7 @@ pub fn spec_to_pb(spec: &RequestSpec) -> pb::RequestSpec {
         start_after_unix_ms: spec.start_after_ms,
         deadline_unix_ms: spec.deadline_ms,
         requeue: spec.requeue,
+        workload: spec.workload.as_deref().map(workload_to_pb),
     }
 }
 
@@ -188,6 +416,7 @@ pub fn reason_to_pb(r: WaitReason) -> pb::WaitReason {
         WaitReason::Quota => pb::WaitReason::Quota,
         WaitReason::CapacityBusy => pb::WaitReason::CapacityBusy,
         WaitReason::BehindReservation => pb::WaitReason::BehindReservation,
+        WaitReason::WorkloadUnsupported => pb::WaitReason::WorkloadUnsupported,
     }
 }
 
@@ -291,6 +520,8 @@ pub fn request_to_pb(v: &RequestView, spec: &pb::RequestSpec, now: u64) -> pb::R
         update_time_unix_ms: now,
         // Counted by the writer.
         leases: 0,
+        // Set by the writer when the job ends.
+        outcome: None,
     }
 }
 
@@ -777,6 +1008,7 @@ mod tests {
             start_after_ms: Some(9),
             deadline_ms: None,
             requeue: true,
+            workload: None,
         };
         assert_eq!(
             request_spec("a", Some(spec_to_pb(&spec)), "spec").unwrap(),

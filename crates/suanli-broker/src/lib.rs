@@ -35,6 +35,7 @@ pub mod billing;
 mod console;
 pub mod convert;
 mod metrics;
+mod relay;
 mod service;
 mod snapshot;
 mod views;

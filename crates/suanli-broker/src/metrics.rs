@@ -31,6 +31,7 @@ use rustc_hash::FxHashMap;
 use suanli_core::{Command, EndReason, Event};
 use suanli_proto::v1 as pb;
 
+use crate::service::pool::ReportFate;
 use crate::views::Views;
 
 /// The label set of a series without labels.
@@ -420,7 +421,7 @@ impl Collector for FleetCollector {
 // The writer
 
 /// Names of the engine's commands, indexed by [`command_kind`].
-const COMMANDS: [&str; 15] = [
+const COMMANDS: [&str; 16] = [
     "register_pool",
     "update_pool",
     "drain_pool",
@@ -436,6 +437,7 @@ const COMMANDS: [&str; 15] = [
     "lease_finished",
     "tick",
     "set_subsidies",
+    "set_pool_runtimes",
 ];
 
 /// The index of a command's kind in [`COMMANDS`].
@@ -456,6 +458,7 @@ pub(crate) fn command_kind(c: &Command) -> usize {
         Command::LeaseFinished { .. } => 12,
         Command::Tick => 13,
         Command::SetSubsidies { .. } => 14,
+        Command::SetPoolRuntimes { .. } => 15,
     }
 }
 
@@ -513,7 +516,17 @@ pub(crate) struct WriterMetrics {
     batch_ops: Histogram,
     apply: Histogram,
     commit: Histogram,
+    /// Lease reports from agents, by [`ReportFate`] (counted by the agents' streams).
+    reports: [AtomicU64; REPORT_FATES.len()],
 }
+
+/// What became of agents' lease reports, in the order of `reports`.
+const REPORT_FATES: [ReportFate; 4] = [
+    ReportFate::Applied,
+    ReportFate::Duplicate,
+    ReportFate::Stale,
+    ReportFate::Contradicting,
+];
 
 impl Default for WriterMetrics {
     fn default() -> Self {
@@ -530,6 +543,7 @@ impl Default for WriterMetrics {
             batch_ops: Histogram::new(BATCH_BOUNDS, 1.0),
             apply: Histogram::seconds(),
             commit: Histogram::seconds(),
+            reports: Default::default(),
         }
     }
 }
@@ -552,6 +566,15 @@ impl WriterMetrics {
             _ => return,
         };
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// An agent's lease report was dealt with.
+    pub(crate) fn report(&self, fate: ReportFate) {
+        let i = REPORT_FATES
+            .iter()
+            .position(|f| *f == fate)
+            .expect("every fate is listed");
+        self.reports[i].fetch_add(1, Relaxed);
     }
 
     /// A request was placed `ms` milliseconds after it was queued.
@@ -595,6 +618,15 @@ impl WriterMetrics {
 impl Collector for WriterMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), FmtError> {
         let e = &mut enc;
+        counters(
+            e,
+            "suanli_agent_reports",
+            "Lease reports from pools' agents, by fate: applied, duplicate (repeats what the broker knows), stale (an ended or replaced lease) or contradicting (warned about). All are acknowledged.",
+            REPORT_FATES
+                .iter()
+                .zip(&self.reports)
+                .map(|(f, c)| ([("fate", f.as_str())], c.load(Relaxed))),
+        )?;
         counters(
             e,
             "suanli_commands",

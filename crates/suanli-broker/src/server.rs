@@ -113,7 +113,12 @@ pub async fn run_with(
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ]));
-    let metrics = Arc::new(Metrics::new(views.clone(), w.metrics(), rpc.clone()));
+    let writer_metrics = w.metrics();
+    let metrics = Arc::new(Metrics::new(
+        views.clone(),
+        writer_metrics.clone(),
+        rpc.clone(),
+    ));
     let (handle, join) = writer::spawn(w, config.queue_capacity);
     let stopper = handle.clone();
 
@@ -143,6 +148,8 @@ pub async fn run_with(
         views,
         watch,
         stopping,
+        agents: Arc::default(),
+        metrics: writer_metrics,
     };
     let max = config.max_message_bytes;
     let auth = move |t: Tokens| move |req| t.authenticate(req);

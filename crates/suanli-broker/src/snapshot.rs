@@ -23,7 +23,7 @@ use crate::writer::Idempotency;
 /// The first byte of every saved snapshot. The image is postcard, which is not
 /// self-describing: a change to the engine's state changes the format, and a snapshot of
 /// another format is refused by name instead of being misread.
-pub(crate) const SNAPSHOT_FORMAT: u8 = 5;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 6;
 
 /// What the writer hands to the snapshot thread: its state, cloned at a batch boundary.
 pub(crate) struct Capture {

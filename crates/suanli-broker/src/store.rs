@@ -95,8 +95,11 @@ pub struct RedbStore {
 
 /// The first byte of a log entry in postcard form; an entry in JSON, as the first logs were
 /// written, starts with `{`. Postcard is about a quarter of the JSON, and every byte is written
-/// and synced before a reply.
-const POSTCARD: u8 = 1;
+/// and synced before a reply. Postcard is not self-describing, so the byte is also the
+/// entry's format: 2 since requests carry workloads and job outcomes.
+const POSTCARD: u8 = 2;
+/// Postcard entries from before workloads: refused by name rather than misread.
+const POSTCARD_BEFORE_WORKLOADS: u8 = 1;
 
 fn encode(entry: &Entry) -> Result<Vec<u8>, BrokerError> {
     let mut bytes = vec![POSTCARD];
@@ -108,6 +111,10 @@ fn decode(index: u64, bytes: &[u8]) -> Result<Entry, BrokerError> {
     let bad = |e: &dyn std::fmt::Display| BrokerError::Store(format!("log entry {index}: {e}"));
     match bytes.split_first() {
         Some((&POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| bad(&e)),
+        Some((&POSTCARD_BEFORE_WORKLOADS, _)) => Err(bad(
+            &"written by an earlier version (entry format 1, before workloads); this broker \
+              reads format 2: start from a data folder of this version",
+        )),
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|e| bad(&e)),
         _ => Err(bad(&"neither postcard nor JSON")),
     }

@@ -16,7 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 use suanli_billing::{Bill, Ledger, Month};
-use suanli_core::{Command, EndReason, Engine, Event, PoolHealth, Quote, RequestId, RequestSpec};
+use suanli_core::{
+    Command, EndReason, Engine, Event, JobCause, JobOutcome, PoolHealth, Quote, RequestId,
+    RequestSpec, Runtimes,
+};
 use suanli_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -100,6 +103,7 @@ pub(crate) enum Op {
     AgentHello {
         pool: String,
         running: Vec<u64>,
+        runtimes: Runtimes,
         tx: mpsc::Sender<pb::BrokerMessage>,
     },
     Heartbeat {
@@ -220,9 +224,15 @@ impl Handle {
         &self,
         pool: String,
         running: Vec<u64>,
+        runtimes: Runtimes,
         tx: mpsc::Sender<pb::BrokerMessage>,
     ) -> Result<(), BrokerError> {
-        self.send(Op::AgentHello { pool, running, tx })
+        self.send(Op::AgentHello {
+            pool,
+            running,
+            runtimes,
+            tx,
+        })
     }
 
     /// An agent is alive.
@@ -269,6 +279,8 @@ pub(crate) struct Writer {
     ended: VecDeque<(u64, u64)>,
     /// The spec of the submission being applied, for its new record.
     submitting: Option<RequestSpec>,
+    /// The job outcome of the lease report being applied, for the record it ends.
+    finishing: Option<JobOutcome>,
     started_at: u64,
     last_publish: u64,
     /// When the views were last published, precisely.
@@ -327,6 +339,7 @@ impl Writer {
             agents: HashMap::new(),
             ended: VecDeque::new(),
             submitting: None,
+            finishing: None,
             started_at: 0,
             last_publish: 0,
             last_publish_at: Instant::now(),
@@ -351,9 +364,7 @@ impl Writer {
                 Entry::Command { now, command, key } => {
                     w.now = w.now.max(now);
                     w.before_command(now);
-                    if let Command::Submit(spec) = &command {
-                        w.submitting = Some(spec.clone());
-                    }
+                    w.note(&command);
                     let events = w.engine.apply(command, now);
                     w.process(&events, now);
                     if let Some(k) = key {
@@ -690,15 +701,17 @@ impl Writer {
         entries: &mut Vec<Entry>,
     ) -> Result<Vec<Event>, BrokerError> {
         self.before_command(now);
-        if let Command::Submit(spec) = &command {
-            if self.live {
-                self.check_budget(spec, now)?;
-            }
-            self.submitting = Some(spec.clone());
+        if let Command::Submit(spec) = &command
+            && self.live
+        {
+            self.check_budget(spec, now)?;
         }
+        self.note(&command);
         let events = self.decide(command.clone(), now);
-        self.submitting
-            .take_if(|_| matches!(events[..], [Event::Rejected { .. }]));
+        if matches!(events[..], [Event::Rejected { .. }]) {
+            self.submitting = None;
+            self.finishing = None;
+        }
         if let [Event::Rejected { error }] = &events[..] {
             return Err(error.clone().into());
         }
@@ -717,6 +730,16 @@ impl Writer {
             }
         }
         Ok(events)
+    }
+
+    /// Keeps what a command carries for the records that its events change but the engine
+    /// does not keep: a submission's spec, a job's outcome.
+    fn note(&mut self, command: &Command) {
+        match command {
+            Command::Submit(spec) => self.submitting = Some(spec.clone()),
+            Command::LeaseFinished { outcome, .. } => self.finishing = Some(outcome.clone()),
+            _ => {}
+        }
     }
 
     /// Applies a command to the engine, counting and timing the decision.
@@ -751,6 +774,11 @@ impl Writer {
                     r.state = convert::state_to_pb(*state) as i32;
                     r.end_reason = convert::end_to_pb(*reason) as i32;
                     r.wait = None;
+                    let outcome = self.finishing.take();
+                    let runs_a_job = r.spec.as_ref().is_some_and(|s| s.workload.is_some());
+                    if runs_a_job && matches!(reason, EndReason::Finished | EndReason::JobFailed) {
+                        r.outcome = outcome.map(|o| convert::job_outcome_to_pb(&o));
+                    }
                     r.update_time_unix_ms = now;
                     r
                 }
@@ -879,6 +907,7 @@ impl Writer {
             start_after_ms: None,
             deadline_ms: None,
             requeue: false,
+            workload: None,
         }
     }
 
@@ -902,13 +931,7 @@ impl Writer {
                     self.timers.push(Reverse((now + run as u64, request.0)));
                 } else {
                     for pool in pools {
-                        let parts = lease
-                            .parts
-                            .iter()
-                            .filter(|p| p.pool == pool)
-                            .cloned()
-                            .collect();
-                        self.tell_agent(pool, start_lease(record, lease, parts));
+                        self.tell_agent(pool, start_lease(record, lease, pool));
                     }
                 }
             }
@@ -965,6 +988,7 @@ impl Writer {
         &mut self,
         pool: String,
         running: Vec<u64>,
+        runtimes: Runtimes,
         tx: mpsc::Sender<pb::BrokerMessage>,
         now: u64,
         entries: &mut Vec<Entry>,
@@ -995,6 +1019,15 @@ impl Writer {
         {
             warn!(pool, error = %e, "could not restore the pool");
         }
+        if self.engine.pool_runtimes(&pool) != Some(runtimes) {
+            let set = Command::SetPoolRuntimes {
+                pool: pool.clone(),
+                runtimes,
+            };
+            if let Err(e) = self.apply_logged(set, now, None, entries) {
+                warn!(pool, error = %e, "could not set the pool's runtimes");
+            }
+        }
         self.agents.insert(
             pool.clone(),
             AgentLink {
@@ -1018,7 +1051,7 @@ impl Writer {
                 if !parts.is_empty() && r.state != pb::RequestState::Queued as i32 {
                     live_here.push(id.0);
                     if !running.contains(&id.0) {
-                        self.tell_agent(&pool, start_lease(&r, lease, parts));
+                        self.tell_agent(&pool, start_lease(&r, lease, &pool));
                     }
                 }
             }
@@ -1081,7 +1114,7 @@ impl Writer {
             if still_running {
                 let finish = Command::LeaseFinished {
                     request: RequestId(id),
-                    failed: false,
+                    outcome: JobOutcome::bare(JobCause::Completed),
                 };
                 let _ = self.apply_logged(finish, now, None, entries);
             }
@@ -1408,9 +1441,12 @@ impl Writer {
                 }
             }
             Op::ReadLedger(read) => replies.push(Reply::Read(read)),
-            Op::AgentHello { pool, running, tx } => {
-                self.agent_hello(pool, running, tx, now, entries)
-            }
+            Op::AgentHello {
+                pool,
+                running,
+                runtimes,
+                tx,
+            } => self.agent_hello(pool, running, runtimes, tx, now, entries),
             Op::Heartbeat { pool } => {
                 if let Some(a) = self.agents.get_mut(&pool) {
                     a.last_heartbeat = now;
@@ -1421,11 +1457,17 @@ impl Writer {
     }
 }
 
-fn start_lease(
-    record: &pb::Request,
-    lease: &pb::Lease,
-    parts: Vec<pb::LeasePart>,
-) -> pb::BrokerMessage {
+/// The StartLease for the parts of a lease on one pool: its workload, and each part's node
+/// rank in the whole lease (its index in the lease's parts, which are in pool, group and node
+/// order).
+fn start_lease(record: &pb::Request, lease: &pb::Lease, pool: &str) -> pb::BrokerMessage {
+    let (node_ranks, parts): (Vec<u32>, Vec<pb::LeasePart>) = lease
+        .parts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.pool == pool)
+        .map(|(rank, p)| (rank as u32, p.clone()))
+        .unzip();
     pb::BrokerMessage {
         body: Some(pb::broker_message::Body::StartLease(pb::StartLease {
             request: record.id,
@@ -1433,6 +1475,10 @@ fn start_lease(
             parts,
             start_unix_ms: lease.start_unix_ms,
             end_unix_ms: lease.end_unix_ms,
+            lease: record.leases,
+            workload: record.spec.as_ref().and_then(|s| s.workload.clone()),
+            num_nodes: lease.parts.len() as u32,
+            node_ranks,
         })),
     }
 }

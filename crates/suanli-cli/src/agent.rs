@@ -1,31 +1,28 @@
 //! `suanli agent`: a pool's agent. It registers the pool from a fleet file, keeps the
 //! `PoolService.ConnectAgent` stream open (Hello, then a Heartbeat every interval the broker
-//! asks for) and runs the leases the broker starts on the pool.
-//!
-//! Running a lease is simulated: the agent reports STARTED at once and FINISHED after the
-//! lease's length divided by `--speedup`; no job is executed and no device is touched.
+//! asks for) and runs the leases the broker starts on the pool through a backend of
+//! `suanli-agent`: `sim` (nothing runs; a lease's job ends after its length divided by
+//! `--speedup`), `process` (each node's copy is a child process, for a pool that is one
+//! machine) or `slurm` (`sbatch` on the pool's cluster).
 //!
 //! The stream is reopened with backoff whenever it breaks. Hello then lists the leases still
-//! running, so the broker neither starts them again nor stops them. A lease whose job finished
-//! while the agent was away is reported FINISHED as soon as the broker has welcomed it back; if
-//! a FINISHED report was lost with a broken stream, the broker starts the lease again and the
-//! agent answers STARTED and FINISHED at once.
+//! held, so the broker neither starts them again nor stops them; reports the broker has not
+//! acknowledged are sent again. `suanli exec-node` is the `process` backend's node wrapper.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rand::RngExt as _;
+use suanli_agent::process::{ProcessBackend, ProcessConfig};
+use suanli_agent::sim::SimBackend;
+use suanli_agent::{Backend, Runner};
 use suanli_core::{Catalogue, Fleet, PoolSpec, fleet};
 use suanli_proto::v1::pool_service_client::PoolServiceClient;
 use suanli_proto::v1::{
-    AgentMessage, BrokerMessage, EndReason, Heartbeat, Hello, LeaseReport, LeaseReportKind,
-    RegisterPoolRequest, StartLease, agent_message, broker_message,
+    AgentMessage, BrokerMessage, Heartbeat, RegisterPoolRequest, agent_message, broker_message,
 };
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
@@ -34,14 +31,22 @@ use crate::parse;
 use crate::serve::shutdown_signal;
 use crate::time::now_unix_ms;
 
-/// How many finished leases the agent remembers, to answer a StartLease whose FINISHED report
-/// the broker never received.
-const FINISHED_MEMORY: usize = 100_000;
 /// Shortest and longest wait before reconnecting.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// Heartbeat interval when the broker's Welcome gives none.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Which resource manager runs the pool's jobs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    /// Nothing runs: a lease's job ends after its length divided by --speedup.
+    Sim,
+    /// Each node's copy runs as a child process of the agent (a pool that is one machine).
+    Process,
+    /// The pool is a Slurm cluster: jobs go through sbatch, squeue and scancel.
+    Slurm,
+}
 
 /// `suanli agent`.
 #[derive(Args, Clone, Debug)]
@@ -52,10 +57,115 @@ pub struct AgentArgs {
     /// Id of the pool this agent runs.
     #[arg(long, value_name = "ID")]
     pub pool: String,
+    /// What runs the leases' jobs.
+    #[arg(long, value_enum, default_value = "sim")]
+    pub backend: BackendArg,
     /// Finish simulated jobs this many times faster than their leases (10: a 2h lease
-    /// reports FINISHED after 12 minutes).
+    /// reports FINISHED after 12 minutes); --backend sim only.
     #[arg(long, value_name = "X", default_value_t = 1.0, value_parser = speedup)]
     pub speedup: f64,
+    /// Where the agent keeps its jobs' state and output [default: suanli-agent-POOL].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Run jobs as this user (a name, or UID:GID); --backend process.
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
+    /// Allow jobs to run as root when the agent runs as root without --run-as.
+    #[arg(long)]
+    pub allow_root: bool,
+    /// Bytes of output kept per node and stream (the current file and one rotated file).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_log_bytes: u64,
+    /// Slurm partition to submit to [default: the cluster's default]; --backend slurm.
+    #[arg(long, value_name = "NAME")]
+    pub slurm_partition: Option<String>,
+    /// Slurm reservation to submit into; --backend slurm.
+    #[arg(long, value_name = "NAME")]
+    pub slurm_reservation: Option<String>,
+    /// Ask Slurm for GPUs with --gres=gpu:M instead of --gpus-per-node=M; --backend slurm.
+    #[arg(long)]
+    pub slurm_gres: bool,
+}
+
+/// `suanli exec-node`: the node wrapper of the process backend.
+#[derive(Args, Clone, Debug)]
+pub struct ExecNodeArgs {
+    /// The node's folder: output and status go here.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The job's working directory [default: the node's folder].
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Bytes kept of each output.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_log_bytes: u64,
+    /// Run the job as UID:GID.
+    #[arg(long, value_name = "UID:GID", value_parser = uid_gid)]
+    pub run_as: Option<(u32, u32)>,
+    /// The job's program and arguments.
+    #[arg(last = true, required = true, value_name = "ARGV")]
+    pub argv: Vec<String>,
+}
+
+/// Runs the node wrapper.
+pub fn exec_node(a: &ExecNodeArgs) -> anyhow::Result<()> {
+    suanli_agent::exec::run(&suanli_agent::exec::ExecArgs {
+        dir: a.dir.clone(),
+        workdir: a.workdir.clone(),
+        max_log_bytes: a.max_log_bytes,
+        run_as: a.run_as,
+        argv: a.argv.clone(),
+    })
+    .with_context(|| format!("node folder {}", a.dir.display()))
+}
+
+fn uid_gid(text: &str) -> Result<(u32, u32), String> {
+    let parsed = text
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+    parsed.ok_or_else(|| format!("{text:?}: expected UID:GID, for example 1000:1000"))
+}
+
+/// A user name (from /etc/passwd) or UID:GID.
+fn lookup_user(user: &str) -> anyhow::Result<(u32, u32)> {
+    if let Ok(ids) = uid_gid(user) {
+        return Ok(ids);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").context("--run-as: reading /etc/passwd")?;
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 4 && f[0] == user).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        })
+        .flatten()
+        .next()
+        .ok_or_else(|| anyhow!("--run-as {user}: no such user in /etc/passwd (or give UID:GID)"))
+}
+
+/// The backend the arguments ask for.
+fn backend(a: &AgentArgs, state_dir: &Path) -> anyhow::Result<Box<dyn Backend>> {
+    Ok(match a.backend {
+        BackendArg::Sim => Box::new(SimBackend::new(a.speedup)),
+        BackendArg::Process => {
+            let run_as = a.run_as.as_deref().map(lookup_user).transpose()?;
+            if run_as.is_none() && suanli_agent::process::running_as_root() && !a.allow_root {
+                bail!(
+                    "the agent runs as root: jobs would run as root too. Give --run-as USER, or \
+                     --allow-root to accept it"
+                );
+            }
+            let wrapper = std::env::current_exe().context("finding the suanli binary")?;
+            Box::new(ProcessBackend::new(ProcessConfig {
+                state_dir: state_dir.to_path_buf(),
+                wrapper,
+                max_log_bytes: a.max_log_bytes,
+                run_as,
+                poll_interval: Duration::from_millis(5),
+            })?)
+        }
+        BackendArg::Slurm => bail!("--backend slurm: not wired yet"),
+    })
 }
 
 fn speedup(text: &str) -> Result<f64, String> {
@@ -94,12 +204,6 @@ fn load_pool(fleet_arg: &str, pool: &str) -> anyhow::Result<PoolSpec> {
                 fleet.name
             )
         })
-}
-
-/// How long a simulated job runs: the lease's length divided by the speedup.
-fn simulated_run_time(start_unix_ms: u64, end_unix_ms: u64, speedup: f64) -> Duration {
-    let ms = end_unix_ms.saturating_sub(start_unix_ms) as f64 / speedup;
-    Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX)
 }
 
 /// Exponential backoff with jitter between reconnection attempts.
@@ -157,33 +261,7 @@ fn classify(pool: &str, what: &str, status: Status) -> SessionEnd {
     }
 }
 
-/// A lease the agent is running.
-struct RunningLease {
-    timer: AbortHandle,
-}
-
-/// The leases of the pool and how to report on them.
-struct Agent {
-    pool: String,
-    speedup: f64,
-    running: BTreeMap<u64, RunningLease>,
-    finished: BTreeSet<u64>,
-    finished_order: VecDeque<u64>,
-    done_tx: mpsc::UnboundedSender<u64>,
-}
-
-type Outbox = mpsc::Sender<AgentMessage>;
-
-fn report(request: u64, kind: LeaseReportKind, detail: &str) -> AgentMessage {
-    AgentMessage {
-        body: Some(agent_message::Body::LeaseReport(LeaseReport {
-            request,
-            kind: kind as i32,
-            time_unix_ms: now_unix_ms(),
-            detail: detail.to_string(),
-        })),
-    }
-}
+type Outbox = tokio::sync::mpsc::Sender<AgentMessage>;
 
 async fn send(out: &Outbox, msg: AgentMessage) -> Result<(), SessionEnd> {
     out.send(msg)
@@ -191,163 +269,72 @@ async fn send(out: &Outbox, msg: AgentMessage) -> Result<(), SessionEnd> {
         .map_err(|_| SessionEnd::Retry("the stream to the broker closed".into()))
 }
 
-impl Agent {
-    fn remember_finished(&mut self, request: u64) {
-        if self.finished.insert(request) {
-            self.finished_order.push_back(request);
-            if self.finished_order.len() > FINISHED_MEMORY {
-                let old = self.finished_order.pop_front().expect("not empty");
-                self.finished.remove(&old);
-            }
+/// One ConnectAgent stream, from Hello until it breaks.
+async fn session(
+    runner: &mut Runner,
+    pool: &str,
+    client: &mut PoolServiceClient<Authed>,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let (out, rx) = tokio::sync::mpsc::channel(1024);
+    let hello = runner.hello(&format!("suanli-agent/{}", env!("CARGO_PKG_VERSION")));
+    out.try_send(AgentMessage {
+        body: Some(agent_message::Body::Hello(hello)),
+    })
+    .expect("an empty channel has room");
+    let mut inbound = match client.connect_agent(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return classify(pool, "opening the agent stream", s),
+    };
+    let welcome = match inbound.message().await {
+        Ok(Some(BrokerMessage {
+            body: Some(broker_message::Body::Welcome(w)),
+        })) => w,
+        Ok(Some(_)) => {
+            return SessionEnd::Fatal(anyhow!(
+                "the broker's first message on the agent stream was not a Welcome"
+            ));
         }
-    }
-
-    async fn start(&mut self, s: StartLease, out: &Outbox) -> Result<(), SessionEnd> {
-        let id = s.request;
-        if self.running.contains_key(&id) {
-            tracing::info!(
-                request = id,
-                "StartLease for a lease already running: confirming it"
-            );
-            return send(out, report(id, LeaseReportKind::Started, "simulated")).await;
+        Ok(None) => {
+            return SessionEnd::Retry("the broker closed the stream before Welcome".into());
         }
-        if self.finished.contains(&id) {
-            tracing::info!(
-                request = id,
-                "StartLease for a lease whose simulated job already finished: reporting it again"
-            );
-            send(out, report(id, LeaseReportKind::Started, "simulated")).await?;
-            return send(
-                out,
-                report(id, LeaseReportKind::Finished, "simulated job finished"),
-            )
-            .await;
-        }
-        let run = simulated_run_time(s.start_unix_ms, s.end_unix_ms, self.speedup);
-        let devices: u32 = s.parts.iter().map(|p| p.devices).sum();
-        let done = self.done_tx.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(run).await;
-            let _ = done.send(id);
-        })
-        .abort_handle();
-        self.running.insert(id, RunningLease { timer });
-        tracing::info!(
-            request = id,
-            tenant = %s.tenant,
-            devices,
-            "simulated job started; it will report FINISHED in {:?} (lease length / speedup {})",
-            run,
-            self.speedup
-        );
-        send(out, report(id, LeaseReportKind::Started, "simulated")).await
-    }
-
-    fn stop(&mut self, request: u64, reason: i32) {
-        let reason = EndReason::try_from(reason)
-            .map(|r| r.as_str_name())
-            .unwrap_or("unknown reason");
-        match self.running.remove(&request) {
-            Some(lease) => {
-                lease.timer.abort();
-                tracing::info!(request, reason, "simulated job stopped by the broker");
-            }
-            None => tracing::debug!(request, reason, "StopLease for a lease not running"),
-        }
-    }
-
-    async fn finish(&mut self, request: u64, out: &Outbox) -> Result<(), SessionEnd> {
-        if self.running.remove(&request).is_none() {
-            return Ok(());
-        }
-        self.remember_finished(request);
-        tracing::info!(request, "simulated job finished");
-        send(
-            out,
-            report(request, LeaseReportKind::Finished, "simulated job finished"),
-        )
-        .await
-    }
-
-    /// One ConnectAgent stream, from Hello until it breaks.
-    async fn session(
-        &mut self,
-        client: &mut PoolServiceClient<Authed>,
-        done_rx: &mut mpsc::UnboundedReceiver<u64>,
-        backoff: &mut Backoff,
-    ) -> SessionEnd {
-        let (out, rx) = mpsc::channel(1024);
-        let hello = Hello {
-            pool: self.pool.clone(),
-            agent_version: format!("suanli-agent/{}", env!("CARGO_PKG_VERSION")),
-            running_requests: self.running.keys().copied().collect(),
-        };
-        out.try_send(AgentMessage {
-            body: Some(agent_message::Body::Hello(hello)),
-        })
-        .expect("an empty channel has room");
-        let mut inbound = match client.connect_agent(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => return classify(&self.pool, "opening the agent stream", s),
-        };
-        let welcome = match inbound.message().await {
-            Ok(Some(BrokerMessage {
-                body: Some(broker_message::Body::Welcome(w)),
-            })) => w,
-            Ok(Some(_)) => {
-                return SessionEnd::Fatal(anyhow!(
-                    "the broker's first message on the agent stream was not a Welcome"
-                ));
-            }
-            Ok(None) => {
-                return SessionEnd::Retry("the broker closed the stream before Welcome".into());
-            }
-            Err(s) => return classify(&self.pool, "waiting for Welcome", s),
-        };
-        backoff.reset();
-        let every = match welcome.heartbeat_interval_ms {
-            0 => DEFAULT_HEARTBEAT,
-            ms => Duration::from_millis(ms),
-        };
-        tracing::info!(
-            pool = %self.pool,
-            running = self.running.len(),
-            "connected to the broker; heartbeat every {:?}",
-            every
-        );
-        let mut heartbeat = tokio::time::interval(every);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result: Result<(), SessionEnd> = async {
-            loop {
-                tokio::select! {
-                    _ = heartbeat.tick() => {
-                        let beat = Heartbeat { time_unix_ms: now_unix_ms(), nodes: Vec::new() };
-                        send(&out, AgentMessage {
-                            body: Some(agent_message::Body::Heartbeat(beat)),
-                        }).await?;
-                    }
-                    msg = inbound.message() => match msg {
-                        Ok(Some(m)) => match m.body {
-                            Some(broker_message::Body::StartLease(s)) => self.start(s, &out).await?,
-                            Some(broker_message::Body::StopLease(s)) => self.stop(s.request, s.reason),
-                            Some(broker_message::Body::Welcome(_)) => {
-                                tracing::debug!("a second Welcome, ignored");
-                            }
-                            None => tracing::warn!("a message from the broker without a body, ignored"),
-                        },
-                        Ok(None) => {
-                            return Err(SessionEnd::Retry("the broker closed the stream".into()));
-                        }
-                        Err(s) => return Err(classify(&self.pool, "agent stream", s)),
-                    },
-                    Some(request) = done_rx.recv() => self.finish(request, &out).await?,
+        Err(s) => return classify(pool, "waiting for Welcome", s),
+    };
+    backoff.reset();
+    let every = match welcome.heartbeat_interval_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(ms),
+    };
+    tracing::info!(
+        pool,
+        held = runner.held(),
+        unacknowledged = runner.unacknowledged(),
+        "connected to the broker; heartbeat every {:?}",
+        every
+    );
+    runner.welcomed(&out);
+    let mut heartbeat = tokio::time::interval(every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(runner.poll_interval());
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                let beat = Heartbeat { time_unix_ms: now_unix_ms(), nodes: Vec::new() };
+                if let Err(end) = send(&out, AgentMessage {
+                    body: Some(agent_message::Body::Heartbeat(beat)),
+                }).await {
+                    return end;
                 }
+                runner.resend_overdue(&out);
             }
-        }
-        .await;
-        match result {
-            Ok(()) => unreachable!("the session loop only ends with an error"),
-            Err(end) => end,
+            // Backends run short commands (a fork, sbatch): off the async workers' hands.
+            _ = poll.tick() => tokio::task::block_in_place(|| runner.poll(&out)),
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => tokio::task::block_in_place(|| runner.handle(m, &out)),
+                Ok(None) => return SessionEnd::Retry("the broker closed the stream".into()),
+                Err(s) => return classify(pool, "agent stream", s),
+            },
         }
     }
 }
@@ -359,20 +346,20 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let bearer = Bearer::new(&client::identity(g, Role::Agent(&a.pool))?.token)?;
     let endpoint = client::endpoint(&g.addr, g.ca_cert.as_deref())?;
     let register_id = parse::new_request_id();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let mut agent = Agent {
-        pool: a.pool.clone(),
-        speedup: a.speedup,
-        running: BTreeMap::new(),
-        finished: BTreeSet::new(),
-        finished_order: VecDeque::new(),
-        done_tx,
-    };
+    let state_dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("suanli-agent-{}", a.pool)));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("--state-dir {}", state_dir.display()))?;
+    let backend = backend(a, &state_dir)?;
+    let mut runner = Runner::new(&a.pool, backend, Some(state_dir.join("ended.jsonl")))?;
     tracing::info!(
         pool = %a.pool,
         groups = spec.groups.len(),
-        speedup = a.speedup,
-        "agent starting; leases are simulated, no job is executed"
+        backend = runner.backend_name(),
+        state_dir = %state_dir.display(),
+        "agent starting"
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -412,7 +399,7 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            agent.session(&mut pools, &mut done_rx, &mut backoff).await
+            session(&mut runner, &a.pool, &mut pools, &mut backoff).await
         };
         let end = tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -438,21 +425,6 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn run_time_is_the_lease_length_over_the_speedup() {
-        let hour = 3_600_000;
-        assert_eq!(
-            simulated_run_time(hour, 3 * hour, 1.0),
-            Duration::from_secs(7200)
-        );
-        assert_eq!(
-            simulated_run_time(0, 2 * hour, 10.0),
-            Duration::from_secs(720)
-        );
-        assert_eq!(simulated_run_time(5, 1, 1.0), Duration::ZERO);
-        assert_eq!(simulated_run_time(0, u64::MAX, 1e-300), Duration::MAX);
-    }
 
     #[test]
     fn speedup_must_be_positive() {
@@ -501,63 +473,5 @@ mod tests {
         assert!(err.to_string().contains("--pool no-such-pool"), "{err}");
         let err = load_pool("no-such-fleet.toml", "futian-aicc").unwrap_err();
         assert!(err.to_string().contains("built-in fleets"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn finished_leases_are_answered_when_started_again() {
-        let (done_tx, _done_rx) = mpsc::unbounded_channel();
-        let mut agent = Agent {
-            pool: "p".into(),
-            speedup: 1.0,
-            running: BTreeMap::new(),
-            finished: BTreeSet::new(),
-            finished_order: VecDeque::new(),
-            done_tx,
-        };
-        let (out, mut rx) = mpsc::channel(16);
-        let start = StartLease {
-            request: 7,
-            tenant: "acme".into(),
-            parts: Vec::new(),
-            start_unix_ms: 0,
-            end_unix_ms: 3_600_000,
-        };
-        let kind = |m: AgentMessage| match m.body {
-            Some(agent_message::Body::LeaseReport(r)) => (r.request, r.kind),
-            _ => panic!("not a report"),
-        };
-        assert!(agent.start(start.clone(), &out).await.is_ok());
-        assert_eq!(
-            kind(rx.recv().await.unwrap()),
-            (7, LeaseReportKind::Started as i32)
-        );
-        assert!(agent.finish(7, &out).await.is_ok());
-        assert_eq!(
-            kind(rx.recv().await.unwrap()),
-            (7, LeaseReportKind::Finished as i32)
-        );
-        assert!(agent.running.is_empty());
-        // The broker never got FINISHED and starts the lease again.
-        assert!(agent.start(start, &out).await.is_ok());
-        assert_eq!(
-            kind(rx.recv().await.unwrap()),
-            (7, LeaseReportKind::Started as i32)
-        );
-        assert_eq!(
-            kind(rx.recv().await.unwrap()),
-            (7, LeaseReportKind::Finished as i32)
-        );
-        assert!(agent.running.is_empty());
-        // A stopped lease is forgotten and its timer cancelled.
-        let other = StartLease {
-            request: 8,
-            ..Default::default()
-        };
-        assert!(agent.start(other, &out).await.is_ok());
-        agent.stop(8, EndReason::Released as i32);
-        assert!(agent.running.is_empty());
-        assert!(agent.finish(8, &out).await.is_ok());
-        rx.recv().await.unwrap(); // STARTED of 8
-        assert!(rx.try_recv().is_err(), "no FINISHED for a stopped lease");
     }
 }

@@ -81,6 +81,8 @@ enum Command {
     Quote(tenant_cmds::SpecArgs),
     /// Show the calling tenant: quota, borrowing limit, weight and usage.
     Me,
+    /// Print the output of a request's job on one node (stdout to stdout, stderr to stderr).
+    Logs(tenant_cmds::LogsArgs),
 
     /// Show the fleet: capacity, use, pools, queue (operator).
     Fleet,
@@ -108,8 +110,13 @@ enum Command {
     /// shown on its statement (operator).
     Adjust(billing_cmds::AdjustArgs),
 
-    /// Run a pool's agent: register the pool and run its leases (simulated).
+    /// Run a pool's agent: register the pool and run its leases' jobs (--backend sim,
+    /// process or slurm).
     Agent(agent::AgentArgs),
+    /// Run one node's copy of a job and record how it ended (started by the agent's process
+    /// backend, not by people).
+    #[command(hide = true)]
+    ExecNode(agent::ExecNodeArgs),
     /// Drive a broker with many tenants' submissions and measure its latency.
     Loadgen(loadgen::LoadgenArgs),
     /// Simulate a workload on a fleet with the engine on a virtual clock; `sim compare` writes
@@ -138,6 +145,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Watch(a) => tenant_cmds::watch(g, a).await,
         Command::Quote(a) => tenant_cmds::quote(g, a).await,
         Command::Me => tenant_cmds::me(g).await,
+        Command::Logs(a) => tenant_cmds::logs(g, a).await,
         Command::Fleet => operator_cmds::fleet(g).await,
         Command::Pools(a) => operator_cmds::pools(g, a).await,
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,
@@ -149,6 +157,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Budget(a) => billing_cmds::budget(g, a).await,
         Command::Adjust(a) => billing_cmds::adjust(g, a).await,
         Command::Agent(a) => agent::run(g, a).await,
+        Command::ExecNode(a) => agent::exec_node(a),
         Command::Loadgen(a) => loadgen::run(g, a).await,
         Command::Sim(a) => sim::run(g, a),
     }
@@ -156,6 +165,16 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ExecNode(a) = &cli.command {
+        // No runtime, no logging: the wrapper only waits for its job.
+        return match agent::exec_node(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", client::error_line(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     serve::init_logging(cli.global.log_json, cli.command.default_log_level());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -61,6 +61,16 @@ pub fn positive_duration_ms(text: &str) -> Result<u64, String> {
 }
 
 /// Parses a gang shape `NxM`: N nodes with M devices each (`2x8`).
+/// `NAME=VALUE` for `--env`; the value may be empty and may hold `=`.
+pub fn env_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!(
+            "{text:?}: expected NAME=VALUE, for example NCCL_DEBUG=INFO"
+        )),
+    }
+}
+
 pub fn gang(text: &str) -> Result<GangShape, String> {
     let expected = || {
         format!("{text:?}: expected NODESxDEVICES, for example 2x8 for 2 nodes of 8 devices each")

@@ -194,6 +194,7 @@ impl SpecArgs {
             start_after_unix_ms: self.start_after.map(|t| t.resolve(now_unix_ms)),
             deadline_unix_ms: self.deadline.map(|t| t.resolve(now_unix_ms)),
             requeue: self.requeue,
+            workload: None,
         }
     }
 }
@@ -203,10 +204,92 @@ impl SpecArgs {
 pub struct SubmitArgs {
     #[command(flatten)]
     pub spec: SpecArgs,
+    /// Environment variable for the job, NAME=VALUE (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse::env_var, requires = "argv", help_heading = "Job")]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the job on the pool's nodes [default: the agent's].
+    #[arg(long, value_name = "DIR", requires = "argv", help_heading = "Job")]
+    pub workdir: Option<String>,
+    /// Container image to run the job in (only pools whose agent runs containers take it).
+    #[arg(long, value_name = "IMAGE", requires = "argv", help_heading = "Job")]
+    pub image: Option<String>,
+    /// Seconds between the polite stop (SIGTERM) and the kill when the job is stopped
+    /// [default: 10].
+    #[arg(long, value_name = "S", requires = "argv", help_heading = "Job")]
+    pub stop_grace: Option<u32>,
+    /// The job: everything after `--` is its program and arguments, run once per node
+    /// (exec form, no shell). Without it the request is a capacity lease that runs nothing.
+    #[arg(last = true, value_name = "ARGV", help_heading = "Job")]
+    pub argv: Vec<String>,
     /// Idempotency key: a retry with the same key returns the first result [default: a fresh
     /// random id].
     #[arg(long, value_name = "ID")]
     pub request_id: Option<String>,
+}
+
+impl SubmitArgs {
+    /// The job after `--`, if any.
+    fn workload(&self) -> Option<suanli_proto::v1::Workload> {
+        (!self.argv.is_empty()).then(|| suanli_proto::v1::Workload {
+            argv: self.argv.clone(),
+            env: self
+                .env
+                .iter()
+                .map(|(name, value)| suanli_proto::v1::EnvVar {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            working_dir: self.workdir.clone().unwrap_or_default(),
+            image: self.image.clone().unwrap_or_default(),
+            stop_grace_s: self.stop_grace.unwrap_or(0),
+        })
+    }
+}
+
+/// `suanli logs`.
+#[derive(Args, Clone, Debug)]
+pub struct LogsArgs {
+    /// The request: its id (12) or full name (tenants/TENANT/requests/12).
+    #[arg(value_name = "NAME|ID", value_parser = parse::request_ref)]
+    pub request: RequestRef,
+    /// Node rank in the lease.
+    #[arg(long, value_name = "RANK", default_value_t = 0)]
+    pub node: u32,
+    /// Keep printing output as it comes, until the job ends.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only the last N lines of each output [default: all that the pool keeps].
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u32>,
+}
+
+/// `suanli logs`: the job's stdout to stdout, its stderr to stderr.
+pub async fn logs(g: &GlobalArgs, a: &LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let (mut client, id) = client::tenant_client(g).await?;
+    let name = full_name(&mut client, &id, &a.request).await?;
+    let mut stream = client
+        .stream_logs(suanli_proto::v1::StreamLogsRequest {
+            name,
+            node_rank: a.node,
+            follow: a.follow,
+            tail_lines: a.tail.unwrap_or(0),
+            stream: suanli_proto::v1::LogStream::Unspecified as i32,
+        })
+        .await?
+        .into_inner();
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    while let Some(chunk) = stream.message().await? {
+        if chunk.stream == suanli_proto::v1::LogStream::Stderr as i32 {
+            err.write_all(&chunk.data)?;
+            err.flush()?;
+        } else {
+            out.write_all(&chunk.data)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
 }
 
 /// `suanli get`.
@@ -297,7 +380,10 @@ pub async fn submit(g: &GlobalArgs, a: &SubmitArgs) -> anyhow::Result<()> {
     let r = client
         .submit_request(SubmitRequestRequest {
             request_id,
-            spec: Some(a.spec.to_spec(time::now_unix_ms())),
+            spec: Some(RequestSpec {
+                workload: a.workload(),
+                ..a.spec.to_spec(time::now_unix_ms())
+            }),
         })
         .await?
         .into_inner();

@@ -31,7 +31,8 @@ use crate::fleet::{Fleet, FleetError, PoolSpec};
 use crate::placement::{Filter, Plan, Policy, PoolHealth, Supply};
 use crate::queue::WaitQueue;
 use crate::request::{
-    EndReason, Priority, RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
+    EndReason, JobCause, JobOutcome, Priority, RequestSpec, RequestState, Runtimes, Shape,
+    TenantSpec, WaitReason,
 };
 use crate::subsidy::{Discount, Subsidy};
 use crate::units::{Millis, PoolIx, RequestId, TenantIx, Tflops};
@@ -128,15 +129,24 @@ pub enum Command {
         /// The request.
         request: RequestId,
     },
-    /// The pool reports that a lease's job ended.
+    /// The pool reports that a lease's job ended: the request completes when the outcome's
+    /// cause is [`JobCause::Completed`] and fails otherwise.
     LeaseFinished {
         /// The request.
         request: RequestId,
-        /// Whether the job failed.
-        failed: bool,
+        /// How the job ended.
+        outcome: JobOutcome,
     },
     /// Expire leases whose time is up and schedule what waits.
     Tick,
+    /// Set the kinds of workload a pool's agent runs (announced when the agent connects):
+    /// requests with a workload go only where their kind runs.
+    SetPoolRuntimes {
+        /// Pool id.
+        pool: String,
+        /// What its agent runs; empty for none.
+        runtimes: Runtimes,
+    },
 }
 
 /// What happened.
@@ -563,11 +573,11 @@ impl Engine {
                 out,
             ),
             Command::LeaseStarted { request } => self.started(request, out),
-            Command::LeaseFinished { request, failed } => {
-                let (state, reason) = if failed {
-                    (RequestState::Failed, EndReason::JobFailed)
-                } else {
+            Command::LeaseFinished { request, outcome } => {
+                let (state, reason) = if outcome.cause == JobCause::Completed {
                     (RequestState::Completed, EndReason::Finished)
+                } else {
+                    (RequestState::Failed, EndReason::JobFailed)
                 };
                 self.end_live(request, "finish", state, reason, out)
             }
@@ -576,6 +586,7 @@ impl Engine {
                 self.schedule(out);
                 Ok(())
             }
+            Command::SetPoolRuntimes { pool, runtimes } => self.set_runtimes(&pool, runtimes, out),
         };
         match result {
             Ok(()) if frees_or_reshapes => self.pass_due = true,
@@ -816,6 +827,25 @@ impl Engine {
         Ok(())
     }
 
+    fn set_runtimes(
+        &mut self,
+        pool: &str,
+        runtimes: Runtimes,
+        out: &mut Vec<Event>,
+    ) -> Result<(), CoreError> {
+        let ix = self.pool_ix(pool)?;
+        let p = &mut self.supply.pools[ix.0 as usize];
+        if p.runtimes != runtimes {
+            p.runtimes = runtimes;
+            // Requests that could run nowhere may match now, or no longer.
+            self.fleet_epoch += 1;
+            out.push(Event::PoolUpdated {
+                pool: pool.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     // ----- tenants -----
 
     fn set_tenant(&mut self, spec: TenantSpec, out: &mut Vec<Event>) -> Result<(), CoreError> {
@@ -905,6 +935,10 @@ impl Engine {
             max_rtt_ms: c.max_rtt_ms.unwrap_or(u32::MAX),
             zone,
             max_price: c.max_price_fen_per_device_hour.unwrap_or(u64::MAX),
+            runtimes: spec
+                .workload
+                .as_ref()
+                .map_or(Runtimes::NONE, |w| w.runtime().bit()),
         })
     }
 
@@ -1007,7 +1041,10 @@ impl Engine {
             .plan_for(&filter, &spec.shape, policy, None, discount);
         let Some(plan) = plan.filter(|_| ahead == 0) else {
             if !self.supply.matchable(&filter, &spec.shape) {
-                return Ok(waits(WaitReason::NoMatchingPool, None));
+                return Ok(waits(
+                    self.supply.unmatched_reason(&filter, &spec.shape),
+                    None,
+                ));
             }
             let candidates = self.supply.candidate_groups(&filter, &spec.shape);
             let mut is = vec![false; self.supply.groups.len()];
@@ -1346,7 +1383,9 @@ impl Engine {
             .plan_for(&r.filter, &r.shape, r.policy, None, discount)
         else {
             if !self.refresh_matchable(id) {
-                self.set_reason(id, WaitReason::NoMatchingPool);
+                let r = &self.requests[&id];
+                let reason = self.supply.unmatched_reason(&r.filter, &r.shape);
+                self.set_reason(id, reason);
                 return Start::Waits;
             }
             if let Some(p) = pass.as_mut() {
@@ -1898,7 +1937,7 @@ impl Engine {
         self.next_request.hash(&mut h);
         self.tenants.hash(&mut h);
         for p in &self.supply.pools {
-            (&p.spec, p.health).hash(&mut h);
+            (&p.spec, p.health, p.runtimes).hash(&mut h);
         }
         for g in &self.supply.groups {
             (g.price, g.nodes.free_per_node(), g.nodes.down()).hash(&mut h);
@@ -1959,6 +1998,7 @@ fn plan_touches(plan: &Plan, groups: &[bool]) -> bool {
 mod tests {
     use super::*;
     use crate::fleet::PoolKind::{External, LocalCentre};
+    use crate::request::Runtime;
     use crate::subsidy::SubsidyPools;
     use crate::testkit::*;
 
@@ -2113,6 +2153,89 @@ mod tests {
         spec.policy = Some(Policy::CheapestAfterSubsidy);
         let id = submit(&mut e, spec, 2);
         assert_eq!(pool_of(&e, id), "home", "2000 x 40% = 800 < 1000");
+    }
+
+    #[test]
+    fn a_workload_goes_only_where_an_agent_runs_its_kind() {
+        let mut e = engine(vec![
+            pool("cheap", External, 5, &[("h100", 8, 2, 500)]),
+            pool("dear", External, 5, &[("h100", 8, 2, 2000)]),
+        ]);
+        let command = |image: Option<&str>| {
+            let mut spec = gang("a", 1, 8, "h100");
+            spec.workload = Some(Box::new(crate::request::Workload {
+                argv: vec!["python3".into(), "train.py".into()],
+                image: image.map(Into::into),
+                ..Default::default()
+            }));
+            spec
+        };
+        // No agent runs anything yet: it waits, and says why.
+        let id = submit(&mut e, command(None), 0);
+        ok(e.apply(Command::Tick, 1));
+        assert_eq!(
+            e.explain(id).unwrap().reason,
+            WaitReason::WorkloadUnsupported
+        );
+        let set = |pool: &str, runtimes| Command::SetPoolRuntimes {
+            pool: pool.into(),
+            runtimes,
+        };
+        let digest = e.digest();
+        ok(e.apply(set("dear", Runtimes::of([Runtime::Command])), 2));
+        assert_ne!(e.digest(), digest, "runtimes are part of the state");
+        ok(e.apply(Command::Tick, 3));
+        assert_eq!(pool_of(&e, id), "dear", "the cheap pool runs nothing");
+        // A capacity lease still goes to the cheapest pool; an image needs containers.
+        let lease = submit(&mut e, gang("a", 1, 8, "h100"), 4);
+        assert_eq!(pool_of(&e, lease), "cheap");
+        let image = submit(&mut e, command(Some("pytorch:2.5")), 5);
+        ok(e.apply(Command::Tick, 6));
+        assert_eq!(
+            e.explain(image).unwrap().reason,
+            WaitReason::WorkloadUnsupported
+        );
+        // A constraint no pool meets is still no_matching_pool, workload or not.
+        let mut far = command(None);
+        far.constraints.max_rtt_ms = Some(1);
+        let far = submit(&mut e, far, 7);
+        ok(e.apply(Command::Tick, 8));
+        assert_eq!(e.explain(far).unwrap().reason, WaitReason::NoMatchingPool);
+        let unknown = e.apply(set("nowhere", Runtimes::NONE), 9);
+        assert!(
+            matches!(&unknown[..], [Event::Rejected { .. }]),
+            "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn a_job_outcome_decides_completed_or_failed() {
+        let mut e = engine(vec![pool("p", External, 5, &[("h100", 8, 2, 500)])]);
+        let done = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let failed = submit(&mut e, gang("a", 1, 8, "h100"), 0);
+        let outcome = |cause| JobOutcome {
+            exit_code: Some(3),
+            ..JobOutcome::bare(cause)
+        };
+        ok(e.apply(
+            Command::LeaseFinished {
+                request: done,
+                outcome: JobOutcome::bare(JobCause::Completed),
+            },
+            1,
+        ));
+        let ev = e.apply(
+            Command::LeaseFinished {
+                request: failed,
+                outcome: outcome(JobCause::TimedOut),
+            },
+            2,
+        );
+        assert!(ev.contains(&Event::Ended {
+            request: failed,
+            state: RequestState::Failed,
+            reason: EndReason::JobFailed,
+        }));
     }
 
     #[test]

@@ -55,7 +55,8 @@ pub use error::CoreError;
 pub use fleet::{Fleet, FleetError, GroupSpec, PoolKind, PoolSpec};
 pub use placement::{Policy, PoolHealth};
 pub use request::{
-    Constraints, EndReason, Priority, RequestSpec, RequestState, Shape, TenantSpec, WaitReason,
+    Constraints, EndReason, JobCause, JobOutcome, Priority, RequestSpec, RequestState, Runtime,
+    Runtimes, Shape, TenantSpec, WaitReason, Workload,
 };
 pub use subsidy::{Subsidy, SubsidyPools};
 pub use units::{Fen, Millis, ModelIx, RequestId, TFLOPS_PER_P, Tflops};

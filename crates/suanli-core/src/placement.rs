@@ -13,7 +13,7 @@ use crate::capacity::{NodeSet, Slice};
 use crate::catalogue::Catalogue;
 use crate::fleet::PoolSpec;
 use crate::index::{GroupStats, Index, OrderKeys};
-use crate::request::Shape;
+use crate::request::{Runtimes, Shape, WaitReason};
 use crate::subsidy::Discount;
 use crate::units::{ModelIx, PoolIx, Tflops};
 
@@ -99,6 +99,9 @@ pub(crate) struct Pool {
     pub zone: u32,
     pub health: PoolHealth,
     pub groups: Range<u32>,
+    /// What the pool's agent runs (see [`Runtimes`]).
+    #[serde(default)]
+    pub runtimes: Runtimes,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -143,6 +146,8 @@ pub(crate) struct Filter {
     pub max_rtt_ms: u32,
     pub zone: Option<u32>,
     pub max_price: u64,
+    /// Runtimes the request's workload needs; none for a capacity lease.
+    pub runtimes: Runtimes,
 }
 
 impl Filter {
@@ -151,6 +156,7 @@ impl Filter {
             && self.zone.is_none_or(|z| z == pool.zone)
             && (self.regions.is_empty() || self.regions.binary_search(&pool.region).is_ok())
             && (self.pools.is_empty() || self.pools.binary_search(&ix.0).is_ok())
+            && pool.runtimes.covers(self.runtimes)
     }
 }
 
@@ -334,6 +340,7 @@ impl Supply {
             zone: self.zones.intern(&spec.data_zone),
             health: PoolHealth::Healthy,
             groups: first..self.groups.len() as u32,
+            runtimes: Runtimes::NONE,
             spec,
         });
         (ix, models)
@@ -388,6 +395,20 @@ impl Supply {
                 }
                 false
             }
+        }
+    }
+
+    /// Why an unmatchable request waits: no pool runs its kind of workload, when pools would
+    /// match it otherwise; no matching pool at all otherwise.
+    pub fn unmatched_reason(&self, f: &Filter, shape: &Shape) -> WaitReason {
+        let any_runtime = Filter {
+            runtimes: Runtimes::NONE,
+            ..f.clone()
+        };
+        if f.runtimes != Runtimes::NONE && self.matchable(&any_runtime, shape) {
+            WaitReason::WorkloadUnsupported
+        } else {
+            WaitReason::NoMatchingPool
         }
     }
 
@@ -767,6 +788,7 @@ mod tests {
             max_rtt_ms: u32::MAX,
             zone: None,
             max_price: u64::MAX,
+            runtimes: Runtimes::NONE,
         }
     }
 

@@ -335,7 +335,9 @@ impl Engine {
                     }
                 }
             }
-            WaitReason::Quota | WaitReason::NoMatchingPool => None,
+            WaitReason::Quota | WaitReason::NoMatchingPool | WaitReason::WorkloadUnsupported => {
+                None
+            }
         };
         Some(WaitInfo {
             position: r.position,
@@ -379,7 +381,10 @@ impl Engine {
             else {
                 continue;
             };
-            if matches!(r.reason, WaitReason::Quota | WaitReason::NoMatchingPool) {
+            if matches!(
+                r.reason,
+                WaitReason::Quota | WaitReason::NoMatchingPool | WaitReason::WorkloadUnsupported
+            ) {
                 out.push((id, None));
                 continue;
             }
@@ -454,6 +459,12 @@ impl Engine {
     pub fn pool_spec(&self, id: &str) -> Option<&crate::PoolSpec> {
         let ix = self.supply.pool_ids.get(id)?;
         Some(&self.supply.pools[ix.0 as usize].spec)
+    }
+
+    /// What a pool's agent runs (see [`crate::Runtimes`]), if the pool is registered.
+    pub fn pool_runtimes(&self, id: &str) -> Option<crate::Runtimes> {
+        let ix = self.supply.pool_ids.get(id)?;
+        Some(self.supply.pools[ix.0 as usize].runtimes)
     }
 
     /// The time of the last command.

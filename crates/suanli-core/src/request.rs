@@ -110,6 +110,141 @@ pub struct RequestSpec {
     pub deadline_ms: Option<Millis>,
     /// Go back to the queue when preempted or when the pool is lost, instead of ending.
     pub requeue: bool,
+    /// What runs on the lease; `None` for a capacity lease. The engine reads only its
+    /// [`Workload::runtime`]: the request goes only to pools that run that kind.
+    #[serde(default)]
+    pub workload: Option<Box<Workload>>,
+}
+
+/// What a request runs on its lease, once per node. The engine keeps it as data: it decides
+/// only where it may go (see [`Workload::runtime`]); the pool's agent runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Workload {
+    /// The program and its arguments (exec form).
+    pub argv: Vec<String>,
+    /// Environment variables, in the order given.
+    pub env: Vec<(String, String)>,
+    /// Working directory on the nodes; `None` for the agent's default.
+    pub working_dir: Option<String>,
+    /// Container image; `None` runs the command directly.
+    pub image: Option<String>,
+    /// Seconds between the polite stop and the kill; 0 for the agent's default.
+    pub stop_grace_s: u32,
+}
+
+impl Workload {
+    /// The kind of pool that can run it.
+    pub fn runtime(&self) -> Runtime {
+        if self.image.is_some() {
+            Runtime::Container
+        } else {
+            Runtime::Command
+        }
+    }
+}
+
+/// A kind of workload a pool's agent runs.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Runtime {
+    /// A command run as processes or as a batch job of the pool's resource manager.
+    Command,
+    /// A container image.
+    Container,
+}
+
+impl Runtime {
+    /// Its bit in [`Runtimes`].
+    pub fn bit(self) -> Runtimes {
+        Runtimes(1 << self as u8)
+    }
+}
+
+/// A set of [`Runtime`]s: what a pool's agent runs. Empty for a pool whose leases run nothing
+/// (simulated execution, or no agent).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Runtimes(pub u8);
+
+impl Runtimes {
+    /// No runtime.
+    pub const NONE: Runtimes = Runtimes(0);
+
+    /// The set of these runtimes.
+    pub fn of(runtimes: impl IntoIterator<Item = Runtime>) -> Runtimes {
+        Runtimes(runtimes.into_iter().fold(0, |acc, r| acc | r.bit().0))
+    }
+
+    /// Whether every runtime of `needed` is in the set.
+    pub fn covers(self, needed: Runtimes) -> bool {
+        self.0 & needed.0 == needed.0
+    }
+}
+
+/// How a job ended on the pool, in one vocabulary whatever ran it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum JobCause {
+    /// Every node's copy exited 0.
+    Completed,
+    /// A copy exited non-zero or was killed by a signal.
+    Failed,
+    /// The pool's resource manager cancelled it.
+    Cancelled,
+    /// It ran past its time limit on the pool.
+    TimedOut,
+    /// A node it ran on failed.
+    NodeFailed,
+    /// The pool's resource manager preempted it.
+    Preempted,
+    /// It could not be started (a missing executable, a refusal by the resource manager).
+    LaunchFailed,
+}
+
+impl JobCause {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobCause::Completed => "completed",
+            JobCause::Failed => "failed",
+            JobCause::Cancelled => "cancelled",
+            JobCause::TimedOut => "timed_out",
+            JobCause::NodeFailed => "node_failed",
+            JobCause::Preempted => "preempted",
+            JobCause::LaunchFailed => "launch_failed",
+        }
+    }
+}
+
+/// How a lease's job ended, as its pool reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct JobOutcome {
+    /// The cause: the request completes only on [`JobCause::Completed`].
+    pub cause: JobCause,
+    /// The first non-zero exit code among the nodes (0 when all exited 0), if a copy exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed a copy, if one did.
+    pub signal: Option<i32>,
+    /// Node rank of the copy the code or signal is from.
+    pub node_rank: u32,
+    /// What the pool said, for people.
+    pub message: String,
+}
+
+impl JobOutcome {
+    /// A job that ended with `cause` and nothing more to say: what a simulated pool reports.
+    pub fn bare(cause: JobCause) -> Self {
+        JobOutcome {
+            cause,
+            exit_code: None,
+            signal: None,
+            node_rank: 0,
+            message: String::new(),
+        }
+    }
 }
 
 /// Where a request is in its life.
@@ -181,6 +316,8 @@ pub enum WaitReason {
     CapacityBusy,
     /// It would fit, but only by delaying the reserved head of the queue (backfill refused).
     BehindReservation,
+    /// Pools match its shape and constraints, but none runs its kind of workload.
+    WorkloadUnsupported,
 }
 
 impl WaitReason {
@@ -193,6 +330,7 @@ impl WaitReason {
             WaitReason::Quota => "quota",
             WaitReason::CapacityBusy => "capacity_busy",
             WaitReason::BehindReservation => "behind_reservation",
+            WaitReason::WorkloadUnsupported => "workload_unsupported",
         }
     }
 }

@@ -59,6 +59,7 @@ pub fn gang(tenant: &str, nodes: u32, m: u16, model: &str) -> RequestSpec {
         start_after_ms: None,
         deadline_ms: None,
         requeue: false,
+        workload: None,
     }
 }
 

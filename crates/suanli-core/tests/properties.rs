@@ -13,9 +13,9 @@ use proptest::sample::{Index, select, subsequence};
 use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 use suanli_core::engine::MAX_DURATION_MS;
 use suanli_core::{
-    Catalogue, Command, Constraints, EndReason, Engine, EngineConfig, Event, GroupSpec, PoolHealth,
-    PoolKind, PoolSpec, Priority, RequestId, RequestSpec, RequestState, Shape, Subsidy,
-    SubsidyPools, TenantSpec,
+    Catalogue, Command, Constraints, EndReason, Engine, EngineConfig, Event, GroupSpec, JobCause,
+    JobOutcome, PoolHealth, PoolKind, PoolSpec, Priority, RequestId, RequestSpec, RequestState,
+    Shape, Subsidy, SubsidyPools, TenantSpec,
 };
 
 const FLEET_MODELS: [&str; 4] = ["h100", "a800", "rtx4090", "ascend-910b"];
@@ -579,6 +579,7 @@ impl Run {
             start_after_ms,
             deadline_ms,
             requeue: s.requeue,
+            workload: None,
         }
     }
 
@@ -620,7 +621,14 @@ impl Run {
                     RequestOp::Cancel => Command::Cancel { request },
                     RequestOp::Release => Command::Release { request },
                     RequestOp::Started => Command::LeaseStarted { request },
-                    RequestOp::Finished { failed } => Command::LeaseFinished { request, failed },
+                    RequestOp::Finished { failed } => Command::LeaseFinished {
+                        request,
+                        outcome: JobOutcome::bare(if failed {
+                            JobCause::Failed
+                        } else {
+                            JobCause::Completed
+                        }),
+                    },
                 }
             }
             Op::Pool(o, p) => {

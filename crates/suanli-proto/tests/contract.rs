@@ -5,8 +5,9 @@ use prost::Message;
 use prost_types::FileDescriptorSet;
 use suanli_proto::FILE_DESCRIPTOR_SET;
 use suanli_proto::v1::{
-    self, Constraints, ElasticShape, EndReason, GangShape, Lease, LeasePart, Policy, Priority,
-    Request, RequestSpec, RequestState, WaitInfo, WaitReason, request_spec::Shape,
+    self, Constraints, ElasticShape, EndReason, EnvVar, GangShape, JobCause, JobOutcome, Lease,
+    LeasePart, Policy, Priority, Request, RequestSpec, RequestState, WaitInfo, WaitReason,
+    Workload, request_spec::Shape,
 };
 
 fn descriptor_set() -> FileDescriptorSet {
@@ -64,6 +65,7 @@ fn tenant_service_has_its_methods() {
             "GetTenant",
             "GetStatement",
             "ListVouchers",
+            "StreamLogs",
         ]
     );
 }
@@ -267,6 +269,21 @@ fn placed_request() -> Request {
             start_after_unix_ms: None,
             deadline_unix_ms: Some(1_767_225_600_000),
             requeue: true,
+            workload: Some(Workload {
+                argv: vec![
+                    "python3".into(),
+                    "train.py".into(),
+                    "--lr".into(),
+                    "3e-4".into(),
+                ],
+                env: vec![EnvVar {
+                    name: "NCCL_DEBUG".into(),
+                    value: "INFO".into(),
+                }],
+                working_dir: "/data/run-7".into(),
+                image: String::new(),
+                stop_grace_s: 30,
+            }),
         }),
         state: RequestState::Running as i32,
         wait: None,
@@ -293,6 +310,13 @@ fn placed_request() -> Request {
         submit_time_unix_ms: 1_766_999_000_000,
         update_time_unix_ms: 1_767_000_000_500,
         leases: 1,
+        outcome: Some(JobOutcome {
+            cause: JobCause::Failed as i32,
+            exit_code: Some(3),
+            signal: None,
+            node_rank: 1,
+            message: "exit 3".into(),
+        }),
     }
 }
 

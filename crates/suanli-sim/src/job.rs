@@ -234,6 +234,7 @@ impl RequestBuilder {
             start_after_ms: None,
             deadline_ms: job.deadline_after_ms.map(|d| now.saturating_add(d)),
             requeue: true,
+            workload: None,
         }
     }
 }

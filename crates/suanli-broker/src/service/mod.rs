@@ -22,6 +22,10 @@ pub struct Shared {
     pub(crate) watch: broadcast::Sender<Arc<WatchEvent>>,
     /// Turns true when the server stops: open streams end so the stop can finish.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// Connected agents and the relays of jobs' output.
+    pub(crate) agents: Arc<crate::relay::Agents>,
+    /// The writer's counters, which the agents' streams add to.
+    pub(crate) metrics: Arc<crate::metrics::WriterMetrics>,
 }
 
 impl Shared {

@@ -73,11 +73,18 @@ impl PoolService for PoolApi {
         let pool = convert::parse_pool_name(&hello.pool, "hello.pool")?;
         who.may_act_for_pool(&pool)?;
         self.0.pool(&pool)?;
+        let runtimes = convert::runtimes(&hello.runtimes, "hello.runtimes")?;
         let (tx, rx) = mpsc::channel(1024);
         self.0
             .writer
-            .agent_hello(pool.clone(), hello.running_requests, tx)?;
-        info!(pool, version = hello.agent_version, "agent connected");
+            .agent_hello(pool.clone(), hello.running_requests, runtimes, tx.clone())?;
+        let generation = self.0.agents.connected(&pool, tx.clone());
+        info!(
+            pool,
+            version = hello.agent_version,
+            backend = hello.backend,
+            "agent connected"
+        );
         let shared = self.0.clone();
         tokio::spawn(async move {
             let stopped = shared.stopped();
@@ -122,42 +129,128 @@ impl PoolService for PoolApi {
                         }
                     }
                     pb::agent_message::Body::LeaseReport(r) => {
-                        let on_pool = shared.views.requests.get(&r.request).is_some_and(|q| {
-                            q.lease
-                                .as_ref()
-                                .is_some_and(|l| l.parts.iter().any(|p| p.pool == pool))
-                        });
-                        if !on_pool {
-                            warn!(
-                                pool,
-                                request = r.request,
-                                "report for a lease not on this pool: ignored"
-                            );
-                            continue;
-                        }
-                        let request = RequestId(r.request);
-                        let command = match pb::LeaseReportKind::try_from(r.kind) {
-                            Ok(pb::LeaseReportKind::Started) => Command::LeaseStarted { request },
-                            Ok(pb::LeaseReportKind::Finished) => Command::LeaseFinished {
-                                request,
-                                failed: false,
-                            },
-                            Ok(pb::LeaseReportKind::Failed) => Command::LeaseFinished {
-                                request,
-                                failed: true,
-                            },
-                            _ => continue,
+                        let ack = pb::BrokerMessage {
+                            body: Some(pb::broker_message::Body::ReportAck(pb::ReportAck {
+                                request: r.request,
+                                lease: r.lease,
+                                kind: r.kind,
+                            })),
                         };
-                        if let Err(e) = shared.writer.apply(command, None).await {
-                            warn!(pool, request = r.request, error = %e, "lease report not applied");
+                        if report(&shared, &pool, r).await.is_ok() && tx.send(ack).await.is_err() {
+                            break;
                         }
                     }
+                    pb::agent_message::Body::LogsData(d) => shared.agents.data(&pool, d),
                     pb::agent_message::Body::Hello(_) => {}
                 }
             }
+            shared.agents.disconnected(&pool, generation);
             info!(pool, "agent disconnected");
         });
         let out = self.0.until_stopped(ReceiverStream::new(rx).map(Ok));
         Ok(Response::new(Box::pin(out)))
     }
+}
+
+/// What became of a lease report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReportFate {
+    /// It changed the request: applied through the writer, durable.
+    Applied,
+    /// It repeats what the broker knows (a second STARTED).
+    Duplicate,
+    /// It concerns a lease that has ended or been replaced (released, requeued, forgotten).
+    Stale,
+    /// It contradicts the broker (a lease on another pool, a kind the broker cannot read).
+    Contradicting,
+}
+
+impl ReportFate {
+    /// Label value in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportFate::Applied => "applied",
+            ReportFate::Duplicate => "duplicate",
+            ReportFate::Stale => "stale",
+            ReportFate::Contradicting => "contradicting",
+        }
+    }
+}
+
+/// What a report means against the broker's view of its request, before any command is sent:
+/// only reports that change something go to the writer.
+fn classify(
+    record: Option<&pb::Request>,
+    pool: &str,
+    report: &pb::LeaseReport,
+) -> Result<Command, ReportFate> {
+    let Some(record) = record else {
+        return Err(ReportFate::Stale);
+    };
+    let on_pool = record
+        .lease
+        .as_ref()
+        .is_some_and(|l| l.parts.iter().any(|p| p.pool == pool));
+    if !on_pool {
+        return Err(ReportFate::Contradicting);
+    }
+    if report.lease != 0 && report.lease != record.leases {
+        return Err(ReportFate::Stale);
+    }
+    let state = pb::RequestState::try_from(record.state).unwrap_or_default();
+    let live = matches!(state, pb::RequestState::Placed | pb::RequestState::Running);
+    if !live {
+        return Err(ReportFate::Stale);
+    }
+    let request = RequestId(report.request);
+    match pb::LeaseReportKind::try_from(report.kind) {
+        Ok(pb::LeaseReportKind::Started) if state == pb::RequestState::Running => {
+            Err(ReportFate::Duplicate)
+        }
+        Ok(pb::LeaseReportKind::Started) => Ok(Command::LeaseStarted { request }),
+        Ok(kind @ (pb::LeaseReportKind::Finished | pb::LeaseReportKind::Failed)) => {
+            Ok(Command::LeaseFinished {
+                request,
+                outcome: convert::job_outcome(
+                    report.outcome.clone(),
+                    kind == pb::LeaseReportKind::Failed,
+                ),
+            })
+        }
+        _ => Err(ReportFate::Contradicting),
+    }
+}
+
+/// Deals with one lease report: applies it when it changes something, and counts it. Err
+/// when it could not be dealt with now (the writer is overloaded or stopping): it is not
+/// acknowledged, and the agent sends it again.
+async fn report(shared: &Shared, pool: &str, r: pb::LeaseReport) -> Result<(), BrokerError> {
+    let record = shared.views.requests.get(&r.request).map(|q| q.clone());
+    let fate = match classify(record.as_deref(), pool, &r) {
+        Ok(command) => match shared.writer.apply(command, None).await {
+            Ok(_) => ReportFate::Applied,
+            // The lease ended between the look at the views and the writer (a release in the
+            // same batch): the report is stale, not wrong.
+            Err(BrokerError::Core(
+                CoreError::UnknownRequest { .. } | CoreError::InvalidTransition { .. },
+            )) => ReportFate::Stale,
+            Err(e @ (BrokerError::Overloaded | BrokerError::Unavailable(_))) => return Err(e),
+            Err(e) => {
+                warn!(pool, request = r.request, error = %e, "lease report not applied");
+                ReportFate::Contradicting
+            }
+        },
+        Err(fate) => fate,
+    };
+    if fate == ReportFate::Contradicting {
+        warn!(
+            pool,
+            request = r.request,
+            lease = r.lease,
+            kind = r.kind,
+            "lease report contradicts the broker (not a live lease of this pool): acknowledged, not applied"
+        );
+    }
+    shared.metrics.report(fate);
+    Ok(())
 }

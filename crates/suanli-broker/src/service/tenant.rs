@@ -79,9 +79,76 @@ fn submitted(events: &[Event]) -> Option<RequestId> {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RequestEvent, Status>> + Send>>;
+type LogChunkStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+/// Where a node's output of a request's latest lease is: its pool and the agent's question.
+fn logs_source(
+    record: &pb::Request,
+    req: &pb::StreamLogsRequest,
+) -> Result<(String, pb::LogsRequest), BrokerError> {
+    let name = &record.name;
+    if record.spec.as_ref().is_none_or(|s| s.workload.is_none()) {
+        return Err(BrokerError::FailedPrecondition(format!(
+            "request {name} has no workload: a capacity lease runs nothing, so there is no output"
+        )));
+    }
+    let Some(lease) = &record.lease else {
+        return Err(BrokerError::FailedPrecondition(format!(
+            "request {name} has not been placed yet: its job has no output"
+        )));
+    };
+    let part = lease.parts.get(req.node_rank as usize).ok_or_else(|| {
+        BrokerError::field(
+            "node_rank",
+            format!(
+                "{} is not a node of the lease, which has {}",
+                req.node_rank,
+                lease.parts.len()
+            ),
+        )
+    })?;
+    if pb::LogStream::try_from(req.stream).is_err() {
+        return Err(BrokerError::field(
+            "stream",
+            format!("unknown value {}", req.stream),
+        ));
+    }
+    let live = matches!(
+        pb::RequestState::try_from(record.state),
+        Ok(pb::RequestState::Placed | pb::RequestState::Running)
+    );
+    Ok((
+        part.pool.clone(),
+        pb::LogsRequest {
+            id: 0,
+            request: record.id,
+            lease: record.leases,
+            node_rank: req.node_rank,
+            stream: req.stream,
+            tail_lines: req.tail_lines,
+            // Following an ended job would wait for nothing: send what there is.
+            follow: req.follow && live,
+        },
+    ))
+}
 
 #[tonic::async_trait]
 impl TenantService for TenantApi {
+    type StreamLogsStream = LogChunkStream;
+
+    #[instrument(skip_all, fields(rpc = "StreamLogs"))]
+    async fn stream_logs(
+        &self,
+        req: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<LogChunkStream>, Status> {
+        let who = principal(&req)?;
+        let id = self.owned(who.tenant()?, &req.get_ref().name)?;
+        let record = self.view(id)?;
+        let (pool, ask) = logs_source(&record, req.get_ref())?;
+        let stream = self.0.agents.open_logs(&pool, ask)?;
+        Ok(Response::new(Box::pin(self.0.until_stopped(stream))))
+    }
+
     #[instrument(skip_all, fields(rpc = "SubmitRequest"))]
     async fn submit_request(
         &self,

@@ -1,0 +1,310 @@
+//! Jobs that really run: the real broker, and the real agent with `--backend process` on the
+//! Futian AI Computing Centre, over real sockets. A job's exit status comes back to the request,
+//! its output is read with `suanli logs`, a release stops its process group, and an agent
+//! killed with SIGKILL and restarted neither loses nor repeats a job.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use suanli_proto::v1 as pb;
+use suanli_proto::v1::tenant_service_client::TenantServiceClient;
+use support::{Serving, channel, start_with, wait_for_credentials, with_token};
+use tonic::transport::Channel;
+
+const POOL: &str = "futian-aicc";
+
+/// A running `suanli agent`, killed when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(addr: &str, token: &str, state: &Path) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_suanli"))
+            .args([
+                "--addr",
+                addr,
+                "--token",
+                token,
+                "agent",
+                "--fleet",
+                "futian-2024",
+            ])
+            .args([
+                "--pool",
+                POOL,
+                "--backend",
+                "process",
+                "--allow-root",
+                "--state-dir",
+            ])
+            .arg(state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start suanli agent");
+        Agent(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn job(nodes: u32, argv: &[&str]) -> pb::RequestSpec {
+    pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes,
+            devices_per_node: 4,
+        })),
+        duration_ms: 3_600_000,
+        constraints: Some(pb::Constraints {
+            pools: vec![POOL.into()],
+            ..Default::default()
+        }),
+        workload: Some(pb::Workload {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            stop_grace_s: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Tenant {
+    client: TenantServiceClient<Channel>,
+    token: String,
+}
+
+impl Tenant {
+    async fn submit(&mut self, spec: pb::RequestSpec) -> Result<pb::Request, tonic::Status> {
+        let req = pb::SubmitRequestRequest {
+            request_id: String::new(),
+            spec: Some(spec),
+        };
+        Ok(self
+            .client
+            .submit_request(with_token(req, &self.token))
+            .await?
+            .into_inner())
+    }
+
+    async fn get(&mut self, name: &str) -> pb::Request {
+        let req = pb::GetRequestRequest { name: name.into() };
+        self.client
+            .get_request(with_token(req, &self.token))
+            .await
+            .expect("get")
+            .into_inner()
+    }
+
+    /// Waits (bounded) until the request is in `state`.
+    async fn wait_for(&mut self, name: &str, state: pb::RequestState) -> pb::Request {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.get(name).await;
+            if r.state == state as i32 {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never reached {state:?}: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `suanli logs` through the real binary: (stdout, stderr, success).
+fn logs(addr: &str, token: &str, id: u64, node: u32) -> (String, String, bool) {
+    let out = Command::new(env!("CARGO_BIN_EXE_suanli"))
+        .args(["--addr", addr, "--token", token, "logs"])
+        .arg(id.to_string())
+        .args(["--node", &node.to_string()])
+        .output()
+        .expect("run suanli logs");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn broker(dir: &Path) -> (Serving, String) {
+    start_with(
+        dir,
+        &format!("[pools]\nsimulated = [\"*\"]\nagent = [\"{POOL}\"]\n"),
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_on_the_process_backend_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, addr) = broker(dir.path());
+    let creds = wait_for_credentials(dir.path()).await;
+    let ch = channel(&addr).await;
+    let token = creds.tenant("tenant-a").unwrap().to_string();
+    let agent_token = creds.agent(POOL).expect("an agent token").to_string();
+    let state = dir.path().join("agent");
+    let mut agent = Agent::start(&addr, &agent_token, &state);
+    let mut a = Tenant {
+        client: TenantServiceClient::new(ch.clone()),
+        token: token.clone(),
+    };
+
+    // A 2-node job that prints and exits 3: FAILED with exit code 3, output readable per node.
+    let script = "echo hello from $SUANLI_NODE_RANK of $SUANLI_NUM_NODES lease $SUANLI_LEASE \
+                  gpus $CUDA_VISIBLE_DEVICES; echo oops >&2; exit 3";
+    let r = a.submit(job(2, &["/bin/sh", "-c", script])).await.unwrap();
+    let ended = a.wait_for(&r.name, pb::RequestState::Failed).await;
+    assert_eq!(ended.end_reason, pb::EndReason::JobFailed as i32);
+    let outcome = ended.outcome.expect("a job's end carries its outcome");
+    assert_eq!(outcome.cause, pb::JobCause::Failed as i32);
+    assert_eq!(outcome.exit_code, Some(3));
+    for node in 0..2 {
+        let (out, err, ok) = logs(&addr, &token, r.id, node);
+        assert!(ok, "suanli logs failed: {err}");
+        assert!(
+            out.contains(&format!(
+                "hello from {node} of 2 lease r{}#1 gpus 0,1,2,3",
+                r.id
+            )),
+            "node {node} stdout: {out:?}"
+        );
+        assert_eq!(err, "oops\n", "node {node} stderr");
+    }
+
+    // Exit 0 everywhere: COMPLETED.
+    let r = a.submit(job(1, &["/bin/true"])).await.unwrap();
+    let done = a.wait_for(&r.name, pb::RequestState::Completed).await;
+    assert_eq!(done.end_reason, pb::EndReason::Finished as i32);
+    assert_eq!(done.outcome.unwrap().exit_code, Some(0));
+
+    // A missing executable fails with its cause and message, and the agent serves on.
+    let r = a.submit(job(1, &["/no/such/program"])).await.unwrap();
+    let failed = a.wait_for(&r.name, pb::RequestState::Failed).await;
+    let outcome = failed.outcome.unwrap();
+    assert_eq!(outcome.cause, pb::JobCause::LaunchFailed as i32);
+    assert!(outcome.message.contains("/no/such/program"), "{outcome:?}");
+
+    // A release stops a running job: its process group is gone within the grace period.
+    let pid_file = dir.path().join("sleeper.pid");
+    let sleeper = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+    let r = a
+        .submit(job(1, &["/bin/sh", "-c", &sleeper]))
+        .await
+        .unwrap();
+    a.wait_for(&r.name, pb::RequestState::Running).await;
+    wait_until("the job wrote its pid", || pid_file.exists()).await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    let release = pb::ReleaseRequestRequest {
+        request_id: String::new(),
+        name: r.name.clone(),
+    };
+    a.client
+        .release_request(with_token(release, &token))
+        .await
+        .unwrap();
+    wait_until("the released job's process is gone", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await;
+
+    // The agent killed with SIGKILL while a job runs, and started again: the job runs once,
+    // and its end is reported.
+    let starts = dir.path().join("starts");
+    let once = format!("echo start >> {}; sleep 2", starts.display());
+    let r = a.submit(job(1, &["/bin/sh", "-c", &once])).await.unwrap();
+    a.wait_for(&r.name, pb::RequestState::Running).await;
+    agent.kill();
+    let _agent = Agent::start(&addr, &agent_token, &state);
+    let done = a.wait_for(&r.name, pb::RequestState::Completed).await;
+    assert_eq!(done.outcome.unwrap().exit_code, Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&starts).unwrap(),
+        "start\n",
+        "ran exactly once"
+    );
+
+    // Another tenant's logs are NOT_FOUND, like its requests.
+    let (_, err, ok) = logs(&addr, creds.tenant("tenant-b").unwrap(), r.id, 0);
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+
+    // A capacity lease has no output to read.
+    let mut capacity = job(1, &["x"]);
+    capacity.workload = None;
+    let r = a.submit(capacity).await.unwrap();
+    let (_, err, ok) = logs(&addr, &token, r.id, 0);
+    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_workloads_are_refused_by_field_and_unrunnable_ones_wait_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, addr) = broker(dir.path());
+    let creds = wait_for_credentials(dir.path()).await;
+    let ch = channel(&addr).await;
+    let mut a = Tenant {
+        client: TenantServiceClient::new(ch),
+        token: creds.tenant("tenant-a").unwrap().to_string(),
+    };
+    let long = "x".repeat(5000);
+    let mut too_many = job(1, &["a"]);
+    too_many.workload.as_mut().unwrap().argv = vec!["a".into(); 300];
+    let mut bad_env = job(1, &["a"]);
+    bad_env.workload.as_mut().unwrap().env = vec![pb::EnvVar {
+        name: "1BAD".into(),
+        value: String::new(),
+    }];
+    let mut reserved = job(1, &["a"]);
+    reserved.workload.as_mut().unwrap().env = vec![pb::EnvVar {
+        name: "SUANLI_NODE_RANK".into(),
+        value: "9".into(),
+    }];
+    for (spec, field) in [
+        (job(1, &["a", &long]), "spec.workload.argv[1]"),
+        (too_many, "spec.workload.argv"),
+        (job(1, &[]), "spec.workload.argv"),
+        (bad_env, "spec.workload.env[0].name"),
+        (reserved, "spec.workload.env[0].name"),
+    ] {
+        let e = a.submit(spec).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    // No agent runs commands yet: the job waits, and says why.
+    let r = a.submit(job(1, &["/bin/true"])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = a.get(&r.name).await;
+        assert_eq!(now.state, pb::RequestState::Queued as i32);
+        let reason = now.wait.unwrap().reason;
+        if reason == pb::WaitReason::WorkloadUnsupported as i32 {
+            break;
+        }
+        assert_eq!(reason, pb::WaitReason::Pending as i32, "{now:?}");
+        assert!(Instant::now() < deadline, "never said why it waits");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -85,6 +85,32 @@ pub struct LoadgenArgs {
     /// Deadline of each call; a call past it counts as DEADLINE_EXCEEDED.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse::positive_duration_ms)]
     pub timeout: u64,
+    /// Jobs instead of capacity: run N short jobs on --job-pool through its agent and measure
+    /// submission to RUNNING, job exit to end, and jobs per minute (with --concurrency at a
+    /// time, 8 by default).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["rate", "requests", "duration", "release"], help_heading = "Jobs")]
+    pub jobs: Option<u64>,
+    /// The pool the jobs run on (its agent must run commands).
+    #[arg(
+        long,
+        value_name = "POOL",
+        requires = "jobs",
+        default_value = "futian-aicc",
+        help_heading = "Jobs"
+    )]
+    pub job_pool: String,
+    /// Devices each job holds on its one node.
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "jobs",
+        default_value_t = 1,
+        help_heading = "Jobs"
+    )]
+    pub job_devices: u32,
+    /// How long each job sleeps before it exits.
+    #[arg(long, value_name = "DURATION", requires = "jobs", default_value = "0s", value_parser = parse::duration_ms, help_heading = "Jobs")]
+    pub job_sleep: u64,
 }
 
 fn positive_rate(text: &str) -> Result<f64, String> {
@@ -367,6 +393,17 @@ enum Mode {
 
 /// Runs the load and prints what it measured.
 pub async fn run(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<()> {
+    if let Some(jobs) = a.jobs {
+        let load = crate::jobload::JobLoad {
+            jobs,
+            concurrency: a.concurrency.unwrap_or(8),
+            pool: a.job_pool.clone(),
+            devices: a.job_devices,
+            sleep_ms: a.job_sleep,
+            json: g.json,
+        };
+        return crate::jobload::run(g, &load).await;
+    }
     let (callers, names) = callers(g, a)?;
     let mode = match (a.rate, a.concurrency) {
         (Some(rate), _) => Mode::Open { rate },

@@ -29,6 +29,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod agent;
 mod billing_cmds;
 mod client;
+mod jobload;
 mod loadgen;
 mod operator_cmds;
 mod output;

@@ -15,9 +15,10 @@ use std::fmt::Write as _;
 use serde_json::{Map, Value, json};
 use suanli_core::TFLOPS_PER_P;
 use suanli_proto::v1::{
-    Constraints, EndReason, FleetSummary, KeyedUtilisation, Lease, LeasePart, Policy, Pool,
-    PoolHealth, PoolKind, Priority, Quote, Request, RequestEvent, RequestEventKind, RequestSpec,
-    RequestState, Tenant, Utilisation, WaitInfo, WaitReason, request_spec::Shape,
+    Constraints, EndReason, FleetSummary, JobCause, JobOutcome, KeyedUtilisation, Lease, LeasePart,
+    Policy, Pool, PoolHealth, PoolKind, Priority, Quote, Request, RequestEvent, RequestEventKind,
+    RequestSpec, RequestState, Tenant, Utilisation, WaitInfo, WaitReason, Workload,
+    request_spec::Shape,
 };
 
 use crate::time::format_rfc3339;
@@ -134,6 +135,61 @@ pub fn wait_reason(v: i32) -> String {
 pub fn end_reason(v: i32) -> String {
     enum_short(v, "END_REASON_", EndReason::as_str_name)
 }
+/// Short name of a job's end cause.
+pub fn job_cause(v: i32) -> String {
+    enum_short(v, "JOB_CAUSE_", JobCause::as_str_name)
+}
+
+/// How a job ended, in a few words: `failed, exit 3 on node 1: ...`.
+pub fn outcome_text(o: &JobOutcome) -> String {
+    let mut text = job_cause(o.cause);
+    match (o.exit_code, o.signal) {
+        (_, Some(s)) => write!(text, ", signal {s}").expect("write to String"),
+        (Some(c), None) if c != 0 || o.cause != JobCause::Completed as i32 => {
+            write!(text, ", exit {c}").expect("write to String")
+        }
+        _ => {}
+    }
+    if o.cause != JobCause::Completed as i32 {
+        write!(text, " on node {}", o.node_rank).expect("write to String");
+    }
+    if !o.message.is_empty() {
+        write!(text, ": {}", o.message).expect("write to String");
+    }
+    text
+}
+
+/// A workload as a command line, with its environment and folder.
+pub fn workload_text(w: &Workload) -> String {
+    let mut text: Vec<String> = w
+        .env
+        .iter()
+        .map(|v| format!("{}={}", v.name, shell_word(&v.value)))
+        .collect();
+    text.extend(w.argv.iter().map(|a| shell_word(a)));
+    let mut text = text.join(" ");
+    if !w.working_dir.is_empty() {
+        write!(text, "  (in {})", w.working_dir).expect("write to String");
+    }
+    if !w.image.is_empty() {
+        write!(text, "  (image {})", w.image).expect("write to String");
+    }
+    text
+}
+
+/// A word as a shell would need it quoted, for reading (not for running).
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 /// Short name of a pool kind.
 pub fn pool_kind(v: i32) -> String {
     enum_short(v, "POOL_KIND_", PoolKind::as_str_name)
@@ -329,6 +385,9 @@ pub fn request_detail(r: &Request) -> String {
             pairs.push(("deadline", time(at)));
         }
         pairs.push(("requeue", s.requeue.to_string()));
+        if let Some(w) = &s.workload {
+            pairs.push(("job", workload_text(w)));
+        }
     }
     pairs.push(("submitted", time(r.submit_time_unix_ms)));
     pairs.push(("updated", time(r.update_time_unix_ms)));
@@ -340,6 +399,9 @@ pub fn request_detail(r: &Request) -> String {
     }
     if r.end_reason != EndReason::Unspecified as i32 {
         pairs.push(("end reason", end_reason(r.end_reason)));
+    }
+    if let Some(o) = &r.outcome {
+        pairs.push(("job ended", outcome_text(o)));
     }
     let mut out = fields(&pairs);
     if let Some(l) = r.lease.as_ref().filter(|l| !l.parts.is_empty()) {
@@ -353,6 +415,9 @@ pub fn request_detail(r: &Request) -> String {
 fn request_status(r: &Request) -> String {
     if let Some(w) = &r.wait {
         return format!("{} (#{})", wait_reason(w.reason), w.position);
+    }
+    if let Some(o) = &r.outcome {
+        return outcome_text(o);
     }
     if r.end_reason != EndReason::Unspecified as i32 {
         return end_reason(r.end_reason);
@@ -455,6 +520,9 @@ pub fn event_line(e: &RequestEvent) -> String {
     }
     if r.end_reason != EndReason::Unspecified as i32 {
         write!(line, "  ({})", end_reason(r.end_reason)).expect("write to String");
+    }
+    if let Some(o) = &r.outcome {
+        write!(line, "  job {}", outcome_text(o)).expect("write to String");
     }
     line
 }
@@ -736,6 +804,18 @@ pub fn spec_json(s: &RequestSpec) -> Value {
     m.insert("start_after_unix_ms".into(), opt(s.start_after_unix_ms));
     m.insert("deadline_unix_ms".into(), opt(s.deadline_unix_ms));
     m.insert("requeue".into(), s.requeue.into());
+    if let Some(w) = &s.workload {
+        m.insert(
+            "workload".into(),
+            json!({
+                "argv": w.argv,
+                "env": w.env.iter().map(|v| json!({"name": v.name, "value": v.value})).collect::<Vec<_>>(),
+                "working_dir": w.working_dir,
+                "image": w.image,
+                "stop_grace_s": w.stop_grace_s,
+            }),
+        );
+    }
     Value::Object(m)
 }
 
@@ -780,6 +860,13 @@ pub fn request_json(r: &Request) -> Value {
         })),
         "leases": r.leases,
         "end_reason": enum_name(r.end_reason, EndReason::as_str_name),
+        "outcome": r.outcome.as_ref().map_or(Value::Null, |o| json!({
+            "cause": enum_name(o.cause, JobCause::as_str_name),
+            "exit_code": o.exit_code,
+            "signal": o.signal,
+            "node_rank": o.node_rank,
+            "message": o.message,
+        })),
         "submit_time_unix_ms": r.submit_time_unix_ms,
         "update_time_unix_ms": r.update_time_unix_ms,
     })
@@ -928,6 +1015,49 @@ mod tests {
     use suanli_proto::v1::{ElasticShape, GangShape};
 
     use super::*;
+
+    #[test]
+    fn job_ends_and_commands_read_as_people_write_them() {
+        let failed = JobOutcome {
+            cause: JobCause::Failed as i32,
+            exit_code: Some(3),
+            signal: None,
+            node_rank: 1,
+            message: "exit 3".into(),
+        };
+        assert_eq!(outcome_text(&failed), "failed, exit 3 on node 1: exit 3");
+        let done = JobOutcome {
+            cause: JobCause::Completed as i32,
+            exit_code: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(outcome_text(&done), "completed");
+        let killed = JobOutcome {
+            cause: JobCause::TimedOut as i32,
+            signal: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(outcome_text(&killed), "timed_out, signal 9 on node 0");
+        let w = Workload {
+            argv: vec![
+                "python3".into(),
+                "train.py".into(),
+                "--name".into(),
+                "a b".into(),
+                "it's".into(),
+            ],
+            env: vec![suanli_proto::v1::EnvVar {
+                name: "NCCL_DEBUG".into(),
+                value: "INFO".into(),
+            }],
+            working_dir: "/data".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            workload_text(&w),
+            "NCCL_DEBUG=INFO python3 train.py --name 'a b' 'it'\\''s'  (in /data)"
+        );
+    }
     use crate::parse;
 
     #[test]

@@ -15,7 +15,7 @@ use suanli_core::engine::MAX_DURATION_MS;
 use suanli_core::{
     Catalogue, Command, Constraints, EndReason, Engine, EngineConfig, Event, GroupSpec, JobCause,
     JobOutcome, PoolHealth, PoolKind, PoolSpec, Priority, RequestId, RequestSpec, RequestState,
-    Shape, Subsidy, SubsidyPools, TenantSpec,
+    Runtimes, Shape, Subsidy, SubsidyPools, TenantSpec, Workload,
 };
 
 const FLEET_MODELS: [&str; 4] = ["h100", "a800", "rtx4090", "ascend-910b"];
@@ -72,6 +72,8 @@ enum Op {
     /// A tenant's vouchers as placement sees them are set (rates of 0 are refused), by pool
     /// kind, by one pool, or everywhere; none clears them.
     Subsidies(Pick, Vec<(u32, SubsidyScopeOp)>),
+    /// A pool's agent announces what it runs (bit 0: commands, bit 1: containers).
+    Runtimes(Pick, u8),
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +156,8 @@ struct SubmitOp {
     start_after: Option<StartAfter>,
     deadline: Option<Deadline>,
     requeue: bool,
+    /// A job to run: a command, or (true) a container image.
+    workload: Option<bool>,
 }
 
 #[derive(Clone, Debug)]
@@ -350,7 +354,10 @@ fn submit_op() -> impl Strategy<Value = SubmitOp> {
         policy,
         start_after,
         deadline,
-        prop::bool::weighted(0.3),
+        (
+            prop::bool::weighted(0.3),
+            prop::option::weighted(0.3, prop::bool::weighted(0.3)),
+        ),
     )
         .prop_map(
             |(
@@ -363,7 +370,7 @@ fn submit_op() -> impl Strategy<Value = SubmitOp> {
                 policy,
                 start_after,
                 deadline,
-                requeue,
+                (requeue, workload),
             )| {
                 SubmitOp {
                     tenant,
@@ -376,6 +383,7 @@ fn submit_op() -> impl Strategy<Value = SubmitOp> {
                     start_after,
                     deadline,
                     requeue,
+                    workload,
                 }
             },
         )
@@ -437,6 +445,7 @@ fn op() -> impl Strategy<Value = Op> {
         ),
         2 => (pick_strategy(), prop::collection::vec(subsidy_term(), 0..=2))
             .prop_map(|(tenant, terms)| Op::Subsidies(tenant, terms)),
+        2 => (pick_strategy(), 0u8..=3).prop_map(|(pool, bits)| Op::Runtimes(pool, bits)),
     ]
 }
 
@@ -579,7 +588,13 @@ impl Run {
             start_after_ms,
             deadline_ms,
             requeue: s.requeue,
-            workload: None,
+            workload: s.workload.map(|image| {
+                Box::new(Workload {
+                    argv: vec!["train".into()],
+                    image: image.then(|| "pytorch:2.5".into()),
+                    ..Default::default()
+                })
+            }),
         }
     }
 
@@ -651,6 +666,10 @@ impl Run {
                 group: *group,
                 node: *node,
                 healthy: *healthy,
+            },
+            Op::Runtimes(pool, bits) => Command::SetPoolRuntimes {
+                pool: self.pool_id(pool),
+                runtimes: Runtimes(*bits),
             },
             Op::Subsidies(tenant, terms) => Command::SetSubsidies {
                 tenant: pick(tenant, &self.tenants)

@@ -357,6 +357,7 @@ fn reason_name(r: i32) -> &'static str {
         Ok(pb::WaitReason::Quota) => "quota",
         Ok(pb::WaitReason::CapacityBusy) => "capacity_busy",
         Ok(pb::WaitReason::BehindReservation) => "behind_reservation",
+        Ok(pb::WaitReason::WorkloadUnsupported) => "workload_unsupported",
         _ => "unspecified",
     }
 }

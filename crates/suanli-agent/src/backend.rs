@@ -115,6 +115,16 @@ pub enum BackendError {
     Fatal(String),
 }
 
+/// What a backend learned about a lease's job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobEvent {
+    /// The job runs: the resource manager started it (at once for processes; when its nodes
+    /// were free for a batch system). The agent reports the lease STARTED.
+    Running(LeaseId),
+    /// The job ended by itself, with how.
+    Ended(LeaseId, pb::JobOutcome),
+}
+
 /// A pool's resource manager, as the agent drives it. See the module documentation.
 pub trait Backend: Send {
     /// Its name on the command line and in `Hello.backend`: `sim`, `process`, `slurm`.
@@ -126,25 +136,71 @@ pub trait Backend: Send {
     /// How often the agent calls [`Backend::poll`].
     fn poll_interval(&self) -> Duration;
 
-    /// Starts a lease's job. Idempotent: a lease this backend already runs, or found again by
-    /// [`Backend::recover`], is not started twice (Ok, nothing done).
+    /// Starts a lease's job; `poll` says when it runs. Idempotent: a lease this backend
+    /// already runs, or ran before a restart, is never started twice. Its events come again
+    /// from `poll` instead (its end, when it has ended), so the agent can answer the broker.
     fn start(&mut self, job: &Job) -> Result<(), BackendError>;
 
     /// Stops a lease's job: the polite signal now, the kill after `grace`. A lease it does not
     /// run is ignored. A stopped job's end is not reported by `poll`.
     fn stop(&mut self, lease: LeaseId, grace: Duration);
 
-    /// The jobs that ended since the last call, each with how it ended. Also carries out the
-    /// kills that stops scheduled.
-    fn poll(&mut self) -> Vec<(LeaseId, pb::JobOutcome)>;
+    /// What happened since the last call: jobs that started running, jobs that ended (each
+    /// once, and never a stopped one). Also carries out the kills that stops scheduled.
+    fn poll(&mut self) -> Vec<JobEvent>;
 
-    /// After the agent restarts: the leases whose jobs still run, found from the pool's own
-    /// state (processes, Slurm's queue). Jobs that ended while the agent was away are returned
-    /// by the next `poll`.
+    /// After the agent restarts: the leases whose end has not been reported, found from the
+    /// pool's own state (processes, Slurm's queue): still waiting, running, or ended while the
+    /// agent was away. The next `poll` gives their events (Running for those that run, the end
+    /// for those that ended).
     fn recover(&mut self) -> Result<Vec<LeaseId>, BackendError>;
 
     /// Where a node's output of a lease is kept, if this backend ran it.
     fn logs(&self, lease: LeaseId, rank: u32) -> Option<LogFiles>;
+}
+
+/// How a job ended, as a backend writes it next to the job (`ended.json`): once written, the
+/// lease is never started again, and its end can be given again after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedOutcome {
+    cause: i32,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    node_rank: u32,
+    message: String,
+}
+
+/// The file a lease's end is saved in, in its folder.
+pub const ENDED_FILE: &str = "ended.json";
+
+/// Saves a lease's end in its folder, atomically.
+pub fn save_outcome(dir: &std::path::Path, o: &pb::JobOutcome) -> std::io::Result<()> {
+    let saved = SavedOutcome {
+        cause: o.cause,
+        exit_code: o.exit_code,
+        signal: o.signal,
+        node_rank: o.node_rank,
+        message: o.message.clone(),
+    };
+    let tmp = dir.join(format!("{ENDED_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&saved).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(tmp, dir.join(ENDED_FILE))
+}
+
+/// A lease's saved end, if it has one.
+pub fn saved_outcome(dir: &std::path::Path) -> Option<pb::JobOutcome> {
+    let bytes = std::fs::read(dir.join(ENDED_FILE)).ok()?;
+    let s: SavedOutcome = serde_json::from_slice(&bytes).ok()?;
+    Some(pb::JobOutcome {
+        cause: s.cause,
+        exit_code: s.exit_code,
+        signal: s.signal,
+        node_rank: s.node_rank,
+        message: s.message,
+    })
 }
 
 /// An outcome with a cause and a message.

@@ -4,9 +4,9 @@
 //! node's devices that no other lease holds.
 //!
 //! Everything about a lease lives in `STATE/leases/r{request}-l{lease}/`: `job.json` (what was
-//! started, with the devices and the wrappers' pids) and one `node-{rank}/` folder per copy with
-//! its output and status. A restarted agent reads these back ([`ProcessBackend::recover`]), so
-//! it neither loses a job nor starts one twice.
+//! started, with the devices and the wrappers' pids), one `node-{rank}/` folder per copy with
+//! its output and status, and `ended.json` once the job has ended. A restarted agent reads
+//! these back ([`ProcessBackend::recover`]), so it neither loses a job nor starts one twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -19,7 +19,10 @@ use rustix::process::{Pid, Signal, kill_process, kill_process_group, test_kill_p
 use serde::{Deserialize, Serialize};
 use suanli_proto::v1 as pb;
 
-use crate::backend::{Backend, BackendError, Job, LeaseId, LogFiles, NodeSlot, outcome};
+use crate::backend::{
+    Backend, BackendError, Job, JobEvent, LeaseId, LogFiles, NodeSlot, outcome, save_outcome,
+    saved_outcome,
+};
 use crate::exec::{self, NodeStatus};
 
 /// How the `process` backend is set up.
@@ -77,18 +80,25 @@ pub struct ProcessBackend {
     running: BTreeMap<LeaseId, Running>,
     /// Device indices in use, per (group, node).
     in_use: BTreeMap<(u32, u32), BTreeSet<u32>>,
+    /// Events for the next poll.
+    events: Vec<JobEvent>,
 }
 
 impl ProcessBackend {
     /// A backend keeping its state in `config.state_dir`, created if missing.
-    pub fn new(config: ProcessConfig) -> Result<Self, BackendError> {
+    pub fn new(mut config: ProcessConfig) -> Result<Self, BackendError> {
         let leases = config.state_dir.join("leases");
         fs::create_dir_all(&leases)
             .map_err(|e| BackendError::Fatal(format!("state folder {}: {e}", leases.display())))?;
+        // Copies run in their own folders: a relative path would point elsewhere from there.
+        config.state_dir = fs::canonicalize(&config.state_dir).map_err(|e| {
+            BackendError::Fatal(format!("state folder {}: {e}", config.state_dir.display()))
+        })?;
         Ok(ProcessBackend {
             config,
             running: BTreeMap::new(),
             in_use: BTreeMap::new(),
+            events: Vec::new(),
         })
     }
 
@@ -167,6 +177,54 @@ impl ProcessBackend {
                 self.config.wrapper.display()
             )
         })
+    }
+
+    /// Follows a lease started before (by this agent or before a restart) from what its
+    /// folder says: its copies still running are followed again, ended ones give their end.
+    /// `None` when the folder holds no readable job.
+    fn adopt(&mut self, dir: &Path) -> Option<LeaseId> {
+        let bytes = fs::read(dir.join("job.json")).ok()?;
+        let record = match serde_json::from_slice::<Record>(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "unreadable job.json: lease skipped");
+                return None;
+            }
+        };
+        let copies: Vec<Copy> = record
+            .nodes
+            .iter()
+            .map(|n| {
+                let ndir = node_dir(dir, n.slot.rank);
+                let status = exec::read_status(&ndir);
+                // A wrapper whose status is written has ended, whatever owns its pid now.
+                let running = status.is_none() && n.pid.is_some_and(alive);
+                Copy {
+                    rank: n.slot.rank,
+                    pid: n.pid.filter(|_| running),
+                    child: None,
+                    ended: (!running).then(|| node_outcome(status)),
+                    dir: ndir,
+                }
+            })
+            .collect();
+        if copies.iter().any(|c| c.ended.is_none()) {
+            self.events.push(JobEvent::Running(record.id));
+        }
+        for n in &record.nodes {
+            let used = self.in_use.entry((n.slot.group, n.slot.node)).or_default();
+            used.extend(n.devices.iter().copied());
+        }
+        let id = record.id;
+        self.running.insert(
+            id,
+            Running {
+                record,
+                copies,
+                kill_at: None,
+            },
+        );
+        Some(id)
     }
 
     fn save(&self, record: &Record) -> Result<(), BackendError> {
@@ -256,13 +314,13 @@ impl Backend for ProcessBackend {
             ));
         }
         let dir = self.lease_dir(job.id);
-        if dir.join("job.json").exists() {
-            // Started before a restart and not found running by recover: it has ended, and
-            // its end is on disk; never start it twice.
-            return Err(BackendError::Launch(format!(
-                "lease {} was started on this pool before and has ended",
-                job.id
-            )));
+        if let Some(o) = saved_outcome(&dir) {
+            // Ran and ended before (its end may not have reached the broker): say it again.
+            self.events.push(JobEvent::Ended(job.id, o));
+            return Ok(());
+        }
+        if dir.join("job.json").exists() && self.adopt(&dir).is_some() {
+            return Ok(());
         }
         fs::create_dir_all(&dir)
             .map_err(|e| BackendError::Fatal(format!("{}: {e}", dir.display())))?;
@@ -317,6 +375,7 @@ impl Backend for ProcessBackend {
             return Err(BackendError::Launch(e));
         }
         saved?;
+        self.events.push(JobEvent::Running(job.id));
         self.running.insert(
             job.id,
             Running {
@@ -343,7 +402,7 @@ impl Backend for ProcessBackend {
         run.kill_at = Some(Instant::now() + grace);
     }
 
-    fn poll(&mut self) -> Vec<(LeaseId, pb::JobOutcome)> {
+    fn poll(&mut self) -> Vec<JobEvent> {
         let now = Instant::now();
         let mut done = Vec::new();
         for (id, run) in &mut self.running {
@@ -372,21 +431,25 @@ impl Backend for ProcessBackend {
                 }
             }
         }
-        let mut ended = Vec::new();
+        let mut events = std::mem::take(&mut self.events);
         for id in done {
             let run = self.running.remove(&id).expect("listed above");
             self.free_devices(&run.record);
-            if run.kill_at.is_some() {
-                continue; // stopped: its end is nobody's news
-            }
             let copies: Vec<(u32, pb::JobOutcome)> = run
                 .copies
                 .into_iter()
                 .map(|c| (c.rank, c.ended.expect("all ended")))
                 .collect();
-            ended.push((id, crate::backend::combine(&copies)));
+            let o = crate::backend::combine(&copies);
+            let dir = self.lease_dir(id);
+            if let Err(e) = save_outcome(&dir, &o) {
+                tracing::error!(lease = %id, error = %e, "cannot save the job's end");
+            }
+            if run.kill_at.is_none() {
+                events.push(JobEvent::Ended(id, o));
+            } // stopped: its end is nobody's news
         }
-        ended
+        events
     }
 
     fn recover(&mut self) -> Result<Vec<LeaseId>, BackendError> {
@@ -396,46 +459,13 @@ impl Backend for ProcessBackend {
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let dir = entry.path();
-            let Ok(bytes) = fs::read(dir.join("job.json")) else {
+            // Ended and saved: reported, or in the agent's journal, or given again on start.
+            if dir.join(crate::backend::ENDED_FILE).exists() {
                 continue;
-            };
-            let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
-                tracing::warn!(dir = %dir.display(), "unreadable job.json: lease skipped");
-                continue;
-            };
-            let copies: Vec<Copy> = record
-                .nodes
-                .iter()
-                .map(|n| {
-                    let ndir = node_dir(&dir, n.slot.rank);
-                    let status = exec::read_status(&ndir);
-                    // A wrapper whose status is written has ended, whatever owns its pid now.
-                    let running = status.is_none() && n.pid.is_some_and(alive);
-                    Copy {
-                        rank: n.slot.rank,
-                        pid: n.pid.filter(|_| running),
-                        child: None,
-                        ended: (!running).then(|| node_outcome(status)),
-                        dir: ndir,
-                    }
-                })
-                .collect();
-            if copies.iter().all(|c| c.ended.is_some()) {
-                continue; // ended before the restart; the agent's journal has its end
             }
-            for n in &record.nodes {
-                let used = self.in_use.entry((n.slot.group, n.slot.node)).or_default();
-                used.extend(n.devices.iter().copied());
+            if let Some(id) = self.adopt(&dir) {
+                found.push(id);
             }
-            found.push(record.id);
-            self.running.insert(
-                record.id,
-                Running {
-                    record,
-                    copies,
-                    kill_at: None,
-                },
-            );
         }
         Ok(found)
     }

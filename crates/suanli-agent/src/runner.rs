@@ -17,7 +17,9 @@ use suanli_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::backend::{Backend, BackendError, Job, LeaseId, NodeSlot, outcome, stop_grace};
+use crate::backend::{
+    Backend, BackendError, Job, JobEvent, LeaseId, NodeSlot, outcome, stop_grace,
+};
 
 /// A report not acknowledged after this long is sent again.
 pub const RESEND_AFTER: Duration = Duration::from_secs(5);
@@ -33,6 +35,8 @@ struct Held {
     /// Whether the backend runs a job for it (a capacity lease runs nothing).
     job: bool,
     grace: Duration,
+    /// Whether its job runs (reported STARTED).
+    started: bool,
 }
 
 /// An ended lease as the journal keeps it.
@@ -192,6 +196,7 @@ impl Runner {
                     id: *id,
                     job: true,
                     grace: Duration::from_secs(10),
+                    started: false,
                 },
             );
         }
@@ -337,8 +342,10 @@ impl Runner {
         };
         if let Some(held) = self.leases.get(&s.request) {
             if held.id == id {
-                tracing::info!(lease = %id, "StartLease for a lease already running: confirming it");
-                self.report(out, id, pb::LeaseReportKind::Started, None);
+                if held.started {
+                    tracing::info!(lease = %id, "StartLease for a lease already running: confirming it");
+                    self.report(out, id, pb::LeaseReportKind::Started, None);
+                }
                 return;
             }
             if held.id.lease > id.lease {
@@ -367,6 +374,7 @@ impl Runner {
                     id,
                     job: false,
                     grace: Duration::ZERO,
+                    started: true,
                 },
             );
             self.report(out, id, pb::LeaseReportKind::Started, None);
@@ -376,17 +384,17 @@ impl Runner {
         let started = self.backend.start(&job);
         match started {
             Ok(()) => {
-                tracing::info!(lease = %id, tenant = %s.tenant, nodes = job.nodes.len(), "job started");
+                tracing::info!(lease = %id, tenant = %s.tenant, nodes = job.nodes.len(), "job launched");
                 self.leases.insert(
                     s.request,
                     Held {
                         id,
                         job: true,
                         grace: job.stop_grace(),
+                        started: false,
                     },
                 );
                 self.set_running(id, true);
-                self.report(out, id, pb::LeaseReportKind::Started, None);
             }
             Err(e) => {
                 if matches!(e, BackendError::Fatal(_)) {
@@ -417,19 +425,32 @@ impl Runner {
         }
     }
 
-    /// Asks the backend which jobs ended, and reports them.
+    /// Asks the backend which jobs started running or ended, and reports them.
     pub fn poll(&mut self, out: &Outbox) {
-        for (id, o) in self.backend.poll() {
-            match self.leases.get(&id.request) {
-                Some(held) if held.id == id => {
-                    self.leases.remove(&id.request);
+        for event in self.backend.poll() {
+            match event {
+                JobEvent::Running(id) => {
+                    let Some(held) = self.leases.get_mut(&id.request).filter(|h| h.id == id) else {
+                        continue;
+                    };
+                    if !held.started {
+                        held.started = true;
+                        tracing::info!(lease = %id, "job running");
+                        self.report(out, id, pb::LeaseReportKind::Started, None);
+                    }
                 }
-                _ => continue,
+                JobEvent::Ended(id, o) => {
+                    if self.leases.get(&id.request).is_none_or(|h| h.id != id) {
+                        continue;
+                    }
+                    self.leases.remove(&id.request);
+                    self.set_running(id, false);
+                    tracing::info!(lease = %id, cause = o.cause, exit_code = ?o.exit_code, "job ended");
+                    // Journaled before it is reported: a restart answers from the journal.
+                    self.journal.record(id, &o);
+                    self.report_end(out, id, o);
+                }
             }
-            self.set_running(id, false);
-            tracing::info!(lease = %id, cause = o.cause, exit_code = ?o.exit_code, "job ended");
-            self.journal.record(id, &o);
-            self.report_end(out, id, o);
         }
         self.log_tasks.retain(|_, t| !t.is_finished());
     }
@@ -534,10 +555,10 @@ mod tests {
             Runner::new("p", Box::new(SimBackend::new(1.0)), Some(journal.clone())).unwrap();
         let (out, mut rx) = mpsc::channel(64);
         r.handle(start(7, 1, 0), &out);
+        r.poll(&out);
         let started = report_of(rx.recv().await.unwrap());
         assert_eq!((started.request, started.lease), (7, 1));
         assert_eq!(started.kind, pb::LeaseReportKind::Started as i32);
-        r.poll(&out);
         let finished = report_of(rx.recv().await.unwrap());
         assert_eq!(finished.kind, pb::LeaseReportKind::Finished as i32);
         assert_eq!(r.unacknowledged(), 2);
@@ -573,7 +594,6 @@ mod tests {
         assert_eq!(r.held(), 0, "not started again");
         // A stopped lease is never reported ended.
         r.handle(start(8, 1, 0), &out);
-        rx.recv().await.unwrap();
         r.handle(
             pb::BrokerMessage {
                 body: Some(pb::broker_message::Body::StopLease(pb::StopLease {

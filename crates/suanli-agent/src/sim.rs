@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use suanli_proto::v1 as pb;
 
-use crate::backend::{Backend, BackendError, Job, LeaseId, LogFiles};
+use crate::backend::{Backend, BackendError, Job, JobEvent, LeaseId, LogFiles};
 
 /// See the module documentation.
 pub struct SimBackend {
     speedup: f64,
     running: BTreeMap<LeaseId, Instant>,
+    started: Vec<LeaseId>,
 }
 
 impl SimBackend {
@@ -21,6 +22,7 @@ impl SimBackend {
         SimBackend {
             speedup,
             running: BTreeMap::new(),
+            started: Vec::new(),
         }
     }
 }
@@ -47,7 +49,10 @@ impl Backend for SimBackend {
     fn start(&mut self, job: &Job) -> Result<(), BackendError> {
         let run = simulated_run_time(job.start_unix_ms, job.end_unix_ms, self.speedup);
         let due = Instant::now().checked_add(run).unwrap_or_else(far_future);
-        self.running.entry(job.id).or_insert(due);
+        if let std::collections::btree_map::Entry::Vacant(e) = self.running.entry(job.id) {
+            e.insert(due);
+            self.started.push(job.id);
+        }
         Ok(())
     }
 
@@ -55,27 +60,27 @@ impl Backend for SimBackend {
         self.running.remove(&lease);
     }
 
-    fn poll(&mut self) -> Vec<(LeaseId, pb::JobOutcome)> {
+    fn poll(&mut self) -> Vec<JobEvent> {
         let now = Instant::now();
+        let mut events: Vec<JobEvent> = self.started.drain(..).map(JobEvent::Running).collect();
         let due: Vec<LeaseId> = self
             .running
             .iter()
             .filter(|(_, at)| **at <= now)
             .map(|(id, _)| *id)
             .collect();
-        due.into_iter()
-            .map(|id| {
-                self.running.remove(&id);
-                (
-                    id,
-                    pb::JobOutcome {
-                        cause: pb::JobCause::Completed as i32,
-                        message: "simulated job finished".into(),
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect()
+        events.extend(due.into_iter().map(|id| {
+            self.running.remove(&id);
+            JobEvent::Ended(
+                id,
+                pb::JobOutcome {
+                    cause: pb::JobCause::Completed as i32,
+                    message: "simulated job finished".into(),
+                    ..Default::default()
+                },
+            )
+        }));
+        events
     }
 
     fn recover(&mut self) -> Result<Vec<LeaseId>, BackendError> {

@@ -81,7 +81,12 @@ pub struct Views {
     /// Each tenant's request ids, ascending.
     pub by_tenant: DashMap<String, Vec<u64>>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Requests whose jobs ended most recently, oldest first (at most [`RECENT_JOBS`]).
+    recent_jobs: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// How many ended jobs the console lists.
+pub const RECENT_JOBS: usize = 50;
 
 impl Views {
     /// The latest snapshot.
@@ -92,6 +97,26 @@ impl Views {
     /// Replaces the snapshot.
     pub fn publish(&self, s: Snapshot) {
         *self.snapshot.write().expect("views") = Arc::new(s);
+    }
+
+    /// A request's job ended (it has an outcome): the console lists it among the recent ones.
+    pub fn job_ended(&self, id: u64) {
+        let mut jobs = self.recent_jobs.lock().expect("views");
+        jobs.push_back(id);
+        if jobs.len() > RECENT_JOBS {
+            jobs.pop_front();
+        }
+    }
+
+    /// The requests whose jobs ended most recently, newest first.
+    pub fn recent_jobs(&self) -> Vec<u64> {
+        self.recent_jobs
+            .lock()
+            .expect("views")
+            .iter()
+            .rev()
+            .copied()
+            .collect()
     }
 
     /// A request with its current wait information.

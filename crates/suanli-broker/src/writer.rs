@@ -412,6 +412,15 @@ impl Writer {
             .audit()
             .map_err(|e| BrokerError::Store(format!("snapshot at log index {at}: {e}")))?;
         self.engine = engine;
+        let mut jobs: Vec<(u64, u64)> = requests
+            .iter()
+            .filter(|r| r.outcome.is_some())
+            .map(|r| (r.update_time_unix_ms, r.id))
+            .collect();
+        jobs.sort_unstable();
+        for (_, id) in jobs.iter().rev().take(crate::views::RECENT_JOBS).rev() {
+            self.views.job_ended(*id);
+        }
         for r in requests {
             self.metrics.moved(None, r.state);
             self.views
@@ -778,6 +787,17 @@ impl Writer {
                     let runs_a_job = r.spec.as_ref().is_some_and(|s| s.workload.is_some());
                     if runs_a_job && matches!(reason, EndReason::Finished | EndReason::JobFailed) {
                         r.outcome = outcome.map(|o| convert::job_outcome_to_pb(&o));
+                    } else if runs_a_job && *reason == EndReason::Expired {
+                        // The pool stops it; the request's time is its time limit.
+                        let duration = r.spec.as_ref().map_or(0, |s| s.duration_ms);
+                        r.outcome = Some(pb::JobOutcome {
+                            cause: pb::JobCause::TimedOut as i32,
+                            message: format!(
+                                "still running at the end of the request's duration ({} ms): stopped",
+                                duration
+                            ),
+                            ..Default::default()
+                        });
                     }
                     r.update_time_unix_ms = now;
                     r
@@ -824,6 +844,9 @@ impl Writer {
             }
             if matches!(ev, Event::Ended { .. }) {
                 self.ended.push_back((now, id.0));
+                if record.outcome.is_some() {
+                    self.views.job_ended(id.0);
+                }
             }
             if self.live && self.watch.receiver_count() > 0 {
                 self.pending_watch.push(Arc::new(WatchEvent {

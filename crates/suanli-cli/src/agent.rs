@@ -17,6 +17,7 @@ use clap::{Args, ValueEnum};
 use rand::RngExt as _;
 use suanli_agent::process::{ProcessBackend, ProcessConfig};
 use suanli_agent::sim::SimBackend;
+use suanli_agent::slurm::{GpuFlag, SlurmBackend, SlurmConfig};
 use suanli_agent::{Backend, Runner};
 use suanli_core::{Catalogue, Fleet, PoolSpec, fleet};
 use suanli_proto::v1::pool_service_client::PoolServiceClient;
@@ -85,6 +86,9 @@ pub struct AgentArgs {
     /// Ask Slurm for GPUs with --gres=gpu:M instead of --gpus-per-node=M; --backend slurm.
     #[arg(long)]
     pub slurm_gres: bool,
+    /// How often to list Slurm's queue (one squeue for all the agent's jobs); --backend slurm.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = slurm_poll)]
+    pub slurm_poll: Duration,
 }
 
 /// `suanli exec-node`: the node wrapper of the process backend.
@@ -117,6 +121,10 @@ pub fn exec_node(a: &ExecNodeArgs) -> anyhow::Result<()> {
         argv: a.argv.clone(),
     })
     .with_context(|| format!("node folder {}", a.dir.display()))
+}
+
+fn slurm_poll(text: &str) -> Result<Duration, String> {
+    parse::positive_duration_ms(text).map(Duration::from_millis)
 }
 
 fn uid_gid(text: &str) -> Result<(u32, u32), String> {
@@ -164,7 +172,18 @@ fn backend(a: &AgentArgs, state_dir: &Path) -> anyhow::Result<Box<dyn Backend>> 
                 poll_interval: Duration::from_millis(5),
             })?)
         }
-        BackendArg::Slurm => bail!("--backend slurm: not wired yet"),
+        BackendArg::Slurm => {
+            let mut config = SlurmConfig::new(state_dir);
+            config.partition = a.slurm_partition.clone();
+            config.reservation = a.slurm_reservation.clone();
+            config.gpus = if a.slurm_gres {
+                GpuFlag::Gres
+            } else {
+                GpuFlag::GpusPerNode
+            };
+            config.poll_interval = a.slurm_poll;
+            Box::new(SlurmBackend::new(config)?)
+        }
     })
 }
 
@@ -346,11 +365,13 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let bearer = Bearer::new(&client::identity(g, Role::Agent(&a.pool))?.token)?;
     let endpoint = client::endpoint(&g.addr, g.ca_cert.as_deref())?;
     let register_id = parse::new_request_id();
-    let state_dir = a
+    let mut state_dir = a
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("suanli-agent-{}", a.pool)));
     std::fs::create_dir_all(&state_dir)
+        .and_then(|()| std::fs::canonicalize(&state_dir))
+        .map(|absolute| state_dir = absolute)
         .with_context(|| format!("--state-dir {}", state_dir.display()))?;
     let backend = backend(a, &state_dir)?;
     let mut runner = Runner::new(&a.pool, backend, Some(state_dir.join("ended.jsonl")))?;

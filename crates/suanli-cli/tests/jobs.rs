@@ -5,6 +5,9 @@
 
 mod support;
 
+#[path = "../../suanli-agent/tests/support/slurm.rs"]
+mod slurm_support;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +43,36 @@ impl Agent {
                 "--state-dir",
             ])
             .arg(state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start suanli agent");
+        Agent(child)
+    }
+
+    /// An agent of `pool` in the fleet file `fleet`, on a Slurm cluster.
+    fn slurm(
+        addr: &str,
+        token: &str,
+        fleet: &Path,
+        pool: &str,
+        state: &Path,
+        conf: &Path,
+    ) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_suanli"))
+            .args(["--addr", addr, "--token", token, "agent", "--fleet"])
+            .arg(fleet)
+            .args([
+                "--pool",
+                pool,
+                "--backend",
+                "slurm",
+                "--slurm-poll",
+                "200ms",
+                "--state-dir",
+            ])
+            .arg(state)
+            .env("SLURM_CONF", conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -204,6 +237,14 @@ async fn jobs_run_on_the_process_backend_end_to_end() {
     assert_eq!(outcome.cause, pb::JobCause::LaunchFailed as i32);
     assert!(outcome.message.contains("/no/such/program"), "{outcome:?}");
 
+    // A job still running at the end of its duration is stopped and fails, timed out.
+    let mut short = job(1, &["/bin/sh", "-c", "echo started; exec sleep 600"]);
+    short.duration_ms = 1_500;
+    let r = a.submit(short).await.unwrap();
+    let over = a.wait_for(&r.name, pb::RequestState::Failed).await;
+    assert_eq!(over.end_reason, pb::EndReason::Expired as i32);
+    assert_eq!(over.outcome.unwrap().cause, pb::JobCause::TimedOut as i32);
+
     // A release stops a running job: its process group is gone within the grace period.
     let pid_file = dir.path().join("sleeper.pid");
     let sleeper = format!("echo $$ > {}; exec sleep 600", pid_file.display());
@@ -307,4 +348,154 @@ async fn bad_workloads_are_refused_by_field_and_unrunnable_ones_wait_with_a_reas
         assert!(Instant::now() < deadline, "never said why it waits");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The fleet of the Slurm test: one pool of two nodes of four H100s, as the cluster has.
+const LAB_FLEET: &str = r#"
+name = "lab"
+
+[[pool]]
+id = "slurm-lab"
+name = "Slurm on loopback"
+kind = "external"
+region = "guangdong-shenzhen"
+rtt_ms = 1
+data_zone = "mainland"
+
+[[pool.group]]
+model = "h100"
+devices_per_node = 4
+nodes = 2
+interconnect = "nvlink"
+price_fen_per_device_hour = 1000
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_on_a_real_slurm_cluster() {
+    let Some(cluster) = slurm_support::SlurmCluster::start_or_skip(2, 4) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("lab.toml");
+    std::fs::write(&fleet, LAB_FLEET).unwrap();
+    // The fleet is named in the file: the pools it states must be the fleet's.
+    let (_broker, addr) = start_with(
+        dir.path(),
+        "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
+        &[],
+    );
+    let creds = wait_for_credentials(dir.path()).await;
+    let token = creds.tenant("tenant-a").unwrap().to_string();
+    let agent_token = creds
+        .agent("slurm-lab")
+        .expect("an agent token")
+        .to_string();
+    let state = dir.path().join("agent");
+    let _agent = Agent::slurm(
+        &addr,
+        &agent_token,
+        &fleet,
+        "slurm-lab",
+        &state,
+        cluster.conf_path(),
+    );
+    let mut a = Tenant {
+        client: TenantServiceClient::new(channel(&addr).await),
+        token: token.clone(),
+    };
+    let lab = |nodes: u32, devices: u32, argv: &[&str]| {
+        let mut spec = job(nodes, argv);
+        spec.shape = Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes,
+            devices_per_node: devices,
+        }));
+        spec.constraints = Some(pb::Constraints {
+            pools: vec!["slurm-lab".into()],
+            ..Default::default()
+        });
+        spec
+    };
+
+    // A 2x2 gang runs on both nodes, completes, and each node's output comes back.
+    let script = "echo node $SUANLI_NODE_RANK of $SUANLI_NUM_NODES on $SLURMD_NODENAME gpus \
+                  $CUDA_VISIBLE_DEVICES master $SUANLI_MASTER_ADDR";
+    let r = a
+        .submit(lab(2, 2, &["/bin/sh", "-c", script]))
+        .await
+        .unwrap();
+    let done = a.wait_for(&r.name, pb::RequestState::Completed).await;
+    assert_eq!(done.end_reason, pb::EndReason::Finished as i32);
+    assert!(
+        done.lease.unwrap().running_since_unix_ms.is_some(),
+        "it ran: Slurm started it before it ended"
+    );
+    assert_eq!(done.outcome.unwrap().exit_code, Some(0));
+    let mut hosts = Vec::new();
+    for node in 0..2 {
+        let (out, err, ok) = logs(&addr, &token, r.id, node);
+        assert!(ok, "suanli logs failed: {err}");
+        assert!(
+            out.contains(&format!("node {node} of 2 on ")),
+            "node {node}: {out:?}"
+        );
+        assert!(out.contains("gpus 0,1 master "), "node {node}: {out:?}");
+        let host = out.split(" on ").nth(1).unwrap().split(' ').next().unwrap();
+        hosts.push(host.to_string());
+    }
+    assert_ne!(hosts[0], hosts[1], "one copy on each node: {hosts:?}");
+
+    // A job that exits 3 on its second node fails with that code.
+    let fails = [
+        "/bin/sh",
+        "-c",
+        "[ $SUANLI_NODE_RANK = 1 ] && exit 3; exit 0",
+    ];
+    let r = a.submit(lab(2, 1, &fails)).await.unwrap();
+    let failed = a.wait_for(&r.name, pb::RequestState::Failed).await;
+    let o = failed.outcome.unwrap();
+    assert_eq!(
+        (o.cause, o.exit_code, o.node_rank),
+        (pb::JobCause::Failed as i32, Some(3), 1),
+        "{o:?}"
+    );
+
+    // A job over its time: the lease ends, the job is cancelled, the request fails timed out.
+    let mut over = lab(1, 1, &["sleep", "600"]);
+    over.duration_ms = 3_000;
+    let r = a.submit(over).await.unwrap();
+    let over = a.wait_for(&r.name, pb::RequestState::Failed).await;
+    assert_eq!(over.outcome.unwrap().cause, pb::JobCause::TimedOut as i32);
+    let name = format!("suanli-r{}-l1", r.id);
+    wait_until("squeue no longer shows the timed-out job running", || {
+        !slurm_running(&cluster, &name)
+    })
+    .await;
+
+    // A release scancels a running job: squeue no longer shows it running.
+    let r = a.submit(lab(1, 1, &["sleep", "600"])).await.unwrap();
+    a.wait_for(&r.name, pb::RequestState::Running).await;
+    let name = format!("suanli-r{}-l1", r.id);
+    assert!(slurm_running(&cluster, &name), "{}", cluster.squeue());
+    let release = pb::ReleaseRequestRequest {
+        request_id: String::new(),
+        name: r.name.clone(),
+    };
+    a.client
+        .release_request(with_token(release, &token))
+        .await
+        .unwrap();
+    wait_until("squeue no longer shows the released job running", || {
+        !slurm_running(&cluster, &name)
+    })
+    .await;
+}
+
+/// Whether Slurm lists a job of this name as pending, running or finishing.
+fn slurm_running(cluster: &slurm_support::SlurmCluster, name: &str) -> bool {
+    cluster.squeue().lines().any(|line| {
+        let f: Vec<&str> = line.split('|').collect();
+        f.len() >= 4
+            && f[3] == name
+            && matches!(f[1], "PENDING" | "RUNNING" | "COMPLETING" | "CONFIGURING")
+    })
 }

@@ -1303,7 +1303,15 @@ impl Engine {
             if t > self.now {
                 break;
             }
-            self.end_lease(id, RequestState::Completed, EndReason::Expired, out);
+            // A capacity lease that runs its course is done; a job still running at the end
+            // of its time did not finish: it fails, timed out.
+            let runs_a_job = self.requests[&id].filter.runtimes != Runtimes::NONE;
+            let state = if runs_a_job {
+                RequestState::Failed
+            } else {
+                RequestState::Completed
+            };
+            self.end_lease(id, state, EndReason::Expired, out);
         }
     }
 
@@ -2236,6 +2244,35 @@ mod tests {
             state: RequestState::Failed,
             reason: EndReason::JobFailed,
         }));
+        // At the end of its time a capacity lease is done, a job still running timed out.
+        ok(e.apply(
+            Command::SetPoolRuntimes {
+                pool: "p".into(),
+                runtimes: Runtimes::of([Runtime::Command]),
+            },
+            3,
+        ));
+        let lease = submit(&mut e, gang("a", 1, 8, "h100"), 3);
+        let mut spec = gang("a", 1, 8, "h100");
+        spec.workload = Some(Box::new(crate::request::Workload {
+            argv: vec!["train".into()],
+            ..Default::default()
+        }));
+        let job = submit(&mut e, spec, 3);
+        let ev = e.apply(Command::Tick, 3 + 3_600_000);
+        for (request, state) in [
+            (lease, RequestState::Completed),
+            (job, RequestState::Failed),
+        ] {
+            assert!(
+                ev.contains(&Event::Ended {
+                    request,
+                    state,
+                    reason: EndReason::Expired,
+                }),
+                "{ev:?}"
+            );
+        }
     }
 
     #[test]

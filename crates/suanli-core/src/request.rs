@@ -260,7 +260,8 @@ pub enum RequestState {
     Running,
     /// Finished: released by the tenant, reported done by the pool, or its time ran out.
     Completed,
-    /// The job failed, or it could not meet its deadline.
+    /// The job failed (or was still running when its time ran out), or it could not meet
+    /// its deadline.
     Failed,
     /// Cancelled by the tenant.
     Cancelled,

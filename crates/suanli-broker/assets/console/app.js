@@ -195,6 +195,30 @@
     }));
   }
 
+  // Jobs that ended most recently, newest first, with how they ended.
+  function renderJobs(o) {
+    const jobs = o.jobs || [];
+    const failed = jobs.filter((j) => j.state !== 'completed').length;
+    $('job-count').textContent = jobs.length ? `${int(jobs.length)} shown · ${int(failed)} failed` : '';
+    if (jobs.length === 0) {
+      fill('job-rows', h('tr', {}, h('td', { class: 'empty', colspan: 7, text: 'No job has ended yet.' })));
+      return;
+    }
+    const now = o.time_unix_ms;
+    fill('job-rows', jobs.map((j) => {
+      const exit = j.signal !== null && j.signal !== undefined ? `signal ${j.signal}`
+        : (j.exit_code !== null && j.exit_code !== undefined ? String(j.exit_code) : '–');
+      return h('tr', { 'data-request': j.id, 'data-cause': j.cause },
+        h('td', { text: `#${j.id}` }),
+        h('td', { text: j.tenant }),
+        h('td', { text: j.pools.join(', ') || '–' }),
+        h('td', { title: stamp(j.ended_unix_ms), text: `${duration(Math.max(0, now - j.ended_unix_ms))} ago` }),
+        h('td', {}, h('span', { class: `badge j-${j.cause}`, text: words(j.cause) })),
+        h('td', { class: 'num', text: exit }),
+        h('td', { class: 'muted', text: j.message || '' }));
+    }));
+  }
+
   // Each tenant's usage against its quota: its own share, then what it borrows beyond it.
   function renderTenants(o) {
     fill('tenants', o.tenants.map((t) => {
@@ -357,6 +381,7 @@
         renderBreakdown('by-model', o.by_model);
         renderBreakdown('by-region', o.by_region);
         renderQueue(o);
+        renderJobs(o);
         renderTenants(o);
         view.overviewText = overview;
       }

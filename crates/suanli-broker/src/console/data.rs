@@ -132,6 +132,23 @@ pub(crate) struct Overview<'a> {
     pub live_leases: u32,
     pub queue: Queue<'a>,
     pub tenants: Vec<TenantRow<'a>>,
+    /// Requests whose jobs ended most recently, newest first.
+    pub jobs: Vec<JobRow>,
+}
+
+/// A request whose job ended, as the recent jobs table shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct JobRow {
+    pub id: u64,
+    pub tenant: String,
+    pub state: &'static str,
+    pub cause: &'static str,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub node_rank: u32,
+    pub message: String,
+    pub pools: Vec<String>,
+    pub ended_unix_ms: u64,
 }
 
 /// A node group of a pool.
@@ -245,6 +262,53 @@ pub(crate) fn overview<'a>(snapshot: &'a Snapshot, views: &Views, shown: usize) 
                 }
             })
             .collect(),
+        jobs: recent_jobs(views),
+    }
+}
+
+/// The requests whose jobs ended most recently, with how they ended.
+fn recent_jobs(views: &Views) -> Vec<JobRow> {
+    views
+        .recent_jobs()
+        .into_iter()
+        .filter_map(|id| views.requests.get(&id).map(|r| r.clone()))
+        .filter_map(|r| {
+            let o = r.outcome.as_ref()?;
+            let mut pools: Vec<String> = r
+                .lease
+                .iter()
+                .flat_map(|l| l.parts.iter().map(|p| p.pool.clone()))
+                .collect();
+            pools.dedup();
+            Some(JobRow {
+                id: r.id,
+                tenant: r.tenant.clone(),
+                state: match pb::RequestState::try_from(r.state) {
+                    Ok(pb::RequestState::Completed) => "completed",
+                    _ => "failed",
+                },
+                cause: cause_name(o.cause),
+                exit_code: o.exit_code,
+                signal: o.signal,
+                node_rank: o.node_rank,
+                message: o.message.clone(),
+                pools,
+                ended_unix_ms: r.update_time_unix_ms,
+            })
+        })
+        .collect()
+}
+
+fn cause_name(c: i32) -> &'static str {
+    match pb::JobCause::try_from(c) {
+        Ok(pb::JobCause::Completed) => "completed",
+        Ok(pb::JobCause::Failed) => "failed",
+        Ok(pb::JobCause::Cancelled) => "cancelled",
+        Ok(pb::JobCause::TimedOut) => "timed_out",
+        Ok(pb::JobCause::NodeFailed) => "node_failed",
+        Ok(pb::JobCause::Preempted) => "preempted",
+        Ok(pb::JobCause::LaunchFailed) => "launch_failed",
+        _ => "unspecified",
     }
 }
 
@@ -404,6 +468,58 @@ mod tests {
             reason,
             position,
         }
+    }
+
+    #[test]
+    fn recent_jobs_show_how_they_ended_newest_first() {
+        let views = Views::default();
+        for (id, cause, code) in [
+            (3, pb::JobCause::Completed, 0),
+            (4, pb::JobCause::Failed, 3),
+        ] {
+            views.requests.insert(
+                id,
+                Arc::new(pb::Request {
+                    id,
+                    tenant: "tenant-a".into(),
+                    state: if code == 0 {
+                        pb::RequestState::Completed
+                    } else {
+                        pb::RequestState::Failed
+                    } as i32,
+                    outcome: Some(pb::JobOutcome {
+                        cause: cause as i32,
+                        exit_code: Some(code),
+                        node_rank: 1,
+                        ..Default::default()
+                    }),
+                    lease: Some(pb::Lease {
+                        parts: vec![pb::LeasePart {
+                            pool: "futian-aicc".into(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            );
+            views.job_ended(id);
+        }
+        // A job ended and then forgotten is left out.
+        views.job_ended(99);
+        let jobs = recent_jobs(&views);
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 3]);
+        assert_eq!(
+            (jobs[0].state, jobs[0].cause, jobs[0].exit_code),
+            ("failed", "failed", Some(3))
+        );
+        assert_eq!(jobs[0].pools, ["futian-aicc"]);
+        assert_eq!((jobs[1].state, jobs[1].cause), ("completed", "completed"));
+        for id in 100..200 {
+            views.job_ended(id);
+        }
+        assert_eq!(views.recent_jobs().len(), crate::views::RECENT_JOBS);
+        assert_eq!(views.recent_jobs()[0], 199);
     }
 
     #[test]

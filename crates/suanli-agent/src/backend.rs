@@ -115,6 +115,16 @@ pub enum BackendError {
     Fatal(String),
 }
 
+/// Where a job is once `start` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launched {
+    /// Its processes exist: the agent reports the lease STARTED at once.
+    Running,
+    /// It waits in the resource manager's queue (or ran before a restart): `poll` says
+    /// when it runs, or how it ended.
+    Queued,
+}
+
 /// What a backend learned about a lease's job.
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobEvent {
@@ -136,10 +146,11 @@ pub trait Backend: Send {
     /// How often the agent calls [`Backend::poll`].
     fn poll_interval(&self) -> Duration;
 
-    /// Starts a lease's job; `poll` says when it runs. Idempotent: a lease this backend
-    /// already runs, or ran before a restart, is never started twice. Its events come again
-    /// from `poll` instead (its end, when it has ended), so the agent can answer the broker.
-    fn start(&mut self, job: &Job) -> Result<(), BackendError>;
+    /// Starts a lease's job: running at once, or queued (then `poll` says when it runs).
+    /// Idempotent: a lease this backend already runs, or ran before a restart, is never
+    /// started twice; its events come again from `poll` instead (its end, when it has ended),
+    /// so the agent can answer the broker.
+    fn start(&mut self, job: &Job) -> Result<Launched, BackendError>;
 
     /// Stops a lease's job: the polite signal now, the kill after `grace`. A lease it does not
     /// run is ignored. A stopped job's end is not reported by `poll`.

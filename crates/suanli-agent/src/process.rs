@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use suanli_proto::v1 as pb;
 
 use crate::backend::{
-    Backend, BackendError, Job, JobEvent, LeaseId, LogFiles, NodeSlot, outcome, save_outcome,
-    saved_outcome,
+    Backend, BackendError, Job, JobEvent, Launched, LeaseId, LogFiles, NodeSlot, outcome,
+    save_outcome, saved_outcome,
 };
 use crate::exec::{self, NodeStatus};
 
@@ -277,11 +277,8 @@ fn node_outcome(status: Option<NodeStatus>) -> pb::JobOutcome {
             cause: pb::JobCause::Failed as i32,
             exit_code,
             signal,
-            message: match (exit_code, signal) {
-                (Some(c), _) => format!("exit {c}"),
-                (_, Some(s)) => format!("killed by signal {s}"),
-                _ => String::new(),
-            },
+            // The code or the signal says it all.
+            message: String::new(),
             ..Default::default()
         },
         None => outcome(
@@ -304,9 +301,9 @@ impl Backend for ProcessBackend {
         self.config.poll_interval
     }
 
-    fn start(&mut self, job: &Job) -> Result<(), BackendError> {
+    fn start(&mut self, job: &Job) -> Result<Launched, BackendError> {
         if self.running.contains_key(&job.id) {
-            return Ok(());
+            return Ok(Launched::Queued);
         }
         if !job.workload.image.is_empty() {
             return Err(BackendError::Launch(
@@ -317,10 +314,10 @@ impl Backend for ProcessBackend {
         if let Some(o) = saved_outcome(&dir) {
             // Ran and ended before (its end may not have reached the broker): say it again.
             self.events.push(JobEvent::Ended(job.id, o));
-            return Ok(());
+            return Ok(Launched::Queued);
         }
         if dir.join("job.json").exists() && self.adopt(&dir).is_some() {
-            return Ok(());
+            return Ok(Launched::Queued);
         }
         fs::create_dir_all(&dir)
             .map_err(|e| BackendError::Fatal(format!("{}: {e}", dir.display())))?;
@@ -375,7 +372,6 @@ impl Backend for ProcessBackend {
             return Err(BackendError::Launch(e));
         }
         saved?;
-        self.events.push(JobEvent::Running(job.id));
         self.running.insert(
             job.id,
             Running {
@@ -384,7 +380,7 @@ impl Backend for ProcessBackend {
                 kill_at: None,
             },
         );
-        Ok(())
+        Ok(Launched::Running)
     }
 
     fn stop(&mut self, lease: LeaseId, grace: Duration) {

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::backend::{
-    Backend, BackendError, Job, JobEvent, LeaseId, NodeSlot, outcome, stop_grace,
+    Backend, BackendError, Job, JobEvent, Launched, LeaseId, NodeSlot, outcome, stop_grace,
 };
 
 /// A report not acknowledged after this long is sent again.
@@ -383,18 +383,22 @@ impl Runner {
         let job = job_of(&s, id, workload);
         let started = self.backend.start(&job);
         match started {
-            Ok(()) => {
-                tracing::info!(lease = %id, tenant = %s.tenant, nodes = job.nodes.len(), "job launched");
+            Ok(launched) => {
+                let running = launched == Launched::Running;
+                tracing::info!(lease = %id, tenant = %s.tenant, nodes = job.nodes.len(), running, "job launched");
                 self.leases.insert(
                     s.request,
                     Held {
                         id,
                         job: true,
                         grace: job.stop_grace(),
-                        started: false,
+                        started: running,
                     },
                 );
                 self.set_running(id, true);
+                if running {
+                    self.report(out, id, pb::LeaseReportKind::Started, None);
+                }
             }
             Err(e) => {
                 if matches!(e, BackendError::Fatal(_)) {
@@ -555,10 +559,10 @@ mod tests {
             Runner::new("p", Box::new(SimBackend::new(1.0)), Some(journal.clone())).unwrap();
         let (out, mut rx) = mpsc::channel(64);
         r.handle(start(7, 1, 0), &out);
-        r.poll(&out);
         let started = report_of(rx.recv().await.unwrap());
         assert_eq!((started.request, started.lease), (7, 1));
         assert_eq!(started.kind, pb::LeaseReportKind::Started as i32);
+        r.poll(&out);
         let finished = report_of(rx.recv().await.unwrap());
         assert_eq!(finished.kind, pb::LeaseReportKind::Finished as i32);
         assert_eq!(r.unacknowledged(), 2);
@@ -594,6 +598,7 @@ mod tests {
         assert_eq!(r.held(), 0, "not started again");
         // A stopped lease is never reported ended.
         r.handle(start(8, 1, 0), &out);
+        rx.recv().await.unwrap();
         r.handle(
             pb::BrokerMessage {
                 body: Some(pb::broker_message::Body::StopLease(pb::StopLease {

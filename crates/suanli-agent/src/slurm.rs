@@ -37,8 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use suanli_proto::v1 as pb;
 
 use crate::backend::{
-    Backend, BackendError, Job, JobEvent, LeaseId, LogFiles, NodeSlot, outcome, save_outcome,
-    saved_outcome,
+    Backend, BackendError, Job, JobEvent, Launched, LeaseId, LogFiles, NodeSlot, outcome,
+    save_outcome, saved_outcome,
 };
 
 /// How a job asks Slurm for its GPUs.
@@ -450,9 +450,9 @@ impl Backend for SlurmBackend {
         self.config.poll_interval
     }
 
-    fn start(&mut self, job: &Job) -> Result<(), BackendError> {
+    fn start(&mut self, job: &Job) -> Result<Launched, BackendError> {
         if self.jobs.contains_key(&job.id) {
-            return Ok(());
+            return Ok(Launched::Queued);
         }
         let ranks = validate(job).map_err(BackendError::Launch)?;
         let lease = job.id;
@@ -461,11 +461,11 @@ impl Backend for SlurmBackend {
             if let Some(o) = saved_outcome(&self.lease_dir(lease)) {
                 tracing::info!(%lease, "its job already ran; not submitted again");
                 self.events.push(JobEvent::Ended(lease, o));
-                return Ok(());
+                return Ok(Launched::Queued);
             }
             if self.has_marker(lease, STOPPED) {
                 tracing::info!(%lease, "its job was stopped; not submitted again");
-                return Ok(());
+                return Ok(Launched::Queued);
             }
             let job_id = match meta.job_id {
                 Some(id) => Some(id),
@@ -474,10 +474,12 @@ impl Backend for SlurmBackend {
             if let Some(job_id) = job_id {
                 tracing::info!(%lease, job_id, "its job was already submitted");
                 self.track(lease, job_id, meta.ranks, None);
-                return Ok(());
+                return Ok(Launched::Queued);
             }
         }
-        self.submit(job, ranks)
+        self.submit(job, ranks)?;
+        // Slurm says when it runs: `poll` sees it RUNNING.
+        Ok(Launched::Queued)
     }
 
     fn stop(&mut self, lease: LeaseId, grace: Duration) {

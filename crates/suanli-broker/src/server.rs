@@ -10,7 +10,6 @@ use suanli_proto::v1::pool_service_server::PoolServiceServer;
 use suanli_proto::v1::tenant_service_server::TenantServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
@@ -206,7 +205,12 @@ pub async fn run_with(
         .add_service(tenant)
         .add_service(pool)
         .add_service(operator)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // Without TCP_NODELAY a stream's small messages (a StartLease, a report's
+        // acknowledgement, a watch event) wait for the peer's delayed ACK: 40 ms each.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        );
     // Open calls get a grace period after the stop; a client that keeps its stream open (an
     // agent that does not hang up) does not hold the broker up beyond it.
     let grace = config.shutdown_grace;

@@ -172,6 +172,25 @@ impl Handle {
             .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))
     }
 
+    /// Queues a command now, in the order of the calls, and returns what answers once it is
+    /// durable: a caller can queue its next command before this one is answered.
+    pub fn enqueue(
+        &self,
+        command: Command,
+        key: Option<IdemKey>,
+    ) -> Result<impl Future<Output = Result<Vec<Event>, BrokerError>> + use<>, BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Apply {
+            command,
+            key,
+            reply,
+        })?;
+        Ok(async move {
+            rx.await
+                .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))?
+        })
+    }
+
     /// Applies a command; answers once it is durable. A rejection is an error.
     pub async fn apply(
         &self,

@@ -1,13 +1,16 @@
 //! `suanli loadgen --jobs N`: runs N short jobs through a pool's agent and measures what a
 //! tenant waits for around its job, not the broker alone:
 //! - start: from the submission's send to the RUNNING event on a watch stream;
+//! - running lag: from the job's own first instruction (it prints the clock) to that event,
+//!   negative when the pool reports the start before the job's program runs (a Slurm job is
+//!   running for Slurm before its task is launched);
 //! - end: from the job's own exit (it prints the clock as its last act) to the event that
 //!   ends the request;
-//! - throughput: jobs started per minute with `--concurrency` jobs in flight.
+//! - throughput: jobs completed per minute with `--concurrency` jobs in flight.
 //!
-//! Each job is `/bin/sh -c 'sleep S; date +%s%3N'` on one node of the named pool; its output is
-//! read back with `StreamLogs`. The client, the agent and the jobs must share a clock: run it
-//! on the pool's machine (or a Slurm cluster's login node).
+//! Each job is `/bin/sh -c 'date +%s%3N; sleep S; date +%s%3N'` on one node of the named pool;
+//! its output is read back with `StreamLogs`. The client, the agent and the jobs must share a
+//! clock: run it on the pool's machine (or a Slurm cluster's login node).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -108,12 +111,14 @@ pub async fn run(g: &GlobalArgs, load: &JobLoad) -> anyhow::Result<()> {
         }));
     }
     let mut starts = Vec::new();
+    let mut lags = Vec::new();
     let mut ends = Vec::new();
     let mut failed = 0u64;
     for t in tasks {
         match t.await? {
-            Ok((start, end)) => {
+            Ok((start, lag, end)) => {
                 starts.push(start);
+                lags.push(lag);
                 ends.push(end);
             }
             Err(e) => {
@@ -124,9 +129,16 @@ pub async fn run(g: &GlobalArgs, load: &JobLoad) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     starts.sort_unstable();
+    lags.sort_unstable();
     ends.sort_unstable();
     let per_minute = starts.len() as f64 * 60.0 / elapsed.as_secs_f64();
     let q = |v: &[u64], p: f64| percentile(v, p).unwrap_or(0);
+    // Nearest rank over signed values, as `percentile` does over unsigned ones.
+    let qi = |v: &[i64], p: f64| {
+        v.get(((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1)) - 1)
+            .copied()
+            .unwrap_or(0)
+    };
     if load.json {
         println!(
             "{}",
@@ -138,8 +150,9 @@ pub async fn run(g: &GlobalArgs, load: &JobLoad) -> anyhow::Result<()> {
                 "pool": load.pool,
                 "seconds": elapsed.as_secs_f64(),
                 "jobs_per_minute": per_minute,
-                "start_ms": {"p50": q(&starts, 0.5), "p99": q(&starts, 0.99), "max": starts.last()},
-                "end_ms": {"p50": q(&ends, 0.5), "p99": q(&ends, 0.99), "max": ends.last()},
+                "start_ms": {"p50": q(&starts, 50.0), "p99": q(&starts, 99.0), "max": starts.last()},
+                "running_lag_ms": {"p50": qi(&lags, 50.0), "p99": qi(&lags, 99.0), "max": lags.last()},
+                "end_ms": {"p50": q(&ends, 50.0), "p99": q(&ends, 99.0), "max": ends.last()},
             })
         );
     } else {
@@ -153,14 +166,20 @@ pub async fn run(g: &GlobalArgs, load: &JobLoad) -> anyhow::Result<()> {
         );
         println!(
             "submission to RUNNING  p50 {} ms  p99 {} ms  max {} ms",
-            q(&starts, 0.5),
-            q(&starts, 0.99),
+            q(&starts, 50.0),
+            q(&starts, 99.0),
             starts.last().unwrap_or(&0)
         );
         println!(
+            "job start to RUNNING   p50 {} ms  p99 {} ms  max {} ms",
+            qi(&lags, 50.0),
+            qi(&lags, 99.0),
+            lags.last().unwrap_or(&0)
+        );
+        println!(
             "job exit to its end    p50 {} ms  p99 {} ms  max {} ms",
-            q(&ends, 0.5),
-            q(&ends, 0.99),
+            q(&ends, 50.0),
+            q(&ends, 99.0),
             ends.last().unwrap_or(&0)
         );
     }
@@ -170,13 +189,14 @@ pub async fn run(g: &GlobalArgs, load: &JobLoad) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Submits one job, waits for its end, reads its output: (start ms, end ms).
+/// Submits one job, waits for its end, reads its output: (ms from send to RUNNING, ms from
+/// the job's first instruction to RUNNING, ms from its exit to its end).
 async fn one_job(
     client: &mut suanli_proto::v1::tenant_service_client::TenantServiceClient<client::Authed>,
     watched: &Mutex<Watched>,
     load: &JobLoad,
     i: u64,
-) -> anyhow::Result<(u64, u64)> {
+) -> anyhow::Result<(u64, i64, u64)> {
     let sleep = format!("{}.{:03}", load.sleep_ms / 1000, load.sleep_ms % 1000);
     let spec = pb::RequestSpec {
         shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
@@ -192,7 +212,7 @@ async fn one_job(
             argv: vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                format!("sleep {sleep}; date +%s%3N"),
+                format!("date +%s%3N; sleep {sleep}; date +%s%3N"),
             ],
             ..Default::default()
         }),
@@ -242,12 +262,13 @@ async fn one_job(
         out.extend(chunk.data);
     }
     let text = String::from_utf8_lossy(&out);
-    let exited: u64 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("job {} printed {text:?}, not the clock", r.id))?;
+    let clock: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let [began, exited] = clock[..] else {
+        bail!("job {} printed {text:?}, not the clock twice", r.id);
+    };
     Ok((
         running_at.saturating_sub(sent),
+        running_at as i64 - began as i64,
         ended_at.saturating_sub(exited),
     ))
 }

@@ -499,3 +499,62 @@ fn slurm_running(cluster: &slurm_support::SlurmCluster, name: &str) -> bool {
             && matches!(f[1], "PENDING" | "RUNNING" | "COMPLETING" | "CONFIGURING")
     })
 }
+
+/// Not a check but the measurement behind BENCHMARKS.md: 200 short jobs through a Slurm
+/// agent, eight at a time, with `suanli loadgen --jobs`. Run it with
+/// `cargo test --release -p suanli-cli --test jobs -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for BENCHMARKS.md, not a check: run it with --ignored"]
+async fn measure_jobs_through_slurm() {
+    let Some(cluster) = slurm_support::SlurmCluster::start_or_skip(2, 4) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("lab.toml"), LAB_FLEET).unwrap();
+    let (_broker, addr) = start_with(
+        dir.path(),
+        "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
+        &[],
+    );
+    let creds = wait_for_credentials(dir.path()).await;
+    let agent_token = creds
+        .agent("slurm-lab")
+        .expect("an agent token")
+        .to_string();
+    let fleet = dir.path().join("lab.toml");
+    let state = dir.path().join("agent");
+    let _agent = Agent::slurm(
+        &addr,
+        &agent_token,
+        &fleet,
+        "slurm-lab",
+        &state,
+        cluster.conf_path(),
+    );
+    let jobs = std::env::var("SUANLI_MEASURE_JOBS").unwrap_or_else(|_| "200".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_suanli"))
+        .args([
+            "--addr",
+            &addr,
+            "--token",
+            creds.tenant("tenant-a").unwrap(),
+            "--json",
+        ])
+        .args([
+            "loadgen",
+            "--jobs",
+            &jobs,
+            "--concurrency",
+            "8",
+            "--job-pool",
+            "slurm-lab",
+        ])
+        .output()
+        .expect("run suanli loadgen");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -128,18 +128,7 @@ impl PoolService for PoolApi {
                             }
                         }
                     }
-                    pb::agent_message::Body::LeaseReport(r) => {
-                        let ack = pb::BrokerMessage {
-                            body: Some(pb::broker_message::Body::ReportAck(pb::ReportAck {
-                                request: r.request,
-                                lease: r.lease,
-                                kind: r.kind,
-                            })),
-                        };
-                        if report(&shared, &pool, r).await.is_ok() && tx.send(ack).await.is_err() {
-                            break;
-                        }
-                    }
+                    pb::agent_message::Body::LeaseReport(r) => report(&shared, &pool, r, &tx),
                     pb::agent_message::Body::LogsData(d) => shared.agents.data(&pool, d),
                     pb::agent_message::Body::Hello(_) => {}
                 }
@@ -221,36 +210,64 @@ fn classify(
     }
 }
 
-/// Deals with one lease report: applies it when it changes something, and counts it. Err
-/// when it could not be dealt with now (the writer is overloaded or stopping): it is not
-/// acknowledged, and the agent sends it again.
-async fn report(shared: &Shared, pool: &str, r: pb::LeaseReport) -> Result<(), BrokerError> {
+/// Deals with one lease report: applies it when it changes something, counts it, and
+/// acknowledges it once dealt with. The command is queued at once, in the stream's order (a
+/// STARTED before the FINISHED that follows it), and the acknowledgement is sent when it is
+/// durable, so the stream's next messages are not held up by the writer. A report that cannot
+/// be dealt with now (the writer is overloaded or stopping) is not acknowledged: the agent
+/// sends it again.
+fn report(shared: &Shared, pool: &str, r: pb::LeaseReport, tx: &mpsc::Sender<pb::BrokerMessage>) {
     let record = shared.views.requests.get(&r.request).map(|q| q.clone());
-    let fate = match classify(record.as_deref(), pool, &r) {
-        Ok(command) => match shared.writer.apply(command, None).await {
+    let ack = pb::BrokerMessage {
+        body: Some(pb::broker_message::Body::ReportAck(pb::ReportAck {
+            request: r.request,
+            lease: r.lease,
+            kind: r.kind,
+        })),
+    };
+    let done = |fate: ReportFate, shared: &Shared, pool: &str, r: &pb::LeaseReport| {
+        if fate == ReportFate::Contradicting {
+            warn!(
+                pool,
+                request = r.request,
+                lease = r.lease,
+                kind = r.kind,
+                "lease report contradicts the broker (not a live lease of this pool): acknowledged, not applied"
+            );
+        }
+        shared.metrics.report(fate);
+    };
+    let command = match classify(record.as_deref(), pool, &r) {
+        Ok(command) => command,
+        Err(fate) => {
+            done(fate, shared, pool, &r);
+            let _ = tx.try_send(ack);
+            return;
+        }
+    };
+    let applied = match shared.writer.enqueue(command, None) {
+        Ok(applied) => applied,
+        Err(e) => {
+            warn!(pool, request = r.request, error = %e, "lease report not applied now; the agent will send it again");
+            return;
+        }
+    };
+    let (shared, pool, tx) = (shared.clone(), pool.to_string(), tx.clone());
+    tokio::spawn(async move {
+        let fate = match applied.await {
             Ok(_) => ReportFate::Applied,
             // The lease ended between the look at the views and the writer (a release in the
             // same batch): the report is stale, not wrong.
             Err(BrokerError::Core(
                 CoreError::UnknownRequest { .. } | CoreError::InvalidTransition { .. },
             )) => ReportFate::Stale,
-            Err(e @ (BrokerError::Overloaded | BrokerError::Unavailable(_))) => return Err(e),
+            Err(BrokerError::Overloaded | BrokerError::Unavailable(_)) => return,
             Err(e) => {
                 warn!(pool, request = r.request, error = %e, "lease report not applied");
                 ReportFate::Contradicting
             }
-        },
-        Err(fate) => fate,
-    };
-    if fate == ReportFate::Contradicting {
-        warn!(
-            pool,
-            request = r.request,
-            lease = r.lease,
-            kind = r.kind,
-            "lease report contradicts the broker (not a live lease of this pool): acknowledged, not applied"
-        );
-    }
-    shared.metrics.report(fate);
-    Ok(())
+        };
+        done(fate, &shared, &pool, &r);
+        let _ = tx.send(ack).await;
+    });
 }

@@ -50,6 +50,27 @@ impl Agent {
         Agent(child)
     }
 
+    /// An agent of `pool` in the fleet file `fleet`, running jobs as processes.
+    fn process(addr: &str, token: &str, fleet: &Path, pool: &str, state: &Path) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_suanli"))
+            .args(["--addr", addr, "--token", token, "agent", "--fleet"])
+            .arg(fleet)
+            .args([
+                "--pool",
+                pool,
+                "--backend",
+                "process",
+                "--allow-root",
+                "--state-dir",
+            ])
+            .arg(state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start suanli agent");
+        Agent(child)
+    }
+
     /// An agent of `pool` in the fleet file `fleet`, on a Slurm cluster.
     fn slurm(
         addr: &str,
@@ -557,4 +578,67 @@ async fn measure_jobs_through_slurm() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_job_is_stopped_and_its_process_group_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("lab.toml");
+    std::fs::write(&fleet, LAB_FLEET).unwrap();
+    let (_broker, addr) = start_with(
+        dir.path(),
+        "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
+        &[],
+    );
+    let creds = wait_for_credentials(dir.path()).await;
+    let agent_token = creds
+        .agent("slurm-lab")
+        .expect("an agent token")
+        .to_string();
+    let state = dir.path().join("agent");
+    let _agent = Agent::process(&addr, &agent_token, &fleet, "slurm-lab", &state);
+    let ch = channel(&addr).await;
+    let tenant = |name: &str| Tenant {
+        client: TenantServiceClient::new(ch.clone()),
+        token: creds.tenant(name).unwrap().to_string(),
+    };
+    let (mut a, mut b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let on_lab = |priority: pb::Priority, argv: &[&str]| {
+        let mut spec = job(2, argv);
+        spec.priority = priority as i32;
+        spec.constraints = Some(pb::Constraints {
+            pools: vec!["slurm-lab".into()],
+            ..Default::default()
+        });
+        spec
+    };
+    // A spot job takes the whole pool.
+    let pid_file = dir.path().join("spot.pid");
+    let spot = format!(
+        "[ $SUANLI_NODE_RANK = 0 ] && echo $$ > {}; exec sleep 600",
+        pid_file.display()
+    );
+    let r = a
+        .submit(on_lab(pb::Priority::Spot, &["/bin/sh", "-c", &spot]))
+        .await
+        .unwrap();
+    a.wait_for(&r.name, pb::RequestState::Running).await;
+    wait_until("the spot job wrote its pid", || pid_file.exists()).await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    // Standard work preempts it: its processes are stopped, and the standard job runs.
+    let standard = b
+        .submit(on_lab(pb::Priority::Standard, &["/bin/true"]))
+        .await
+        .unwrap();
+    let preempted = a.wait_for(&r.name, pb::RequestState::Preempted).await;
+    assert_eq!(preempted.end_reason, pb::EndReason::Preempted as i32);
+    wait_until("the preempted job's process is gone", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await;
+    b.wait_for(&standard.name, pb::RequestState::Completed)
+        .await;
 }

@@ -50,22 +50,39 @@ pub struct ExecArgs {
     pub argv: Vec<String>,
 }
 
-/// Runs one copy of a job to its end and records the end. Returns the process exit code for
-/// the wrapper itself: 0 when the status was written.
-pub fn run(args: &ExecArgs) -> io::Result<()> {
+impl NodeStatus {
+    /// The exit code a shell would give for this end: the job's own, 128 + the signal that
+    /// killed it, 127 when it could not start. A wrapper run under another resource manager
+    /// (`srun`) exits with it, so that the manager sees the job's end as its own.
+    pub fn shell_code(&self) -> i32 {
+        match (self.exit_code, self.signal, &self.launch_error) {
+            (Some(c), _, _) => c,
+            (_, Some(s), _) => 128 + s,
+            _ => 127,
+        }
+    }
+}
+
+/// Runs one copy of a job to its end and records the end; returns how it ended.
+pub fn run(args: &ExecArgs) -> io::Result<NodeStatus> {
     // Handled, not ignored: an ignored signal would stay ignored in the job after exec.
     let terminated = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminated))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, terminated)?;
     let status = match launch(args) {
         Ok(status) => status,
-        Err(e) => NodeStatus {
-            exit_code: None,
-            signal: None,
-            launch_error: Some(e),
-        },
+        Err(e) => {
+            // Said where the resource manager's own log of the copy can show it too.
+            eprintln!("suanli exec-node: {e}");
+            NodeStatus {
+                exit_code: None,
+                signal: None,
+                launch_error: Some(e),
+            }
+        }
     };
-    write_status(&args.dir, &status)
+    write_status(&args.dir, &status)?;
+    Ok(status)
 }
 
 fn launch(args: &ExecArgs) -> Result<NodeStatus, String> {

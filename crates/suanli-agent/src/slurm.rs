@@ -68,6 +68,12 @@ pub struct SlurmConfig {
     pub bin_dir: Option<PathBuf>,
     /// How often the agent polls.
     pub poll_interval: Duration,
+    /// The `suanli` binary as the nodes see it, to run each copy under its node wrapper
+    /// (`suanli exec-node`): output capped at `max_log_bytes` per stream and rotated. `None`:
+    /// `srun` writes the output files itself, uncapped.
+    pub node_wrapper: Option<PathBuf>,
+    /// Bytes kept of each output of each node, with a node wrapper.
+    pub max_log_bytes: u64,
 }
 
 impl SlurmConfig {
@@ -82,6 +88,8 @@ impl SlurmConfig {
             slurm_conf: None,
             bin_dir: None,
             poll_interval: Duration::from_secs(2),
+            node_wrapper: None,
+            max_log_bytes: 64 << 20,
         }
     }
 }
@@ -376,7 +384,7 @@ impl SlurmBackend {
             fs::create_dir_all(&node).map_err(|e| fatal("create", &node, e))?;
         }
         let dir_str = path_str(&dir);
-        let script = batch_script(job, &ranks, &dir_str, self.config.bin_dir.as_deref());
+        let script = batch_script(job, &ranks, &dir_str, &self.config);
         let script_path = dir.join(SCRIPT);
         fs::write(&script_path, script).map_err(|e| fatal("write", &script_path, e))?;
         let meta = LeaseMeta {
@@ -651,9 +659,16 @@ impl Backend for SlurmBackend {
         };
         let task = ranks.iter().position(|&r| r == rank)?;
         let node = dir.join(format!("node-{task}"));
+        // Rotated files come first; without a node wrapper there are none.
+        let files = |name: &str| {
+            vec![
+                node.join(format!("{name}.log.1")),
+                node.join(format!("{name}.log")),
+            ]
+        };
         Some(LogFiles {
-            stdout: vec![node.join("stdout.log")],
-            stderr: vec![node.join("stderr.log")],
+            stdout: files("stdout"),
+            stderr: files("stderr"),
         })
     }
 }
@@ -794,7 +809,8 @@ fn sbatch_args(job: &Job, config: &SlurmConfig, lease_dir: &str, nodes: usize) -
 
 /// The batch script: exports the workload's and suanli's variables, then runs the workload
 /// once per node through `srun`, each copy with its rank and its own output files.
-fn batch_script(job: &Job, ranks: &[u32], lease_dir: &str, bin_dir: Option<&Path>) -> String {
+fn batch_script(job: &Job, ranks: &[u32], lease_dir: &str, config: &SlurmConfig) -> String {
+    let bin_dir = config.bin_dir.as_deref();
     let n = ranks.len();
     let tool = |name: &str| bin_dir.map(|dir| sh_quote(&path_str(&dir.join(name))));
     let mut lines = vec![
@@ -842,8 +858,28 @@ fn batch_script(job: &Job, ranks: &[u32], lease_dir: &str, bin_dir: Option<&Path
             .collect();
         format!("case $SLURM_PROCID in {} esac", arms.join(" "))
     };
-    let wrapper = format!("{rank}; export SUANLI_NODE_RANK; exec \"$@\"");
     let node_out = escape_percent(lease_dir);
+    let (wrapper, output, error) = match &config.node_wrapper {
+        // The node wrapper writes the copy's output, capped and rotated, and exits with the
+        // copy's code, so srun and Slurm see the job's end as before. srun's own files keep
+        // only what the wrapper says (a program that cannot start).
+        Some(exe) => (
+            format!(
+                "{rank}; export SUANLI_NODE_RANK; exec {} exec-node --dir {}/node-$SLURM_PROCID \
+                 --workdir \"$PWD\" --max-log-bytes {} --exit-with-job -- \"$@\"",
+                sh_quote(&path_str(exe)),
+                sh_quote(lease_dir),
+                config.max_log_bytes
+            ),
+            "exec.out",
+            "exec.err",
+        ),
+        None => (
+            format!("{rank}; export SUANLI_NODE_RANK; exec \"$@\""),
+            "stdout.log",
+            "stderr.log",
+        ),
+    };
     let mut exec = vec![
         // --export=ALL: the tasks see the variables exported above. sbatch's --export=NONE
         // leaves SLURM_EXPORT_ENV=NONE in the job, which srun would otherwise follow, starting
@@ -854,11 +890,11 @@ fn batch_script(job: &Job, ranks: &[u32], lease_dir: &str, bin_dir: Option<&Path
         "--kill-on-bad-exit=1".into(),
         format!(
             "--output={}",
-            sh_quote(&format!("{node_out}/node-%t/stdout.log"))
+            sh_quote(&format!("{node_out}/node-%t/{output}"))
         ),
         format!(
             "--error={}",
-            sh_quote(&format!("{node_out}/node-%t/stderr.log"))
+            sh_quote(&format!("{node_out}/node-%t/{error}"))
         ),
         format!("/bin/sh -c {} sh", sh_quote(&wrapper)),
     ];
@@ -1201,17 +1237,40 @@ mod tests {
 
     #[test]
     fn the_script_adds_the_rank_offset_and_quotes_arguments() {
+        let config = SlurmConfig::new("/s");
         let script = batch_script(
             &job(&["echo", "a b", "it's"], &[2, 3]),
             &[2, 3],
             "/s/l",
-            None,
+            &config,
         );
         assert!(script.contains("SUANLI_NODE_RANK=$((SLURM_PROCID + 2))"));
         assert!(script.contains(r"'it'\''s'"));
         assert!(script.contains("--nodes=2 --ntasks=2"));
-        let gaps = batch_script(&job(&["true"], &[1, 5]), &[1, 5], "/s/l", None);
+        let gaps = batch_script(&job(&["true"], &[1, 5]), &[1, 5], "/s/l", &config);
         assert!(gaps.contains("0) SUANLI_NODE_RANK=1 ;; 1) SUANLI_NODE_RANK=5 ;;"));
+        assert!(
+            gaps.contains("/node-%t/stdout.log'"),
+            "srun writes the output"
+        );
+        let wrapped = SlurmConfig {
+            node_wrapper: Some("/opt/suanli".into()),
+            max_log_bytes: 1000,
+            ..SlurmConfig::new("/s")
+        };
+        let script = batch_script(&job(&["true"], &[0]), &[0], "/s/l", &wrapped);
+        // Quoted once more as the argument of sh -c.
+        assert!(
+            script.contains(
+                r"exec '\''/opt/suanli'\'' exec-node --dir '\''/s/l'\''/node-$SLURM_PROCID"
+            ),
+            "{script}"
+        );
+        assert!(
+            script.contains("--max-log-bytes 1000 --exit-with-job"),
+            "{script}"
+        );
+        assert!(script.contains("/node-%t/exec.out'"), "{script}");
     }
 
     #[test]

@@ -86,6 +86,11 @@ pub struct AgentArgs {
     /// Ask Slurm for GPUs with --gres=gpu:M instead of --gpus-per-node=M; --backend slurm.
     #[arg(long)]
     pub slurm_gres: bool,
+    /// The `suanli` binary as the cluster's nodes see it: each copy runs under its node
+    /// wrapper, which keeps the output capped and rotated (--max-log-bytes); `none` lets Slurm
+    /// write the output files, uncapped [default: this agent's own binary]; --backend slurm.
+    #[arg(long, value_name = "PATH")]
+    pub slurm_node_wrapper: Option<PathBuf>,
     /// How often to list Slurm's queue (one squeue for all the agent's jobs); --backend slurm.
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = slurm_poll)]
     pub slurm_poll: Duration,
@@ -106,21 +111,29 @@ pub struct ExecNodeArgs {
     /// Run the job as UID:GID.
     #[arg(long, value_name = "UID:GID", value_parser = uid_gid)]
     pub run_as: Option<(u32, u32)>,
+    /// Exit with the job's own code (128 + a signal that killed it), as a shell would: for a
+    /// resource manager (srun) that reads the copy's end from its exit.
+    #[arg(long)]
+    pub exit_with_job: bool,
     /// The job's program and arguments.
     #[arg(last = true, required = true, value_name = "ARGV")]
     pub argv: Vec<String>,
 }
 
-/// Runs the node wrapper.
+/// Runs the node wrapper; with `--exit-with-job`, ends the process with the job's code.
 pub fn exec_node(a: &ExecNodeArgs) -> anyhow::Result<()> {
-    suanli_agent::exec::run(&suanli_agent::exec::ExecArgs {
+    let status = suanli_agent::exec::run(&suanli_agent::exec::ExecArgs {
         dir: a.dir.clone(),
         workdir: a.workdir.clone(),
         max_log_bytes: a.max_log_bytes,
         run_as: a.run_as,
         argv: a.argv.clone(),
     })
-    .with_context(|| format!("node folder {}", a.dir.display()))
+    .with_context(|| format!("node folder {}", a.dir.display()))?;
+    if a.exit_with_job {
+        std::process::exit(status.shell_code());
+    }
+    Ok(())
 }
 
 fn slurm_poll(text: &str) -> Result<Duration, String> {
@@ -182,6 +195,12 @@ fn backend(a: &AgentArgs, state_dir: &Path) -> anyhow::Result<Box<dyn Backend>> 
                 GpuFlag::GpusPerNode
             };
             config.poll_interval = a.slurm_poll;
+            config.node_wrapper = match a.slurm_node_wrapper.as_deref() {
+                Some(p) if p == Path::new("none") => None,
+                Some(p) => Some(p.to_path_buf()),
+                None => Some(std::env::current_exe().context("finding the suanli binary")?),
+            };
+            config.max_log_bytes = a.max_log_bytes;
             Box::new(SlurmBackend::new(config)?)
         }
     })

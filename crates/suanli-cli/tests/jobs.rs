@@ -90,6 +90,8 @@ impl Agent {
                 "slurm",
                 "--slurm-poll",
                 "200ms",
+                "--max-log-bytes",
+                "16384",
                 "--state-dir",
             ])
             .arg(state)
@@ -464,6 +466,15 @@ async fn jobs_run_on_a_real_slurm_cluster() {
         hosts.push(host.to_string());
     }
     assert_ne!(hosts[0], hosts[1], "one copy on each node: {hosts:?}");
+
+    // Output is capped and rotated on the nodes: the newest lines are kept.
+    let r = a.submit(lab(1, 1, &["seq", "1", "20000"])).await.unwrap();
+    a.wait_for(&r.name, pb::RequestState::Completed).await;
+    let (out, err, ok) = logs(&addr, &token, r.id, 0);
+    assert!(ok, "suanli logs failed: {err}");
+    assert!(out.ends_with("\n20000\n"), "the newest lines are kept");
+    assert!(!out.starts_with("1\n2\n"), "the oldest are rotated out");
+    assert!(out.len() < 16384 + 64 * 1024, "{} bytes kept", out.len());
 
     // A job that exits 3 on its second node fails with that code.
     let fails = [

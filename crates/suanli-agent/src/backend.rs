@@ -170,10 +170,11 @@ pub trait Backend: Send {
     fn logs(&self, lease: LeaseId, rank: u32) -> Option<LogFiles>;
 }
 
-/// How a job ended, as a backend writes it next to the job (`ended.json`): once written, the
-/// lease is never started again, and its end can be given again after a restart.
+/// A job's end as the agent writes it to disk: next to the job (`ended.json`, so that the
+/// lease is never started again and its end can be given again after a restart) and in the
+/// agent's journal of ended leases.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct SavedOutcome {
+pub struct SavedOutcome {
     cause: i32,
     exit_code: Option<i32>,
     signal: Option<i32>,
@@ -181,18 +182,36 @@ struct SavedOutcome {
     message: String,
 }
 
+impl From<&pb::JobOutcome> for SavedOutcome {
+    fn from(o: &pb::JobOutcome) -> Self {
+        SavedOutcome {
+            cause: o.cause,
+            exit_code: o.exit_code,
+            signal: o.signal,
+            node_rank: o.node_rank,
+            message: o.message.clone(),
+        }
+    }
+}
+
+impl From<SavedOutcome> for pb::JobOutcome {
+    fn from(s: SavedOutcome) -> Self {
+        pb::JobOutcome {
+            cause: s.cause,
+            exit_code: s.exit_code,
+            signal: s.signal,
+            node_rank: s.node_rank,
+            message: s.message,
+        }
+    }
+}
+
 /// The file a lease's end is saved in, in its folder.
 pub const ENDED_FILE: &str = "ended.json";
 
 /// Saves a lease's end in its folder, atomically.
 pub fn save_outcome(dir: &std::path::Path, o: &pb::JobOutcome) -> std::io::Result<()> {
-    let saved = SavedOutcome {
-        cause: o.cause,
-        exit_code: o.exit_code,
-        signal: o.signal,
-        node_rank: o.node_rank,
-        message: o.message.clone(),
-    };
+    let saved = SavedOutcome::from(o);
     let tmp = dir.join(format!("{ENDED_FILE}.tmp"));
     std::fs::write(
         &tmp,
@@ -204,14 +223,8 @@ pub fn save_outcome(dir: &std::path::Path, o: &pb::JobOutcome) -> std::io::Resul
 /// A lease's saved end, if it has one.
 pub fn saved_outcome(dir: &std::path::Path) -> Option<pb::JobOutcome> {
     let bytes = std::fs::read(dir.join(ENDED_FILE)).ok()?;
-    let s: SavedOutcome = serde_json::from_slice(&bytes).ok()?;
-    Some(pb::JobOutcome {
-        cause: s.cause,
-        exit_code: s.exit_code,
-        signal: s.signal,
-        node_rank: s.node_rank,
-        message: s.message,
-    })
+    let saved: SavedOutcome = serde_json::from_slice(&bytes).ok()?;
+    Some(saved.into())
 }
 
 /// An outcome with a cause and a message.

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::backend::{
-    Backend, BackendError, Job, JobEvent, Launched, LeaseId, NodeSlot, outcome, stop_grace,
+    Backend, BackendError, Job, JobEvent, Launched, LeaseId, NodeSlot, SavedOutcome, outcome,
 };
 
 /// A report not acknowledged after this long is sent again.
@@ -39,28 +39,13 @@ struct Held {
     started: bool,
 }
 
-/// An ended lease as the journal keeps it.
+/// An ended lease as the journal keeps it, one JSON line each.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Ended {
     request: u64,
     lease: u32,
-    cause: i32,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-    node_rank: u32,
-    message: String,
-}
-
-impl Ended {
-    fn outcome(&self) -> pb::JobOutcome {
-        pb::JobOutcome {
-            cause: self.cause,
-            exit_code: self.exit_code,
-            signal: self.signal,
-            node_rank: self.node_rank,
-            message: self.message.clone(),
-        }
-    }
+    #[serde(flatten)]
+    outcome: SavedOutcome,
 }
 
 /// The ends of leases' jobs, in memory and appended to a file.
@@ -129,11 +114,7 @@ impl Journal {
         let e = Ended {
             request: id.request,
             lease: id.lease,
-            cause: o.cause,
-            exit_code: o.exit_code,
-            signal: o.signal,
-            node_rank: o.node_rank,
-            message: o.message.clone(),
+            outcome: o.into(),
         };
         if let Some(p) = &self.path {
             let line = serde_json::to_string(&e).expect("serialises");
@@ -150,7 +131,7 @@ impl Journal {
     }
 
     fn get(&self, id: LeaseId) -> Option<pb::JobOutcome> {
-        self.by_lease.get(&id).map(Ended::outcome)
+        self.by_lease.get(&id).map(|e| e.outcome.clone().into())
     }
 
     fn latest(&self, request: u64) -> Option<LeaseId> {
@@ -520,11 +501,6 @@ pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The grace a workload asks for (for callers that hold only the workload).
-pub fn grace_of(w: &pb::Workload) -> Duration {
-    stop_grace(w)
 }
 
 #[cfg(test)]

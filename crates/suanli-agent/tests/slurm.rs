@@ -154,12 +154,18 @@ fn jobs_of(cluster: &SlurmCluster, lease: LeaseId) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// A node's stdout as the backend keeps it: its files oldest first, those that exist.
 fn stdout_of(backend: &SlurmBackend, lease: LeaseId, rank: u32) -> String {
     let files = backend
         .logs(lease, rank)
         .unwrap_or_else(|| panic!("no logs for {lease} rank {rank}"));
-    fs::read_to_string(&files.stdout[0])
-        .unwrap_or_else(|e| panic!("{}: {e}", files.stdout[0].display()))
+    let current = files.stdout.last().expect("a current file");
+    assert!(current.exists(), "{} is missing", current.display());
+    files
+        .stdout
+        .iter()
+        .filter_map(|f| fs::read_to_string(f).ok())
+        .collect()
 }
 
 fn cause(o: &pb::JobOutcome) -> pb::JobCause {
@@ -436,7 +442,7 @@ fn wait_for_file(d: &Driver<'_>, lease: LeaseId, text: &str) {
     while !d
         .backend
         .logs(lease, 0)
-        .and_then(|f| fs::read_to_string(&f.stdout[0]).ok())
+        .and_then(|f| fs::read_to_string(f.stdout.last()?).ok())
         .is_some_and(|out| out.contains(text))
     {
         assert!(Instant::now() < deadline, "{lease} never printed {text:?}");

@@ -23,52 +23,39 @@ const POOL: &str = "futian-aicc";
 struct Agent(Child);
 
 impl Agent {
-    fn start(addr: &str, token: &str, state: &Path) -> Agent {
-        let child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-            .args([
-                "--addr",
-                addr,
-                "--token",
-                token,
-                "agent",
-                "--fleet",
-                "futian-2024",
-            ])
-            .args([
-                "--pool",
-                POOL,
-                "--backend",
-                "process",
-                "--allow-root",
-                "--state-dir",
-            ])
+    /// `suanli agent` for `pool` of `fleet` (a file or a built-in fleet) with the backend
+    /// arguments `backend`, keeping its state in `state`.
+    fn spawn(
+        addr: &str,
+        token: &str,
+        fleet: &std::ffi::OsStr,
+        pool: &str,
+        backend: &[&str],
+        state: &Path,
+    ) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_suanli"));
+        command
+            .args(["--addr", addr, "--token", token, "agent", "--fleet"])
+            .arg(fleet)
+            .args(["--pool", pool])
+            .args(backend)
+            .arg("--state-dir")
             .arg(state)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start suanli agent");
-        Agent(child)
+            .stderr(Stdio::null());
+        command
+    }
+
+    /// The agent of the Futian AI Computing Centre, running jobs as processes.
+    fn start(addr: &str, token: &str, state: &Path) -> Agent {
+        Agent::process(addr, token, Path::new("futian-2024"), POOL, state)
     }
 
     /// An agent of `pool` in the fleet file `fleet`, running jobs as processes.
     fn process(addr: &str, token: &str, fleet: &Path, pool: &str, state: &Path) -> Agent {
-        let child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-            .args(["--addr", addr, "--token", token, "agent", "--fleet"])
-            .arg(fleet)
-            .args([
-                "--pool",
-                pool,
-                "--backend",
-                "process",
-                "--allow-root",
-                "--state-dir",
-            ])
-            .arg(state)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start suanli agent");
-        Agent(child)
+        let backend = ["--backend", "process", "--allow-root"];
+        let mut command = Agent::spawn(addr, token, fleet.as_os_str(), pool, &backend, state);
+        Agent(command.spawn().expect("start suanli agent"))
     }
 
     /// An agent of `pool` in the fleet file `fleet`, on a Slurm cluster.
@@ -80,27 +67,17 @@ impl Agent {
         state: &Path,
         conf: &Path,
     ) -> Agent {
-        let child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-            .args(["--addr", addr, "--token", token, "agent", "--fleet"])
-            .arg(fleet)
-            .args([
-                "--pool",
-                pool,
-                "--backend",
-                "slurm",
-                "--slurm-poll",
-                "200ms",
-                "--max-log-bytes",
-                "16384",
-                "--state-dir",
-            ])
-            .arg(state)
-            .env("SLURM_CONF", conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start suanli agent");
-        Agent(child)
+        let backend = [
+            "--backend",
+            "slurm",
+            "--slurm-poll",
+            "200ms",
+            "--max-log-bytes",
+            "16384",
+        ];
+        let mut command = Agent::spawn(addr, token, fleet.as_os_str(), pool, &backend, state);
+        command.env("SLURM_CONF", conf);
+        Agent(command.spawn().expect("start suanli agent"))
     }
 
     fn kill(&mut self) {

@@ -151,13 +151,19 @@ fn copy_rotating(mut from: impl Read, dir: &Path, name: &str, half: u64) -> io::
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        if written > 0 && written + n as u64 > half {
-            fs::rename(&current, &rotated)?;
-            file = File::create(&current)?;
-            written = 0;
+        // A piece is split where a file fills, so no file ever passes `half` bytes.
+        let mut piece = &buf[..n];
+        while !piece.is_empty() {
+            if written >= half {
+                fs::rename(&current, &rotated)?;
+                file = File::create(&current)?;
+                written = 0;
+            }
+            let take = piece.len().min((half - written) as usize);
+            file.write_all(&piece[..take])?;
+            written += take as u64;
+            piece = &piece[take..];
         }
-        file.write_all(&buf[..n])?;
-        written += n as u64;
     }
 }
 
@@ -198,6 +204,15 @@ mod tests {
             "the kept bytes are the newest, in order"
         );
         assert!(kept.len() < data.len(), "older bytes were dropped");
+        // One read larger than the cap (a pipe can deliver 64 KiB at once) is cut too.
+        let dir3 = tempfile::tempdir().unwrap();
+        copy_rotating(&data[..], dir3.path(), "stdout", 4096).unwrap();
+        let current = fs::read(dir3.path().join("stdout.log")).unwrap();
+        let rotated = fs::read(dir3.path().join("stdout.log.1")).unwrap();
+        assert!(current.len() <= 4096 && rotated.len() == 4096);
+        let mut kept = rotated;
+        kept.extend(&current);
+        assert!(data.ends_with(&kept), "the newest bytes, in order");
     }
 
     #[test]

@@ -747,9 +747,10 @@ async fn a_budget_holds_placed_leases_against_concurrent_submissions() {
         "the placed lease is held: {}",
         refused.message()
     );
-    // Released after a moment, the lease is charged what it ran and its hold goes.
+    // Released after a moment, the lease is charged what it ran and its hold goes. Half a
+    // second at ¥240 an hour is 3.3 fen: long enough to round to a charge.
     let placed = ok.into_iter().next().unwrap().unwrap().into_inner();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut c = c;
     c.release_request(pb::ReleaseRequestRequest {
         name: placed.name.clone(),

@@ -173,13 +173,35 @@ async fn metrics_agree_with_the_api_and_pass_promtool() {
     };
     assert_eq!(reason, pb::WaitReason::CapacityBusy);
 
-    let scraped = http_get(http, "/metrics", None).await;
-    assert_eq!(scraped.status, 200, "{}", scraped.body);
+    // The fleet's queue counts are published with the fleet views, which may trail the
+    // request's own wait information by a moment: scrape until they show the reason too.
+    let reason_label = [("reason", "capacity_busy")];
+    let mut tries = 0;
+    let (scraped, m) = loop {
+        let scraped = http_get(http, "/metrics", None).await;
+        assert_eq!(scraped.status, 200, "{}", scraped.body);
+        let m = parse(&scraped.body);
+        let shown = m.iter().any(|s| {
+            s.name == "suanli_queue_requests_by_reason"
+                && s.labels
+                    .iter()
+                    .any(|(k, v)| k == "reason" && v == "capacity_busy")
+                && s.value == 1.0
+        });
+        if shown {
+            break (scraped, m);
+        }
+        tries += 1;
+        assert!(
+            tries < 500,
+            "the queue counts never showed the waiting request"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(
         scraped.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    let m = parse(&scraped.body);
     let OperatorFigures {
         fleet,
         pools,
@@ -225,7 +247,6 @@ async fn metrics_agree_with_the_api_and_pass_promtool() {
     );
 
     // The queue: the waiting request, with its reason.
-    let reason_label = [("reason", "capacity_busy")];
     assert_eq!(
         value(&m, "suanli_queue_requests_by_reason", &reason_label),
         1.0

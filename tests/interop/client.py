@@ -176,6 +176,62 @@ def tenant_checks(channel, a_token, b_token):
     return gang
 
 
+def workload_checks(channel, a_token):
+    """A request that carries a job: its workload round-trips, a bad one is refused by field,
+    and with no agent that runs commands (the test's pools are simulated) it waits, saying why."""
+    import time
+
+    tenant = tenant_pb2_grpc.TenantServiceStub(channel)
+    a = bearer(a_token)
+    spec = gang_spec(1, 8, "h100", 60_000)
+    spec.workload.CopyFrom(
+        types_pb2.Workload(
+            argv=["python3", "train.py", "--lr", "3e-4"],
+            env=[types_pb2.EnvVar(name="NCCL_DEBUG", value="INFO")],
+            working_dir="/data/run-7",
+            stop_grace_s=30,
+        )
+    )
+    job = tenant.SubmitRequest(
+        tenant_pb2.SubmitRequestRequest(request_id="py-job", spec=spec), metadata=a, timeout=TIMEOUT_S
+    )
+    check(job.spec.workload == spec.workload, f"workload as submitted: {job.spec.workload}")
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        got = tenant.GetRequest(tenant_pb2.GetRequestRequest(name=job.name), metadata=a, timeout=TIMEOUT_S)
+        check(got.state == types_pb2.REQUEST_STATE_QUEUED, f"job state: {state_name(got)}")
+        if got.wait.reason == types_pb2.WAIT_REASON_WORKLOAD_UNSUPPORTED:
+            break
+        check(time.monotonic() < deadline, f"job wait reason: {got.wait.reason}")
+        time.sleep(0.02)
+    ok(f"SubmitRequest with a workload: {job.name} waits, WAIT_REASON_WORKLOAD_UNSUPPORTED")
+
+    expect_code(
+        lambda: list(
+            tenant.StreamLogs(tenant_pb2.StreamLogsRequest(name=job.name), metadata=a, timeout=TIMEOUT_S)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "StreamLogs of a job not placed yet",
+    )
+    ok("StreamLogs of a job not placed yet: FAILED_PRECONDITION")
+
+    bad = gang_spec(1, 8, "h100", 60_000)
+    bad.workload.CopyFrom(types_pb2.Workload(argv=["python3", "x" * 5000]))
+    try:
+        tenant.SubmitRequest(
+            tenant_pb2.SubmitRequestRequest(request_id="py-bad-job", spec=bad), metadata=a, timeout=TIMEOUT_S
+        )
+        raise CheckFailed("an argv entry of 5000 bytes was accepted")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"oversized argv: {e.code().name}")
+        check("spec.workload.argv[1]" in e.details(), f"oversized argv names the field: {e.details()}")
+    ok("SubmitRequest with an oversized argv entry: INVALID_ARGUMENT naming spec.workload.argv[1]")
+
+    tenant.CancelRequest(
+        tenant_pb2.CancelRequestRequest(request_id="py-job-cancel", name=job.name), metadata=a, timeout=TIMEOUT_S
+    )
+
+
 def operator_checks(channel, op_token):
     operator = operator_pb2_grpc.OperatorServiceStub(channel)
     op = bearer(op_token)
@@ -269,6 +325,7 @@ def main():
     try:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
         tenant_checks(channel, args.tenant_a, args.tenant_b)
+        workload_checks(channel, args.tenant_a)
         operator_checks(channel, args.operator)
         if args.no_health:
             print("skipped: health checks (grpcio-health-checking is not installed)", flush=True)

@@ -77,17 +77,12 @@ impl Job {
         ]
     }
 
-    /// Time between the polite stop and the kill.
+    /// Time between the polite stop and the kill: 10 s when the workload names none.
     pub fn stop_grace(&self) -> Duration {
-        stop_grace(&self.workload)
-    }
-}
-
-/// The workload's stop grace: 10 s when it names none.
-pub fn stop_grace(workload: &pb::Workload) -> Duration {
-    match workload.stop_grace_s {
-        0 => Duration::from_secs(10),
-        s => Duration::from_secs(s as u64),
+        match self.workload.stop_grace_s {
+            0 => Duration::from_secs(10),
+            s => Duration::from_secs(s as u64),
+        }
     }
 }
 

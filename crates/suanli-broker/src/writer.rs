@@ -1084,13 +1084,8 @@ impl Writer {
                 continue;
             };
             if let Some(lease) = &r.lease {
-                let parts: Vec<pb::LeasePart> = lease
-                    .parts
-                    .iter()
-                    .filter(|p| p.pool == pool)
-                    .cloned()
-                    .collect();
-                if !parts.is_empty() && r.state != pb::RequestState::Queued as i32 {
+                let on_pool = lease.parts.iter().any(|p| p.pool == pool);
+                if on_pool && r.state != pb::RequestState::Queued as i32 {
                     live_here.push(id.0);
                     if !running.contains(&id.0) {
                         self.tell_agent(&pool, start_lease(&r, lease, &pool));

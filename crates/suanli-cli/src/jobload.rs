@@ -133,12 +133,7 @@ pub async fn run(g: &GlobalArgs, load: &JobLoad) -> anyhow::Result<()> {
     ends.sort_unstable();
     let per_minute = starts.len() as f64 * 60.0 / elapsed.as_secs_f64();
     let q = |v: &[u64], p: f64| percentile(v, p).unwrap_or(0);
-    // Nearest rank over signed values, as `percentile` does over unsigned ones.
-    let qi = |v: &[i64], p: f64| {
-        v.get(((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1)) - 1)
-            .copied()
-            .unwrap_or(0)
-    };
+    let qi = |v: &[i64], p: f64| percentile(v, p).unwrap_or(0);
     if load.json {
         println!(
             "{}",

@@ -153,7 +153,7 @@ pub fn schedule(
 
 /// The `q`th percentile (0 to 100) of sorted values, by the nearest-rank method: the smallest
 /// value that at least `q` % of the values do not exceed.
-pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }
@@ -629,7 +629,7 @@ mod tests {
         assert_eq!(percentile(&[7], 99.0), Some(7));
         assert_eq!(percentile(&[1, 2, 3, 1000], 50.0), Some(2));
         assert_eq!(percentile(&[1, 2, 3, 1000], 99.0), Some(1000));
-        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile::<u64>(&[], 50.0), None);
     }
 
     #[test]

@@ -288,6 +288,13 @@ async fn jobs_run_on_the_process_backend_end_to_end() {
         "ran exactly once"
     );
 
+    // A node the lease does not have is named in the error.
+    let (_, err, ok) = logs(&addr, &token, r.id, 9);
+    assert!(
+        !ok && err.contains("INVALID_ARGUMENT") && err.contains("node_rank"),
+        "{err}"
+    );
+
     // Another tenant's logs are NOT_FOUND, like its requests.
     let (_, err, ok) = logs(&addr, creds.tenant("tenant-b").unwrap(), r.id, 0);
     assert!(!ok && err.contains("NOT_FOUND"), "{err}");
@@ -370,35 +377,77 @@ interconnect = "nvlink"
 price_fen_per_device_hour = 1000
 "#;
 
+/// A broker of the lab fleet in a test's folder, its pool run by an agent.
+struct Lab {
+    _broker: Serving,
+    addr: String,
+    creds: suanli_broker::credentials::Credentials,
+    agent_token: String,
+    fleet: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+impl Lab {
+    async fn start(dir: &Path) -> Lab {
+        let fleet = dir.join("lab.toml");
+        std::fs::write(&fleet, LAB_FLEET).unwrap();
+        // The fleet is named in the file: the pools it states must be the fleet's.
+        let (broker, addr) = start_with(
+            dir,
+            "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
+            &[],
+        );
+        let creds = wait_for_credentials(dir).await;
+        let agent_token = creds
+            .agent("slurm-lab")
+            .expect("an agent token")
+            .to_string();
+        Lab {
+            _broker: broker,
+            addr,
+            creds,
+            agent_token,
+            fleet,
+            state: dir.join("agent"),
+        }
+    }
+
+    /// The pool's agent on the Slurm cluster of `conf`.
+    fn slurm_agent(&self, conf: &Path) -> Agent {
+        Agent::slurm(
+            &self.addr,
+            &self.agent_token,
+            &self.fleet,
+            "slurm-lab",
+            &self.state,
+            conf,
+        )
+    }
+
+    /// The pool's agent running jobs as processes.
+    fn process_agent(&self) -> Agent {
+        Agent::process(
+            &self.addr,
+            &self.agent_token,
+            &self.fleet,
+            "slurm-lab",
+            &self.state,
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_on_a_real_slurm_cluster() {
     let Some(cluster) = slurm_support::SlurmCluster::start_or_skip(2, 4) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let fleet = dir.path().join("lab.toml");
-    std::fs::write(&fleet, LAB_FLEET).unwrap();
-    // The fleet is named in the file: the pools it states must be the fleet's.
-    let (_broker, addr) = start_with(
-        dir.path(),
-        "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
-        &[],
+    let lab = Lab::start(dir.path()).await;
+    let (addr, token) = (
+        lab.addr.clone(),
+        lab.creds.tenant("tenant-a").unwrap().to_string(),
     );
-    let creds = wait_for_credentials(dir.path()).await;
-    let token = creds.tenant("tenant-a").unwrap().to_string();
-    let agent_token = creds
-        .agent("slurm-lab")
-        .expect("an agent token")
-        .to_string();
-    let state = dir.path().join("agent");
-    let _agent = Agent::slurm(
-        &addr,
-        &agent_token,
-        &fleet,
-        "slurm-lab",
-        &state,
-        cluster.conf_path(),
-    );
+    let _agent = lab.slurm_agent(cluster.conf_path());
     let mut a = Tenant {
         client: TenantServiceClient::new(channel(&addr).await),
         token: token.clone(),
@@ -519,32 +568,14 @@ async fn measure_jobs_through_slurm() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("lab.toml"), LAB_FLEET).unwrap();
-    let (_broker, addr) = start_with(
-        dir.path(),
-        "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
-        &[],
-    );
-    let creds = wait_for_credentials(dir.path()).await;
-    let agent_token = creds
-        .agent("slurm-lab")
-        .expect("an agent token")
-        .to_string();
-    let fleet = dir.path().join("lab.toml");
-    let state = dir.path().join("agent");
-    let _agent = Agent::slurm(
-        &addr,
-        &agent_token,
-        &fleet,
-        "slurm-lab",
-        &state,
-        cluster.conf_path(),
-    );
+    let lab = Lab::start(dir.path()).await;
+    let _agent = lab.slurm_agent(cluster.conf_path());
+    let (addr, creds) = (&lab.addr, &lab.creds);
     let jobs = std::env::var("SUANLI_MEASURE_JOBS").unwrap_or_else(|_| "200".into());
     let out = Command::new(env!("CARGO_BIN_EXE_suanli"))
         .args([
             "--addr",
-            &addr,
+            addr,
             "--token",
             creds.tenant("tenant-a").unwrap(),
             "--json",
@@ -571,21 +602,10 @@ async fn measure_jobs_through_slurm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preempted_job_is_stopped_and_its_process_group_is_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = dir.path().join("lab.toml");
-    std::fs::write(&fleet, LAB_FLEET).unwrap();
-    let (_broker, addr) = start_with(
-        dir.path(),
-        "fleet = \"lab.toml\"\n[pools]\nagent = [\"slurm-lab\"]\n",
-        &[],
-    );
-    let creds = wait_for_credentials(dir.path()).await;
-    let agent_token = creds
-        .agent("slurm-lab")
-        .expect("an agent token")
-        .to_string();
-    let state = dir.path().join("agent");
-    let _agent = Agent::process(&addr, &agent_token, &fleet, "slurm-lab", &state);
-    let ch = channel(&addr).await;
+    let lab = Lab::start(dir.path()).await;
+    let _agent = lab.process_agent();
+    let (addr, creds) = (&lab.addr, &lab.creds);
+    let ch = channel(addr).await;
     let tenant = |name: &str| Tenant {
         client: TenantServiceClient::new(ch.clone()),
         token: creds.tenant(name).unwrap().to_string(),

@@ -87,6 +87,14 @@ pub struct BrokerConfig {
     /// the clone of its state (45 ms with 150,000 requests), so not too often: at the broker's
     /// peak of about 20,000 entries a second, every 25 s.
     pub snapshot_every: u64,
+    /// The etcd cluster of a replicated group (see [`crate::ha`]); empty: a broker on its
+    /// own, with its log in the data folder.
+    pub etcd: Vec<String>,
+    /// The prefix of the group's keys in etcd (several groups may share one cluster).
+    pub etcd_prefix: String,
+    /// The gRPC address clients are sent to when this replica leads; by default the listen
+    /// address.
+    pub advertise: Option<String>,
 }
 
 impl BrokerConfig {
@@ -133,6 +141,9 @@ impl BrokerConfig {
             ended_max: 200_000,
             snapshot_every: 500_000,
             shutdown_grace: Duration::from_secs(5),
+            etcd: Vec::new(),
+            etcd_prefix: "/suanli/".into(),
+            advertise: None,
         }
     }
 
@@ -237,6 +248,34 @@ impl BrokerConfig {
                 .collect();
         }
         c.operator_token = file.operator_token;
+        if let Some(f) = file.operator_token_file {
+            if c.operator_token.is_some() {
+                return Err("fields operator_token and operator_token_file: give one".into());
+            }
+            let path = base.join(f);
+            let token = std::fs::read_to_string(&path)
+                .map_err(|e| format!("field operator_token_file: {}: {e}", path.display()))?;
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(format!(
+                    "field operator_token_file: {} is empty",
+                    path.display()
+                ));
+            }
+            c.operator_token = Some(token.to_string());
+        }
+        if let Some(e) = file.etcd {
+            c.etcd = e;
+        }
+        if let Some(p) = file.etcd_prefix {
+            if !p.starts_with('/') || !p.ends_with('/') {
+                return Err(format!(
+                    "field etcd_prefix: {p:?} must start and end with /"
+                ));
+            }
+            c.etcd_prefix = p;
+        }
+        c.advertise = file.advertise;
         if let Some(ms) = file.tick_interval_ms {
             c.tick_interval = Duration::from_millis(ms.max(1));
         }
@@ -289,6 +328,10 @@ struct ConfigFile {
     ended_retention_hours: Option<u64>,
     ended_max: Option<usize>,
     snapshot_every: Option<u64>,
+    operator_token_file: Option<String>,
+    etcd: Option<Vec<String>>,
+    etcd_prefix: Option<String>,
+    advertise: Option<String>,
     pools: Option<PoolsFile>,
     tenant: Option<Vec<TenantFile>>,
     tls: Option<TlsFile>,

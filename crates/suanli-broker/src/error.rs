@@ -38,6 +38,15 @@ pub enum BrokerError {
     /// The broker is stopping or its writer has failed.
     #[error("the broker is unavailable: {0}")]
     Unavailable(String),
+    /// This replica does not lead its group: the caller should go to the leader.
+    #[error("{}", match leader {
+        Some(addr) => format!("this broker is a follower: the leader is at {addr}"),
+        None => "this broker is a follower and no leader is known yet: retry shortly".into(),
+    })]
+    NotLeader {
+        /// Where the leader is, when known.
+        leader: Option<String>,
+    },
     /// The durable store failed.
     #[error("store: {0}")]
     Store(String),
@@ -80,9 +89,19 @@ impl From<BrokerError> for Status {
             BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
             BrokerError::Overloaded => Code::ResourceExhausted,
-            BrokerError::Unavailable(_) => Code::Unavailable,
+            BrokerError::Unavailable(_) | BrokerError::NotLeader { .. } => Code::Unavailable,
             BrokerError::Store(_) | BrokerError::Config(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let BrokerError::NotLeader {
+            leader: Some(addr), ..
+        } = &e
+            && let Ok(value) = addr.parse()
+        {
+            status
+                .metadata_mut()
+                .insert(crate::ha::LEADER_METADATA, value);
+        }
+        status
     }
 }

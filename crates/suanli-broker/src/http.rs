@@ -3,7 +3,8 @@
 //! gRPC queries and never waits for the writer.
 //!
 //! - `/healthz`: the process answers. `/readyz`: its views are published and it is not
-//!   stopping.
+//!   stopping; the body names its role (`leader` or `follower`), and a follower's the leader,
+//!   the log index its views are at and their staleness.
 //! - `/metrics`: Prometheus metrics in the text format 0.0.4 (see the `metrics` module).
 //! - Open on the listener when `http_open_metrics` is set; otherwise they need the operator's
 //!   token like every other route.
@@ -38,6 +39,8 @@ pub(crate) struct HttpState {
     pub(crate) open_metrics: bool,
     /// What `/metrics` renders.
     pub(crate) metrics: Arc<Metrics>,
+    /// The replica's role in its group.
+    pub(crate) replica: Arc<crate::ha::Replica>,
 }
 
 impl HttpState {
@@ -112,8 +115,18 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     } else if state.views.snapshot().pools.is_empty() {
         // The writer has not published its first view yet.
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
-    } else {
+    } else if !state.replica.is_replicated() {
         "ready\n".into_response()
+    } else {
+        let role = state.replica.role();
+        let (index, staleness) = state.replica.position(crate::writer::wall_ms());
+        if role.leader {
+            format!("leader\nterm {}\nlog index {index}\n", role.term).into_response()
+        } else {
+            let leader = role.leader_addr.as_deref().unwrap_or("unknown");
+            format!("follower\nleader {leader}\nlog index {index}\nstaleness {staleness} ms\n")
+                .into_response()
+        }
     }
 }
 

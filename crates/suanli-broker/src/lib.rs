@@ -10,6 +10,8 @@
 //! - `writer`: the engine's thread: batches, group commit, simulated execution, agents, ticks.
 //! - [`store`]: the durable command log and snapshots behind a trait (redb by default);
 //!   `snapshot`: what a snapshot holds, saved off the writer's thread.
+//! - `ha`: several brokers on one etcd cluster: the election, the log in etcd, followers
+//!   that apply it.
 //! - `views`: what queries read.
 //! - [`billing`]: vouchers, budgets and settlement in the writer, derived from the command log.
 //! - `service`: the three gRPC services; [`convert`]: messages to core types and back.
@@ -34,6 +36,7 @@ pub mod store;
 pub mod billing;
 mod console;
 pub mod convert;
+pub(crate) mod ha;
 mod metrics;
 mod relay;
 mod service;
@@ -47,6 +50,7 @@ use std::path::PathBuf;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
+pub use ha::{LEADER_METADATA, LEASE_TTL};
 pub use server::{Listeners, RunSummary, recovered_digest, recovered_ledger, run, run_with};
 
 /// What `suanli serve` was asked for on its command line.
@@ -63,6 +67,10 @@ pub struct ServeOptions {
     pub fleet: Option<PathBuf>,
     /// Configuration file (TOML).
     pub config: Option<PathBuf>,
+    /// etcd endpoints: run as one replica of a group (empty: as the configuration says).
+    pub etcd: Vec<String>,
+    /// The address clients are sent to when this replica leads.
+    pub advertise: Option<String>,
 }
 
 /// Starts a broker as `suanli serve` does: the configuration file or the zero-config default,
@@ -88,6 +96,12 @@ pub async fn serve(
     if let Some(f) = opts.fleet {
         config.fleet = config::load_fleet(&f)?;
     }
+    if !opts.etcd.is_empty() {
+        config.etcd = opts.etcd;
+    }
+    if let Some(a) = opts.advertise {
+        config.advertise = Some(a);
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("listen on {}: {e}", config.listen))?;
@@ -99,7 +113,8 @@ pub async fn serve(
         ),
         None => None,
     };
-    config.announce = true;
+    // A group's credentials are in its log, which every replica reads: printed by none.
+    config.announce = config.etcd.is_empty();
     let http_addr = match &http {
         // The login link with the operator's token follows with the credentials.
         Some(l) => format!("http://{}/ (login link below)", l.local_addr()?),

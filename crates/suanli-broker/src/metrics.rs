@@ -582,6 +582,14 @@ impl WriterMetrics {
         self.queue_wait.observe_raw(ms);
     }
 
+    /// The views were cleared (a replica reads its state back): the lease gauges start again
+    /// from zero as the records come back.
+    pub(crate) fn forget_leases(&self) {
+        for gauge in &self.leases {
+            gauge.store(0, Relaxed);
+        }
+    }
+
     /// A request record in the views moved from state `from` (none: new) to `to` (wire
     /// values): keeps the lease gauges equal to the records' states.
     pub(crate) fn moved(&self, from: Option<i32>, to: i32) {

@@ -18,10 +18,11 @@ use crate::auth::{Principal, Tokens, new_token};
 use crate::config::{BrokerConfig, Execution};
 use crate::credentials::{self, AgentToken, Credentials, TenantToken};
 use crate::error::BrokerError;
+use crate::ha::{self, Replica};
 use crate::http::{self, HttpState};
 use crate::metrics::{Metrics, RpcLayer, RpcMetrics};
 use crate::service::{Shared, operator::OperatorApi, pool::PoolApi, tenant::TenantApi};
-use crate::store::RedbStore;
+use crate::store::{RedbStore, Store};
 use crate::views::Views;
 use crate::writer::{self, Writer};
 
@@ -81,29 +82,65 @@ pub async fn run_with(
         http,
     } = listeners;
     let config = Arc::new(config);
-    let store = RedbStore::open(&config.data_dir)?;
     let views = Arc::new(Views::default());
     let tokens = Tokens::default();
     let (watch, _) = broadcast::channel(4096);
-    let mut w = Writer::recover(
-        config.clone(),
-        Arc::new(store),
-        views.clone(),
-        tokens.clone(),
-        watch.clone(),
-    )?;
-    let (commands, grants) = start_up(&config, &w, &tokens);
-    w.bootstrap(commands, grants)?;
-    let creds = credentials_of(&tokens);
-    creds
-        .save(&config.data_dir.join(credentials::FILE_NAME))
+    let grpc_addr = listener
+        .local_addr()
         .map_err(|e| BrokerError::Config(e.to_string()))?;
-    if config.announce {
-        announce(
-            &config,
-            &creds,
-            http.as_ref().and_then(|l| l.local_addr().ok()),
-        );
+    let group = if config.etcd.is_empty() {
+        None
+    } else {
+        Some(ha::Group::connect(&config, grpc_addr)?)
+    };
+    let replica = group
+        .as_ref()
+        .map_or_else(Replica::standalone, |g| g.replica.clone());
+    let w = match &group {
+        None => {
+            let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir)?);
+            let mut w = Writer::recover(
+                config.clone(),
+                store,
+                views.clone(),
+                tokens.clone(),
+                watch.clone(),
+                replica.clone(),
+            )?;
+            let (commands, grants) = start_up(&config, w.engine(), &tokens);
+            w.bootstrap(commands, grants)?;
+            let creds = credentials_of(&tokens);
+            creds
+                .save(&config.data_dir.join(credentials::FILE_NAME))
+                .map_err(|e| BrokerError::Config(e.to_string()))?;
+            if config.announce {
+                announce(
+                    &config,
+                    &creds,
+                    http.as_ref().and_then(|l| l.local_addr().ok()),
+                );
+            }
+            w
+        }
+        Some(g) => {
+            // Reading the log from etcd blocks: off the runtime's threads.
+            let (config, store, views, tokens, watch, replica) = (
+                config.clone(),
+                g.store.clone() as Arc<dyn Store>,
+                views.clone(),
+                tokens.clone(),
+                watch.clone(),
+                replica.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                Writer::recover(config, store, views, tokens, watch, replica)
+            })
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))??
+        }
+    };
+    if group.is_some() && !tokens.all().is_empty() {
+        save_credentials(&config, &tokens)?;
     }
     // Every method the server routes, so that RPC metrics know them by name.
     let rpc = Arc::new(RpcMetrics::new(&[
@@ -122,6 +159,9 @@ pub async fn run_with(
     let stopper = handle.clone();
 
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    if let Some(g) = &group {
+        g.start(handle.clone(), stopping.clone());
+    }
     let mut stopped = stopping.clone();
     let shutdown = async move {
         shutdown.await;
@@ -134,6 +174,7 @@ pub async fn run_with(
             stopping: stopping.clone(),
             open_metrics: config.http_open_metrics,
             metrics: metrics.clone(),
+            replica: replica.clone(),
         };
         let mut stopped = stopping.clone();
         let addr = l.local_addr().ok();
@@ -149,6 +190,7 @@ pub async fn run_with(
         stopping,
         agents: Arc::default(),
         metrics: writer_metrics,
+        replica: replica.clone(),
     };
     let max = config.max_message_bytes;
     let auth = move |t: Tokens| move |req| t.authenticate(req);
@@ -166,11 +208,30 @@ pub async fn run_with(
     );
     drop(shared);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TenantServiceServer<TenantApi>>().await;
-    health.set_serving::<PoolServiceServer<PoolApi>>().await;
-    health
-        .set_serving::<OperatorServiceServer<OperatorApi>>()
-        .await;
+    // SERVING on the leader (a broker on its own always leads), NOT_SERVING on followers: a
+    // load balancer's gRPC health check finds the leader.
+    let mut role = replica.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let leader = role.borrow_and_update().leader;
+            let status = if leader {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            for name in [
+                <TenantServiceServer<TenantApi> as tonic::server::NamedService>::NAME,
+                <PoolServiceServer<PoolApi> as tonic::server::NamedService>::NAME,
+                <OperatorServiceServer<OperatorApi> as tonic::server::NamedService>::NAME,
+            ] {
+                health.set_service_status(name, status).await;
+            }
+            if role.changed().await.is_err() {
+                break;
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(suanli_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -193,9 +254,7 @@ pub async fn run_with(
             )
             .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
     }
-    let addr = listener
-        .local_addr()
-        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    let addr = grpc_addr;
     info!(%addr, data_dir = %config.data_dir.display(), "serving");
     let serve = builder
         .layer(RpcLayer(rpc))
@@ -239,6 +298,11 @@ pub async fn run_with(
     .await
     .map_err(|e| BrokerError::Unavailable(e.to_string()))?
     .map_err(|_| BrokerError::Unavailable("the writer panicked".into()))??;
+    if let Some(g) = &group {
+        // The last batch is in the log: hand the election over at once rather than after
+        // the lease runs out.
+        g.resign().await;
+    }
     info!(digest, "stopped");
     Ok(RunSummary { digest, ledger })
 }
@@ -254,6 +318,7 @@ pub fn recovered_digest(config: &BrokerConfig) -> Result<u64, BrokerError> {
         Arc::new(Views::default()),
         Tokens::default(),
         watch,
+        Replica::standalone(),
     )?;
     Ok(w.engine().digest())
 }
@@ -269,17 +334,18 @@ pub fn recovered_ledger(config: &BrokerConfig) -> Result<suanli_billing::Ledger,
         Arc::new(Views::default()),
         Tokens::default(),
         watch,
+        Replica::standalone(),
     )?;
     Ok(w.ledger().clone())
 }
 
-/// What start-up must add to a recovered engine: missing pools, changed tenants, missing tokens.
-fn start_up(
+/// What start-up (or a replica taking over) must add to a recovered engine: missing pools,
+/// changed tenants, missing tokens.
+pub(crate) fn start_up(
     config: &BrokerConfig,
-    w: &Writer,
+    engine: &suanli_core::Engine,
     tokens: &Tokens,
 ) -> (Vec<Command>, Vec<(Principal, String)>) {
-    let engine = w.engine();
     let mut commands = Vec::new();
     for p in &config.fleet.pools {
         if engine.pool_spec(&p.id).is_none() {
@@ -342,6 +408,15 @@ fn announce(config: &BrokerConfig, c: &Credentials, http: Option<std::net::Socke
     for a in &c.agents {
         println!("  agent     {:<14} {}", a.pool, a.token);
     }
+}
+
+/// Writes the credentials file of the data folder.
+pub(crate) fn save_credentials(config: &BrokerConfig, tokens: &Tokens) -> Result<(), BrokerError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| BrokerError::Config(format!("creating {}: {e}", config.data_dir.display())))?;
+    credentials_of(tokens)
+        .save(&config.data_dir.join(credentials::FILE_NAME))
+        .map_err(|e| BrokerError::Config(e.to_string()))
 }
 
 fn credentials_of(tokens: &Tokens) -> Credentials {

@@ -5,8 +5,8 @@
 //! snapshot and replays the entries after it: the engine is deterministic, so the state it
 //! recovers is the state it had.
 //!
-//! The [`Store`] trait is the seam where a replicated log (etcd, say) can take the embedded
-//! store's place.
+//! The [`Store`] trait is the seam where the replicated log in etcd ([`crate::ha::log`]) takes
+//! the embedded store's place.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +81,16 @@ pub trait Store: Send + Sync {
     fn save_snapshot(&self, upto: u64, snapshot: &[u8]) -> Result<(), BrokerError>;
     /// The latest snapshot and the entries after it.
     fn recover(&self) -> Result<Recovered, BrokerError>;
+    /// Every entry from log index `index` to the end of the log, for a replica taking over;
+    /// `None` when a snapshot dropped some of them (the replica must start from the
+    /// snapshot). A store of one broker holds nothing this broker has not applied.
+    fn read_from(&self, _index: u64) -> Result<Option<Vec<Entry>>, BrokerError> {
+        Ok(Some(Vec::new()))
+    }
+    /// This replica appends from index `next` on, under `term` (see [`crate::ha`]).
+    fn lead(&self, _term: i64, _next: u64) {}
+    /// This replica appends no more.
+    fn resign(&self) {}
 }
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -101,13 +111,13 @@ const POSTCARD: u8 = 2;
 /// Postcard entries from before workloads: refused by name rather than misread.
 const POSTCARD_BEFORE_WORKLOADS: u8 = 1;
 
-fn encode(entry: &Entry) -> Result<Vec<u8>, BrokerError> {
+pub(crate) fn encode(entry: &Entry) -> Result<Vec<u8>, BrokerError> {
     let mut bytes = vec![POSTCARD];
     postcard::to_io(entry, &mut bytes).map_err(store_err)?;
     Ok(bytes)
 }
 
-fn decode(index: u64, bytes: &[u8]) -> Result<Entry, BrokerError> {
+pub(crate) fn decode(index: u64, bytes: &[u8]) -> Result<Entry, BrokerError> {
     let bad = |e: &dyn std::fmt::Display| BrokerError::Store(format!("log entry {index}: {e}"));
     match bytes.split_first() {
         Some((&POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| bad(&e)),

@@ -89,6 +89,14 @@ pub struct Views {
 pub const RECENT_JOBS: usize = 50;
 
 impl Views {
+    /// Forgets everything, for a writer that reads its state back from the store.
+    pub fn clear(&self) {
+        self.requests.clear();
+        self.by_tenant.clear();
+        self.recent_jobs.lock().expect("views").clear();
+        self.publish(Snapshot::default());
+    }
+
     /// The latest snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.read().expect("views").clone()

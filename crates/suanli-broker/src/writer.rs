@@ -29,6 +29,7 @@ use crate::billing::{self, BillingOp};
 use crate::config::{BrokerConfig, Execution};
 use crate::convert;
 use crate::error::BrokerError;
+use crate::ha::Replica;
 use crate::metrics::{self, WriterMetrics};
 use crate::snapshot::{Capture, Image};
 use crate::store::{Entry, IdemKey, Store};
@@ -111,6 +112,23 @@ pub(crate) enum Op {
     },
     /// The server has stopped: finish this batch and end, even if calls still hold handles.
     Stop,
+    /// Log entries the leader appended, from log index `first` on: a follower applies those
+    /// it lacks (see [`crate::ha`]).
+    Replicated {
+        first: u64,
+        entries: Vec<Entry>,
+    },
+    /// This replica won the election for `term`: catch up with the log and lead.
+    Promote {
+        term: i64,
+    },
+    /// The lease behind `term` is lost: stop leading.
+    Demote {
+        term: i64,
+    },
+    /// The log's tail lost its place (the log was compacted past it): start again from the
+    /// latest snapshot.
+    Resync,
 }
 
 /// How long a request_id is remembered: the API promises at least 24 hours.
@@ -163,6 +181,21 @@ impl Handle {
     /// queue if it is full. Blocking: call it off the async runtime.
     pub fn stop(&self) {
         let _ = self.tx.send(Op::Stop);
+    }
+
+    /// Sends what replication tells the writer; waits (off the runtime's threads) for room
+    /// rather than failing: none of it may be lost. False once the writer has stopped.
+    pub async fn deliver(&self, op: Op) -> bool {
+        match self.tx.try_send(op) {
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(op)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(op).is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+        }
     }
 
     async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, BrokerError> {
@@ -321,6 +354,27 @@ pub(crate) struct Writer {
     subsidies: billing::Subsidies,
     /// When to look for closed months to fold in the ledger next: the start of next month.
     close_months_at: u64,
+    /// This broker's place in its group (see [`crate::ha`]).
+    replica: Arc<Replica>,
+    /// The next log index this writer has applied.
+    applied: u64,
+    /// The term this writer leads (0: none, or a broker on its own).
+    term: i64,
+    /// The lease of the term is lost, or another replica appended: stop leading.
+    deposed: bool,
+}
+
+/// What a replica does next after following.
+enum Next {
+    Stop,
+    Lead(i64),
+    Resync,
+}
+
+/// How a term of leading ended.
+enum Exit {
+    Stopped,
+    Deposed,
 }
 
 /// Wall-clock unix milliseconds.
@@ -340,6 +394,20 @@ impl Writer {
         views: Arc<Views>,
         tokens: Tokens,
         watch: broadcast::Sender<Arc<WatchEvent>>,
+        replica: Arc<Replica>,
+    ) -> Result<Self, BrokerError> {
+        Self::recover_counting(config, store, views, tokens, watch, replica, Arc::default())
+    }
+
+    /// [`Writer::recover`], counting into `metrics`.
+    fn recover_counting(
+        config: Arc<BrokerConfig>,
+        store: Arc<dyn Store>,
+        views: Arc<Views>,
+        tokens: Tokens,
+        watch: broadcast::Sender<Arc<WatchEvent>>,
+        replica: Arc<Replica>,
+        metrics: Arc<WriterMetrics>,
     ) -> Result<Self, BrokerError> {
         let engine = Engine::new(config.engine.clone(), suanli_core::Catalogue::builtin());
         let mut w = Writer {
@@ -368,10 +436,14 @@ impl Writer {
             now: 0,
             live: false,
             stopping: false,
-            metrics: Arc::default(),
+            metrics,
             ledger: Ledger::new(),
             subsidies: billing::Subsidies::default(),
             close_months_at: 0,
+            replica,
+            applied: 0,
+            term: 0,
+            deposed: false,
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -379,31 +451,12 @@ impl Writer {
         }
         let count = recovered.entries.len();
         for entry in recovered.entries {
-            match entry {
-                Entry::Command { now, command, key } => {
-                    w.now = w.now.max(now);
-                    w.before_command(now);
-                    w.note(&command);
-                    let events = w.engine.apply(command, now);
-                    w.process(&events, now);
-                    if let Some(k) = key {
-                        w.idem.insert(k, events, now);
-                    }
-                }
-                Entry::Billing { now, op, key } => {
-                    w.now = w.now.max(now);
-                    if let Err(e) = w.apply_billing(op, now) {
-                        warn!(error = %e, "a logged accounting command failed on replay");
-                    }
-                    if let Some(k) = key {
-                        w.idem.insert(k, Vec::new(), now);
-                    }
-                }
-                Entry::Credential { principal, token } => w.tokens.grant(principal, token),
-            }
+            w.replay(entry);
         }
         w.followups.clear();
         w.pending_watch.clear();
+        w.applied = w.store.next_index();
+        w.replica.applied(w.applied, w.now);
         let now = w.clock();
         w.forget_ended(now);
         info!(
@@ -413,6 +466,195 @@ impl Writer {
             "recovered the snapshot and the command log after it"
         );
         Ok(w)
+    }
+
+    /// Applies a logged entry as the writer that logged it did.
+    fn replay(&mut self, entry: Entry) {
+        match entry {
+            Entry::Command { now, command, key } => {
+                self.now = self.now.max(now);
+                self.before_command(now);
+                self.note(&command);
+                let events = self.engine.apply(command, now);
+                self.process(&events, now);
+                if let Some(k) = key {
+                    self.idem.insert(k, events, now);
+                }
+            }
+            Entry::Billing { now, op, key } => {
+                self.now = self.now.max(now);
+                if let Err(e) = self.apply_billing(op, now) {
+                    warn!(error = %e, "a logged accounting command failed on replay");
+                }
+                if let Some(k) = key {
+                    self.idem.insert(k, Vec::new(), now);
+                }
+            }
+            Entry::Credential { principal, token } => self.tokens.grant(principal, token),
+        }
+    }
+
+    /// Throws the state away and recovers it from the store: after a term ends (its last
+    /// batch may not be in the log) or when the log's tail lost its place.
+    fn rebuild(&mut self) -> Result<(), BrokerError> {
+        if let Some(h) = self.snapshotting.take() {
+            Self::finished(h);
+        }
+        // Tokens stay: they are only ever granted, and replay grants each again in order,
+        // so a caller is never refused in the meantime.
+        self.views.clear();
+        self.metrics.forget_leases();
+        let fresh = Writer::recover_counting(
+            self.config.clone(),
+            self.store.clone(),
+            self.views.clone(),
+            self.tokens.clone(),
+            self.watch.clone(),
+            self.replica.clone(),
+            self.metrics.clone(),
+        )?;
+        *self = fresh;
+        let now = self.now;
+        self.publish(now, true);
+        Ok(())
+    }
+
+    /// [`Writer::rebuild`] until it works: etcd may be electing a leader of its own.
+    fn rebuild_until_done(&mut self) {
+        let mut wait = Duration::from_millis(100);
+        while let Err(e) = self.rebuild() {
+            error!(error = %e, "could not read the state back from the store; again");
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Catches up with the log and takes over as leader of `term`: the start-up commands
+    /// (missing pools, changed tenants, missing tokens) are this term's first batch.
+    fn promote(&mut self, term: i64) -> Result<(), BrokerError> {
+        let entries = match self.store.read_from(self.applied)? {
+            Some(entries) => entries,
+            None => {
+                // The log before a snapshot this replica lacks is gone: start from it.
+                self.rebuild()?;
+                self.store.read_from(self.applied)?.ok_or_else(|| {
+                    BrokerError::Store("the log moved on during the takeover".into())
+                })?
+            }
+        };
+        let caught_up = entries.len();
+        for entry in entries {
+            self.replay(entry);
+            self.applied += 1;
+        }
+        self.followups.clear();
+        self.pending_watch.clear();
+        self.store.lead(term, self.applied);
+        self.term = term;
+        self.deposed = false;
+        let (commands, grants) = crate::server::start_up(&self.config, &self.engine, &self.tokens);
+        self.bootstrap(commands, grants)?;
+        crate::server::save_credentials(&self.config, &self.tokens)?;
+        self.applied = self.store.next_index();
+        self.replica.applied(self.applied, self.now);
+        self.replica.now_leading(term);
+        info!(
+            term,
+            index = self.applied,
+            caught_up,
+            digest = self.engine.digest(),
+            "leading"
+        );
+        Ok(())
+    }
+
+    /// Answers an operation a follower does not take with the leader's address.
+    fn refuse(&self, op: Op) {
+        let no = || self.replica.not_leader();
+        match op {
+            Op::Apply { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Grant { reply, .. } | Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
+            Op::ReadLedger(read) => read(&self.ledger),
+            // The service refused the stream already; the link closes with the sender.
+            Op::AgentHello { .. } => {}
+            Op::Heartbeat { .. }
+            | Op::Stop
+            | Op::Replicated { .. }
+            | Op::Promote { .. }
+            | Op::Demote { .. }
+            | Op::Resync => {}
+        }
+    }
+
+    /// Applies what the leader appended, as a follower: the views follow the log.
+    fn follow(&mut self, rx: &Receiver<Op>) -> Next {
+        self.live = false;
+        self.agents.clear();
+        self.timers.clear();
+        let now = self.now;
+        self.publish(now, true);
+        let mut ops = Vec::new();
+        loop {
+            let wait = if self.publish_due {
+                Duration::from_millis(PUBLISH_EVERY_MS)
+            } else {
+                Duration::from_secs(1)
+            };
+            match rx.recv_timeout(wait) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Next::Stop,
+            }
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let mut next = None;
+            for op in ops.drain(..) {
+                match op {
+                    Op::Replicated { first, entries } => {
+                        if next.is_some() {
+                            continue;
+                        }
+                        if first > self.applied {
+                            warn!(
+                                applied = self.applied,
+                                first, "the log's tail skipped entries; reading the state again"
+                            );
+                            next = Some(Next::Resync);
+                            continue;
+                        }
+                        let skip = (self.applied - first) as usize;
+                        for entry in entries.into_iter().skip(skip) {
+                            self.replay(entry);
+                            self.applied += 1;
+                        }
+                        self.followups.clear();
+                        self.pending_watch.clear();
+                        self.publish_due = true;
+                    }
+                    Op::Promote { term } => next = Some(Next::Lead(term)),
+                    Op::Resync => next = Some(Next::Resync),
+                    Op::Stop => return Next::Stop,
+                    other => self.refuse(other),
+                }
+            }
+            self.replica.applied(self.applied, self.now);
+            let now = self.now;
+            if self.publish_due
+                && (next.is_some() || wall_ms() >= self.last_publish + PUBLISH_EVERY_MS)
+            {
+                self.forget_ended(now);
+                self.publish(now, false);
+                self.last_publish = wall_ms();
+            }
+            if let Some(next) = next {
+                return next;
+            }
+        }
     }
 
     /// Takes a snapshot's state as the writer's own.
@@ -1287,8 +1529,47 @@ impl Writer {
     }
 
     /// Runs until every sender is gone (the server stopped), then returns the final digest and
-    /// ledger.
+    /// ledger. A broker on its own leads from the start; a replica of a group follows the
+    /// log until it wins the election, and follows again when its term ends.
     pub fn run(mut self, rx: Receiver<Op>) -> WriterResult {
+        if !self.replica.is_replicated() {
+            self.lead(&rx)?;
+        } else {
+            loop {
+                match self.follow(&rx) {
+                    Next::Stop => break,
+                    Next::Resync => self.rebuild_until_done(),
+                    Next::Lead(term) => {
+                        if let Err(e) = self.promote(term) {
+                            warn!(term, error = %e, "could not take over; following again");
+                            self.store.resign();
+                            self.replica.now_following(term);
+                            self.rebuild_until_done();
+                            continue;
+                        }
+                        let exit = self.lead(&rx);
+                        self.store.resign();
+                        self.replica.now_following(term);
+                        match exit? {
+                            Exit::Stopped => break,
+                            Exit::Deposed => {
+                                warn!(term, "deposed: following again");
+                                self.rebuild_until_done();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(h) = self.snapshotting.take() {
+            Self::finished(h);
+        }
+        Ok((self.engine.digest(), self.ledger))
+    }
+
+    /// Leads: takes calls in batches, appends them, answers; until the server stops or (in a
+    /// group) the term ends.
+    fn lead(&mut self, rx: &Receiver<Op>) -> Result<Exit, BrokerError> {
         self.live = true;
         self.started_at = self.clock();
         self.rearm_timers();
@@ -1341,7 +1622,29 @@ impl Writer {
             self.fire_timers(now, &mut entries);
             self.forget_ended(now);
             let applied = started.elapsed();
-            if let Err(e) = self.store.append(&entries) {
+            let appended = if self.deposed {
+                Err(BrokerError::NotLeader { leader: None })
+            } else {
+                self.store.append(&entries)
+            };
+            if let Err(BrokerError::NotLeader { leader }) = appended {
+                // Nothing of this batch is answered: the log may or may not hold it, and the
+                // next leader's state is what counts. Callers retry there with their ids.
+                self.replica.leader_is(leader.clone());
+                for r in replies {
+                    let no = || BrokerError::NotLeader {
+                        leader: leader.clone(),
+                    };
+                    match r {
+                        Reply::Events(tx, _) => drop(tx.send(Err(no()))),
+                        Reply::Unit(tx) => drop(tx.send(Err(no()))),
+                        Reply::Read(_) => {}
+                    }
+                }
+                self.live = false;
+                return Ok(Exit::Deposed);
+            }
+            if let Err(e) = appended {
                 error!(error = %e, "the command log failed: stopping the writer");
                 for r in replies {
                     match r {
@@ -1356,6 +1659,10 @@ impl Writer {
                 return Err(e);
             }
             let synced = started.elapsed();
+            if !entries.is_empty() {
+                self.applied = self.store.next_index();
+                self.replica.applied(self.applied, now);
+            }
             self.metrics
                 .batch(batch, entries.len(), applied, synced - applied);
             self.maybe_snapshot();
@@ -1421,14 +1728,25 @@ impl Writer {
                 );
             }
         }
-        if let Some(h) = self.snapshotting.take() {
-            Self::finished(h);
-        }
-        Ok((self.engine.digest(), self.ledger))
+        Ok(Exit::Stopped)
     }
 
     fn handle(&mut self, op: Op, now: u64, entries: &mut Vec<Entry>, replies: &mut Vec<Reply>) {
         match op {
+            // A leader's own appends come back through the tail: nothing to do. An append at
+            // or past its own end is another leader's: this term is over.
+            Op::Replicated { first, .. } => {
+                if self.replica.is_replicated() && first >= self.store.next_index() {
+                    warn!(first, "another replica appended to the log");
+                    self.deposed = true;
+                }
+            }
+            Op::Demote { term } => {
+                if term == self.term {
+                    self.deposed = true;
+                }
+            }
+            Op::Promote { .. } | Op::Resync => {}
             Op::Apply {
                 command,
                 key,

@@ -24,6 +24,14 @@ pub struct ServeArgs {
     /// Configuration file (TOML).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Run as one replica of a group on this etcd cluster (comma-separated URLs) instead of
+    /// on the data folder's own log.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// In a group: the gRPC address (host:port) clients are sent to when this replica leads
+    /// [default: the listen address].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
 }
 
 /// `--http`: an address, or `off`.
@@ -91,6 +99,8 @@ pub async fn run(a: &ServeArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
         data_dir,
         fleet: a.fleet.clone(),
         config: a.config.clone(),
+        etcd: a.etcd.clone(),
+        advertise: a.advertise.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {

@@ -26,6 +26,8 @@ pub struct Shared {
     pub(crate) agents: Arc<crate::relay::Agents>,
     /// The writer's counters, which the agents' streams add to.
     pub(crate) metrics: Arc<crate::metrics::WriterMetrics>,
+    /// The replica's role: streams are served by the leader.
+    pub(crate) replica: Arc<crate::ha::Replica>,
 }
 
 impl Shared {
@@ -87,11 +89,17 @@ impl Shared {
         tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 
-    /// Completes when the server stops.
+    /// Completes when the server stops, or when this replica stops leading: a stream of the
+    /// leader's (a watch, an agent's link) ends then, and its client finds the new leader.
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.stopping.clone();
+        let mut role = self.replica.subscribe();
+        let leading = role.borrow().leader;
         async move {
-            let _ = rx.wait_for(|s| *s).await;
+            tokio::select! {
+                _ = rx.wait_for(|s| *s) => {}
+                _ = role.wait_for(|r| leading && !r.leader) => {}
+            }
         }
     }
 }

@@ -57,6 +57,9 @@ pub enum Entry {
         /// The token.
         token: String,
     },
+    /// A checkpoint: each replica that applies it records its engine's digest there, so
+    /// replicas can be compared at one log position. Changes nothing.
+    Checkpoint,
 }
 
 /// What recovery starts from.

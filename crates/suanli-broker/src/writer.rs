@@ -129,6 +129,10 @@ pub(crate) enum Op {
     /// The log's tail lost its place (the log was compacted past it): start again from the
     /// latest snapshot.
     Resync,
+    /// Appends a checkpoint; answers its log index and the digest there.
+    Checkpoint {
+        reply: oneshot::Sender<Result<(u64, u64), BrokerError>>,
+    },
 }
 
 /// How long a request_id is remembered: the API promises at least 24 hours.
@@ -271,6 +275,12 @@ impl Handle {
         .await
     }
 
+    /// Appends a checkpoint (see [`Entry::Checkpoint`]); answers its log index and the
+    /// digest there once it is durable.
+    pub async fn checkpoint(&self) -> Result<(u64, u64), BrokerError> {
+        self.ask(|reply| Op::Checkpoint { reply }).await?
+    }
+
     /// An agent joined (or came back).
     pub fn agent_hello(
         &self,
@@ -307,6 +317,8 @@ enum Reply {
     /// A read of the ledger, answered once the batch is durable, so that nobody reads a
     /// settlement a crash could still take back.
     Read(Box<dyn FnOnce(&Ledger) + Send>),
+    /// A checkpoint's log index and digest.
+    Checkpoint(oneshot::Sender<Result<(u64, u64), BrokerError>>, (u64, u64)),
 }
 
 /// The writer's state. See the module documentation.
@@ -491,7 +503,19 @@ impl Writer {
                 }
             }
             Entry::Credential { principal, token } => self.tokens.grant(principal, token),
+            Entry::Checkpoint => {}
         }
+    }
+
+    /// Applies the entry at index `self.applied`, from another replica's append, recording
+    /// the digest at a checkpoint.
+    fn apply_replicated(&mut self, entry: Entry) {
+        if matches!(entry, Entry::Checkpoint) {
+            self.replica
+                .record_checkpoint(self.applied, self.engine.digest());
+        }
+        self.replay(entry);
+        self.applied += 1;
     }
 
     /// Throws the state away and recovers it from the store: after a term ends (its last
@@ -544,8 +568,7 @@ impl Writer {
         };
         let caught_up = entries.len();
         for entry in entries {
-            self.replay(entry);
-            self.applied += 1;
+            self.apply_replicated(entry);
         }
         self.followups.clear();
         self.pending_watch.clear();
@@ -575,6 +598,7 @@ impl Writer {
             Op::Apply { reply, .. } => drop(reply.send(Err(no()))),
             Op::Grant { reply, .. } | Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
             Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
             Op::ReadLedger(read) => read(&self.ledger),
             // The service refused the stream already; the link closes with the sender.
             Op::AgentHello { .. } => {}
@@ -629,8 +653,7 @@ impl Writer {
                         }
                         let skip = (self.applied - first) as usize;
                         for entry in entries.into_iter().skip(skip) {
-                            self.replay(entry);
-                            self.applied += 1;
+                            self.apply_replicated(entry);
                         }
                         self.followups.clear();
                         self.pending_watch.clear();
@@ -1638,6 +1661,7 @@ impl Writer {
                     match r {
                         Reply::Events(tx, _) => drop(tx.send(Err(no()))),
                         Reply::Unit(tx) => drop(tx.send(Err(no()))),
+                        Reply::Checkpoint(tx, _) => drop(tx.send(Err(no()))),
                         Reply::Read(_) => {}
                     }
                 }
@@ -1652,6 +1676,9 @@ impl Writer {
                             drop(tx.send(Err(BrokerError::Store(e.to_string()))))
                         }
                         Reply::Unit(tx) => drop(tx.send(Err(BrokerError::Store(e.to_string())))),
+                        Reply::Checkpoint(tx, _) => {
+                            drop(tx.send(Err(BrokerError::Store(e.to_string()))))
+                        }
                         // Dropped unanswered: the caller sees the writer stopped.
                         Reply::Read(_) => {}
                     }
@@ -1696,6 +1723,10 @@ impl Writer {
                     Reply::Events(tx, result) => drop(tx.send(result)),
                     Reply::Unit(tx) => drop(tx.send(Ok(()))),
                     Reply::Read(read) => read(&self.ledger),
+                    Reply::Checkpoint(tx, (at, digest)) => {
+                        self.replica.record_checkpoint(at, digest);
+                        drop(tx.send(Ok((at, digest))));
+                    }
                 }
             }
             for ev in self.pending_watch.drain(..) {
@@ -1747,6 +1778,13 @@ impl Writer {
                 }
             }
             Op::Promote { .. } | Op::Resync => {}
+            Op::Checkpoint { reply } => {
+                // The digest of the state after every entry before the checkpoint's.
+                let at = self.store.next_index() + entries.len() as u64;
+                let digest = self.engine.digest();
+                entries.push(Entry::Checkpoint);
+                replies.push(Reply::Checkpoint(reply, (at, digest)));
+            }
             Op::Apply {
                 command,
                 key,

@@ -2,14 +2,20 @@
 //!
 //! etcd speaks gRPC. Its API is declared in `proto/etcd/` with etcd's own package, message
 //! names and field numbers, compiled by protox in `build.rs` (no system `protoc`), and the
-//! tonic clients generated from it are in [`pb`]. [`Etcd`] wraps them: one channel balanced
-//! over every endpoint of the cluster, a deadline on each unary call, and the helpers for
-//! key ranges, guarded transactions, leases and watches. A call that fails on one member is
-//! for the caller to retry: etcd elects a new leader within its election timeout, and which
-//! calls are safe to repeat is the caller's knowledge, not this crate's.
+//! tonic clients generated from it are in [`pb`]. [`Etcd`] wraps them: a channel to each
+//! endpoint of the cluster, used one at a time, a deadline on each unary call, and the
+//! helpers for key ranges, guarded transactions, leases and watches.
+//!
+//! Calls go to one member until it fails them (unreachable, no answer within the deadline,
+//! or UNAVAILABLE: a member cut off from its cluster's leader), then to the next: a killed
+//! member costs one failed call, not one in three as a balancer that keeps trying it would.
+//! A failed call is for the caller to retry: etcd elects a new leader within its election
+//! timeout, and which calls are safe to repeat is the caller's knowledge, not this crate's.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio_stream::wrappers::ReceiverStream;
@@ -92,13 +98,35 @@ impl EtcdError {
     }
 }
 
-/// A client of one etcd cluster. Cheap to clone: clones share the channel.
+/// A client of one etcd cluster. Cheap to clone: clones share the channels and which member
+/// is in use.
 #[derive(Clone)]
 pub struct Etcd {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
-    watch: WatchClient<Channel>,
+    members: Arc<Vec<Channel>>,
+    /// The member calls go to.
+    current: Arc<AtomicUsize>,
     deadline: Duration,
+}
+
+/// Snapshot chunks and log pages are large; etcd bounds what it sends.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Whether a failed call says its member is unusable (rather than refusing the call).
+fn member_failed(status: &tonic::Status) -> bool {
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The end of the range of every key starting with `prefix`.
@@ -214,7 +242,7 @@ impl Etcd {
                 .http2_keep_alive_interval(Duration::from_secs(2))
                 .keep_alive_timeout(deadline)
                 .keep_alive_while_idle(true);
-            list.push(endpoint);
+            list.push(endpoint.connect_lazy());
         }
         if list.is_empty() {
             return Err(EtcdError::Endpoint {
@@ -222,17 +250,41 @@ impl Etcd {
                 reason: "no endpoints given".into(),
             });
         }
-        let channel = Channel::balance_list(list.into_iter());
-        // Snapshot chunks and log pages are large; etcd bounds what it sends.
-        let big = 64 << 20;
         Ok(Etcd {
-            kv: KvClient::new(channel.clone())
-                .max_decoding_message_size(big)
-                .max_encoding_message_size(big),
-            lease: LeaseClient::new(channel.clone()),
-            watch: WatchClient::new(channel).max_decoding_message_size(big),
+            members: Arc::new(list),
+            current: Arc::default(),
             deadline,
         })
+    }
+
+    /// The member in use and its channel.
+    fn member(&self) -> (usize, Channel) {
+        let i = self.current.load(Ordering::Acquire) % self.members.len();
+        (i, self.members[i].clone())
+    }
+
+    /// Member `i` failed a call: the next calls go to the next member (unless another call
+    /// moved on already).
+    fn failed(&self, i: usize) {
+        let next = (i + 1) % self.members.len();
+        let _ = self
+            .current
+            .compare_exchange(i, next, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn kv(&self) -> (usize, KvClient<Channel>) {
+        let (i, ch) = self.member();
+        (
+            i,
+            KvClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+    }
+
+    fn lease(&self) -> (usize, LeaseClient<Channel>) {
+        let (i, ch) = self.member();
+        (i, LeaseClient::new(ch))
     }
 
     /// The deadline of each unary call.
@@ -240,18 +292,29 @@ impl Etcd {
         self.deadline
     }
 
+    /// Runs a call on member `member` within the deadline; a failure of the member moves
+    /// the next calls to another.
     async fn within<T>(
         &self,
         call: &'static str,
+        member: usize,
         f: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, EtcdError> {
         match tokio::time::timeout(self.deadline, f).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(EtcdError::call(call, status)),
-            Err(_) => Err(EtcdError::Timeout {
-                call,
-                after: self.deadline,
-            }),
+            Ok(Err(status)) => {
+                if member_failed(&status) {
+                    self.failed(member);
+                }
+                Err(EtcdError::call(call, status))
+            }
+            Err(_) => {
+                self.failed(member);
+                Err(EtcdError::Timeout {
+                    call,
+                    after: self.deadline,
+                })
+            }
         }
     }
 
@@ -273,9 +336,9 @@ impl Etcd {
             sort_target: rpc::range_request::SortTarget::Key as i32,
             ..Default::default()
         };
-        let mut kv = self.kv.clone();
+        let (m, mut kv) = self.kv();
         let r = self
-            .within("range", kv.range(req))
+            .within("range", m, kv.range(req))
             .await
             .map_err(|e| match e {
                 EtcdError::Compacted { call, .. } => EtcdError::Compacted { call, revision },
@@ -290,10 +353,11 @@ impl Etcd {
 
     /// Reads one key.
     pub async fn get(&self, key: &[u8]) -> Result<(Option<KeyValue>, i64), EtcdError> {
-        let mut kv = self.kv.clone();
+        let (m, mut kv) = self.kv();
         let r = self
             .within(
                 "get",
+                m,
                 kv.range(rpc::RangeRequest {
                     key: key.to_vec(),
                     ..Default::default()
@@ -310,10 +374,11 @@ impl Etcd {
         success: Vec<rpc::RequestOp>,
         failure: Vec<rpc::RequestOp>,
     ) -> Result<TxnOutcome, EtcdError> {
-        let mut kv = self.kv.clone();
+        let (m, mut kv) = self.kv();
         let r = self
             .within(
                 "txn",
+                m,
                 kv.txn(rpc::TxnRequest {
                     compare,
                     success,
@@ -339,10 +404,11 @@ impl Etcd {
 
     /// Drops the history before `revision` (the keys as of it stay).
     pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
-        let mut kv = self.kv.clone();
+        let (m, mut kv) = self.kv();
         match self
             .within(
                 "compact",
+                m,
                 kv.compact(rpc::CompactionRequest {
                     revision,
                     physical: false,
@@ -358,10 +424,11 @@ impl Etcd {
 
     /// Grants a lease of `ttl`; returns its id and the TTL etcd granted.
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, i64), EtcdError> {
-        let mut lease = self.lease.clone();
+        let (m, mut lease) = self.lease();
         let r = self
             .within(
                 "lease grant",
+                m,
                 lease.lease_grant(rpc::LeaseGrantRequest {
                     ttl: ttl.as_secs().max(1) as i64,
                     id: 0,
@@ -373,9 +440,10 @@ impl Etcd {
 
     /// Revokes a lease: every key attached to it is deleted at once.
     pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
-        let mut lease = self.lease.clone();
+        let (m, mut lease) = self.lease();
         self.within(
             "lease revoke",
+            m,
             lease.lease_revoke(rpc::LeaseRevokeRequest { id }),
         )
         .await
@@ -402,13 +470,18 @@ impl Etcd {
             .await
             .map_err(|_| EtcdError::StreamEnded("lease keep-alive"))?;
         let requests = ReceiverStream::new(rx).map(move |()| rpc::LeaseKeepAliveRequest { id });
-        let mut lease = self.lease.clone();
+        let (m, mut lease) = self.lease();
         let stream = self
-            .within("lease keep-alive", lease.lease_keep_alive(requests))
+            .within("lease keep-alive", m, lease.lease_keep_alive(requests))
             .await?;
-        let ttls = stream.map(|r| {
-            r.map(|r| r.ttl)
-                .map_err(|s| EtcdError::call("lease keep-alive", s))
+        let etcd = self.clone();
+        let ttls = stream.map(move |r| {
+            r.map(|r| r.ttl).map_err(|s| {
+                if member_failed(&s) {
+                    etcd.failed(m);
+                }
+                EtcdError::call("lease keep-alive", s)
+            })
         });
         Ok((tx, ttls))
     }
@@ -443,14 +516,21 @@ impl Etcd {
         tx.send(create)
             .await
             .map_err(|_| EtcdError::StreamEnded("watch"))?;
-        let mut client = self.watch.clone();
+        let (m, ch) = self.member();
+        let mut client = WatchClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let stream = self
-            .within("watch", client.watch(ReceiverStream::new(rx)))
+            .within("watch", m, client.watch(ReceiverStream::new(rx)))
             .await?;
+        let etcd = self.clone();
         Ok(stream.map_while(move |r| {
             let _keep_open = &tx;
             match r {
-                Err(s) => Some(Err(EtcdError::call("watch", s))),
+                Err(s) => {
+                    if member_failed(&s) {
+                        etcd.failed(m);
+                    }
+                    Some(Err(EtcdError::call("watch", s)))
+                }
                 Ok(r) if r.canceled => Some(Err(if r.compact_revision > 0 {
                     EtcdError::Compacted {
                         call: "watch",

@@ -16,7 +16,7 @@
 //! each service a client (`v1::tenant_service_client::TenantServiceClient`) and a server trait
 //! with its service wrapper (`v1::tenant_service_server::{TenantService,
 //! TenantServiceServer}`). [`FILE_DESCRIPTOR_SET`] is the compiled descriptor set, for gRPC
-//! reflection.
+//! reflection. [`failover`] is how a client follows the leader of a group of brokers.
 //!
 //! # Regenerating
 //! Nothing generated is checked in: `cargo build` compiles the protos in `build.rs` with
@@ -24,6 +24,8 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod failover;
 
 /// Messages, enums, clients and servers of the package `suanli.v1`.
 pub mod v1 {

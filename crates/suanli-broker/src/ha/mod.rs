@@ -32,14 +32,14 @@ use crate::error::BrokerError;
 use crate::writer::Handle;
 
 /// The deadline of each etcd call.
-const ETCD_DEADLINE: Duration = Duration::from_secs(2);
+const ETCD_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The lease behind the leader's key: a crashed leader is replaced this long after its last
 /// renewal.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Metadata key naming the leader's address on an UNAVAILABLE answer from a follower.
-pub const LEADER_METADATA: &str = "suanli-leader";
+pub use suanli_proto::failover::LEADER_METADATA;
 
 /// A replica's role, as the writer last set it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +66,12 @@ pub struct Replica {
     applied_time: AtomicU64,
     /// The lease of the current candidacy (0: none), revoked to resign.
     lease: AtomicI64,
+    /// The most recent checkpoints applied: (log index, digest), oldest first.
+    checkpoints: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
+
+/// How many checkpoints a replica remembers.
+const CHECKPOINTS: usize = 16;
 
 impl Replica {
     /// A broker on its own: it leads, always.
@@ -82,6 +87,7 @@ impl Replica {
             applied: AtomicU64::new(0),
             applied_time: AtomicU64::new(0),
             lease: AtomicI64::new(0),
+            checkpoints: Default::default(),
         })
     }
 
@@ -98,6 +104,7 @@ impl Replica {
             applied: AtomicU64::new(0),
             applied_time: AtomicU64::new(0),
             lease: AtomicI64::new(0),
+            checkpoints: Default::default(),
         })
     }
 
@@ -191,6 +198,25 @@ impl Replica {
             self.applied.load(Ordering::Acquire),
             now.saturating_sub(time),
         )
+    }
+
+    /// The writer applied a checkpoint at log index `at` with `digest`.
+    pub(crate) fn record_checkpoint(&self, at: u64, digest: u64) {
+        let mut c = self.checkpoints.lock().expect("checkpoints");
+        c.push_back((at, digest));
+        if c.len() > CHECKPOINTS {
+            c.pop_front();
+        }
+    }
+
+    /// The most recent checkpoints applied: (log index, digest), oldest first.
+    pub fn checkpoints(&self) -> Vec<(u64, u64)> {
+        self.checkpoints
+            .lock()
+            .expect("checkpoints")
+            .iter()
+            .copied()
+            .collect()
     }
 
     pub(crate) fn set_lease(&self, id: i64) {

@@ -354,6 +354,40 @@ impl OperatorService for OperatorApi {
             .map_err(crate::billing::billing_error)?;
         Ok(Response::new(convert::subsidy_report_to_pb(&report)))
     }
+
+    #[instrument(skip_all, fields(rpc = "GetReplicaStatus"))]
+    async fn get_replica_status(
+        &self,
+        req: Request<pb::GetReplicaStatusRequest>,
+    ) -> Result<Response<pb::ReplicaStatus>, Status> {
+        principal(&req)?.operator()?;
+        let replica = &self.0.replica;
+        let role = replica.role();
+        let (log_index, staleness_ms) = replica.position(crate::writer::wall_ms());
+        Ok(Response::new(pb::ReplicaStatus {
+            replicated: replica.is_replicated(),
+            leader: role.leader,
+            term: role.term,
+            leader_address: role.leader_addr.unwrap_or_default(),
+            log_index,
+            staleness_ms,
+            checkpoints: replica
+                .checkpoints()
+                .into_iter()
+                .map(|(log_index, digest)| pb::LogCheckpoint { log_index, digest })
+                .collect(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "Checkpoint"))]
+    async fn checkpoint(
+        &self,
+        req: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::LogCheckpoint>, Status> {
+        principal(&req)?.operator()?;
+        let (log_index, digest) = self.0.writer.checkpoint().await?;
+        Ok(Response::new(pb::LogCheckpoint { log_index, digest }))
+    }
 }
 
 /// An operator's mutating call: checks the caller is the operator and returns the message with

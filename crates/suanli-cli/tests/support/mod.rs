@@ -17,6 +17,18 @@ impl Serving {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    /// Its process id.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for it to exit by itself.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().expect("wait for suanli serve")
+    }
 }
 
 impl Drop for Serving {
@@ -75,6 +87,7 @@ pub fn start_with(dir: &Path, config_text: &str, args: &[&str]) -> (Serving, Str
     (Serving(child), addr)
 }
 
+#[allow(dead_code)] // not every test binary that shares this module uses it
 pub async fn wait_for_credentials(dir: &Path) -> Credentials {
     for _ in 0..1000 {
         if let Ok(c) = Credentials::load(&dir.join(FILE_NAME)) {

@@ -1,0 +1,579 @@
+//! Three real `suanli` brokers on a real three-member etcd cluster, on loopback, through the
+//! faults a group must survive: the leader killed under four writers, the leader paused past
+//! its lease (fencing), a planned stop of the leader, the etcd leader killed, and a replica
+//! that joins after the log was compacted. After each, every acknowledged request is present
+//! exactly once, the capacity held equals the live leases, the ledger balances, and the
+//! replicas' digests agree at one log position.
+//!
+//! The times each fault cost are printed (`failover: ...`); they are figures for
+//! BENCHMARKS.md, not assertions: these machines are shared.
+
+#[path = "support/etcd.rs"]
+mod etcd;
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd::EtcdCluster;
+use suanli_proto::failover::Brokers;
+use suanli_proto::v1 as pb;
+use suanli_proto::v1::operator_service_client::OperatorServiceClient;
+use suanli_proto::v1::tenant_service_client::TenantServiceClient;
+use support::{Serving, start_with, with_token};
+
+const OPERATOR: &str = "operator-test-token";
+const TENANT: &str = "tenant-a-test-token";
+const OTHER_TENANT: &str = "tenant-b-test-token";
+
+/// The faults run one at a time: each runs three etcd members and three brokers on two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(snapshot_every: u64) -> String {
+    format!(
+        "snapshot_every = {snapshot_every}\n\
+         operator_token = \"{OPERATOR}\"\n\
+         [pools]\nsimulated = [\"*\"]\n\
+         [[tenant]]\nname = \"tenant-a\"\nquota_tflops = 20000000\ntoken = \"{TENANT}\"\n\
+         [[tenant]]\nname = \"tenant-b\"\nquota_tflops = 1000000\ntoken = \"{OTHER_TENANT}\"\n"
+    )
+}
+
+/// The brokers of a group, each in a data folder of its own.
+struct Group {
+    endpoints: String,
+    config: String,
+    replicas: Vec<Option<(Serving, String)>>,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Group {
+    fn start(etcd: &EtcdCluster, n: usize, config: String) -> Group {
+        let mut g = Group {
+            endpoints: etcd.endpoints(),
+            config,
+            replicas: Vec::new(),
+            dirs: Vec::new(),
+        };
+        for _ in 0..n {
+            g.add();
+        }
+        g
+    }
+
+    /// Starts one more replica, on an empty data folder.
+    fn add(&mut self) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let serving = start_with(dir.path(), &self.config, &["--etcd", &self.endpoints]);
+        self.dirs.push(dir);
+        self.replicas.push(Some(serving));
+        self.replicas.len() - 1
+    }
+
+    fn addr(&self, i: usize) -> &str {
+        &self.replicas[i].as_ref().expect("running").1
+    }
+
+    fn pid(&self, i: usize) -> u32 {
+        self.replicas[i].as_ref().expect("running").0.pid()
+    }
+
+    /// The addresses of the replicas that run.
+    fn addrs(&self) -> Vec<String> {
+        self.replicas
+            .iter()
+            .flatten()
+            .map(|(_, a)| format!("http://{a}"))
+            .collect()
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.replicas.len())
+            .filter(|&i| self.replicas[i].is_some())
+            .collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some((mut s, _)) = self.replicas[i].take() {
+            s.kill();
+        }
+    }
+
+    /// Waits until one of the running replicas says it leads; its index.
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for i in self.running() {
+                if let Some(s) = status(self.addr(i)).await
+                    && s.leader
+                {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no replica leads after 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A replica's status, or `None` when it does not answer.
+async fn status(addr: &str) -> Option<pb::ReplicaStatus> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .ok()?;
+    let mut op = OperatorServiceClient::new(ch);
+    let call = op.get_replica_status(with_token(pb::GetReplicaStatusRequest {}, OPERATOR));
+    tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .ok()?
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn spec(i: u64) -> pb::RequestSpec {
+    pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes: 1,
+            devices_per_node: 1 + (i % 8) as u32,
+        })),
+        duration_ms: 3_600_000,
+        priority: pb::Priority::Standard as i32,
+        ..Default::default()
+    }
+}
+
+/// What the writers were told: request_id, request id, which broker answered, when.
+type Acks = Arc<Mutex<Vec<(String, u64, String, Instant)>>>;
+
+/// Four writers submit (and release every fifth request) through the group's failover
+/// client until `stop`; each request_id is retried until it is acknowledged.
+fn writers(
+    addrs: Vec<String>,
+    stop: Arc<AtomicBool>,
+    acks: Acks,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..4u64)
+        .map(|w| {
+            let (addrs, stop, acks) = (addrs.clone(), stop.clone(), acks.clone());
+            tokio::spawn(async move {
+                let mut brokers = Brokers::plain(addrs).patience(Duration::from_secs(60));
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{w}-{i}");
+                    let req = pb::SubmitRequestRequest {
+                        request_id: key.clone(),
+                        spec: Some(spec(i)),
+                    };
+                    let r = brokers
+                        .call(|ch| {
+                            let req = req.clone();
+                            async move {
+                                TenantServiceClient::new(ch)
+                                    .submit_request(with_token(req, TENANT))
+                                    .await
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("writer {w}: {key} failed: {e}"));
+                    let id = r.into_inner().id;
+                    acks.lock().unwrap().push((
+                        key.clone(),
+                        id,
+                        brokers.current().to_string(),
+                        Instant::now(),
+                    ));
+                    if i % 5 == 4 {
+                        let release = pb::ReleaseRequestRequest {
+                            request_id: format!("release-{key}"),
+                            name: format!("tenants/tenant-a/requests/{id}"),
+                        };
+                        brokers
+                            .call(|ch| {
+                                let release = release.clone();
+                                async move {
+                                    TenantServiceClient::new(ch)
+                                        .release_request(with_token(release, TENANT))
+                                        .await
+                                }
+                            })
+                            .await
+                            .unwrap_or_else(|e| panic!("writer {w}: release {id}: {e}"));
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect()
+}
+
+/// The first acknowledgement after `since` from a broker other than `old`: how long after
+/// `since` it came.
+async fn first_ack_elsewhere(acks: &Acks, old: &str, since: Instant) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = acks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, by, at)| *at > since && !by.ends_with(old))
+            .map(|(_, _, _, at)| *at)
+            .min();
+        if let Some(at) = found {
+            return at - since;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no acknowledgement from another broker within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every page of `token`'s requests, from the leader.
+async fn all_requests(brokers: &mut Brokers, token: &str) -> Vec<pb::Request> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListRequestsRequest {
+            page_size: 1000,
+            page_token: page_token.clone(),
+            states: vec![],
+        };
+        let page = brokers
+            .call(|ch| {
+                let req = req.clone();
+                async move {
+                    TenantServiceClient::new(ch)
+                        .list_requests(with_token(req, token))
+                        .await
+                }
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.requests);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// The checks after every fault: each acknowledged request once, capacity conserved, the
+/// ledger balanced, and the digests of the running replicas equal at one checkpoint.
+async fn check(g: &Group, acks: &Acks) {
+    let acks = acks.lock().unwrap().clone();
+    assert!(!acks.is_empty());
+    let mut brokers = Brokers::plain(g.addrs()).patience(Duration::from_secs(60));
+    let all = all_requests(&mut brokers, TENANT).await;
+    for (key, id, _, _) in &acks {
+        let found = all.iter().filter(|r| r.id == *id).count();
+        assert_eq!(
+            found, 1,
+            "acknowledged {key} (request {id}) is there {found} times"
+        );
+    }
+    let mut ids: Vec<u64> = acks.iter().map(|(_, id, _, _)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), acks.len(), "two request_ids got one request");
+    assert_eq!(
+        all.len(),
+        acks.len(),
+        "requests that no acknowledged request_id names"
+    );
+    let live: u64 = all
+        .iter()
+        .filter(|r| r.end_reason == pb::EndReason::Unspecified as i32)
+        .filter_map(|r| r.lease.as_ref().map(|l| l.tflops))
+        .sum();
+    let summary = brokers
+        .call(|ch| async move {
+            OperatorServiceClient::new(ch)
+                .get_fleet_summary(with_token(pb::GetFleetSummaryRequest {}, OPERATOR))
+                .await
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        summary.total.unwrap().allocated_tflops,
+        live,
+        "capacity held is the live leases'"
+    );
+    let statement = brokers
+        .call(|ch| async move {
+            let req = pb::GetStatementRequest {
+                tenant: "tenant-a".into(),
+                month: String::new(),
+            };
+            OperatorServiceClient::new(ch)
+                .get_statement(with_token(req, OPERATOR))
+                .await
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(statement.cost_fen > 0, "released leases were charged");
+    assert_eq!(
+        statement.cost_fen,
+        statement.subsidy_fen + statement.due_fen,
+        "the ledger balances"
+    );
+    let mark = brokers
+        .call(|ch| async move {
+            OperatorServiceClient::new(ch)
+                .checkpoint(with_token(pb::CheckpointRequest {}, OPERATOR))
+                .await
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for i in g.running() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = status(g.addr(i)).await;
+            if let Some(c) = s
+                .as_ref()
+                .and_then(|s| s.checkpoints.iter().find(|c| c.log_index == mark.log_index))
+            {
+                assert_eq!(
+                    c.digest, mark.digest,
+                    "replica {i} disagrees at log index {}",
+                    mark.log_index
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} did not reach log index {} in 30 s: {s:?}",
+                mark.log_index
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn stop_writers(stop: &AtomicBool, writers: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let Some(etcd) = EtcdCluster::start_or_skip(3) else {
+        return;
+    };
+    let mut g = Group::start(&etcd, 3, config(500));
+    let leader = g.leader().await;
+    let old = g.addr(leader).to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let w = writers(g.addrs(), stop.clone(), acks.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = acks.lock().unwrap().len();
+    let killed = Instant::now();
+    g.kill(leader);
+    let failover = first_ack_elsewhere(&acks, &old, killed).await;
+    println!(
+        "failover: SIGKILL of the leader to the first acknowledged submission: {failover:?} ({before} acknowledged before)"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_writers(&stop, w).await;
+    let new = g.leader().await;
+    assert_ne!(new, leader);
+    check(&g, &acks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_hands_over() {
+    let _serial = SERIAL.lock().await;
+    let Some(etcd) = EtcdCluster::start_or_skip(3) else {
+        return;
+    };
+    let mut g = Group::start(&etcd, 3, config(500));
+    let leader = g.leader().await;
+    let old = g.addr(leader).to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let w = writers(g.addrs(), stop.clone(), acks.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = Instant::now();
+    signal(g.pid(leader), "-TERM");
+    let handover = first_ack_elsewhere(&acks, &old, asked).await;
+    println!("failover: SIGTERM of the leader to the first acknowledged submission: {handover:?}");
+    let (mut serving, _) = g.replicas[leader].take().unwrap();
+    let code = serving.wait();
+    assert!(code.success(), "the old leader stopped cleanly: {code:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_writers(&stop, w).await;
+    check(&g, &acks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_fenced_and_steps_down() {
+    let _serial = SERIAL.lock().await;
+    let Some(etcd) = EtcdCluster::start_or_skip(3) else {
+        return;
+    };
+    let g = Group::start(&etcd, 3, config(500));
+    let leader = g.leader().await;
+    let old = g.addr(leader).to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let w = writers(g.addrs(), stop.clone(), acks.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let paused = Instant::now();
+    signal(g.pid(leader), "-STOP");
+    // Calls to the paused leader only: they wait while it is stopped, and none may succeed.
+    let stale = {
+        let old = old.clone();
+        tokio::spawn(async move {
+            let ch = support::channel(&old).await;
+            let mut calls = Vec::new();
+            for i in 0..8u64 {
+                let mut client = TenantServiceClient::new(ch.clone());
+                calls.push(tokio::spawn(async move {
+                    let req = pb::SubmitRequestRequest {
+                        request_id: format!("stale-{i}"),
+                        spec: Some(spec(i)),
+                    };
+                    client.submit_request(with_token(req, OTHER_TENANT)).await
+                }));
+            }
+            let mut answers = Vec::new();
+            for c in calls {
+                answers.push(c.await.unwrap());
+            }
+            answers
+        })
+    };
+    let failover = first_ack_elsewhere(&acks, &old, paused).await;
+    println!(
+        "failover: SIGSTOP of the leader to the first acknowledged submission elsewhere: {failover:?}"
+    );
+    // Past the lease by well over a second, while the new leader takes writes.
+    let lease = suanli_broker::LEASE_TTL + Duration::from_secs(2);
+    tokio::time::sleep(lease.saturating_sub(paused.elapsed())).await;
+    signal(g.pid(leader), "-CONT");
+    for answer in stale.await.unwrap() {
+        let status = answer.expect_err("the paused leader acknowledged a call after its term");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    // It steps down and follows.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&old).await;
+        if s.as_ref()
+            .is_some_and(|s| !s.leader && !s.leader_address.is_empty())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old leader did not step down: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_writers(&stop, w).await;
+    // Nothing the paused leader was asked is in the state.
+    let mut brokers = Brokers::plain(g.addrs());
+    let other = all_requests(&mut brokers, OTHER_TENANT).await;
+    assert!(
+        other.is_empty(),
+        "the paused leader's calls were applied: {other:?}"
+    );
+    check(&g, &acks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_goes_on_when_the_etcd_leader_dies() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut etcd) = EtcdCluster::start_or_skip(3) else {
+        return;
+    };
+    let g = Group::start(&etcd, 3, config(500));
+    g.leader().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let w = writers(g.addrs(), stop.clone(), acks.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let member = etcd.wait_for_leader();
+    let before = acks.lock().unwrap().len();
+    let killed = Instant::now();
+    etcd.kill(member);
+    let mut etcd = tokio::task::spawn_blocking(move || {
+        etcd.wait_for_leader();
+        etcd
+    })
+    .await
+    .unwrap();
+    println!(
+        "etcd leader member killed: etcd elected another in {:?}",
+        killed.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.lock().unwrap().len() < before + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "writes did not go on after etcd's election"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "failover: 100 more submissions acknowledged {:?} after the etcd leader was killed",
+        killed.elapsed()
+    );
+    stop_writers(&stop, w).await;
+    // The member comes back and catches up; the group is checked on the whole cluster.
+    etcd.restart(member);
+    check(&g, &acks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_joins_after_compaction_starts_from_the_snapshot() {
+    let _serial = SERIAL.lock().await;
+    let Some(etcd) = EtcdCluster::start_or_skip(3) else {
+        return;
+    };
+    // Snapshots every 100 entries: the log is cut and etcd compacted many times.
+    let mut g = Group::start(&etcd, 2, config(100));
+    g.leader().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let w = writers(g.addrs(), stop.clone(), acks.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.lock().unwrap().len() < 600 {
+        assert!(Instant::now() < deadline, "600 submissions took over 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_writers(&stop, w).await;
+    assert!(
+        etcd.has_key("/suanli/snapshot/latest"),
+        "a snapshot was saved"
+    );
+    assert!(
+        !etcd.has_key("/suanli/log/00000000000000000000"),
+        "the log before the snapshot was dropped"
+    );
+    let joined = g.add();
+    let s = status(g.addr(joined)).await;
+    println!("a replica joined after compaction: {s:?}");
+    check(&g, &acks).await;
+}

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd::EtcdCluster;
-use suanli_proto::failover::Brokers;
+use suanli_proto::failover::{LeaderChannel, plain_endpoint};
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
@@ -169,7 +169,8 @@ fn writers(
         .map(|w| {
             let (addrs, stop, acks) = (addrs.clone(), stop.clone(), acks.clone());
             tokio::spawn(async move {
-                let mut brokers = Brokers::plain(addrs).patience(Duration::from_secs(60));
+                let group = group_channel(addrs);
+                let mut tenant = TenantServiceClient::new(group.clone());
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("w{w}-{i}");
@@ -177,38 +178,21 @@ fn writers(
                         request_id: key.clone(),
                         spec: Some(spec(i)),
                     };
-                    let r = brokers
-                        .call(|ch| {
-                            let req = req.clone();
-                            async move {
-                                TenantServiceClient::new(ch)
-                                    .submit_request(with_token(req, TENANT))
-                                    .await
-                            }
-                        })
+                    let r = tenant
+                        .submit_request(with_token(req, TENANT))
                         .await
                         .unwrap_or_else(|e| panic!("writer {w}: {key} failed: {e}"));
                     let id = r.into_inner().id;
-                    acks.lock().unwrap().push((
-                        key.clone(),
-                        id,
-                        brokers.current().to_string(),
-                        Instant::now(),
-                    ));
+                    acks.lock()
+                        .unwrap()
+                        .push((key.clone(), id, group.current(), Instant::now()));
                     if i % 5 == 4 {
                         let release = pb::ReleaseRequestRequest {
                             request_id: format!("release-{key}"),
                             name: format!("tenants/tenant-a/requests/{id}"),
                         };
-                        brokers
-                            .call(|ch| {
-                                let release = release.clone();
-                                async move {
-                                    TenantServiceClient::new(ch)
-                                        .release_request(with_token(release, TENANT))
-                                        .await
-                                }
-                            })
+                        tenant
+                            .release_request(with_token(release, TENANT))
                             .await
                             .unwrap_or_else(|e| panic!("writer {w}: release {id}: {e}"));
                     }
@@ -234,16 +218,32 @@ async fn first_ack_elsewhere(acks: &Acks, old: &str, since: Instant) -> Duration
         if let Some(at) = found {
             return at - since;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no acknowledgement from another broker within 60 s"
-        );
+        if Instant::now() >= deadline {
+            let acks = acks.lock().unwrap();
+            let last: Vec<_> = acks.iter().rev().take(5).collect();
+            panic!(
+                "no acknowledgement from a broker other than {old} within 60 s; {} in all, the \
+                 last: {last:?}",
+                acks.len()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
+/// A channel to the group's leader, patient enough for any failover of these tests.
+fn group_channel(addrs: Vec<String>) -> LeaderChannel {
+    LeaderChannel::with_timing(
+        addrs,
+        Box::new(plain_endpoint),
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    )
+}
+
 /// Every page of `token`'s requests, from the leader.
-async fn all_requests(brokers: &mut Brokers, token: &str) -> Vec<pb::Request> {
+async fn all_requests(group: &LeaderChannel, token: &str) -> Vec<pb::Request> {
+    let mut tenant = TenantServiceClient::new(group.clone());
     let mut all = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -252,15 +252,8 @@ async fn all_requests(brokers: &mut Brokers, token: &str) -> Vec<pb::Request> {
             page_token: page_token.clone(),
             states: vec![],
         };
-        let page = brokers
-            .call(|ch| {
-                let req = req.clone();
-                async move {
-                    TenantServiceClient::new(ch)
-                        .list_requests(with_token(req, token))
-                        .await
-                }
-            })
+        let page = tenant
+            .list_requests(with_token(req, token))
             .await
             .unwrap()
             .into_inner();
@@ -277,8 +270,9 @@ async fn all_requests(brokers: &mut Brokers, token: &str) -> Vec<pb::Request> {
 async fn check(g: &Group, acks: &Acks) {
     let acks = acks.lock().unwrap().clone();
     assert!(!acks.is_empty());
-    let mut brokers = Brokers::plain(g.addrs()).patience(Duration::from_secs(60));
-    let all = all_requests(&mut brokers, TENANT).await;
+    let group = group_channel(g.addrs());
+    let mut operator = OperatorServiceClient::new(group.clone());
+    let all = all_requests(&group, TENANT).await;
     for (key, id, _, _) in &acks {
         let found = all.iter().filter(|r| r.id == *id).count();
         assert_eq!(
@@ -300,12 +294,8 @@ async fn check(g: &Group, acks: &Acks) {
         .filter(|r| r.end_reason == pb::EndReason::Unspecified as i32)
         .filter_map(|r| r.lease.as_ref().map(|l| l.tflops))
         .sum();
-    let summary = brokers
-        .call(|ch| async move {
-            OperatorServiceClient::new(ch)
-                .get_fleet_summary(with_token(pb::GetFleetSummaryRequest {}, OPERATOR))
-                .await
-        })
+    let summary = operator
+        .get_fleet_summary(with_token(pb::GetFleetSummaryRequest {}, OPERATOR))
         .await
         .unwrap()
         .into_inner();
@@ -314,16 +304,12 @@ async fn check(g: &Group, acks: &Acks) {
         live,
         "capacity held is the live leases'"
     );
-    let statement = brokers
-        .call(|ch| async move {
-            let req = pb::GetStatementRequest {
-                tenant: "tenant-a".into(),
-                month: String::new(),
-            };
-            OperatorServiceClient::new(ch)
-                .get_statement(with_token(req, OPERATOR))
-                .await
-        })
+    let req = pb::GetStatementRequest {
+        tenant: "tenant-a".into(),
+        month: String::new(),
+    };
+    let statement = operator
+        .get_statement(with_token(req, OPERATOR))
         .await
         .unwrap()
         .into_inner();
@@ -333,12 +319,8 @@ async fn check(g: &Group, acks: &Acks) {
         statement.subsidy_fen + statement.due_fen,
         "the ledger balances"
     );
-    let mark = brokers
-        .call(|ch| async move {
-            OperatorServiceClient::new(ch)
-                .checkpoint(with_token(pb::CheckpointRequest {}, OPERATOR))
-                .await
-        })
+    let mark = operator
+        .checkpoint(with_token(pb::CheckpointRequest {}, OPERATOR))
         .await
         .unwrap()
         .into_inner();
@@ -493,8 +475,7 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
     }
     stop_writers(&stop, w).await;
     // Nothing the paused leader was asked is in the state.
-    let mut brokers = Brokers::plain(g.addrs());
-    let other = all_requests(&mut brokers, OTHER_TENANT).await;
+    let other = all_requests(&group_channel(g.addrs()), OTHER_TENANT).await;
     assert!(
         other.is_empty(),
         "the paused leader's calls were applied: {other:?}"

@@ -2,17 +2,21 @@
 //!
 //! A group is several replicas; one leads. A follower answers a mutation (and a stream) with
 //! UNAVAILABLE and, when it knows the leader, the leader's `host:port` in the
-//! [`LEADER_METADATA`] key. [`Brokers`] holds the addresses a client was given, remembers
-//! which one leads, and retries a call there: on a redirect it goes to the named leader at
-//! once; on a broker it cannot reach (or that went away during the call), or UNAVAILABLE
-//! without a leader (an election under way), it tries the next address after a wait that doubles from 50 ms to 1 s, for at most
-//! [`Brokers::patience`] in all; an attempt that takes longer than
-//! [`Brokers::attempt_timeout`] (a paused broker answers nothing) counts as unreachable.
-//! Every other answer is the call's own.
+//! [`LEADER_METADATA`] key. [`LeaderChannel`] holds the addresses a client was given,
+//! remembers which one leads, and sends each call there: on a redirect it goes to the named
+//! leader at once; on a broker it cannot reach (or that went away during the call, or that
+//! did not answer within the attempt's time: a paused broker answers nothing), or UNAVAILABLE
+//! without a leader (an election under way), it tries the next address after a wait that
+//! doubles from 50 ms to 1 s, for at most its patience (30 s by default) in all. Every other
+//! answer is the call's own. Generated clients take it in place of a channel, so every call
+//! of every client follows the leader.
 //!
 //! A retried mutation is safe when it carries a `request_id`: the broker answers a repeated
 //! id with the first answer, and a follower never applied it.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -31,23 +35,6 @@ pub fn leader_hint(status: &Status) -> Option<String> {
         .get(LEADER_METADATA)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-}
-
-/// Whether `status` says the broker could not be reached, or the connection broke during
-/// the call (a broker killed mid-call): the call's outcome is unknown, so only a call with a
-/// `request_id` may be retried elsewhere, which is what the API's mutations carry.
-pub fn is_unreachable(status: &Status) -> bool {
-    if status.code() == Code::Unavailable {
-        return true;
-    }
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        if e.is::<tonic::transport::Error>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// Splits a comma-separated list of broker addresses, adding `http://` where no scheme is
@@ -72,147 +59,237 @@ pub fn with_scheme(addr: &str) -> String {
 /// How a client builds the endpoint of an address (plain, or TLS with its roots).
 pub type EndpointOf = Box<dyn Fn(&str) -> Result<Endpoint, Status> + Send + Sync>;
 
-/// The brokers of a group, as one client sees them.
-pub struct Brokers {
-    addrs: Vec<String>,
-    /// Index in `addrs` of the broker believed to lead.
-    current: usize,
-    channel: Option<Channel>,
+/// Calls whose request is a stream of the client's: sent as they are, to the broker believed
+/// to lead, and not retried (the caller reconnects; the redirect it got is remembered).
+const CLIENT_STREAMS: &[&str] = &["/suanli.v1.PoolService/ConnectAgent"];
+
+/// A channel to whichever broker of a group leads: generated clients take it in place of a
+/// [`Channel`]. See the module documentation.
+#[derive(Clone)]
+pub struct LeaderChannel {
+    state: Arc<State>,
+}
+
+struct State {
+    addrs: Mutex<Vec<String>>,
+    /// Index in `addrs` of the broker believed to lead, and the channel to it.
+    current: Mutex<(usize, Option<Channel>)>,
     endpoint: EndpointOf,
     patience: Duration,
     attempt: Duration,
 }
 
-impl Brokers {
+impl LeaderChannel {
     /// The brokers at `addrs` (URLs), reached through endpoints `endpoint` builds.
     pub fn new(addrs: Vec<String>, endpoint: EndpointOf) -> Self {
-        Brokers {
+        Self::with_timing(
             addrs,
-            current: 0,
-            channel: None,
             endpoint,
-            patience: Duration::from_secs(30),
-            attempt: Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        )
+    }
+
+    /// As [`LeaderChannel::new`], looking for the leader for at most `patience` per call, and
+    /// abandoning an attempt after `attempt` (a paused broker answers nothing at all).
+    pub fn with_timing(
+        addrs: Vec<String>,
+        endpoint: EndpointOf,
+        patience: Duration,
+        attempt: Duration,
+    ) -> Self {
+        assert!(!addrs.is_empty(), "a group has at least one address");
+        LeaderChannel {
+            state: Arc::new(State {
+                addrs: Mutex::new(addrs),
+                current: Mutex::new((0, None)),
+                endpoint,
+                patience,
+                attempt,
+            }),
         }
     }
 
     /// Plain `http://` brokers at `addrs`, with a 5 s connect timeout.
     pub fn plain(addrs: Vec<String>) -> Self {
-        Self::new(
-            addrs,
-            Box::new(|a| {
-                Endpoint::from_shared(a.to_string())
-                    .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-                    .map_err(|e| Status::invalid_argument(format!("address {a:?}: {e}")))
-            }),
-        )
-    }
-
-    /// How long a call may keep looking for the leader before it fails.
-    pub fn patience(mut self, patience: Duration) -> Self {
-        self.patience = patience;
-        self
-    }
-
-    /// How long one attempt may take before it is abandoned for the next broker: a broker
-    /// that is paused, or cut off, answers nothing at all.
-    pub fn attempt_timeout(mut self, attempt: Duration) -> Self {
-        self.attempt = attempt;
-        self
+        Self::new(addrs, Box::new(plain_endpoint))
     }
 
     /// The address of the broker believed to lead.
-    pub fn current(&self) -> &str {
-        &self.addrs[self.current]
+    pub fn current(&self) -> String {
+        let i = self.state.current.lock().expect("leader").0;
+        self.state.addrs.lock().expect("addresses")[i].clone()
     }
 
-    /// A channel to the broker believed to lead, connecting if needed.
-    pub async fn channel(&mut self) -> Result<Channel, Status> {
-        if let Some(c) = &self.channel {
-            return Ok(c.clone());
-        }
-        let addr = self.addrs[self.current].clone();
-        let endpoint = (self.endpoint)(&addr)?;
+    /// A channel to the broker believed to lead, connecting if needed; one that cannot be
+    /// reached makes the next address current.
+    async fn channel(&self) -> Result<(usize, Channel), Status> {
+        let (i, addr) = {
+            let current = self.state.current.lock().expect("leader");
+            if let Some(c) = &current.1 {
+                return Ok((current.0, c.clone()));
+            }
+            (
+                current.0,
+                self.state.addrs.lock().expect("addresses")[current.0].clone(),
+            )
+        };
+        let endpoint = (self.state.endpoint)(&addr)?;
         let channel = endpoint.connect().await.map_err(|e| {
+            self.next(i);
             Status::unavailable(format!("cannot connect to the broker at {addr}: {e}"))
         })?;
-        self.channel = Some(channel.clone());
-        Ok(channel)
+        let mut current = self.state.current.lock().expect("leader");
+        if current.0 == i {
+            current.1 = Some(channel.clone());
+        }
+        Ok((i, channel))
     }
 
     /// Goes to `addr` (`host:port` or a URL) next, adding it to the list if it is new.
-    pub fn go_to(&mut self, addr: &str) {
+    fn go_to(&self, addr: &str) {
         let url = with_scheme(addr);
-        let index = match self.addrs.iter().position(|a| *a == url) {
-            Some(i) => i,
-            None => {
-                self.addrs.push(url);
-                self.addrs.len() - 1
-            }
-        };
-        if index != self.current {
-            self.current = index;
-            self.channel = None;
-        }
-    }
-
-    /// Goes to the next address of the list.
-    pub fn next(&mut self) {
-        self.current = (self.current + 1) % self.addrs.len();
-        self.channel = None;
-    }
-
-    /// Decides what to do after `status`: `true` to try again (at the leader it names, or at
-    /// the next address after `wait`), `false` when the status is the call's own answer.
-    pub async fn should_retry(&mut self, status: &Status, wait: &mut Duration) -> bool {
-        if !is_unreachable(status) {
-            return false;
-        }
-        match leader_hint(status) {
-            Some(leader) if with_scheme(&leader) != self.addrs[self.current] => {
-                self.go_to(&leader);
-            }
-            _ => {
-                self.next();
-                tokio::time::sleep(*wait).await;
-                *wait = (*wait * 2).min(Duration::from_secs(1));
-            }
-        }
-        true
-    }
-
-    /// Runs `call` on a channel to the leader, following redirects and trying the other
-    /// addresses while the group elects a leader, for at most the patience.
-    pub async fn call<T, F, Fut>(&mut self, mut call: F) -> Result<T, Status>
-    where
-        F: FnMut(Channel) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        let give_up = std::time::Instant::now() + self.patience;
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let result = match self.channel().await {
-                Ok(channel) => match tokio::time::timeout(self.attempt, call(channel)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Status::unavailable(format!(
-                        "the broker at {} did not answer within {:?}",
-                        self.current(),
-                        self.attempt
-                    ))),
-                },
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(t) => return Ok(t),
-                Err(status) => {
-                    if std::time::Instant::now() >= give_up
-                        || !self.should_retry(&status, &mut wait).await
-                    {
-                        return Err(status);
-                    }
+        let index = {
+            let mut addrs = self.state.addrs.lock().expect("addresses");
+            match addrs.iter().position(|a| *a == url) {
+                Some(i) => i,
+                None => {
+                    addrs.push(url);
+                    addrs.len() - 1
                 }
             }
+        };
+        let mut current = self.state.current.lock().expect("leader");
+        if current.0 != index {
+            *current = (index, None);
         }
+    }
+
+    /// Broker `from` failed: the next calls go to the next address (unless another call
+    /// moved on already).
+    fn next(&self, from: usize) {
+        let n = self.state.addrs.lock().expect("addresses").len();
+        let mut current = self.state.current.lock().expect("leader");
+        if current.0 == from {
+            *current = ((from + 1) % n, None);
+        }
+    }
+
+    /// Sends one attempt of a call.
+    async fn send(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<(usize, http::Response<tonic::body::Body>), Status> {
+        let (i, mut channel) = self.channel().await?;
+        let call = async {
+            std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut channel, cx)).await?;
+            tower_service::Service::call(&mut channel, request).await
+        };
+        match tokio::time::timeout(self.state.attempt, call).await {
+            Ok(Ok(response)) => Ok((i, response)),
+            Ok(Err(e)) => {
+                self.next(i);
+                Err(Status::unavailable(format!("the broker went away: {e}")))
+            }
+            Err(_) => {
+                self.next(i);
+                Err(Status::unavailable(format!(
+                    "the broker did not answer within {:?}",
+                    self.state.attempt
+                )))
+            }
+        }
+    }
+
+    /// Sends a call, following the leader (see the module documentation).
+    async fn follow(
+        self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, Status> {
+        use http_body_util::BodyExt as _;
+        if CLIENT_STREAMS.contains(&request.uri().path()) {
+            let (i, response) = self.send(request).await?;
+            self.learn(i, &response);
+            return Ok(response);
+        }
+        let (parts, body) = request.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| Status::internal(format!("reading the request: {e}")))?
+            .to_bytes();
+        let give_up = std::time::Instant::now() + self.state.patience;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let mut attempt = http::Request::new(tonic::body::Body::new(
+                http_body_util::Full::new(bytes.clone()),
+            ));
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = parts.uri.clone();
+            *attempt.version_mut() = parts.version;
+            *attempt.headers_mut() = parts.headers.clone();
+            let redirect = match self.send(attempt).await {
+                Ok((i, response)) => match self.learn(i, &response) {
+                    Some(redirect) => redirect,
+                    None => return Ok(response),
+                },
+                Err(e) if std::time::Instant::now() >= give_up => return Err(e),
+                Err(_) => false,
+            };
+            if std::time::Instant::now() >= give_up {
+                return Err(Status::unavailable(format!(
+                    "no broker of {:?} led within {:?}",
+                    self.state.addrs.lock().expect("addresses"),
+                    self.state.patience
+                )));
+            }
+            if !redirect {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// Reads a response from broker `i` for a refusal: `None` when it is an answer,
+    /// `Some(true)` when it names the leader (now the current broker), `Some(false)` when it
+    /// is UNAVAILABLE without one (the next broker is current).
+    fn learn(&self, i: usize, response: &http::Response<tonic::body::Body>) -> Option<bool> {
+        let headers = response.headers();
+        if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"14") {
+            return None;
+        }
+        match headers.get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+            Some(leader) => {
+                self.go_to(leader);
+                Some(true)
+            }
+            None => {
+                self.next(i);
+                Some(false)
+            }
+        }
+    }
+}
+
+/// The endpoint of a plain `http://` broker, with a 5 s connect timeout.
+pub fn plain_endpoint(addr: &str) -> Result<Endpoint, Status> {
+    Endpoint::from_shared(addr.to_string())
+        .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+        .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for LeaderChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Status;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Status>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        // Each call finds its broker (and waits for it) itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.clone().follow(request))
     }
 }
 
@@ -243,12 +320,15 @@ mod tests {
 
     #[test]
     fn a_redirect_to_an_unknown_leader_adds_it() {
-        let mut b = Brokers::plain(parse_addresses("a:1,b:2"));
+        let b = LeaderChannel::plain(parse_addresses("a:1,b:2"));
         b.go_to("c:3");
         assert_eq!(b.current(), "http://c:3");
         b.go_to("a:1");
         assert_eq!(b.current(), "http://a:1");
-        b.next();
+        b.next(0);
+        assert_eq!(b.current(), "http://b:2");
+        // A failure of a broker already left behind moves nothing.
+        b.next(0);
         assert_eq!(b.current(), "http://b:2");
     }
 }

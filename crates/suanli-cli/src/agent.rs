@@ -382,7 +382,9 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let spec = load_pool(&a.fleet, &a.pool)?;
     let pool_msg = suanli_broker::convert::pool_spec_to_pb(&spec);
     let bearer = Bearer::new(&client::identity(g, Role::Agent(&a.pool))?.token)?;
-    let endpoint = client::endpoint(&g.addr, g.ca_cert.as_deref())?;
+    // The broker, or the brokers of a group: the agent's calls go to the leader, and after a
+    // failover it connects to the new one and says again what it runs.
+    let group = client::group(g)?;
     let register_id = parse::new_request_id();
     let mut state_dir = a
         .state_dir
@@ -407,17 +409,10 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let mut registered = false;
     loop {
         let attempt = async {
-            let channel = match endpoint.connect().await {
-                Ok(c) => c,
-                Err(e) => {
-                    return SessionEnd::Retry(format!(
-                        "cannot connect to the broker at {}: {}",
-                        endpoint.uri(),
-                        client::error_line(&e.into())
-                    ));
-                }
-            };
-            let mut pools = client::pool_client(channel, bearer.clone());
+            if let Err(e) = group.warm().await {
+                return SessionEnd::Retry(e.message().to_string());
+            }
+            let mut pools = client::pool_client(group.clone(), bearer.clone());
             if !registered {
                 let req = RegisterPoolRequest {
                     request_id: register_id.clone(),

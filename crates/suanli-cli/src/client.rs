@@ -12,13 +12,14 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use suanli_broker::credentials::{self, Credentials, CredentialsError};
+use suanli_proto::failover::{self, LeaderChannel};
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::pool_service_client::PoolServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 /// Where a broker started with no options listens.
@@ -31,8 +32,9 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Options shared by every command.
 #[derive(Args, Clone, Debug)]
 pub struct GlobalArgs {
-    /// Address of the broker (`http://` or `https://`).
-    #[arg(long, global = true, env = "SUANLI_ADDR", default_value = DEFAULT_ADDR, value_name = "URL")]
+    /// Address of the broker (`http://` or `https://`); of a group, several, comma-separated:
+    /// calls go to the one that leads.
+    #[arg(long, global = true, env = "SUANLI_ADDR", default_value = DEFAULT_ADDR, value_name = "URL[,URL...]")]
     pub addr: String,
     /// Bearer token; without one, the credentials file in the data folder is used.
     #[arg(
@@ -247,12 +249,33 @@ pub fn endpoint(addr: &str, ca_cert: Option<&Path>) -> anyhow::Result<Endpoint> 
     Ok(ep)
 }
 
-/// Opens a connection to the broker.
-pub async fn connect(g: &GlobalArgs) -> anyhow::Result<Channel> {
-    let ep = endpoint(&g.addr, g.ca_cert.as_deref())?;
-    ep.connect()
+/// The broker, or the brokers of a group: a channel that sends each call to the one that
+/// leads (see `suanli_proto::failover`), connected to the first that answers.
+pub async fn connect(g: &GlobalArgs) -> anyhow::Result<LeaderChannel> {
+    let group = group(g)?;
+    group
+        .warm()
         .await
-        .with_context(|| format!("cannot connect to the broker at {}", ep.uri()))
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    Ok(group)
+}
+
+/// The brokers `--addr` names, not connected yet.
+pub fn group(g: &GlobalArgs) -> anyhow::Result<LeaderChannel> {
+    let addrs = failover::parse_addresses(&g.addr);
+    if addrs.is_empty() {
+        bail!("--addr is empty: give the broker's address");
+    }
+    for a in &addrs {
+        endpoint(a, g.ca_cert.as_deref())?;
+    }
+    let ca_cert = g.ca_cert.clone();
+    Ok(LeaderChannel::new(
+        addrs,
+        Box::new(move |a| {
+            endpoint(a, ca_cert.as_deref()).map_err(|e| Status::invalid_argument(error_line(&e)))
+        }),
+    ))
 }
 
 /// Puts the bearer token in the `authorization` metadata of every call.
@@ -286,8 +309,8 @@ impl Interceptor for Bearer {
     }
 }
 
-/// A channel that authenticates every call.
-pub type Authed = InterceptedService<Channel, Bearer>;
+/// A channel to the leader that authenticates every call.
+pub type Authed = InterceptedService<LeaderChannel, Bearer>;
 
 /// A tenant client and who it acts as.
 pub async fn tenant_client(
@@ -310,8 +333,8 @@ pub async fn operator_client(g: &GlobalArgs) -> anyhow::Result<OperatorServiceCl
     )
 }
 
-/// A pool client over an open channel.
-pub fn pool_client(channel: Channel, bearer: Bearer) -> PoolServiceClient<Authed> {
+/// A pool client over a group's channel.
+pub fn pool_client(channel: LeaderChannel, bearer: Bearer) -> PoolServiceClient<Authed> {
     PoolServiceClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
 }

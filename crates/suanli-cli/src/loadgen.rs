@@ -24,6 +24,7 @@ use clap::Args;
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
 use serde_json::{Value, json};
+use suanli_proto::failover::LeaderChannel;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
 use suanli_proto::v1::{
     CancelRequestRequest, ElasticShape, GangShape, Priority, ReleaseRequestRequest, Request,
@@ -33,7 +34,6 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
 
 use crate::client::{self, Bearer, GlobalArgs};
 use crate::output;
@@ -288,7 +288,7 @@ impl Tally {
 
 /// One submission and, with `--release`, giving it back.
 struct Shot {
-    client: TenantServiceClient<Channel>,
+    client: TenantServiceClient<LeaderChannel>,
     caller: Caller,
     request_id: String,
     spec: RequestSpec,
@@ -363,7 +363,7 @@ impl Shot {
 /// Makes the shots of a run.
 #[derive(Clone)]
 struct ShotMaker {
-    clients: Vec<TenantServiceClient<Channel>>,
+    clients: Vec<TenantServiceClient<LeaderChannel>>,
     callers: Vec<Caller>,
     run_id: String,
     timeout: Duration,

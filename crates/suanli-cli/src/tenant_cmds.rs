@@ -473,9 +473,11 @@ pub fn more_hint(next_page_token: &str) {
 
 /// `suanli watch`: one line (or JSON object) per event until interrupted, or until the one
 /// watched request has ended. A watcher the broker disconnected for falling behind watches
-/// again from a fresh snapshot.
+/// again from a fresh snapshot; so does a watcher of a group whose leader went away (the
+/// stream ends with its term), at the new leader.
 pub async fn watch(g: &GlobalArgs, a: &WatchArgs) -> anyhow::Result<()> {
     let (mut client, id) = client::tenant_client(g).await?;
+    let group = suanli_proto::failover::parse_addresses(&g.addr).len() > 1;
     let name = match &a.request {
         Some(r) => full_name(&mut client, &id, r).await?,
         None => String::new(),
@@ -495,8 +497,16 @@ pub async fn watch(g: &GlobalArgs, a: &WatchArgs) -> anyhow::Result<()> {
                             output::emit(&format!("{}\n", output::event_line(&event)));
                         }
                     }
+                    Ok(None) if group => {
+                        eprintln!("watch: the broker ended the stream; watching the leader again");
+                        break;
+                    }
                     Ok(None) => return anyhow::Ok(()),
-                    Err(status) if status.code() == Code::Aborted => {
+                    Err(status)
+                        if status.code() == Code::Aborted
+                            || (group
+                                && matches!(status.code(), Code::Unavailable | Code::Unknown)) =>
+                    {
                         eprintln!("watch: {}; watching again", client::status_line(&status));
                         break;
                     }

@@ -31,10 +31,15 @@ const OTHER_TENANT: &str = "tenant-b-test-token";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn config(snapshot_every: u64) -> String {
+    config_with_pools(snapshot_every, "simulated = [\"*\"]")
+}
+
+/// The group's configuration with `pools` as its `[pools]` section.
+fn config_with_pools(snapshot_every: u64, pools: &str) -> String {
     format!(
         "snapshot_every = {snapshot_every}\n\
          operator_token = \"{OPERATOR}\"\n\
-         [pools]\nsimulated = [\"*\"]\n\
+         [pools]\n{pools}\n\
          [[tenant]]\nname = \"tenant-a\"\nquota_tflops = 20000000\ntoken = \"{TENANT}\"\n\
          [[tenant]]\nname = \"tenant-b\"\nquota_tflops = 1000000\ntoken = \"{OTHER_TENANT}\"\n"
     )
@@ -557,4 +562,114 @@ async fn a_replica_that_joins_after_compaction_starts_from_the_snapshot() {
     let s = status(g.addr(joined)).await;
     println!("a replica joined after compaction: {s:?}");
     check(&g, &acks).await;
+}
+
+/// The pool whose agent runs jobs in the agent test.
+const AGENT_POOL: &str = "futian-aicc";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_follows_the_new_leader_and_its_job_runs_once() {
+    let _serial = SERIAL.lock().await;
+    let Some(etcd) = EtcdCluster::start_or_skip(3) else {
+        return;
+    };
+    let pools = format!("simulated = [\"*\"]\nagent = [\"{AGENT_POOL}\"]");
+    let mut g = Group::start(&etcd, 3, config_with_pools(500, &pools));
+    let leader = g.leader().await;
+    let creds = support::wait_for_credentials(g.dirs[leader].path()).await;
+    let agent_token = creds.agent(AGENT_POOL).expect("an agent token").to_string();
+    let work = tempfile::tempdir().unwrap();
+    let marker = work.path().join("started");
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_suanli"))
+        .args(["--addr", &g.addrs().join(","), "--token", &agent_token])
+        .args(["agent", "--fleet", "futian-2024", "--pool", AGENT_POOL])
+        .args(["--backend", "process", "--allow-root", "--state-dir"])
+        .arg(work.path().join("agent"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start suanli agent");
+    // The job notes each start, then outlives the failover.
+    let script = format!("echo started >> {}; sleep 15", marker.display());
+    let spec = pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Gang(pb::GangShape {
+            nodes: 1,
+            devices_per_node: 4,
+        })),
+        duration_ms: 600_000,
+        constraints: Some(pb::Constraints {
+            pools: vec![AGENT_POOL.into()],
+            ..Default::default()
+        }),
+        workload: Some(pb::Workload {
+            argv: vec!["sh".into(), "-c".into(), script],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let group = group_channel(g.addrs());
+    let mut tenant = TenantServiceClient::new(group.clone());
+    let submit = pb::SubmitRequestRequest {
+        request_id: "the-job".into(),
+        spec: Some(spec),
+    };
+    let name = tenant
+        .submit_request(with_token(submit, TENANT))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let state_of = |r: &pb::Request| pb::RequestState::try_from(r.state).unwrap();
+    let get = {
+        let tenant = tenant.clone();
+        move |name: String| {
+            let mut tenant = tenant.clone();
+            async move {
+                tenant
+                    .get_request(with_token(pb::GetRequestRequest { name }, TENANT))
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state_of(&get(name.clone()).await) != pb::RequestState::Running {
+        assert!(Instant::now() < deadline, "the job never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g.kill(leader);
+    let new = g.leader().await;
+    // The new leader knows the job as running, and the agent is back with it.
+    let r = get(name.clone()).await;
+    assert_eq!(state_of(&r), pb::RequestState::Running, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let r = get(name.clone()).await;
+        if state_of(&r) != pb::RequestState::Running {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the job did not end: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state_of(&done), pb::RequestState::Completed, "{done:?}");
+    assert_eq!(done.leases, 1, "the job was placed once: {done:?}");
+    let starts = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(starts.lines().count(), 1, "the job started {starts:?}");
+    // Its pool was never declared lost.
+    let mut operator = OperatorServiceClient::new(group.clone());
+    let pool = operator
+        .get_pool(with_token(
+            pb::GetPoolRequest {
+                name: format!("pools/{AGENT_POOL}"),
+            },
+            OPERATOR,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pool.health, pb::PoolHealth::Healthy as i32, "{pool:?}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_ne!(new, leader);
 }

@@ -115,6 +115,29 @@ impl LeaderChannel {
         Self::new(addrs, Box::new(plain_endpoint))
     }
 
+    /// How many addresses the group has (as given, and as learned from redirects).
+    pub fn len(&self) -> usize {
+        self.state.addrs.lock().expect("addresses").len()
+    }
+
+    /// Whether the group has no address (never: a group has at least one).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Connects to the first broker that answers, trying each address once: an error naming
+    /// the last one tried when none can be reached.
+    pub async fn warm(&self) -> Result<(), Status> {
+        let mut last = None;
+        for _ in 0..self.len() {
+            match self.channel().await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no broker address")))
+    }
+
     /// The address of the broker believed to lead.
     pub fn current(&self) -> String {
         let i = self.state.current.lock().expect("leader").0;
@@ -233,7 +256,10 @@ impl LeaderChannel {
                     Some(redirect) => redirect,
                     None => return Ok(response),
                 },
-                Err(e) if std::time::Instant::now() >= give_up => return Err(e),
+                // One broker that cannot be reached: nowhere else to look.
+                Err(e) if std::time::Instant::now() >= give_up || self.len() == 1 => {
+                    return Err(e);
+                }
                 Err(_) => false,
             };
             if std::time::Instant::now() >= give_up {

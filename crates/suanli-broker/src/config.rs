@@ -262,6 +262,13 @@ impl BrokerConfig {
                     path.display()
                 ));
             }
+            if token.starts_with("REPLACE-ME") {
+                return Err(format!(
+                    "field operator_token_file: {} still holds the placeholder of \
+                     deploy/kubernetes/secret.yaml: put a secret token there",
+                    path.display()
+                ));
+            }
             c.operator_token = Some(token.to_string());
         }
         if let Some(e) = file.etcd {
@@ -419,5 +426,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.http, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_group_is_configured_with_etcd_an_advertised_address_and_a_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "s3cret-operator-token\n").unwrap();
+        let c = BrokerConfig::from_toml(
+            "etcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n\
+             etcd_prefix = \"/district/\"\n\
+             advertise = \"broker-0.peers:50051\"\n\
+             operator_token_file = \"token\"\n\
+             [pools]\nsimulated = [\"*\"]\n",
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.etcd.len(), 2);
+        assert_eq!(c.etcd_prefix, "/district/");
+        assert_eq!(c.advertise.as_deref(), Some("broker-0.peers:50051"));
+        assert_eq!(c.operator_token.as_deref(), Some("s3cret-operator-token"));
+
+        let err = |text: &str| {
+            let text = format!("{text}\n[pools]\nsimulated = [\"*\"]\n");
+            BrokerConfig::from_toml(&text, dir.path()).unwrap_err()
+        };
+        assert!(err("etcd_prefix = \"suanli\"").contains("field etcd_prefix"));
+        assert!(err("operator_token_file = \"missing\"").contains("field operator_token_file"));
+        let both = "operator_token = \"a\"\noperator_token_file = \"token\"";
+        assert!(err(both).contains("give one"));
+        std::fs::write(dir.path().join("placeholder"), "REPLACE-ME-x").unwrap();
+        assert!(err("operator_token_file = \"placeholder\"").contains("placeholder"));
     }
 }

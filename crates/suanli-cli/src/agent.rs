@@ -409,8 +409,8 @@ pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let mut registered = false;
     loop {
         let attempt = async {
-            if let Err(e) = group.warm().await {
-                return SessionEnd::Retry(e.message().to_string());
+            if let Err(e) = client::reach(&group, g).await {
+                return SessionEnd::Retry(client::error_line(&e));
             }
             let mut pools = client::pool_client(group.clone(), bearer.clone());
             if !registered {

@@ -253,11 +253,26 @@ pub fn endpoint(addr: &str, ca_cert: Option<&Path>) -> anyhow::Result<Endpoint> 
 /// leads (see `suanli_proto::failover`), connected to the first that answers.
 pub async fn connect(g: &GlobalArgs) -> anyhow::Result<LeaderChannel> {
     let group = group(g)?;
-    group
-        .warm()
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    reach(&group, g).await?;
     Ok(group)
+}
+
+/// Connects `group` to the first of its brokers that answers, the one believed to lead
+/// first; the error of the last one tried when none does.
+pub async fn reach(group: &LeaderChannel, g: &GlobalArgs) -> anyhow::Result<()> {
+    let mut last = None;
+    for addr in group.addresses() {
+        let ep = endpoint(&addr, g.ca_cert.as_deref())?;
+        match ep.connect().await {
+            Ok(channel) => {
+                group.adopt(&addr, channel);
+                return Ok(());
+            }
+            Err(e) => last = Some((ep.uri().clone(), e)),
+        }
+    }
+    let (uri, e) = last.expect("a group has at least one address");
+    Err(e).with_context(|| format!("cannot connect to the broker at {uri}"))
 }
 
 /// The brokers `--addr` names, not connected yet.

@@ -93,6 +93,9 @@ enum Command {
     Tenants(operator_cmds::TenantsArgs),
     /// List queued requests of all tenants in queue order (operator).
     Queue(operator_cmds::QueueArgs),
+    /// Show a broker's place in its group: role, term, leader, log index, staleness, recent
+    /// checkpoints; asks the first address of --addr (operator).
+    Replica(operator_cmds::ReplicaArgs),
     /// Watch the fleet, the pools, the queue and the tenants live in the terminal; without a
     /// terminal or with --once, print one screen as plain text (operator).
     Top(top::TopArgs),
@@ -148,6 +151,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Me => tenant_cmds::me(g).await,
         Command::Logs(a) => tenant_cmds::logs(g, a).await,
         Command::Fleet => operator_cmds::fleet(g).await,
+        Command::Replica(a) => operator_cmds::replica(g, a).await,
         Command::Pools(a) => operator_cmds::pools(g, a).await,
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,
         Command::Queue(a) => operator_cmds::queue(g, a).await,

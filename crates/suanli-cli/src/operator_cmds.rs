@@ -120,6 +120,106 @@ pub async fn fleet(g: &GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `suanli replica`.
+#[derive(Args, Clone, Debug)]
+pub struct ReplicaArgs {
+    /// First append a checkpoint to the group's log (at the leader): every replica records
+    /// its digest there, to compare replicas at one log position.
+    #[arg(long)]
+    pub checkpoint: bool,
+}
+
+/// `suanli replica`: the status of the broker at the first address of --addr.
+pub async fn replica(g: &GlobalArgs, a: &ReplicaArgs) -> anyhow::Result<()> {
+    let first = suanli_proto::failover::parse_addresses(&g.addr)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let one = GlobalArgs {
+        addr: first,
+        ..g.clone()
+    };
+    let mut client = client::operator_client(&one).await?;
+    let mark = if a.checkpoint {
+        Some(
+            client
+                .checkpoint(suanli_proto::v1::CheckpointRequest {})
+                .await?
+                .into_inner(),
+        )
+    } else {
+        None
+    };
+    // The status of the replica asked, not of the leader a checkpoint was redirected to.
+    let mut client = client::operator_client(&one).await?;
+    let s = client
+        .get_replica_status(suanli_proto::v1::GetReplicaStatusRequest {})
+        .await?
+        .into_inner();
+    if g.json {
+        let checkpoints: Vec<_> = s
+            .checkpoints
+            .iter()
+            .map(|c| json!({"log_index": c.log_index, "digest": format!("{:016x}", c.digest)}))
+            .collect();
+        output::print_json(&json!({
+            "replicated": s.replicated,
+            "leader": s.leader,
+            "term": s.term,
+            "leader_address": s.leader_address,
+            "log_index": s.log_index,
+            "staleness_ms": s.staleness_ms,
+            "checkpoints": checkpoints,
+            "appended_checkpoint": mark.map(|c| c.log_index),
+        }));
+        return Ok(());
+    }
+    let role = match (s.replicated, s.leader) {
+        (false, _) => "a broker on its own (leads a group of one)",
+        (true, true) => "leader",
+        (true, false) => "follower",
+    };
+    let mut text = format!(
+        "role         {role}
+"
+    );
+    if s.replicated {
+        let leader = if s.leader_address.is_empty() {
+            "unknown (an election may be under way)"
+        } else {
+            &s.leader_address
+        };
+        text += &format!(
+            "term         {}
+leader       {leader}
+",
+            s.term
+        );
+    }
+    text += &format!(
+        "log index    {}
+staleness    {} ms
+",
+        s.log_index, s.staleness_ms
+    );
+    if let Some(m) = mark {
+        text += &format!(
+            "checkpoint   appended at log index {}
+",
+            m.log_index
+        );
+    }
+    for c in &s.checkpoints {
+        text += &format!(
+            "checkpoint   {:>12}  digest {:016x}
+",
+            c.log_index, c.digest
+        );
+    }
+    output::emit(&text);
+    Ok(())
+}
+
 /// `suanli pools ...`.
 pub async fn pools(g: &GlobalArgs, a: &PoolsArgs) -> anyhow::Result<()> {
     let mut client = client::operator_client(g).await?;

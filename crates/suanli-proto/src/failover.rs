@@ -125,17 +125,17 @@ impl LeaderChannel {
         self.len() == 0
     }
 
-    /// Connects to the first broker that answers, trying each address once: an error naming
-    /// the last one tried when none can be reached.
-    pub async fn warm(&self) -> Result<(), Status> {
-        let mut last = None;
-        for _ in 0..self.len() {
-            match self.channel().await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Status::unavailable("no broker address")))
+    /// The addresses, the broker believed to lead first, then the others in order.
+    pub fn addresses(&self) -> Vec<String> {
+        let i = self.state.current.lock().expect("leader").0;
+        let addrs = self.state.addrs.lock().expect("addresses");
+        addrs[i..].iter().chain(&addrs[..i]).cloned().collect()
+    }
+
+    /// Takes `channel`, connected to `addr`, as the channel to the broker believed to lead.
+    pub fn adopt(&self, addr: &str, channel: Channel) {
+        self.go_to(addr);
+        self.state.current.lock().expect("leader").1 = Some(channel);
     }
 
     /// The address of the broker believed to lead.

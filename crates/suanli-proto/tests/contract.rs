@@ -98,6 +98,8 @@ fn operator_service_has_its_methods() {
             "GetSubsidyReport",
             "SetSubsidyBudget",
             "AdjustBalance",
+            "GetReplicaStatus",
+            "Checkpoint",
         ]
     );
 }

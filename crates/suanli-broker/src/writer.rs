@@ -462,8 +462,9 @@ impl Writer {
             w.install(at, Image::decode(at, &bytes)?)?;
         }
         let count = recovered.entries.len();
+        w.applied = w.last_snapshot;
         for entry in recovered.entries {
-            w.replay(entry);
+            w.apply_replicated(entry);
         }
         w.followups.clear();
         w.pending_watch.clear();
@@ -507,8 +508,8 @@ impl Writer {
         }
     }
 
-    /// Applies the entry at index `self.applied`, from another replica's append, recording
-    /// the digest at a checkpoint.
+    /// Applies the entry at index `self.applied` (from recovery, or another replica's
+    /// append), recording the digest at a checkpoint.
     fn apply_replicated(&mut self, entry: Entry) {
         if matches!(entry, Entry::Checkpoint) {
             self.replica

@@ -324,6 +324,26 @@ async fn check(g: &Group, acks: &Acks) {
         statement.subsidy_fen + statement.due_fen,
         "the ledger balances"
     );
+    // gRPC health: SERVING on the leader alone, so a load balancer's check finds it.
+    let mut serving = Vec::new();
+    for i in g.running() {
+        let ch = support::channel(g.addr(i)).await;
+        let answer = tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if answer.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            serving.push(i);
+        }
+    }
+    assert_eq!(
+        serving,
+        vec![g.leader().await],
+        "only the leader is SERVING"
+    );
     let mark = operator
         .checkpoint(with_token(pb::CheckpointRequest {}, OPERATOR))
         .await
@@ -672,4 +692,58 @@ async fn an_agent_follows_the_new_leader_and_its_job_runs_once() {
     let _ = agent.kill();
     let _ = agent.wait();
     assert_ne!(new, leader);
+}
+
+/// The figures of BENCHMARKS.md: failover after SIGKILL of the leader, and handover after its
+/// SIGTERM, each from the signal to the first acknowledged submission on another replica,
+/// `SUANLI_FAILOVER_RUNS` times (10 by default). After each run a fresh replica joins, so the
+/// group is three again. Run with
+/// `cargo test --release -p suanli-cli --test ha -- --ignored --nocapture measure_failover`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for BENCHMARKS.md: minutes of faults"]
+async fn measure_failover() {
+    let _serial = SERIAL.lock().await;
+    let etcd = EtcdCluster::start_or_skip(3).expect("etcd is needed for the measurement");
+    let runs: usize = std::env::var("SUANLI_FAILOVER_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut g = Group::start(&etcd, 3, config(100_000));
+    g.leader().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    // Writers start afresh each run, with the addresses of the replicas running then.
+    let mut figures = Vec::new();
+    for signal_name in ["-KILL", "-TERM"] {
+        let mut times = Vec::new();
+        for run in 0..runs {
+            let w = writers(g.addrs(), stop.clone(), acks.clone());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let leader = g.leader().await;
+            let old = g.addr(leader).to_string();
+            let at = Instant::now();
+            signal(g.pid(leader), signal_name);
+            let took = first_ack_elsewhere(&acks, &old, at).await;
+            println!("{signal_name} run {run}: {took:?}");
+            times.push(took);
+            stop_writers(&stop, w).await;
+            stop.store(false, Ordering::Relaxed);
+            g.kill(leader);
+            g.add();
+            g.leader().await;
+        }
+        times.sort();
+        figures.push((signal_name, times));
+    }
+    for (signal_name, times) in &figures {
+        println!(
+            "failover after {signal_name}: min {:?}, median {:?}, max {:?} over {} runs: {:?}",
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1],
+            times.len(),
+            times
+        );
+    }
+    check(&g, &acks).await;
 }

@@ -376,6 +376,8 @@ impl Store for EtcdStore {
         self.next.load(Ordering::Acquire)
     }
 
+    /// `upto` is a batch boundary (the writer snapshots between batches), so the pieces
+    /// before it hold no entry at or after it.
     fn save_snapshot(&self, upto: u64, snapshot: &[u8]) -> Result<(), BrokerError> {
         let term = self.term.load(Ordering::Acquire);
         if term == 0 {
@@ -478,9 +480,124 @@ impl Store for EtcdStore {
 }
 
 #[cfg(test)]
+#[path = "../../../suanli-cli/tests/support/etcd.rs"]
+#[allow(dead_code)] // the fixture serves other tests too
+mod etcd_fixture;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use suanli_core::Command;
+
+    /// A store on a real one-member etcd, leading term `term` (the leader key created with
+    /// that revision); `None` where etcd is not installed (the fixture says why).
+    fn leading_store(
+        rt: &tokio::runtime::Runtime,
+        cluster: &etcd_fixture::EtcdCluster,
+    ) -> (EtcdStore, i64) {
+        let endpoints: Vec<String> = cluster.endpoints().split(',').map(String::from).collect();
+        // The channels' connections are tasks of the runtime.
+        let _in_runtime = rt.enter();
+        let etcd = Etcd::connect(&endpoints, std::time::Duration::from_secs(2)).unwrap();
+        let keys = Layout::new("/test/");
+        let t = rt
+            .block_on(etcd.txn(
+                vec![created_at(&keys.leader(), 0)],
+                vec![put(keys.leader(), b"me".to_vec(), 0)],
+                vec![],
+            ))
+            .unwrap();
+        assert!(t.succeeded);
+        let store = EtcdStore::new(etcd, keys, rt.handle().clone());
+        store.lead(t.revision, 0);
+        (store, t.revision)
+    }
+
+    fn big_entry(i: u64) -> Entry {
+        Entry::Credential {
+            principal: crate::auth::Principal::Tenant(format!("t{i}")),
+            token: "x".repeat(50_000),
+        }
+    }
+
+    #[test]
+    fn a_batch_larger_than_an_etcd_request_is_split_and_reads_back_whole() {
+        let Some(cluster) = etcd_fixture::EtcdCluster::start_or_skip(1) else {
+            return;
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (store, _) = leading_store(&rt, &cluster);
+        // 100 entries of 50 kB: 5 MB, more than three etcd requests' worth.
+        let entries: Vec<Entry> = (0..100).map(big_entry).collect();
+        store.append(&entries).unwrap();
+        assert_eq!(store.next_index(), 100);
+        let pieces = rt
+            .block_on(store.etcd.range(
+                &store.keys.log_prefix(),
+                &prefix_end(&store.keys.log_prefix()),
+                0,
+                0,
+            ))
+            .unwrap()
+            .kvs;
+        assert!(pieces.len() >= 4, "{} pieces", pieces.len());
+        assert!(
+            pieces
+                .iter()
+                .all(|kv| kv.value.len() <= MAX_PIECE_BYTES + 64)
+        );
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered.entries, entries);
+        assert_eq!(
+            store.read_from(60).unwrap().unwrap(),
+            entries[60..].to_vec()
+        );
+    }
+
+    #[test]
+    fn a_deposed_term_appends_nothing_and_a_snapshot_replaces_the_log_before_it() {
+        let Some(cluster) = etcd_fixture::EtcdCluster::start_or_skip(1) else {
+            return;
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (store, term) = leading_store(&rt, &cluster);
+        let tick = |now| Entry::Command {
+            now,
+            command: Command::Tick,
+            key: None,
+        };
+        store.append(&[tick(0), tick(1)]).unwrap();
+        store.append(&[tick(2)]).unwrap();
+        // Snapshots are taken between batches, as the writer takes them.
+        store.save_snapshot(2, b"state at 2").unwrap();
+        store.append(&[tick(3)]).unwrap();
+        let r = store.recover().unwrap();
+        assert_eq!(r.snapshot, Some((2, b"state at 2".to_vec())));
+        assert_eq!(r.entries, vec![tick(2), tick(3)]);
+        // A replica that applied only index 1 must start from the snapshot.
+        assert_eq!(store.read_from(1).unwrap(), None);
+        // Another replica takes the key: this term can no longer append or snapshot.
+        let keys = store.keys.clone();
+        for op in [
+            delete_range(keys.leader(), Vec::new()),
+            put(keys.leader(), b"other".to_vec(), 0),
+        ] {
+            rt.block_on(store.etcd.txn(vec![], vec![op], vec![]))
+                .unwrap();
+        }
+        let Err(BrokerError::NotLeader { leader }) = store.append(&[tick(4)]) else {
+            panic!("a deposed term appended");
+        };
+        assert_eq!(leader.as_deref(), Some("other"));
+        assert!(store.save_snapshot(4, b"no").is_err());
+        let r = store.recover().unwrap();
+        assert_eq!(
+            r.entries,
+            vec![tick(2), tick(3)],
+            "nothing of the old term after it lost"
+        );
+        assert!(term > 0);
+    }
 
     #[test]
     fn a_piece_round_trips_with_its_term_and_a_damaged_one_is_named() {

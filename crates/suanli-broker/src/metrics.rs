@@ -48,9 +48,15 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     /// The broker's metrics over its views, its writer's counters and its gRPC calls.
-    pub(crate) fn new(views: Arc<Views>, writer: Arc<WriterMetrics>, rpc: Arc<RpcMetrics>) -> Self {
+    pub(crate) fn new(
+        views: Arc<Views>,
+        writer: Arc<WriterMetrics>,
+        rpc: Arc<RpcMetrics>,
+        replica: Arc<crate::ha::Replica>,
+    ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(FleetCollector { views }));
+        registry.register_collector(Box::new(ReplicaCollector(replica)));
         registry.register_collector(Box::new(writer));
         registry.register_collector(Box::new(rpc));
         Metrics { registry }
@@ -215,6 +221,52 @@ impl Histogram {
 
 // ---------------------------------------------------------------------------------------------
 // The fleet, from the published views
+
+/// The replica's place in its group: its role, its term, how far and how stale its views are
+/// (a broker on its own leads, always).
+struct ReplicaCollector(Arc<crate::ha::Replica>);
+
+impl std::fmt::Debug for ReplicaCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaCollector")
+    }
+}
+
+impl Collector for ReplicaCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), FmtError> {
+        let role = self.0.role();
+        let (index, staleness_ms) = self.0.position(crate::writer::wall_ms());
+        let e = &mut enc;
+        let none: [(&str, &str); 0] = [];
+        gauges(
+            e,
+            "suanli_replica_leader",
+            "1 while this broker leads its group (a broker on its own always does), else 0.",
+            [(none, u64::from(role.leader))],
+        )?;
+        gauges(
+            e,
+            "suanli_replica_term",
+            "The term this broker leads, or last led or tried to lead (0: never).",
+            [(none, role.term.max(0) as u64)],
+        )?;
+        gauges(
+            e,
+            "suanli_replica_log_index",
+            "The next command log index this broker's views have applied.",
+            [(none, index)],
+        )?;
+        family(
+            e,
+            "suanli_replica_staleness_seconds",
+            "How old the last log entry this broker's views applied is: the staleness of its \
+             answers (the leader logs at least one entry per tick).",
+            MetricType::Gauge,
+            [(none, staleness_ms as f64 / 1e3)],
+            |m, v| m.encode_gauge(&v),
+        )
+    }
+}
 
 /// Gauges of the current state, computed at scrape time from the latest snapshot.
 #[derive(Debug)]
@@ -1109,7 +1161,12 @@ mod tests {
             tenants: vec![tenant("capped", Some(500)), tenant("free", None)],
             ..Default::default()
         });
-        let metrics = Metrics::new(views, Arc::default(), Arc::new(RpcMetrics::new(&[])));
+        let metrics = Metrics::new(
+            views,
+            Arc::default(),
+            Arc::new(RpcMetrics::new(&[])),
+            crate::ha::Replica::standalone(),
+        );
         let out = metrics.render().unwrap();
         let has = |line: &str| out.lines().any(|l| l == line);
         assert!(
@@ -1126,6 +1183,9 @@ mod tests {
         assert!(!out.contains("suanli_fleet_target_tflops"));
         assert!(!out.contains("suanli_grpc_server_handled"));
         assert!(has(r#"suanli_leases{state="running"} 0"#));
+        // A broker on its own leads a group of one.
+        assert!(has("suanli_replica_leader 1"), "{out}");
+        assert!(has("suanli_replica_term 0"));
     }
 
     #[test]

@@ -154,6 +154,7 @@ pub async fn run_with(
         views.clone(),
         writer_metrics.clone(),
         rpc.clone(),
+        replica.clone(),
     ));
     let (handle, join) = writer::spawn(w, config.queue_capacity);
     let stopper = handle.clone();
@@ -258,6 +259,7 @@ pub async fn run_with(
     info!(%addr, data_dir = %config.data_dir.display(), "serving");
     let serve = builder
         .layer(RpcLayer(rpc))
+        .layer(ha::gate::FollowerGate(replica.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

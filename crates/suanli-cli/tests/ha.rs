@@ -170,15 +170,26 @@ fn writers(
     stop: Arc<AtomicBool>,
     acks: Acks,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    writers_named("", addrs, stop, acks)
+}
+
+/// [`writers`] whose request_ids start with `prefix`.
+fn writers_named(
+    prefix: &str,
+    addrs: Vec<String>,
+    stop: Arc<AtomicBool>,
+    acks: Acks,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..4u64)
         .map(|w| {
             let (addrs, stop, acks) = (addrs.clone(), stop.clone(), acks.clone());
+            let prefix = prefix.to_string();
             tokio::spawn(async move {
                 let group = group_channel(addrs);
                 let mut tenant = TenantServiceClient::new(group.clone());
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let key = format!("w{w}-{i}");
+                    let key = format!("{prefix}w{w}-{i}");
                     let req = pb::SubmitRequestRequest {
                         request_id: key.clone(),
                         spec: Some(spec(i)),
@@ -717,7 +728,8 @@ async fn measure_failover() {
     for signal_name in ["-KILL", "-TERM"] {
         let mut times = Vec::new();
         for run in 0..runs {
-            let w = writers(g.addrs(), stop.clone(), acks.clone());
+            let prefix = format!("{signal_name}{run}-");
+            let w = writers_named(&prefix, g.addrs(), stop.clone(), acks.clone());
             tokio::time::sleep(Duration::from_millis(500)).await;
             let leader = g.leader().await;
             let old = g.addr(leader).to_string();

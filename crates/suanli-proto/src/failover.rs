@@ -7,7 +7,7 @@
 //! leader at once; on a broker it cannot reach (or that went away during the call, or that
 //! did not answer within the attempt's time: a paused broker answers nothing), or UNAVAILABLE
 //! without a leader (an election under way), it tries the next address after a wait that
-//! doubles from 50 ms to 1 s, for at most its patience (30 s by default) in all. Every other
+//! doubles from 50 ms to 250 ms, for at most its patience (30 s by default) in all. Every other
 //! answer is the call's own. Generated clients take it in place of a channel, so every call
 //! of every client follows the leader.
 //!
@@ -21,6 +21,10 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+/// The longest wait between two tries while no broker leads: a group elects its next leader
+/// within its lease, and a client should see it soon after.
+const MAX_WAIT: Duration = Duration::from_millis(250);
 
 /// The metadata key of the leader's address on a follower's UNAVAILABLE.
 pub const LEADER_METADATA: &str = "suanli-leader";
@@ -271,7 +275,7 @@ impl LeaderChannel {
             }
             if !redirect {
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
+                wait = (wait * 2).min(MAX_WAIT);
             }
         }
     }

@@ -15,6 +15,7 @@
 //! [`tail`] feeds the log to the writer.
 
 pub(crate) mod election;
+pub(crate) mod gate;
 pub(crate) mod log;
 pub(crate) mod tail;
 

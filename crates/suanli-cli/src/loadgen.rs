@@ -420,14 +420,13 @@ pub async fn run(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<()> {
         Mode::Open { .. } => OPEN_LOOP_CONNECTIONS,
         Mode::Closed { concurrency } => concurrency.div_ceil(WORKERS_PER_CONNECTION),
     });
-    let endpoint = client::endpoint(&g.addr, g.ca_cert.as_deref())?;
     let mut clients = Vec::new();
     for _ in 0..connections {
         let channel = client::connect(g).await?;
         clients.push(TenantServiceClient::new(channel));
     }
     tracing::info!(
-        broker = %endpoint.uri(),
+        broker = %g.addr,
         ?mode,
         ?requests,
         ?duration,

@@ -595,6 +595,16 @@ async fn a_replica_that_joins_after_compaction_starts_from_the_snapshot() {
     check(&g, &acks).await;
 }
 
+/// A child process killed when dropped, so that a failing test leaves none behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The pool whose agent runs jobs in the agent test.
 const AGENT_POOL: &str = "futian-aicc";
 
@@ -611,15 +621,17 @@ async fn an_agent_follows_the_new_leader_and_its_job_runs_once() {
     let agent_token = creds.agent(AGENT_POOL).expect("an agent token").to_string();
     let work = tempfile::tempdir().unwrap();
     let marker = work.path().join("started");
-    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_suanli"))
-        .args(["--addr", &g.addrs().join(","), "--token", &agent_token])
-        .args(["agent", "--fleet", "futian-2024", "--pool", AGENT_POOL])
-        .args(["--backend", "process", "--allow-root", "--state-dir"])
-        .arg(work.path().join("agent"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start suanli agent");
+    let _agent = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_suanli"))
+            .args(["--addr", &g.addrs().join(","), "--token", &agent_token])
+            .args(["agent", "--fleet", "futian-2024", "--pool", AGENT_POOL])
+            .args(["--backend", "process", "--allow-root", "--state-dir"])
+            .arg(work.path().join("agent"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start suanli agent"),
+    );
     // The job notes each start, then outlives the failover.
     let script = format!("echo started >> {}; sleep 15", marker.display());
     let spec = pb::RequestSpec {
@@ -700,8 +712,6 @@ async fn an_agent_follows_the_new_leader_and_its_job_runs_once() {
         .unwrap()
         .into_inner();
     assert_eq!(pool.health, pb::PoolHealth::Healthy as i32, "{pool:?}");
-    let _ = agent.kill();
-    let _ = agent.wait();
     assert_ne!(new, leader);
 }
 

@@ -105,6 +105,16 @@ impl Group {
         }
     }
 
+    /// A channel to the leader of the moment (following it should it change).
+    async fn leader_channel(&self) -> LeaderChannel {
+        let leader = self.leader().await;
+        let mut addrs = self.addrs();
+        let first = format!("http://{}", self.addr(leader));
+        addrs.retain(|a| *a != first);
+        addrs.insert(0, first);
+        group_channel(addrs)
+    }
+
     /// Waits until one of the running replicas says it leads; its index.
     async fn leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -286,7 +296,10 @@ async fn all_requests(group: &LeaderChannel, token: &str) -> Vec<pb::Request> {
 async fn check(g: &Group, acks: &Acks) {
     let acks = acks.lock().unwrap().clone();
     assert!(!acks.is_empty());
-    let group = group_channel(g.addrs());
+    // Read from the leader: a follower's views may trail it by a few milliseconds (reads
+    // there are stale by design, with the staleness stated), and every acknowledgement came
+    // from a leader. The followers are compared with it at a checkpoint below.
+    let group = g.leader_channel().await;
     let mut operator = OperatorServiceClient::new(group.clone());
     let all = all_requests(&group, TENANT).await;
     for (key, id, _, _) in &acks {
@@ -392,19 +405,49 @@ async fn stop_writers(stop: &AtomicBool, writers: Vec<tokio::task::JoinHandle<()
     }
 }
 
+/// A group of `n` under the four writers' load for a second: the group, its leader and its
+/// address, and the writers with their stop flag and acknowledgements.
+struct UnderLoad {
+    g: Group,
+    leader: usize,
+    old: String,
+    stop: Arc<AtomicBool>,
+    acks: Acks,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn under_load(etcd: &EtcdCluster, n: usize, config: String) -> UnderLoad {
+    let g = Group::start(etcd, n, config);
+    let leader = g.leader().await;
+    let old = g.addr(leader).to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let writers = writers(g.addrs(), stop.clone(), acks.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    UnderLoad {
+        g,
+        leader,
+        old,
+        stop,
+        acks,
+        writers,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     let _serial = SERIAL.lock().await;
     let Some(etcd) = EtcdCluster::start_or_skip(3) else {
         return;
     };
-    let mut g = Group::start(&etcd, 3, config(500));
-    let leader = g.leader().await;
-    let old = g.addr(leader).to_string();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks: Acks = Arc::default();
-    let w = writers(g.addrs(), stop.clone(), acks.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let UnderLoad {
+        mut g,
+        leader,
+        old,
+        stop,
+        acks,
+        writers: w,
+    } = under_load(&etcd, 3, config(500)).await;
     let before = acks.lock().unwrap().len();
     let killed = Instant::now();
     g.kill(leader);
@@ -425,13 +468,14 @@ async fn a_stopped_leader_hands_over() {
     let Some(etcd) = EtcdCluster::start_or_skip(3) else {
         return;
     };
-    let mut g = Group::start(&etcd, 3, config(500));
-    let leader = g.leader().await;
-    let old = g.addr(leader).to_string();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks: Acks = Arc::default();
-    let w = writers(g.addrs(), stop.clone(), acks.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let UnderLoad {
+        mut g,
+        leader,
+        old,
+        stop,
+        acks,
+        writers: w,
+    } = under_load(&etcd, 3, config(500)).await;
     let asked = Instant::now();
     signal(g.pid(leader), "-TERM");
     let handover = first_ack_elsewhere(&acks, &old, asked).await;
@@ -450,13 +494,14 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
     let Some(etcd) = EtcdCluster::start_or_skip(3) else {
         return;
     };
-    let g = Group::start(&etcd, 3, config(500));
-    let leader = g.leader().await;
-    let old = g.addr(leader).to_string();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks: Acks = Arc::default();
-    let w = writers(g.addrs(), stop.clone(), acks.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let UnderLoad {
+        g,
+        leader,
+        old,
+        stop,
+        acks,
+        writers: w,
+    } = under_load(&etcd, 3, config(500)).await;
     let paused = Instant::now();
     signal(g.pid(leader), "-STOP");
     // Calls to the paused leader only: they wait while it is stopped, and none may succeed.
@@ -511,7 +556,7 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
     }
     stop_writers(&stop, w).await;
     // Nothing the paused leader was asked is in the state.
-    let other = all_requests(&group_channel(g.addrs()), OTHER_TENANT).await;
+    let other = all_requests(&g.leader_channel().await, OTHER_TENANT).await;
     assert!(
         other.is_empty(),
         "the paused leader's calls were applied: {other:?}"
@@ -525,12 +570,13 @@ async fn the_group_goes_on_when_the_etcd_leader_dies() {
     let Some(mut etcd) = EtcdCluster::start_or_skip(3) else {
         return;
     };
-    let g = Group::start(&etcd, 3, config(500));
-    g.leader().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks: Acks = Arc::default();
-    let w = writers(g.addrs(), stop.clone(), acks.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let UnderLoad {
+        g,
+        stop,
+        acks,
+        writers: w,
+        ..
+    } = under_load(&etcd, 3, config(500)).await;
     let member = etcd.wait_for_leader();
     let before = acks.lock().unwrap().len();
     let killed = Instant::now();

@@ -77,28 +77,20 @@ const CHECKPOINTS: usize = 16;
 impl Replica {
     /// A broker on its own: it leads, always.
     pub fn standalone() -> Arc<Self> {
-        Arc::new(Replica {
-            replicated: false,
-            advertise: String::new(),
-            role: watch::Sender::new(RoleState {
-                leader: true,
-                term: 0,
-                leader_addr: None,
-            }),
-            applied: AtomicU64::new(0),
-            applied_time: AtomicU64::new(0),
-            lease: AtomicI64::new(0),
-            checkpoints: Default::default(),
-        })
+        Self::new(false, String::new())
     }
 
     /// One replica of a group, starting as a follower.
     pub fn replicated(advertise: String) -> Arc<Self> {
+        Self::new(true, advertise)
+    }
+
+    fn new(replicated: bool, advertise: String) -> Arc<Self> {
         Arc::new(Replica {
-            replicated: true,
+            replicated,
             advertise,
             role: watch::Sender::new(RoleState {
-                leader: false,
+                leader: !replicated,
                 term: 0,
                 leader_addr: None,
             }),

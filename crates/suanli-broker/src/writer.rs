@@ -638,6 +638,7 @@ impl Writer {
                 }
             }
             let mut next = None;
+            let mut granted = false;
             for op in ops.drain(..) {
                 match op {
                     Op::Replicated { first, entries } => {
@@ -654,6 +655,7 @@ impl Writer {
                         }
                         let skip = (self.applied - first) as usize;
                         for entry in entries.into_iter().skip(skip) {
+                            granted |= matches!(entry, Entry::Credential { .. });
                             self.apply_replicated(entry);
                         }
                         self.followups.clear();
@@ -667,6 +669,13 @@ impl Writer {
                 }
             }
             self.replica.applied(self.applied, self.now);
+            if granted {
+                // Every replica keeps the credentials file of its data folder current, so that
+                // a client run where any of them keeps its data finds a token.
+                if let Err(e) = crate::server::save_credentials(&self.config, &self.tokens) {
+                    warn!(error = %e, "could not write the credentials file");
+                }
+            }
             let now = self.now;
             if self.publish_due
                 && (next.is_some() || wall_ms() >= self.last_publish + PUBLISH_EVERY_MS)

@@ -109,10 +109,7 @@ pub async fn run_with(
             )?;
             let (commands, grants) = start_up(&config, w.engine(), &tokens);
             w.bootstrap(commands, grants)?;
-            let creds = credentials_of(&tokens);
-            creds
-                .save(&config.data_dir.join(credentials::FILE_NAME))
-                .map_err(|e| BrokerError::Config(e.to_string()))?;
+            let creds = save_credentials(&config, &tokens)?;
             if config.announce {
                 announce(
                     &config,
@@ -412,13 +409,18 @@ fn announce(config: &BrokerConfig, c: &Credentials, http: Option<std::net::Socke
     }
 }
 
-/// Writes the credentials file of the data folder.
-pub(crate) fn save_credentials(config: &BrokerConfig, tokens: &Tokens) -> Result<(), BrokerError> {
+/// Writes the credentials file of the data folder; returns what it wrote.
+pub(crate) fn save_credentials(
+    config: &BrokerConfig,
+    tokens: &Tokens,
+) -> Result<Credentials, BrokerError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| BrokerError::Config(format!("creating {}: {e}", config.data_dir.display())))?;
-    credentials_of(tokens)
+    let creds = credentials_of(tokens);
+    creds
         .save(&config.data_dir.join(credentials::FILE_NAME))
-        .map_err(|e| BrokerError::Config(e.to_string()))
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    Ok(creds)
 }
 
 fn credentials_of(tokens: &Tokens) -> Credentials {

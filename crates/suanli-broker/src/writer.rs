@@ -592,6 +592,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Ends (or gives up taking) `term`: the store appends no more, the role is follower.
+    fn step_down(&mut self, term: i64) {
+        self.store.resign();
+        self.replica.now_following(term);
+    }
+
     /// Answers an operation a follower does not take with the leader's address.
     fn refuse(&self, op: Op) {
         let no = || self.replica.not_leader();
@@ -1575,14 +1581,12 @@ impl Writer {
                     Next::Lead(term) => {
                         if let Err(e) = self.promote(term) {
                             warn!(term, error = %e, "could not take over; following again");
-                            self.store.resign();
-                            self.replica.now_following(term);
+                            self.step_down(term);
                             self.rebuild_until_done();
                             continue;
                         }
                         let exit = self.lead(&rx);
-                        self.store.resign();
-                        self.replica.now_following(term);
+                        self.step_down(term);
                         match exit? {
                             Exit::Stopped => break,
                             Exit::Deposed => {
@@ -1664,35 +1668,15 @@ impl Writer {
                 // Nothing of this batch is answered: the log may or may not hold it, and the
                 // next leader's state is what counts. Callers retry there with their ids.
                 self.replica.leader_is(leader.clone());
-                for r in replies {
-                    let no = || BrokerError::NotLeader {
-                        leader: leader.clone(),
-                    };
-                    match r {
-                        Reply::Events(tx, _) => drop(tx.send(Err(no()))),
-                        Reply::Unit(tx) => drop(tx.send(Err(no()))),
-                        Reply::Checkpoint(tx, _) => drop(tx.send(Err(no()))),
-                        Reply::Read(_) => {}
-                    }
-                }
+                fail_all(replies, || BrokerError::NotLeader {
+                    leader: leader.clone(),
+                });
                 self.live = false;
                 return Ok(Exit::Deposed);
             }
             if let Err(e) = appended {
                 error!(error = %e, "the command log failed: stopping the writer");
-                for r in replies {
-                    match r {
-                        Reply::Events(tx, _) => {
-                            drop(tx.send(Err(BrokerError::Store(e.to_string()))))
-                        }
-                        Reply::Unit(tx) => drop(tx.send(Err(BrokerError::Store(e.to_string())))),
-                        Reply::Checkpoint(tx, _) => {
-                            drop(tx.send(Err(BrokerError::Store(e.to_string()))))
-                        }
-                        // Dropped unanswered: the caller sees the writer stopped.
-                        Reply::Read(_) => {}
-                    }
-                }
+                fail_all(replies, || BrokerError::Store(e.to_string()));
                 return Err(e);
             }
             let synced = started.elapsed();
@@ -1856,6 +1840,19 @@ impl Writer {
                 }
             }
             Op::Stop => self.stopping = true,
+        }
+    }
+}
+
+/// Answers every caller of a batch that was not made durable with `error`; a read of the
+/// ledger is dropped unanswered (its caller sees the writer stopped or moved).
+fn fail_all(replies: Vec<Reply>, error: impl Fn() -> BrokerError) {
+    for r in replies {
+        match r {
+            Reply::Events(tx, _) => drop(tx.send(Err(error()))),
+            Reply::Unit(tx) => drop(tx.send(Err(error()))),
+            Reply::Checkpoint(tx, _) => drop(tx.send(Err(error()))),
+            Reply::Read(_) => {}
         }
     }
 }

@@ -217,18 +217,9 @@ pub fn identity(g: &GlobalArgs, role: Role<'_>) -> anyhow::Result<Identity> {
     }
 }
 
-/// The broker's address with a scheme (`127.0.0.1:50051` means `http://127.0.0.1:50051`).
-pub fn normalise_addr(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 /// The endpoint of the broker, with TLS for `https://`.
 pub fn endpoint(addr: &str, ca_cert: Option<&Path>) -> anyhow::Result<Endpoint> {
-    let addr = normalise_addr(addr);
+    let addr = failover::with_scheme(addr);
     let mut ep = Endpoint::from_shared(addr.clone())
         .with_context(|| format!("--addr {addr:?} is not a valid URL"))?
         .connect_timeout(Duration::from_secs(5))
@@ -431,8 +422,14 @@ mod tests {
 
     #[test]
     fn addresses_get_a_scheme() {
-        assert_eq!(normalise_addr("127.0.0.1:50051"), "http://127.0.0.1:50051");
-        assert_eq!(normalise_addr("https://broker:443"), "https://broker:443");
+        assert_eq!(
+            failover::with_scheme("127.0.0.1:50051"),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            failover::with_scheme("https://broker:443"),
+            "https://broker:443"
+        );
         assert!(endpoint("http://a b", None).is_err());
         assert!(endpoint("http://127.0.0.1:1", Some(Path::new("ca.pem"))).is_err());
     }

@@ -179,40 +179,25 @@ pub async fn replica(g: &GlobalArgs, a: &ReplicaArgs) -> anyhow::Result<()> {
         (true, true) => "leader",
         (true, false) => "follower",
     };
-    let mut text = format!(
-        "role         {role}
-"
-    );
+    let mut text = format!("role         {role}\n");
     if s.replicated {
         let leader = if s.leader_address.is_empty() {
             "unknown (an election may be under way)"
         } else {
             &s.leader_address
         };
-        text += &format!(
-            "term         {}
-leader       {leader}
-",
-            s.term
-        );
+        text += &format!("term         {}\nleader       {leader}\n", s.term);
     }
     text += &format!(
-        "log index    {}
-staleness    {} ms
-",
+        "log index    {}\nstaleness    {} ms\n",
         s.log_index, s.staleness_ms
     );
     if let Some(m) = mark {
-        text += &format!(
-            "checkpoint   appended at log index {}
-",
-            m.log_index
-        );
+        text += &format!("checkpoint   appended at log index {}\n", m.log_index);
     }
     for c in &s.checkpoints {
         text += &format!(
-            "checkpoint   {:>12}  digest {:016x}
-",
+            "checkpoint   {:>12}  digest {:016x}\n",
             c.log_index, c.digest
         );
     }

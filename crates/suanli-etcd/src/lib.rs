@@ -287,11 +287,6 @@ impl Etcd {
         (i, LeaseClient::new(ch))
     }
 
-    /// The deadline of each unary call.
-    pub fn deadline(&self) -> Duration {
-        self.deadline
-    }
-
     /// Runs a call on member `member` within the deadline; a failure of the member moves
     /// the next calls to another.
     async fn within<T>(

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::Status;
 
 /// The longest wait between two tries while no broker leads: a group elects its next leader
 /// within its lease, and a client should see it soon after.
@@ -28,18 +28,6 @@ const MAX_WAIT: Duration = Duration::from_millis(250);
 
 /// The metadata key of the leader's address on a follower's UNAVAILABLE.
 pub const LEADER_METADATA: &str = "suanli-leader";
-
-/// The leader a follower named in `status`, if any.
-pub fn leader_hint(status: &Status) -> Option<String> {
-    if status.code() != Code::Unavailable {
-        return None;
-    }
-    status
-        .metadata()
-        .get(LEADER_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
 
 /// Splits a comma-separated list of broker addresses, adding `http://` where no scheme is
 /// given.
@@ -112,11 +100,6 @@ impl LeaderChannel {
                 attempt,
             }),
         }
-    }
-
-    /// Plain `http://` brokers at `addrs`, with a 5 s connect timeout.
-    pub fn plain(addrs: Vec<String>) -> Self {
-        Self::new(addrs, Box::new(plain_endpoint))
     }
 
     /// How many addresses the group has (as given, and as learned from redirects).
@@ -335,22 +318,30 @@ mod tests {
         );
     }
 
+    fn answer(status: &str, leader: Option<&str>) -> http::Response<tonic::body::Body> {
+        let mut r = http::Response::builder().header("grpc-status", status);
+        if let Some(l) = leader {
+            r = r.header(LEADER_METADATA, l);
+        }
+        r.body(tonic::body::Body::empty()).unwrap()
+    }
+
     #[test]
     fn only_an_unavailable_answer_names_a_leader() {
-        let mut s = Status::unavailable("follower");
-        s.metadata_mut()
-            .insert(LEADER_METADATA, "10.0.0.2:50051".parse().unwrap());
-        assert_eq!(leader_hint(&s).as_deref(), Some("10.0.0.2:50051"));
-        let mut other = Status::not_found("x");
-        other
-            .metadata_mut()
-            .insert(LEADER_METADATA, "10.0.0.2:50051".parse().unwrap());
-        assert_eq!(leader_hint(&other), None);
+        let b = LeaderChannel::new(parse_addresses("a:1,b:2"), Box::new(plain_endpoint));
+        // NOT_FOUND naming a leader is the call's own answer.
+        assert_eq!(b.learn(0, &answer("5", Some("c:3"))), None);
+        assert_eq!(b.current(), "http://a:1");
+        assert_eq!(b.learn(0, &answer("14", Some("c:3"))), Some(true));
+        assert_eq!(b.current(), "http://c:3");
+        // UNAVAILABLE without a leader: the next address.
+        assert_eq!(b.learn(2, &answer("14", None)), Some(false));
+        assert_eq!(b.current(), "http://a:1");
     }
 
     #[test]
     fn a_redirect_to_an_unknown_leader_adds_it() {
-        let b = LeaderChannel::plain(parse_addresses("a:1,b:2"));
+        let b = LeaderChannel::new(parse_addresses("a:1,b:2"), Box::new(plain_endpoint));
         b.go_to("c:3");
         assert_eq!(b.current(), "http://c:3");
         b.go_to("a:1");

@@ -26,6 +26,7 @@ use crate::store::{Entry, Recovered, Store, decode, encode};
 /// The most log bytes one transaction carries: etcd refuses requests above 1.5 MiB by
 /// default, and a transaction has keys and a header besides.
 pub const MAX_PIECE_BYTES: usize = 1 << 20;
+const _: () = assert!(MAX_PIECE_BYTES < suanli_etcd::MAX_REQUEST_BYTES);
 /// Snapshot chunk size.
 const CHUNK_BYTES: usize = 1 << 20;
 /// Log keys read per page on recovery.

@@ -166,15 +166,6 @@ impl Replica {
         }
     }
 
-    /// Ok on the leader; the redirect elsewhere.
-    pub fn require_leader(&self) -> Result<(), crate::BrokerError> {
-        if self.is_leader() {
-            Ok(())
-        } else {
-            Err(self.not_leader())
-        }
-    }
-
     /// The views have applied the log up to `next` (exclusive), the last entry written at
     /// `time` (unix ms).
     pub(crate) fn applied(&self, next: u64, time: u64) {

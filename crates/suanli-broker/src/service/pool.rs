@@ -58,8 +58,6 @@ impl PoolService for PoolApi {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<BrokerStream>, Status> {
         let who = principal(&req)?;
-        // A stream is served by the leader: it ends when this replica stops leading.
-        self.0.replica.require_leader()?;
         let mut incoming = req.into_inner();
         let hello = match incoming.next().await {
             Some(Ok(pb::AgentMessage {

@@ -255,6 +255,22 @@ def operator_checks(channel, op_token):
     check(near.utilisation.allocated_devices == 8, f"near allocated: {near.utilisation.allocated_devices}")
     ok(f"ListPools: {', '.join(names)}")
 
+    # A broker on its own leads a group of one; a checkpoint lands in its log and its status.
+    status = operator.GetReplicaStatus(operator_pb2.GetReplicaStatusRequest(), metadata=op, timeout=TIMEOUT_S)
+    check(not status.replicated and status.leader, f"a broker on its own leads: {status}")
+    mark = operator.Checkpoint(operator_pb2.CheckpointRequest(), metadata=op, timeout=TIMEOUT_S)
+    check(mark.log_index > 0 and mark.digest != 0, f"checkpoint: {mark}")
+    status = operator.GetReplicaStatus(operator_pb2.GetReplicaStatusRequest(), metadata=op, timeout=TIMEOUT_S)
+    marks = [(c.log_index, c.digest) for c in status.checkpoints]
+    check((mark.log_index, mark.digest) in marks, f"checkpoint in the status: {marks}")
+    check(status.log_index > mark.log_index, f"log index {status.log_index} past the checkpoint")
+    ok(f"Checkpoint at log index {mark.log_index}, digest {mark.digest:016x}, in GetReplicaStatus")
+    expect_code(
+        lambda: operator.GetReplicaStatus(operator_pb2.GetReplicaStatusRequest(), metadata=bearer("nope"), timeout=TIMEOUT_S),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "GetReplicaStatus without the operator's token",
+    )
+
 
 def health_checks(channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc

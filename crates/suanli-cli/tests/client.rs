@@ -87,5 +87,41 @@ async fn a_tenant_and_an_operator_work_the_broker_from_the_command_line() {
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("UNAUTHENTICATED"), "{err}");
 
+    // `suanli replica`: a broker on its own leads; a checkpoint is recorded with its digest.
+    let r = json(
+        &addr,
+        &creds.operator,
+        &["--json", "replica", "--checkpoint"],
+    );
+    assert_eq!(r["replicated"], false);
+    assert_eq!(r["leader"], true);
+    let at = r["appended_checkpoint"]
+        .as_u64()
+        .expect("a checkpoint's index");
+    let marks = r["checkpoints"].as_array().unwrap();
+    assert!(
+        marks
+            .iter()
+            .any(|c| c["log_index"] == at && c["digest"].as_str().unwrap().len() == 16),
+        "{r}"
+    );
+    assert!(r["log_index"].as_u64().unwrap() > at, "{r}");
+    let out = suanli(&addr, &creds.operator, &["replica"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("role         a broker on its own"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("checkpoint   {at:>12}  digest ")),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().count(),
+        4,
+        "role, log index, staleness, one checkpoint: {text}"
+    );
+
     child.kill();
 }

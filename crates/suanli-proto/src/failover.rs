@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
 
 /// The longest wait between two tries while no broker leads: a group elects its next leader
 /// within its lease, and a client should see it soon after.

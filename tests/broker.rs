@@ -719,3 +719,287 @@ async fn a_tenant_sees_its_own_quota_and_usage_and_no_one_elses() {
     assert_eq!(denied.code(), Code::PermissionDenied);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_no_pool_could_ever_hold_is_refused_unless_it_waits_for_pools() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    // The small fleet: 2 nodes of 8 h100 and 2 of 8 a800, 20.8P in all.
+    let refused = |spec: pb::RequestSpec| {
+        let mut a = a.clone();
+        async move {
+            let e = a.submit_request(submit("", spec)).await.unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            e.message().to_string()
+        }
+    };
+    assert_eq!(
+        refused(gang(1_000_000, 8, "h100", 60_000)).await,
+        "no registered pool could ever hold this request: no node group of h100 has 1000000 \
+         nodes of 8 devices; the largest has 2; the fleet holds 20.8P"
+    );
+    assert!(
+        refused(gang(1, 16, "a800", 60_000))
+            .await
+            .contains("no node of a800 has 16 devices; the largest have 8")
+    );
+    let elastic = pb::RequestSpec {
+        shape: Some(pb::request_spec::Shape::Elastic(pb::ElasticShape {
+            tflops: 1_000_000,
+            min_chunk_tflops: 0,
+        })),
+        duration_ms: 60_000,
+        ..Default::default()
+    };
+    assert!(
+        refused(elastic)
+            .await
+            .contains("1,000P asked, but the pools it may use hold 20.8P in all")
+    );
+    // Three nodes of h100: refused, unless it waits for pools that may register later.
+    assert!(
+        refused(gang(3, 8, "h100", 60_000))
+            .await
+            .contains("the largest has 2")
+    );
+    let waits = a
+        .submit_request(submit(
+            "w",
+            pb::RequestSpec {
+                wait_for_pools: true,
+                ..gang(3, 8, "h100", 60_000)
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&waits), pb::RequestState::Queued);
+    assert_eq!(
+        waits.wait.unwrap().reason,
+        pb::WaitReason::NoMatchingPool as i32
+    );
+    // A refusal leaves nothing behind.
+    let listed = a
+        .list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    broker.stop().await;
+}
+
+/// Calls `$method` on `$client` with `$first` (a first call and its retry, both OK), then
+/// with `$other`, another call under the same request_id: INVALID_ARGUMENT naming it.
+/// Evaluates to the first answer and the retry's.
+macro_rules! reuse_is_refused {
+    ($client:expr, $method:ident, $first:expr, $other:expr) => {{
+        let name = stringify!($method);
+        let mut client = $client.clone();
+        let first = client
+            .$method($first)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: first call: {e:?}"))
+            .into_inner();
+        let again = client
+            .$method($first)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: retry: {e:?}"))
+            .into_inner();
+        let e =
+            client.$method($other).await.err().unwrap_or_else(|| {
+                panic!("{name}: another call under the same request_id was taken")
+            });
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
+        assert!(
+            e.message().contains("field request_id") && e.message().contains("different call"),
+            "{name}: {}",
+            e.message()
+        );
+        (first, again)
+    }};
+}
+
+#[tokio::test]
+async fn every_mutating_call_refuses_a_request_id_reused_for_another_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(test_config(dir.path())).await;
+    let a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let op = broker.operator(&broker.creds.operator).await;
+    let pools = broker.pool(&broker.creds.operator).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+
+    let (first, again) = reuse_is_refused!(
+        a,
+        submit_request,
+        submit("k-submit", gang(1, 8, "h100", 3_600_000)),
+        submit("k-submit", gang(1, 8, "a800", 3_600_000))
+    );
+    assert_eq!(first.id, again.id, "a retry answers the first request");
+    let placed = |spec| {
+        let mut a = a.clone();
+        async move {
+            a.submit_request(submit("", spec))
+                .await
+                .unwrap()
+                .into_inner()
+                .name
+        }
+    };
+    let (r1, r2) = (
+        placed(gang(1, 8, "h100", 3_600_000)).await,
+        placed(gang(1, 8, "a800", 3_600_000)).await,
+    );
+    let (r3, r4) = (
+        placed(gang(1, 8, "a800", 3_600_000)).await,
+        placed(gang(1, 8, "a800", 3_600_000)).await,
+    );
+    let end = |request_id: &str, name: &str| pb::CancelRequestRequest {
+        request_id: request_id.into(),
+        name: name.into(),
+    };
+    reuse_is_refused!(
+        a,
+        cancel_request,
+        end("k-cancel", &r1),
+        end("k-cancel", &r2)
+    );
+    let release = |name: &str| pb::ReleaseRequestRequest {
+        request_id: "k-release".into(),
+        name: name.into(),
+    };
+    reuse_is_refused!(a, release_request, release(&r3), release(&r4));
+
+    let drain = |request_id: &str, pool: &str| pb::DrainPoolRequest {
+        request_id: request_id.into(),
+        name: format!("pools/{pool}"),
+    };
+    reuse_is_refused!(
+        op,
+        drain_pool,
+        drain("k-drain", "near"),
+        drain("k-drain", "far")
+    );
+    let undrain = |pool: &str| pb::UndrainPoolRequest {
+        request_id: "k-undrain".into(),
+        name: format!("pools/{pool}"),
+    };
+    reuse_is_refused!(op, undrain_pool, undrain("near"), undrain("far"));
+    // The same request_id for another method is another call too.
+    let e = op
+        .clone()
+        .undrain_pool(pb::UndrainPoolRequest {
+            request_id: "k-drain".into(),
+            name: "pools/near".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let tenant = |weight| pb::SetTenantRequest {
+        request_id: "k-tenant".into(),
+        tenant: Some(pb::Tenant {
+            id: "tenant-d".into(),
+            quota_tflops: 500_000,
+            weight,
+            ..Default::default()
+        }),
+        rotate_credential: false,
+    };
+    reuse_is_refused!(op, set_tenant, tenant(1), tenant(2));
+    let voucher = |face_value_fen| pb::IssueVoucherRequest {
+        request_id: "k-voucher".into(),
+        voucher: Some(pb::VoucherSpec {
+            id: "FT-K-1".into(),
+            tenant: "tenant-a".into(),
+            face_value_fen,
+            rate_bp: 5_000,
+            per_lease_cap_fen: None,
+            scope: Some(pb::VoucherScope {
+                pool_kinds: vec![pb::PoolKind::LocalCentre as i32],
+                ..Default::default()
+            }),
+            valid_from_unix_ms: now - 3_600_000,
+            valid_until_unix_ms: now + 30 * 24 * 3_600_000,
+        }),
+    };
+    reuse_is_refused!(op, issue_voucher, voucher(100), voucher(200));
+    let budget = |limit_fen| pb::SetBudgetRequest {
+        request_id: "k-budget".into(),
+        tenant: "tenant-c".into(),
+        budget: Some(pb::Budget {
+            limit_fen,
+            period: pb::BudgetPeriod::Monthly as i32,
+        }),
+    };
+    reuse_is_refused!(op, set_budget, budget(30_000), budget(40_000));
+    let subsidy = |monthly_fen| pb::SetSubsidyBudgetRequest {
+        request_id: "k-subsidy".into(),
+        monthly_fen: Some(monthly_fen),
+    };
+    reuse_is_refused!(op, set_subsidy_budget, subsidy(100_000), subsidy(200_000));
+    // Found as a new user would: the same request_id for another tenant's adjustment was
+    // INTERNAL ("the adjustment is not in the ledger").
+    let adjust = |tenant: &str| pb::AdjustBalanceRequest {
+        request_id: "k-adjust".into(),
+        tenant: tenant.into(),
+        amount_fen: -5_000,
+        reason: "SLA credit: pool outage".into(),
+    };
+    let (first, again) =
+        reuse_is_refused!(op, adjust_balance, adjust("tenant-a"), adjust("tenant-b"));
+    assert_eq!(first, again);
+    let far = op
+        .clone()
+        .get_pool(pb::GetPoolRequest {
+            name: "pools/far".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let register = |rtt_ms| pb::RegisterPoolRequest {
+        request_id: "k-register".into(),
+        pool: Some(pb::Pool {
+            id: "extra".into(),
+            rtt_ms,
+            ..far.clone()
+        }),
+    };
+    reuse_is_refused!(pools, register_pool, register(30), register(40));
+
+    // What each call asked is in the log: after a restart a retry is still a retry, and
+    // another call under its request_id is still refused.
+    broker.stop().await;
+    let broker = Broker::start(test_config(dir.path())).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let again = a
+        .submit_request(submit("k-submit", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, first_submitted_id(&broker).await);
+    let e = a
+        .submit_request(submit("k-submit", gang(1, 8, "a800", 3_600_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    broker.stop().await;
+}
+
+/// The id of tenant-a's first request.
+async fn first_submitted_id(broker: &Broker) -> u64 {
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    a.list_requests(pb::ListRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests
+        .iter()
+        .map(|r| r.id)
+        .min()
+        .expect("a request")
+}

@@ -381,6 +381,8 @@ pub fn spec_to_pb(spec: &RequestSpec) -> pb::RequestSpec {
         deadline_unix_ms: spec.deadline_ms,
         requeue: spec.requeue,
         workload: spec.workload.as_deref().map(workload_to_pb),
+        // Only asked at submission; the record does not keep it.
+        wait_for_pools: false,
     }
 }
 

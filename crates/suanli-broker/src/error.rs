@@ -80,7 +80,8 @@ impl From<BrokerError> for Status {
                 | CoreError::UnknownRequest { .. } => Code::NotFound,
                 CoreError::PoolState { .. }
                 | CoreError::InvalidTransition { .. }
-                | CoreError::ExceedsQuota { .. } => Code::FailedPrecondition,
+                | CoreError::ExceedsQuota { .. }
+                | CoreError::Unsatisfiable { .. } => Code::FailedPrecondition,
             },
             BrokerError::InvalidArgument { .. } => Code::InvalidArgument,
             BrokerError::Unauthenticated(_) => Code::Unauthenticated,

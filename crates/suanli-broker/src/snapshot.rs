@@ -23,7 +23,9 @@ use crate::writer::Idempotency;
 /// The first byte of every saved snapshot. The image is postcard, which is not
 /// self-describing: a change to the engine's state changes the format, and a snapshot of
 /// another format is refused by name instead of being misread.
-pub(crate) const SNAPSHOT_FORMAT: u8 = 6;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 7;
+/// Snapshots from before idempotency keys recorded what the call asked: read as such.
+const SNAPSHOT_BEFORE_ASKED: u8 = 6;
 
 /// What the writer hands to the snapshot thread: its state, cloned at a batch boundary.
 pub(crate) struct Capture {
@@ -55,15 +57,48 @@ pub(crate) struct Image {
     pub ledger: Ledger,
 }
 
+/// A snapshot of format 6: as [`Image`], with the idempotency keys of that time.
+#[derive(Serialize, Deserialize)]
+struct ImageBeforeAsked {
+    engine: Engine,
+    records: Vec<Vec<u8>>,
+    ended: VecDeque<(u64, u64)>,
+    idempotency: crate::writer::IdempotencyBeforeAsked,
+    tokens: Vec<(Principal, String)>,
+    now: u64,
+    ledger: Ledger,
+}
+
+impl From<ImageBeforeAsked> for Image {
+    fn from(i: ImageBeforeAsked) -> Image {
+        Image {
+            engine: i.engine,
+            records: i.records,
+            ended: i.ended,
+            idempotency: i.idempotency.into(),
+            tokens: i.tokens,
+            now: i.now,
+            ledger: i.ledger,
+        }
+    }
+}
+
 impl Image {
     /// Reads a saved snapshot; `at` names it in errors.
     pub fn decode(at: u64, bytes: &[u8]) -> Result<Image, BrokerError> {
+        let bad =
+            |e: postcard::Error| BrokerError::Store(format!("snapshot at log index {at}: {e}"));
         match bytes.split_first() {
-            Some((&SNAPSHOT_FORMAT, image)) => postcard::from_bytes(image)
-                .map_err(|e| BrokerError::Store(format!("snapshot at log index {at}: {e}"))),
+            Some((&SNAPSHOT_FORMAT, image)) => postcard::from_bytes(image).map_err(bad),
+            Some((&SNAPSHOT_BEFORE_ASKED, image)) => {
+                postcard::from_bytes::<ImageBeforeAsked>(image)
+                    .map(Image::from)
+                    .map_err(bad)
+            }
             Some((other, _)) => Err(BrokerError::Store(format!(
-                "snapshot at log index {at} has format {other}; this broker reads format \
-                 {SNAPSHOT_FORMAT} (start from a data folder of this version)"
+                "snapshot at log index {at} has format {other}; this broker reads formats \
+                 {SNAPSHOT_BEFORE_ASKED} and {SNAPSHOT_FORMAT} (start from a data folder of \
+                 this version)"
             ))),
             None => Err(BrokerError::Store(format!(
                 "snapshot at log index {at} is empty"

@@ -25,6 +25,71 @@ pub struct IdemKey {
     pub caller: String,
     /// The caller's request_id.
     pub request_id: String,
+    /// What the call asked: a hash of its method and message (see
+    /// `service::idem_key`). The same request_id with anything else is refused. 0 where
+    /// an earlier format did not record it: any retry matches.
+    #[serde(default)]
+    pub asked: u64,
+}
+
+/// An idempotency key as entries of format 2 and snapshots of format 6 hold it, before keys
+/// recorded what the call asked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct KeyBeforeAsked {
+    pub caller: String,
+    pub request_id: String,
+}
+
+impl From<KeyBeforeAsked> for IdemKey {
+    fn from(k: KeyBeforeAsked) -> IdemKey {
+        IdemKey {
+            caller: k.caller,
+            request_id: k.request_id,
+            asked: 0,
+        }
+    }
+}
+
+/// A log entry of format 2: as [`Entry`], with keys of [`KeyBeforeAsked`]. The variants are
+/// [`Entry`]'s, in its order.
+#[derive(Serialize, Deserialize)]
+enum EntryBeforeAsked {
+    Command {
+        now: u64,
+        command: Command,
+        key: Option<KeyBeforeAsked>,
+    },
+    Billing {
+        now: u64,
+        op: crate::billing::BillingOp,
+        key: Option<KeyBeforeAsked>,
+    },
+    Credential {
+        principal: Principal,
+        token: String,
+    },
+    Checkpoint,
+}
+
+impl From<EntryBeforeAsked> for Entry {
+    fn from(e: EntryBeforeAsked) -> Entry {
+        match e {
+            EntryBeforeAsked::Command { now, command, key } => Entry::Command {
+                now,
+                command,
+                key: key.map(Into::into),
+            },
+            EntryBeforeAsked::Billing { now, op, key } => Entry::Billing {
+                now,
+                op,
+                key: key.map(Into::into),
+            },
+            EntryBeforeAsked::Credential { principal, token } => {
+                Entry::Credential { principal, token }
+            }
+            EntryBeforeAsked::Checkpoint => Entry::Checkpoint,
+        }
+    }
 }
 
 /// One entry of the log.
@@ -120,8 +185,10 @@ pub struct RedbStore {
 /// The first byte of a log entry in postcard form; an entry in JSON, as the first logs were
 /// written, starts with `{`. Postcard is about a quarter of the JSON, and every byte is written
 /// and synced before a reply. Postcard is not self-describing, so the byte is also the
-/// entry's format: 2 since requests carry workloads and job outcomes.
-const POSTCARD: u8 = 2;
+/// entry's format: 3 since idempotency keys record what the call asked.
+const POSTCARD: u8 = 3;
+/// Entries from before idempotency keys recorded what the call asked: read as such.
+const POSTCARD_BEFORE_ASKED: u8 = 2;
 /// Postcard entries from before workloads: refused by name rather than misread.
 const POSTCARD_BEFORE_WORKLOADS: u8 = 1;
 
@@ -135,9 +202,12 @@ pub(crate) fn decode(index: u64, bytes: &[u8]) -> Result<Entry, BrokerError> {
     let bad = |e: &dyn std::fmt::Display| BrokerError::Store(format!("log entry {index}: {e}"));
     match bytes.split_first() {
         Some((&POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| bad(&e)),
+        Some((&POSTCARD_BEFORE_ASKED, rest)) => postcard::from_bytes::<EntryBeforeAsked>(rest)
+            .map(Entry::from)
+            .map_err(|e| bad(&e)),
         Some((&POSTCARD_BEFORE_WORKLOADS, _)) => Err(bad(
             &"written by an earlier version (entry format 1, before workloads); this broker \
-              reads format 2: start from a data folder of this version",
+              reads formats 2 and 3: start from a data folder of this version",
         )),
         Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|e| bad(&e)),
         _ => Err(bad(&"neither postcard nor JSON")),
@@ -267,6 +337,7 @@ mod tests {
             key: Some(IdemKey {
                 caller: "tenant-a".into(),
                 request_id: "c1".into(),
+                asked: 42,
             }),
         };
         let compact = encode(&entry).unwrap();
@@ -281,6 +352,29 @@ mod tests {
         assert_eq!(decode(0, &json).unwrap(), entry);
         let err = decode(9, b"\x07junk").unwrap_err().to_string();
         assert!(err.contains("log entry 9"), "{err}");
+        // An entry of format 2, from before keys recorded what the call asked, reads with
+        // the key's `asked` unknown (0).
+        let before = EntryBeforeAsked::Command {
+            now: 7,
+            command: Command::Cancel {
+                request: suanli_core::RequestId(3),
+            },
+            key: Some(KeyBeforeAsked {
+                caller: "tenant-a".into(),
+                request_id: "c1".into(),
+            }),
+        };
+        let mut old = vec![POSTCARD_BEFORE_ASKED];
+        old.extend(postcard::to_stdvec(&before).unwrap());
+        let Entry::Command { key: Some(key), .. } = decode(0, &old).unwrap() else {
+            panic!("not the command");
+        };
+        assert_eq!((key.request_id.as_str(), key.asked), ("c1", 0));
+        let old_json = br#"{"Command":{"now":7,"command":{"Cancel":{"request":3}},"key":{"caller":"a","request_id":"c1"}}}"#;
+        let Entry::Command { key: Some(key), .. } = decode(0, old_json).unwrap() else {
+            panic!("not the command");
+        };
+        assert_eq!(key.asked, 0);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use rustc_hash::FxHashMap;
 use suanli_billing::{Bill, Ledger, Month};
 use suanli_core::{
-    Command, EndReason, Engine, Event, JobCause, JobOutcome, PoolHealth, Quote, RequestId,
-    RequestSpec, Runtimes,
+    Command, CoreError, EndReason, Engine, Event, JobCause, JobOutcome, PoolHealth, Quote,
+    RequestId, RequestSpec, Runtimes,
 };
 use suanli_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -89,6 +89,14 @@ pub(crate) enum Op {
         key: Option<IdemKey>,
         reply: oneshot::Sender<Result<Vec<Event>, BrokerError>>,
     },
+    /// A submission; refused unless some registered pool could ever hold it, or it waits for
+    /// pools that may register later.
+    Submit {
+        spec: RequestSpec,
+        wait_for_pools: bool,
+        key: Option<IdemKey>,
+        reply: oneshot::Sender<Result<Vec<Event>, BrokerError>>,
+    },
     Grant {
         principal: Principal,
         token: String,
@@ -143,17 +151,33 @@ pub(crate) enum Op {
 /// How long a request_id is remembered: the API promises at least 24 hours.
 pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 
-/// The first result of every request_id seen in the last [`IDEMPOTENCY_WINDOW_MS`].
+/// The first result of every request_id seen in the last [`IDEMPOTENCY_WINDOW_MS`], by
+/// caller and request_id, with what the call asked ([`IdemKey::asked`]).
 #[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Idempotency {
-    results: FxHashMap<IdemKey, Vec<Event>>,
+    results: FxHashMap<(String, String), (u64, Vec<Event>)>,
     /// Keys in the order they were first seen, with that time, for expiry.
-    seen: std::collections::VecDeque<(u64, IdemKey)>,
+    seen: std::collections::VecDeque<(u64, (String, String))>,
 }
 
 impl Idempotency {
-    fn get(&self, key: &IdemKey) -> Option<&Vec<Event>> {
-        self.results.get(key)
+    /// The first result under the key's caller and request_id, if any; an error when that
+    /// request_id was used for another call.
+    fn get(&self, key: &IdemKey) -> Result<Option<&Vec<Event>>, BrokerError> {
+        let slot = (key.caller.clone(), key.request_id.clone());
+        match self.results.get(&slot) {
+            None => Ok(None),
+            // 0: recorded before keys said what the call asked.
+            Some((asked, events)) if *asked == key.asked || *asked == 0 => Ok(Some(events)),
+            Some(_) => Err(BrokerError::field(
+                "request_id",
+                format!(
+                    "{:?} was used in the last 24 hours for a different call; a retry must \
+                     repeat its call exactly, and a new call needs a new request_id",
+                    key.request_id
+                ),
+            )),
+        }
     }
 
     /// Remembers a first result and forgets keys older than the window.
@@ -165,8 +189,31 @@ impl Idempotency {
             let (_, old) = self.seen.pop_front().expect("front exists");
             self.results.remove(&old);
         }
-        self.seen.push_back((now, key.clone()));
-        self.results.insert(key, events);
+        let slot = (key.caller, key.request_id);
+        self.seen.push_back((now, slot.clone()));
+        self.results.insert(slot, (key.asked, events));
+    }
+}
+
+/// [`Idempotency`] as snapshots of format 6 hold it, before keys recorded what the call
+/// asked.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct IdempotencyBeforeAsked {
+    results: FxHashMap<crate::store::KeyBeforeAsked, Vec<Event>>,
+    seen: std::collections::VecDeque<(u64, crate::store::KeyBeforeAsked)>,
+}
+
+impl From<IdempotencyBeforeAsked> for Idempotency {
+    fn from(old: IdempotencyBeforeAsked) -> Idempotency {
+        let slot = |k: crate::store::KeyBeforeAsked| (k.caller, k.request_id);
+        Idempotency {
+            results: old
+                .results
+                .into_iter()
+                .map(|(k, events)| (slot(k), (0, events)))
+                .collect(),
+            seen: old.seen.into_iter().map(|(at, k)| (at, slot(k))).collect(),
+        }
     }
 }
 
@@ -241,6 +288,23 @@ impl Handle {
     ) -> Result<Vec<Event>, BrokerError> {
         self.ask(|reply| Op::Apply {
             command,
+            key,
+            reply,
+        })
+        .await?
+    }
+
+    /// Submits a request; answers once it is durable. Unless `wait_for_pools`, a request no
+    /// registered pool could ever hold is refused.
+    pub async fn submit(
+        &self,
+        spec: RequestSpec,
+        wait_for_pools: bool,
+        key: Option<IdemKey>,
+    ) -> Result<Vec<Event>, BrokerError> {
+        self.ask(|reply| Op::Submit {
+            spec,
+            wait_for_pools,
             key,
             reply,
         })
@@ -607,7 +671,7 @@ impl Writer {
     fn refuse(&self, op: Op) {
         let no = || self.replica.not_leader();
         match op {
-            Op::Apply { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
             Op::Grant { reply, .. } | Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
             Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
             Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
@@ -1849,6 +1913,32 @@ impl Writer {
         }
     }
 
+    /// Applies a caller's command, or answers a retry with its first result.
+    fn apply_call(
+        &mut self,
+        command: Command,
+        key: Option<IdemKey>,
+        reply: oneshot::Sender<Result<Vec<Event>, BrokerError>>,
+        now: u64,
+        entries: &mut Vec<Entry>,
+        replies: &mut Vec<Reply>,
+    ) {
+        match key.as_ref().map(|k| self.idem.get(k)) {
+            Some(Ok(Some(first))) => {
+                replies.push(Reply::Events(reply, Ok(first.clone())));
+                return;
+            }
+            // Refused at once: nothing changes.
+            Some(Err(e)) => return drop(reply.send(Err(e))),
+            Some(Ok(None)) | None => {}
+        }
+        let result = self.apply_logged(command, now, key.clone(), entries);
+        if let (Ok(events), Some(k)) = (&result, key) {
+            self.idem.insert(k, events.clone(), now);
+        }
+        replies.push(Reply::Events(reply, result));
+    }
+
     fn handle(&mut self, op: Op, now: u64, entries: &mut Vec<Entry>, replies: &mut Vec<Reply>) {
         match op {
             // A leader's own appends come back through the tail: nothing to do. An append at
@@ -1876,16 +1966,28 @@ impl Writer {
                 command,
                 key,
                 reply,
+            } => self.apply_call(command, key, reply, now, entries, replies),
+            Op::Submit {
+                spec,
+                wait_for_pools,
+                key,
+                reply,
             } => {
-                if let Some(previous) = key.as_ref().and_then(|k| self.idem.get(k)) {
-                    replies.push(Reply::Events(reply, Ok(previous.clone())));
+                let retry = match key.as_ref().map(|k| self.idem.get(k)) {
+                    Some(Err(e)) => return drop(reply.send(Err(e))),
+                    Some(Ok(first)) => first.is_some(),
+                    None => false,
+                };
+                if !retry
+                    && !wait_for_pools
+                    && let Err(e @ CoreError::Unsatisfiable { .. }) =
+                        self.engine.check_satisfiable(&spec)
+                {
+                    // Nothing changes, so nothing is logged: answered at once.
+                    drop(reply.send(Err(e.into())));
                     return;
                 }
-                let result = self.apply_logged(command, now, key.clone(), entries);
-                if let (Ok(events), Some(k)) = (&result, key) {
-                    self.idem.insert(k, events.clone(), now);
-                }
-                replies.push(Reply::Events(reply, result));
+                self.apply_call(Command::Submit(spec), key, reply, now, entries, replies);
             }
             Op::Grant {
                 principal,
@@ -1903,11 +2005,12 @@ impl Writer {
                 let _ = reply.send(self.quote(&spec, now));
             }
             Op::Billing { op, key, reply } => {
-                if key.as_ref().is_some_and(|k| self.idem.get(k).is_some()) {
+                match key.as_ref().map(|k| self.idem.get(k)) {
                     // Answered with the batch: the first time may be in this very batch, not
                     // durable yet.
-                    replies.push(Reply::Unit(reply));
-                    return;
+                    Some(Ok(Some(_))) => return replies.push(Reply::Unit(reply)),
+                    Some(Err(e)) => return drop(reply.send(Err(e))),
+                    Some(Ok(None)) | None => {}
                 }
                 match self.apply_billing(op.clone(), now) {
                     Ok(()) => {
@@ -2048,6 +2151,7 @@ mod tests {
         let key = |s: &str| IdemKey {
             caller: "t".into(),
             request_id: s.into(),
+            asked: 7,
         };
         let mut idem = Idempotency::default();
         idem.insert(
@@ -2058,11 +2162,45 @@ mod tests {
             1_000,
         );
         idem.insert(key("b"), vec![], 1_000 + IDEMPOTENCY_WINDOW_MS - 1);
-        assert!(idem.get(&key("a")).is_some(), "still within the window");
+        assert!(
+            idem.get(&key("a")).unwrap().is_some(),
+            "still within the window"
+        );
         idem.insert(key("c"), vec![], 1_000 + IDEMPOTENCY_WINDOW_MS);
-        assert!(idem.get(&key("a")).is_none(), "24 h later it is forgotten");
-        assert!(idem.get(&key("b")).is_some());
+        assert!(
+            idem.get(&key("a")).unwrap().is_none(),
+            "24 h later it is forgotten"
+        );
+        assert!(idem.get(&key("b")).unwrap().is_some());
         assert_eq!(idem.seen.len(), 2);
+    }
+
+    #[test]
+    fn a_request_id_reused_for_another_call_is_refused_naming_it() {
+        let key = |caller: &str, asked| IdemKey {
+            caller: caller.into(),
+            request_id: "r1".into(),
+            asked,
+        };
+        let mut idem = Idempotency::default();
+        idem.insert(key("t", 7), Vec::new(), 1_000);
+        assert!(idem.get(&key("t", 7)).unwrap().is_some(), "a retry");
+        let Err(e) = idem.get(&key("t", 8)) else {
+            panic!("another call under the same request_id was taken for a retry");
+        };
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("request_id") && status.message().contains("\"r1\""),
+            "{}",
+            status.message()
+        );
+        // Another caller's request_ids are its own.
+        assert!(idem.get(&key("u", 8)).unwrap().is_none());
+        // A key logged before calls were hashed matches any retry.
+        let mut old = Idempotency::default();
+        old.insert(key("t", 0), Vec::new(), 1_000);
+        assert!(old.get(&key("t", 8)).unwrap().is_some());
     }
 
     #[test]

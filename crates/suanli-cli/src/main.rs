@@ -348,12 +348,14 @@ mod tests {
             "--requeue",
             "--request-id",
             "abc",
+            "--wait-for-pools",
         ])
         .unwrap();
         let Command::Submit(a) = cli.command else {
             panic!("not submit")
         };
         assert_eq!(a.request_id.as_deref(), Some("abc"));
+        assert!(a.wait_for_pools);
         let spec = a.spec.to_spec(1000);
         use suanli_proto::v1::{ElasticShape, Policy, Priority, request_spec::Shape};
         assert_eq!(

@@ -195,6 +195,7 @@ impl SpecArgs {
             deadline_unix_ms: self.deadline.map(|t| t.resolve(now_unix_ms)),
             requeue: self.requeue,
             workload: None,
+            wait_for_pools: false,
         }
     }
 }
@@ -225,6 +226,10 @@ pub struct SubmitArgs {
     /// random id].
     #[arg(long, value_name = "ID")]
     pub request_id: Option<String>,
+    /// Wait for pools that may register later, rather than be refused when no registered pool
+    /// could ever hold the request.
+    #[arg(long)]
+    pub wait_for_pools: bool,
 }
 
 impl SubmitArgs {
@@ -382,6 +387,7 @@ pub async fn submit(g: &GlobalArgs, a: &SubmitArgs) -> anyhow::Result<()> {
             request_id,
             spec: Some(RequestSpec {
                 workload: a.workload(),
+                wait_for_pools: a.wait_for_pools,
                 ..a.spec.to_spec(time::now_unix_ms())
             }),
         })

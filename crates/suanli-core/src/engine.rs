@@ -976,9 +976,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Checks a request spec against the tenant, the catalogue, the fleet and the clock, and
-    /// resolves its constraints.
+    /// Checks a request spec against the tenant, the catalogue, the fleet, the clock and the
+    /// tenant's quota, and resolves its constraints.
     fn admit(&self, spec: &RequestSpec) -> Result<(TenantIx, Filter), CoreError> {
+        let (tenant, filter) = self.resolve(spec)?;
+        let t = &self.tenants[tenant.0 as usize];
+        let need = self.supply.min_tflops(&filter, &spec.shape);
+        if need > t.limit() {
+            return Err(CoreError::ExceedsQuota {
+                tenant: spec.tenant.clone(),
+                need,
+                limit: t.limit(),
+            });
+        }
+        Ok((tenant, filter))
+    }
+
+    /// [`Engine::admit`] but for the quota.
+    fn resolve(&self, spec: &RequestSpec) -> Result<(TenantIx, Filter), CoreError> {
         let now = self.now;
         let tenant =
             *self
@@ -1007,16 +1022,21 @@ impl Engine {
             }
         }
         let filter = self.resolve_filter(spec)?;
-        let t = &self.tenants[tenant.0 as usize];
-        let need = self.supply.min_tflops(&filter, &spec.shape);
-        if need > t.limit() {
-            return Err(CoreError::ExceedsQuota {
-                tenant: spec.tenant.clone(),
-                need,
-                limit: t.limit(),
-            });
-        }
         Ok((tenant, filter))
+    }
+
+    /// Refuses a request that no registered pool could ever hold, even with the whole fleet
+    /// free and healthy: a gang larger than every node group, an elastic request beyond all
+    /// its pools hold. Submission itself lets such a request wait (pools may register
+    /// later); a front end asks this first unless the request says it waits for pools. Also
+    /// every check of a submission but the quota ([`CoreError::UnknownTenant`], a field): a
+    /// request no pool could hold is refused for that, whatever the tenant's quota.
+    pub fn check_satisfiable(&self, spec: &RequestSpec) -> Result<(), CoreError> {
+        let (_, filter) = self.resolve(spec)?;
+        match self.supply.why_unsatisfiable(&filter, &spec.shape) {
+            Some(reason) => Err(CoreError::Unsatisfiable { reason }),
+            None => Ok(()),
+        }
     }
 
     /// Where and at what price a request would be placed if it were submitted at `now`,
@@ -2214,6 +2234,47 @@ mod tests {
             matches!(&unknown[..], [Event::Rejected { .. }]),
             "{unknown:?}"
         );
+    }
+
+    #[test]
+    fn a_request_no_pool_could_ever_hold_is_named_as_such() {
+        // 2 nodes of 8 h100 (989 TFLOPS each) and 4 of 8 a800 (312): 28.3P in all.
+        let mut e = engine(vec![
+            pool("p", External, 5, &[("h100", 8, 2, 500)]),
+            pool("q", External, 5, &[("a800", 8, 4, 300)]),
+        ]);
+        let why = |e: &Engine, spec: RequestSpec| match e.check_satisfiable(&spec) {
+            Err(CoreError::Unsatisfiable { reason }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            why(&e, gang("a", 1_000_000, 8, "h100")),
+            "no node group of h100 has 1000000 nodes of 8 devices; the largest has 2; \
+             the fleet holds 25.8P"
+        );
+        assert_eq!(
+            why(&e, gang("a", 1, 16, "a800")),
+            "no node of a800 has 16 devices; the largest have 8; the fleet holds 25.8P"
+        );
+        assert_eq!(
+            why(&e, elastic("a", 30_000, 0)),
+            "30.0P asked, but the pools it may use hold 25.8P in all; the fleet holds 25.8P"
+        );
+        let mut far = gang("a", 1, 8, "h100");
+        far.constraints.max_rtt_ms = Some(1);
+        assert!(why(&e, far).starts_with("no node group of h100 meets its constraints"));
+        // Draining or losing a pool does not make a request impossible: it comes back.
+        ok(e.apply(Command::DrainPool { pool: "p".into() }, 1));
+        assert_eq!(e.check_satisfiable(&gang("a", 2, 8, "h100")), Ok(()));
+        // Other faults are the submission's own, named as it names them.
+        assert!(matches!(
+            e.check_satisfiable(&gang("nobody", 1, 8, "h100")),
+            Err(CoreError::UnknownTenant { .. })
+        ));
+        // The engine still lets such a request wait: the front end decides.
+        let id = submit(&mut e, gang("a", 3, 8, "h100"), 2);
+        ok(e.apply(Command::Tick, 3));
+        assert_eq!(e.explain(id).unwrap().reason, WaitReason::NoMatchingPool);
     }
 
     #[test]

@@ -86,6 +86,13 @@ pub enum CoreError {
         /// Quota plus borrowing limit.
         limit: Tflops,
     },
+    /// No registered pool could ever hold the request, even with the whole fleet free.
+    #[error("no registered pool could ever hold this request: {reason}")]
+    Unsatisfiable {
+        /// Why, e.g. `no node group of h100 has 1000000 nodes of 8 devices; the largest has
+        /// 64; the fleet holds 20,983P`.
+        reason: String,
+    },
     /// No live request has this id (it never existed or has ended).
     #[error("unknown request {request}")]
     UnknownRequest {

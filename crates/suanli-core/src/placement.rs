@@ -398,6 +398,92 @@ impl Supply {
         }
     }
 
+    /// Why no registered pool could ever hold the request, even with the whole fleet free
+    /// and healthy; `None` when one could.
+    pub fn why_unsatisfiable(&self, f: &Filter, shape: &Shape) -> Option<String> {
+        if self.matchable(f, shape) {
+            return None;
+        }
+        let fleet: Tflops = self
+            .groups
+            .iter()
+            .map(|g| g.nodes.capacity() * g.tflops_per_device as u64)
+            .sum();
+        let fleet = format!("the fleet holds {}", petaflops(fleet));
+        let admitted: Vec<&Group> = (0..self.groups.len() as u32)
+            .filter(|&g| self.admits(f, g))
+            .map(|g| &self.groups[g as usize])
+            .collect();
+        if admitted.is_empty() {
+            let any_runtime = Filter {
+                runtimes: Runtimes::NONE,
+                ..f.clone()
+            };
+            let why = if f.runtimes != Runtimes::NONE
+                && (0..self.groups.len() as u32).any(|g| self.admits(&any_runtime, g))
+            {
+                "no registered pool runs its kind of workload".to_string()
+            } else {
+                format!(
+                    "no node group of {} meets its constraints (regions, pools, data zone, \
+                     latency, price)",
+                    self.model_names(f.models)
+                )
+            };
+            return Some(format!("{why}; {fleet}"));
+        }
+        let why = match *shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => {
+                let wide = admitted
+                    .iter()
+                    .filter(|g| g.nodes.devices_per_node() >= devices_per_node);
+                match wide.map(|g| g.nodes.nodes()).max() {
+                    None => format!(
+                        "no node of {} has {devices_per_node} devices; the largest have {}",
+                        self.model_names(f.models),
+                        admitted
+                            .iter()
+                            .map(|g| g.nodes.devices_per_node())
+                            .max()
+                            .unwrap_or(0)
+                    ),
+                    Some(most) => format!(
+                        "no node group of {} has {nodes} nodes of {devices_per_node} devices; \
+                         the largest has {most}",
+                        self.model_names(f.models)
+                    ),
+                }
+            }
+            Shape::Elastic { tflops, .. } => {
+                let held: Tflops = admitted
+                    .iter()
+                    .map(|g| g.nodes.capacity() * g.tflops_per_device as u64)
+                    .sum();
+                format!(
+                    "{} asked, but the pools it may use hold {} in all",
+                    petaflops(tflops),
+                    petaflops(held)
+                )
+            }
+        };
+        Some(format!("{why}; {fleet}"))
+    }
+
+    /// The models of a filter's bit set, for messages: `h100 or a800`, or `any model`.
+    fn model_names(&self, models: u64) -> String {
+        if models == self.all_models() {
+            return "any model".into();
+        }
+        let names: Vec<&str> = (0..self.catalogue.len())
+            .filter(|m| models & (1 << m) != 0)
+            .map(|m| self.catalogue.model(ModelIx(m as u16)).id.as_str())
+            .collect();
+        names.join(" or ")
+    }
+
     /// Why an unmatchable request waits: no pool runs its kind of workload, when pools would
     /// match it otherwise; no matching pool at all otherwise.
     pub fn unmatched_reason(&self, f: &Filter, shape: &Shape) -> WaitReason {
@@ -752,6 +838,22 @@ struct Cursor {
 
 fn models_of(mask: u64, count: usize) -> impl Iterator<Item = usize> {
     (0..count).filter(move |m| mask & (1 << m) != 0)
+}
+
+/// TFLOPS as petaflops for messages: `20,983P`, with a decimal below 100P (`20.8P`).
+fn petaflops(tflops: Tflops) -> String {
+    if tflops < 100_000 {
+        return format!("{:.1}P", tflops as f64 / 1000.0);
+    }
+    let whole = (tflops / 1000).to_string();
+    let mut grouped = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{grouped}P")
 }
 
 #[cfg(test)]

@@ -286,6 +286,8 @@ fn placed_request() -> Request {
                 image: String::new(),
                 stop_grace_s: 30,
             }),
+            // Asked at submission only: a record never carries it.
+            wait_for_pools: false,
         }),
         state: RequestState::Running as i32,
         wait: None,

@@ -127,13 +127,34 @@ pub fn page_from(token: &str) -> Result<u64, BrokerError> {
         .map_err(|_| BrokerError::field("page_token", "not a token this server issued"))
 }
 
-/// The idempotency key of a mutating call (none when the caller sent no request_id).
-pub fn idem_key(caller: String, request_id: &str) -> Result<Option<IdemKey>, BrokerError> {
+/// The idempotency key of a mutating call `rpc` (none when the caller sent no request_id),
+/// with what the call asked: a retry repeats its call, a reuse of the request_id for another
+/// call (another method, another message) is refused.
+pub fn idem_key(
+    caller: String,
+    request_id: &str,
+    rpc: &str,
+    message: &impl prost::Message,
+) -> Result<Option<IdemKey>, BrokerError> {
     if request_id.len() > 128 {
         return Err(BrokerError::field("request_id", "longer than 128 bytes"));
     }
     Ok((!request_id.is_empty()).then(|| IdemKey {
         caller,
         request_id: request_id.to_string(),
+        asked: asked(rpc, &message.encode_to_vec()),
     }))
+}
+
+/// A hash of a call: FNV-1a of its method and its message's protobuf form (which carries the
+/// request_id, the same in both calls compared). It is logged and compared after restarts
+/// and upgrades, so it is this fixed function rather than the standard library's hasher. Never
+/// 0, which stands for a key logged before calls were hashed.
+fn asked(rpc: &str, message: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in rpc.as_bytes().iter().chain(&[0]).chain(message) {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash.max(1)
 }

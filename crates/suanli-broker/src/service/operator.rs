@@ -72,7 +72,12 @@ impl OperatorService for OperatorApi {
         let who = principal(&req)?;
         who.operator()?;
         let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
-        let key = idem_key(who.key(), &req.get_ref().request_id)?;
+        let key = idem_key(
+            who.key(),
+            &req.get_ref().request_id,
+            "DrainPool",
+            req.get_ref(),
+        )?;
         self.0
             .writer
             .apply(Command::DrainPool { pool: id.clone() }, key)
@@ -93,7 +98,12 @@ impl OperatorService for OperatorApi {
                 "pool {id} is lost: it comes back when its agent reconnects"
             )));
         }
-        let key = idem_key(who.key(), &req.get_ref().request_id)?;
+        let key = idem_key(
+            who.key(),
+            &req.get_ref().request_id,
+            "UndrainPool",
+            req.get_ref(),
+        )?;
         self.0
             .writer
             .apply(Command::UndrainPool { pool: id.clone() }, key)
@@ -106,7 +116,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetTenantRequest>,
     ) -> Result<Response<pb::SetTenantResponse>, Status> {
-        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
+        let (req, key) = operator_mutation(req, "SetTenant", |r| &r.request_id)?;
         let spec = convert::tenant_from_pb(req.tenant, "tenant")?;
         let name = spec.name.clone();
         let is_new = !self.0.views.snapshot().tenants.iter().any(|t| t.id == name);
@@ -176,7 +186,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::IssueVoucherRequest>,
     ) -> Result<Response<pb::VoucherBalance>, Status> {
-        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
+        let (req, key) = operator_mutation(req, "IssueVoucher", |r| &r.request_id)?;
         let spec = convert::voucher_from_pb(req.voucher, "voucher")?;
         let id = spec.id.clone();
         self.0
@@ -217,7 +227,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetBudgetRequest>,
     ) -> Result<Response<pb::SetBudgetResponse>, Status> {
-        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
+        let (req, key) = operator_mutation(req, "SetBudget", |r| &r.request_id)?;
         if req.tenant.is_empty() {
             return Err(BrokerError::field("tenant", "required").into());
         }
@@ -250,7 +260,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetSubsidyBudgetRequest>,
     ) -> Result<Response<pb::SetSubsidyBudgetResponse>, Status> {
-        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
+        let (req, key) = operator_mutation(req, "SetSubsidyBudget", |r| &r.request_id)?;
         let monthly = req.monthly_fen.map(suanli_billing::Fen);
         self.0
             .writer
@@ -271,7 +281,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::AdjustBalanceRequest>,
     ) -> Result<Response<pb::AdjustBalanceResponse>, Status> {
-        let (req, key) = operator_mutation(req, |r| &r.request_id)?;
+        let (req, key) = operator_mutation(req, "AdjustBalance", |r| &r.request_id)?;
         if req.tenant.is_empty() {
             return Err(BrokerError::field("tenant", "required").into());
         }
@@ -392,13 +402,14 @@ impl OperatorService for OperatorApi {
 
 /// An operator's mutating call: checks the caller is the operator and returns the message with
 /// its idempotency key (from `request_id`).
-fn operator_mutation<T>(
+fn operator_mutation<T: prost::Message>(
     req: Request<T>,
+    rpc: &str,
     request_id: impl FnOnce(&T) -> &str,
 ) -> Result<(T, Option<IdemKey>), Status> {
     let who = principal(&req)?;
     who.operator()?;
     let req = req.into_inner();
-    let key = idem_key(who.key(), request_id(&req))?;
+    let key = idem_key(who.key(), request_id(&req), rpc, &req)?;
     Ok((req, key))
 }

@@ -30,9 +30,9 @@ impl PoolService for PoolApi {
     ) -> Result<Response<pb::Pool>, Status> {
         let who = principal(&req)?;
         let req = req.into_inner();
+        let key = idem_key(who.key(), &req.request_id, "RegisterPool", &req)?;
         let spec = convert::pool_from_pb(req.pool, "pool")?;
         who.may_act_for_pool(&spec.id)?;
-        let key = idem_key(who.key(), &req.request_id)?;
         let id = spec.id.clone();
         match self
             .0

@@ -34,15 +34,16 @@ impl TenantApi {
     }
 
     /// Cancels or releases one of the caller's requests by name, idempotently.
-    async fn end<T>(
+    async fn end<T: prost::Message>(
         &self,
         req: &Request<T>,
+        rpc: &str,
         request_id: &str,
         name: &str,
         command: impl FnOnce(RequestId) -> Command,
     ) -> Result<pb::Request, Status> {
         let who = principal(req)?;
-        let key = idem_key(who.key(), request_id)?;
+        let key = idem_key(who.key(), request_id, rpc, req.get_ref())?;
         let id = self.owned(who.tenant()?, name)?;
         let result = self.0.writer.apply(command(RequestId(id)), key).await;
         self.ended_is_a_precondition(result, name)?;
@@ -157,9 +158,10 @@ impl TenantService for TenantApi {
         let who = principal(&req)?;
         let tenant = who.tenant()?.to_string();
         let req = req.into_inner();
-        let key = idem_key(who.key(), &req.request_id)?;
+        let key = idem_key(who.key(), &req.request_id, "SubmitRequest", &req)?;
+        let wait_for_pools = req.spec.as_ref().is_some_and(|s| s.wait_for_pools);
         let spec = convert::request_spec(&tenant, req.spec, "spec")?;
-        let events = self.0.writer.apply(Command::Submit(spec), key).await?;
+        let events = self.0.writer.submit(spec, wait_for_pools, key).await?;
         let id =
             submitted(&events).ok_or_else(|| Status::internal("submission without a request"))?;
         Ok(Response::new(self.view(id.0)?))
@@ -235,7 +237,8 @@ impl TenantService for TenantApi {
         let r = req.get_ref();
         let end = |request| Command::Cancel { request };
         Ok(Response::new(
-            self.end(&req, &r.request_id, &r.name, end).await?,
+            self.end(&req, "CancelRequest", &r.request_id, &r.name, end)
+                .await?,
         ))
     }
 
@@ -247,7 +250,8 @@ impl TenantService for TenantApi {
         let r = req.get_ref();
         let end = |request| Command::Release { request };
         Ok(Response::new(
-            self.end(&req, &r.request_id, &r.name, end).await?,
+            self.end(&req, "ReleaseRequest", &r.request_id, &r.name, end)
+                .await?,
         ))
     }
 

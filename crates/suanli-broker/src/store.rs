@@ -137,23 +137,12 @@ pub struct Recovered {
     pub entries: Vec<Entry>,
 }
 
-/// Told once whether a batch is durable: see [`Store::start_append`].
-pub type Durable = Box<dyn FnOnce(Result<(), BrokerError>) + Send>;
-
 /// Where the log and the snapshots live. Shared by the writer, which appends, and the thread
 /// that saves snapshots.
 pub trait Store: Send + Sync {
     /// Appends a batch durably: when this returns, the entries survive a crash.
     fn append(&self, entries: &[Entry]) -> Result<(), BrokerError>;
-    /// Starts appending a batch, and calls `done` once it is durable or has failed. The
-    /// batch takes its log indices at once ([`Store::next_index`] moves past it), so the
-    /// writer can apply and start the next batch meanwhile. Batches land in the order they
-    /// were started, and a batch fails if one before it failed. A store that cannot pipeline
-    /// appends before it returns.
-    fn start_append(&self, entries: &[Entry], done: Durable) {
-        done(self.append(entries));
-    }
-    /// The index the next appended entry will have (after every batch started).
+    /// The index the next appended entry will have.
     fn next_index(&self) -> u64;
     /// Saves `snapshot`, the state after every entry before index `upto`, and drops those
     /// entries, atomically.

@@ -11,9 +11,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use rustc_hash::FxHashMap;
 use suanli_billing::{Bill, Ledger, Month};
 use suanli_core::{
@@ -37,11 +37,6 @@ use crate::views::{QueueView, Queued, Snapshot, Views};
 
 /// Largest batch the writer takes at once.
 const MAX_BATCH: usize = 4096;
-
-/// Batches in the store's hands at once. One at a time, a call waits for the transaction of
-/// the batch before its own and then for its own; etcd's latency, not its throughput, was
-/// the limit.
-const MAX_IN_FLIGHT: usize = 4;
 
 /// Fleet views are republished at most this often under load (requests' own records are
 /// updated with every batch).
@@ -220,7 +215,7 @@ impl From<IdempotencyBeforeAsked> for Idempotency {
 /// The services' end of the writer's channel.
 #[derive(Clone)]
 pub(crate) struct Handle {
-    tx: Sender<Op>,
+    tx: SyncSender<Op>,
 }
 
 impl Handle {
@@ -816,7 +811,8 @@ impl Writer {
     /// Starts saving a snapshot when enough of the log has grown since the last one and no
     /// snapshot is being saved.
     fn maybe_snapshot(&mut self) {
-        if !self.snapshot_due() {
+        let upto = self.store.next_index();
+        if upto < self.last_snapshot + self.config.snapshot_every {
             return;
         }
         if let Some(h) = self.snapshotting.take_if(|h| h.is_finished()) {
@@ -825,7 +821,6 @@ impl Writer {
         if self.snapshotting.is_some() {
             return;
         }
-        let upto = self.store.next_index();
         let capture = Capture {
             upto,
             engine: self.engine.clone(),
@@ -843,12 +838,6 @@ impl Writer {
         };
         self.last_snapshot = upto;
         self.snapshotting = Some(capture.save_in_background(self.store.clone()));
-    }
-
-    /// Whether enough of the log has grown since the last snapshot for another. The writer
-    /// captures the state only when every batch it applied is durable.
-    fn snapshot_due(&self) -> bool {
-        self.store.next_index() >= self.last_snapshot + self.config.snapshot_every
     }
 
     /// Logs how a snapshot thread ended: a failed snapshot loses nothing (the log is kept).
@@ -1679,9 +1668,8 @@ impl Writer {
         Ok((self.engine.digest(), self.ledger))
     }
 
-    /// Leads: takes calls in batches, applies each batch, appends it and answers it once it is
-    /// durable; until the server stops or (in a group) the term ends. Up to
-    /// [`MAX_IN_FLIGHT`] batches are in the store's hands at once, answered in order.
+    /// Leads: takes calls in batches, appends them, answers; until the server stops or (in a
+    /// group) the term ends.
     fn lead(&mut self, rx: &Receiver<Op>) -> Result<Exit, BrokerError> {
         self.live = true;
         self.started_at = self.clock();
@@ -1693,56 +1681,20 @@ impl Writer {
         let next_tick = |engine: &Engine, last_tick: u64, soon: u64| {
             last_tick + if engine.pass_wanted() { soon } else { interval }
         };
-        let (durable_tx, durable_rx) = crossbeam_channel::unbounded();
-        let mut in_flight = VecDeque::<InFlight>::new();
-        let mut seq = 0;
         let mut ops = Vec::new();
-        let mut closed = false;
         loop {
-            // Room for another batch: not while a batch reads the ledger (it must read the
-            // state as of itself, durable) or a snapshot is due (it captures the state when
-            // all of it is durable).
-            let room = in_flight.len() < MAX_IN_FLIGHT
-                && !in_flight.back().is_some_and(|b| b.barrier)
-                && (in_flight.is_empty() || !self.snapshot_due());
-            let taking = room && !closed && !self.stopping;
-            let mut wait = Duration::from_secs(1);
-            if taking {
-                let mut wake = next_tick(&self.engine, last_tick, soon);
-                if self.publish_due {
-                    wake = wake.min(self.last_publish + PUBLISH_EVERY_MS);
-                }
-                wait = Duration::from_millis(wake.saturating_sub(wall_ms()));
-                if self.publish_due && self.quick_publish {
-                    wait =
-                        wait.min(QUICK_PUBLISH_GAP.saturating_sub(self.last_publish_at.elapsed()));
-                }
+            let mut wake = next_tick(&self.engine, last_tick, soon);
+            if self.publish_due {
+                wake = wake.min(self.last_publish + PUBLISH_EVERY_MS);
             }
-            let mut select = crossbeam_channel::Select::new();
-            let durable_at = select.recv(&durable_rx);
-            if taking {
-                select.recv(rx);
+            let mut wait = Duration::from_millis(wake.saturating_sub(wall_ms()));
+            if self.publish_due && self.quick_publish {
+                wait = wait.min(QUICK_PUBLISH_GAP.saturating_sub(self.last_publish_at.elapsed()));
             }
-            let mut timed_out = false;
-            match select.select_timeout(wait) {
-                Ok(done) if done.index() == durable_at => {
-                    let (at, outcome) = done.recv(&durable_rx).expect("the writer holds a sender");
-                    settle(&mut in_flight, at, outcome);
-                }
-                Ok(call) => match call.recv(rx) {
-                    Ok(op) => ops.push(op),
-                    Err(_) => closed = true,
-                },
-                Err(_) => timed_out = taking,
-            }
-            if let Some(exit) = self.answer_durable(&mut in_flight, &durable_rx)? {
-                return Ok(exit);
-            }
-            if (closed || self.stopping) && in_flight.is_empty() {
-                break;
-            }
-            if !taking {
-                continue;
+            match rx.recv_timeout(wait) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
             while ops.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -1750,12 +1702,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if ops.is_empty() && !timed_out {
-                continue;
-            }
             let now = self.clock();
             let started = Instant::now();
-            let calls = ops.len();
+            let batch = ops.len();
             let mut entries = Vec::new();
             let mut replies = Vec::new();
             for op in ops.drain(..) {
@@ -1773,144 +1722,102 @@ impl Writer {
             }
             self.fire_timers(now, &mut entries);
             self.forget_ended(now);
-            seq += 1;
-            in_flight.push_back(InFlight {
-                seq,
-                end: self.store.next_index() + entries.len() as u64,
-                outcome: None,
-                barrier: replies.iter().any(|r| matches!(r, Reply::Read(_))),
-                shapes_fleet: entries.iter().any(shapes_fleet),
-                replies,
-                watch: std::mem::take(&mut self.pending_watch),
-                now,
-                calls,
-                entries: entries.len(),
-                started,
-                handled,
-                tick_cost,
-                applied: started.elapsed(),
-            });
-            if self.deposed {
-                settle(
-                    &mut in_flight,
-                    seq,
-                    Err(BrokerError::NotLeader { leader: None }),
-                );
+            let applied = started.elapsed();
+            let appended = if self.deposed {
+                Err(BrokerError::NotLeader { leader: None })
             } else {
-                let durable = durable_tx.clone();
-                self.store.start_append(
-                    &entries,
-                    Box::new(move |outcome| drop(durable.send((seq, outcome)))),
-                );
+                self.store.append(&entries)
+            };
+            if let Err(BrokerError::NotLeader { leader }) = appended {
+                // Nothing of this batch is answered: the log may or may not hold it, and the
+                // next leader's state is what counts. Callers retry there with their ids.
+                self.replica.leader_is(leader.clone());
+                fail_all(replies, || BrokerError::NotLeader {
+                    leader: leader.clone(),
+                });
+                self.live = false;
+                return Ok(Exit::Deposed);
             }
-            // A store that does not pipeline is done already.
-            if let Some(exit) = self.answer_durable(&mut in_flight, &durable_rx)? {
-                return Ok(exit);
+            if let Err(e) = appended {
+                error!(error = %e, "the command log failed: stopping the writer");
+                fail_all(replies, || BrokerError::Store(e.to_string()));
+                return Err(e);
+            }
+            let synced = started.elapsed();
+            if !entries.is_empty() {
+                self.applied = self.store.next_index();
+                self.replica.applied(self.applied, now);
+            }
+            self.metrics
+                .batch(batch, entries.len(), applied, synced - applied);
+            self.maybe_snapshot();
+            // Under load the fleet views are republished at most every few milliseconds; at once
+            // after a command that changes pools or tenants (its caller reads them back), and
+            // then before the replies. Requests' own records are current already (`process`).
+            let shapes_fleet = entries.iter().any(|e| {
+                matches!(
+                    e,
+                    Entry::Command {
+                        command: Command::RegisterPool(_)
+                            | Command::UpdatePool(_)
+                            | Command::DrainPool { .. }
+                            | Command::UndrainPool { .. }
+                            | Command::LosePool { .. }
+                            | Command::RestorePool { .. }
+                            | Command::SetNodeHealth { .. }
+                            | Command::SetTenant(_),
+                        ..
+                    }
+                )
+            });
+            if !entries.is_empty() {
+                self.publish_due = true;
+            }
+            if shapes_fleet {
+                self.publish(now, false);
+            }
+            for r in replies {
+                match r {
+                    Reply::Events(tx, result) => drop(tx.send(result)),
+                    Reply::Unit(tx) => drop(tx.send(Ok(()))),
+                    Reply::Read(read) => read(&self.ledger),
+                    Reply::Checkpoint(tx, (at, digest)) => {
+                        self.replica.record_checkpoint(at, digest);
+                        drop(tx.send(Ok((at, digest))));
+                    }
+                }
+            }
+            for ev in self.pending_watch.drain(..) {
+                let _ = self.watch.send(ev);
+            }
+            // A small batch (a broker not under load) republishes at once, or as soon as
+            // QUICK_PUBLISH_GAP allows.
+            if !entries.is_empty() && entries.len() < QUIET_BATCH {
+                self.quick_publish = true;
+            }
+            let quick = self.quick_publish && self.last_publish_at.elapsed() >= QUICK_PUBLISH_GAP;
+            if self.publish_due && (quick || now >= self.last_publish + PUBLISH_EVERY_MS) {
+                self.publish(now, false);
+            }
+            if self.stopping {
+                break;
+            }
+            let total = started.elapsed();
+            if total >= SLOW_BATCH {
+                debug!(
+                    ops = batch,
+                    entries = entries.len(),
+                    apply_ms = applied.as_secs_f64() * 1e3,
+                    calls_ms = handled.as_secs_f64() * 1e3,
+                    tick_ms = tick_cost.as_secs_f64() * 1e3,
+                    sync_ms = (synced - applied).as_secs_f64() * 1e3,
+                    total_ms = total.as_secs_f64() * 1e3,
+                    queued = self.engine.queue_len(),
+                    "slow batch"
+                );
             }
         }
         Ok(Exit::Stopped)
-    }
-
-    /// Answers the batches at the front that are durable, in order. A batch that failed ends
-    /// the term (or, for a store error, the writer): it and every batch after it are
-    /// answered with the error, never OK.
-    fn answer_durable(
-        &mut self,
-        in_flight: &mut VecDeque<InFlight>,
-        durable: &crossbeam_channel::Receiver<(u64, Result<(), BrokerError>)>,
-    ) -> Result<Option<Exit>, BrokerError> {
-        while let Ok((at, outcome)) = durable.try_recv() {
-            settle(in_flight, at, outcome);
-        }
-        while in_flight.front().is_some_and(|b| b.outcome.is_some()) {
-            let mut batch = in_flight.pop_front().expect("a batch at the front");
-            match batch.outcome.take().expect("settled") {
-                Ok(()) => self.answer(batch),
-                Err(BrokerError::NotLeader { leader }) => {
-                    // Nothing from here on is answered: the log may or may not hold it, and
-                    // the next leader's state is what counts. Callers retry there with their
-                    // ids.
-                    self.replica.leader_is(leader.clone());
-                    let not_leader = || BrokerError::NotLeader {
-                        leader: leader.clone(),
-                    };
-                    fail_all(batch.replies, not_leader);
-                    for later in in_flight.drain(..) {
-                        fail_all(later.replies, not_leader);
-                    }
-                    self.live = false;
-                    return Ok(Some(Exit::Deposed));
-                }
-                Err(e) => {
-                    error!(error = %e, "the command log failed: stopping the writer");
-                    fail_all(batch.replies, || BrokerError::Store(e.to_string()));
-                    for later in in_flight.drain(..) {
-                        fail_all(later.replies, || BrokerError::Store(e.to_string()));
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        if in_flight.is_empty() {
-            self.maybe_snapshot();
-        }
-        Ok(None)
-    }
-
-    /// Answers a durable batch's callers and watchers, and republishes the views when due.
-    fn answer(&mut self, batch: InFlight) {
-        let synced = batch.started.elapsed().saturating_sub(batch.applied);
-        if batch.entries > 0 {
-            self.applied = batch.end;
-            self.replica.applied(self.applied, batch.now);
-            self.publish_due = true;
-        }
-        self.metrics
-            .batch(batch.calls, batch.entries, batch.applied, synced);
-        let now = batch.now;
-        // Under load the fleet views are republished at most every few milliseconds; at once
-        // after a command that changes pools or tenants (its caller reads them back), and
-        // then before the replies. Requests' own records are current already (`process`).
-        if batch.shapes_fleet {
-            self.publish(now, false);
-        }
-        for r in batch.replies {
-            match r {
-                Reply::Events(tx, result) => drop(tx.send(result)),
-                Reply::Unit(tx) => drop(tx.send(Ok(()))),
-                Reply::Read(read) => read(&self.ledger),
-                Reply::Checkpoint(tx, (at, digest)) => {
-                    self.replica.record_checkpoint(at, digest);
-                    drop(tx.send(Ok((at, digest))));
-                }
-            }
-        }
-        for ev in batch.watch {
-            let _ = self.watch.send(ev);
-        }
-        // A small batch (a broker not under load) republishes at once, or as soon as
-        // QUICK_PUBLISH_GAP allows.
-        if batch.entries > 0 && batch.entries < QUIET_BATCH {
-            self.quick_publish = true;
-        }
-        let quick = self.quick_publish && self.last_publish_at.elapsed() >= QUICK_PUBLISH_GAP;
-        if self.publish_due && (quick || now >= self.last_publish + PUBLISH_EVERY_MS) {
-            self.publish(now, false);
-        }
-        let total = batch.started.elapsed();
-        if total >= SLOW_BATCH {
-            debug!(
-                ops = batch.calls,
-                entries = batch.entries,
-                apply_ms = batch.applied.as_secs_f64() * 1e3,
-                calls_ms = batch.handled.as_secs_f64() * 1e3,
-                tick_ms = batch.tick_cost.as_secs_f64() * 1e3,
-                sync_ms = synced.as_secs_f64() * 1e3,
-                total_ms = total.as_secs_f64() * 1e3,
-                queued = self.engine.queue_len(),
-                "slow batch"
-            );
-        }
     }
 
     /// Applies a caller's command, or answers a retry with its first result.
@@ -2040,53 +1947,6 @@ impl Writer {
     }
 }
 
-/// A batch applied and handed to the store: what is answered once it is durable.
-struct InFlight {
-    seq: u64,
-    /// The log index after its entries.
-    end: u64,
-    /// Whether it is durable, once the store has said.
-    outcome: Option<Result<(), BrokerError>>,
-    /// It reads the ledger: no batch starts after it until it is answered.
-    barrier: bool,
-    /// It changes pools or tenants: the views are republished before it is answered.
-    shapes_fleet: bool,
-    replies: Vec<Reply>,
-    watch: Vec<Arc<WatchEvent>>,
-    now: u64,
-    calls: usize,
-    entries: usize,
-    started: Instant,
-    handled: Duration,
-    tick_cost: Duration,
-    applied: Duration,
-}
-
-/// Records the store's outcome for batch `seq`.
-fn settle(in_flight: &mut VecDeque<InFlight>, seq: u64, outcome: Result<(), BrokerError>) {
-    if let Some(batch) = in_flight.iter_mut().find(|b| b.seq == seq) {
-        batch.outcome = Some(outcome);
-    }
-}
-
-/// Whether an entry changes the fleet's or the tenants' views.
-fn shapes_fleet(entry: &Entry) -> bool {
-    matches!(
-        entry,
-        Entry::Command {
-            command: Command::RegisterPool(_)
-                | Command::UpdatePool(_)
-                | Command::DrainPool { .. }
-                | Command::UndrainPool { .. }
-                | Command::LosePool { .. }
-                | Command::RestorePool { .. }
-                | Command::SetNodeHealth { .. }
-                | Command::SetTenant(_),
-            ..
-        }
-    )
-}
-
 /// Answers every caller of a batch that was not made durable with `error`; a read of the
 /// ledger is dropped unanswered (its caller sees the writer stopped or moved).
 fn fail_all(replies: Vec<Reply>, error: impl Fn() -> BrokerError) {
@@ -2134,7 +1994,7 @@ pub(crate) fn spawn(
     writer: Writer,
     capacity: usize,
 ) -> (Handle, std::thread::JoinHandle<WriterResult>) {
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
     let join = std::thread::Builder::new()
         .name("suanli-writer".into())
         .spawn(move || writer.run(rx))
@@ -2205,7 +2065,7 @@ mod tests {
 
     #[test]
     fn a_full_command_queue_is_resource_exhausted_and_a_stopped_writer_unavailable() {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let h = Handle { tx };
         h.heartbeat("p".into()).unwrap();
         let full = h.heartbeat("p".into()).unwrap_err();

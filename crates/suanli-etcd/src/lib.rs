@@ -164,17 +164,6 @@ pub fn absent(key: &[u8]) -> rpc::Compare {
     }
 }
 
-/// A comparison that holds while `key` exists.
-pub fn present(key: &[u8]) -> rpc::Compare {
-    rpc::Compare {
-        result: rpc::compare::CompareResult::Greater as i32,
-        target: rpc::compare::CompareTarget::Version as i32,
-        key: key.to_vec(),
-        target_union: Some(rpc::compare::TargetUnion::Version(0)),
-        range_end: Vec::new(),
-    }
-}
-
 /// A put, as an operation of a transaction.
 pub fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> rpc::RequestOp {
     rpc::RequestOp {

@@ -15,17 +15,13 @@
 //! before it and compacts etcd's history, so etcd's space stays bounded.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use suanli_etcd::{
-    Etcd, EtcdError, absent, created_at, delete_range, get, prefix_end, present, put,
-};
-use tokio::sync::watch;
+use suanli_etcd::{Etcd, EtcdError, absent, created_at, delete_range, get, prefix_end, put};
 use tracing::{debug, warn};
 
 use crate::error::BrokerError;
-use crate::store::{Durable, Entry, Recovered, Store, decode, encode};
+use crate::store::{Entry, Recovered, Store, decode, encode};
 
 /// The most log bytes one transaction carries: etcd refuses requests above 1.5 MiB by
 /// default, and a transaction has keys and a header besides.
@@ -145,136 +141,10 @@ pub struct EtcdStore {
     keys: Layout,
     rt: tokio::runtime::Handle,
     /// The term this replica appends under (0: it does not lead).
-    term: Arc<AtomicI64>,
-    /// The log index the next batch started takes.
+    term: AtomicI64,
     next: AtomicU64,
     /// The etcd revision recovery read at: the log's tail follows from after it.
     recovered_at: AtomicI64,
-    /// The last batch started in this term.
-    last: Mutex<Option<Started>>,
-}
-
-/// A batch whose append has started: where its last piece starts, and whether it landed,
-/// once that is known. The batch after it is guarded on that piece's key while it is in
-/// flight, so the log never has a gap, whatever order etcd takes the transactions in.
-#[derive(Clone)]
-struct Started {
-    last_piece: u64,
-    outcome: watch::Receiver<Option<bool>>,
-}
-
-impl Started {
-    fn landed_already(&self) -> bool {
-        *self.outcome.borrow() == Some(true)
-    }
-
-    /// Waits for the batch's outcome: whether it landed.
-    async fn landed(mut self) -> bool {
-        loop {
-            if let Some(landed) = *self.outcome.borrow_and_update() {
-                return landed;
-            }
-            if self.outcome.changed().await.is_err() {
-                return false;
-            }
-        }
-    }
-}
-
-/// Splits a batch into pieces of at most [`MAX_PIECE_BYTES`], each entry encoded.
-fn split_pieces(entries: &[Entry]) -> Result<Vec<Vec<Vec<u8>>>, BrokerError> {
-    let mut piece: Vec<Vec<u8>> = Vec::new();
-    let mut size = 0;
-    let mut pieces = Vec::new();
-    for e in entries {
-        let bytes = encode(e)?;
-        if bytes.len() > MAX_PIECE_BYTES {
-            return Err(BrokerError::Store(format!(
-                "a log entry of {} bytes is larger than one etcd request ({MAX_PIECE_BYTES})",
-                bytes.len()
-            )));
-        }
-        if size + bytes.len() > MAX_PIECE_BYTES {
-            pieces.push(std::mem::take(&mut piece));
-            size = 0;
-        }
-        size += bytes.len() + 4;
-        piece.push(bytes);
-    }
-    pieces.push(piece);
-    Ok(pieces)
-}
-
-/// Appends one piece under `term` at `first`, after the batch `after` if that one was still in
-/// flight when this one started. An answer lost in transit is resolved by reading the
-/// position back (the piece names the term that wrote it).
-async fn append_piece(
-    etcd: &Etcd,
-    keys: &Layout,
-    term: i64,
-    first: u64,
-    value: Vec<u8>,
-    mut after: Option<Started>,
-) -> Result<(), BrokerError> {
-    let key = keys.log(first);
-    let leader = keys.leader();
-    let give_up = tokio::time::Instant::now() + super::LEASE_TTL;
-    loop {
-        let mut compare = vec![created_at(&leader, term), absent(&key)];
-        if let Some(before) = &after {
-            compare.push(present(&keys.log(before.last_piece)));
-        }
-        let txn = etcd
-            .txn(
-                compare,
-                vec![put(key.clone(), value.clone(), 0)],
-                vec![get(leader.clone())],
-            )
-            .await;
-        match txn {
-            Ok(t) if t.succeeded => return Ok(()),
-            Ok(t) => {
-                let holder = t.read.into_iter().next();
-                if holder.as_ref().is_none_or(|kv| kv.create_revision != term) {
-                    let leader = holder.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-                    return Err(BrokerError::NotLeader { leader });
-                }
-                // Still this term: the batch before has not landed yet (etcd took this
-                // transaction first), or this piece has already.
-                match after.take() {
-                    Some(before) => {
-                        if before.landed().await {
-                            continue;
-                        }
-                        return Err(BrokerError::NotLeader { leader: None });
-                    }
-                    None => {
-                        let (kv, _) = etcd.get(&key).await.map_err(etcd_err)?;
-                        return match kv.map(|kv| decode_piece(first, &kv.value)) {
-                            Some(Ok((t, _))) if t == term => Ok(()),
-                            _ => Err(BrokerError::Store(format!(
-                                "etcd log position {first} is taken by another writer of term {term}"
-                            ))),
-                        };
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, index = first, "appending to etcd failed; checking the position");
-                if tokio::time::Instant::now() >= give_up {
-                    return Err(BrokerError::NotLeader { leader: None });
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                // The write may have landed before the answer was lost.
-                if let Ok((Some(kv), _)) = etcd.get(&key).await {
-                    return match decode_piece(first, &kv.value) {
-                        Ok((t, _)) if t == term => Ok(()),
-                        _ => Err(BrokerError::NotLeader { leader: None }),
-                    };
-                }
-            }
-        }
-    }
 }
 
 impl EtcdStore {
@@ -284,16 +154,58 @@ impl EtcdStore {
             etcd,
             keys,
             rt,
-            term: Arc::new(AtomicI64::new(0)),
+            term: AtomicI64::new(0),
             next: AtomicU64::new(0),
             recovered_at: AtomicI64::new(0),
-            last: Mutex::new(None),
         }
     }
 
     /// The revision the last recovery read at.
     pub fn recovered_at(&self) -> i64 {
         self.recovered_at.load(Ordering::Acquire)
+    }
+
+    /// Appends one piece under `term` at `first`; an answer lost in transit is resolved by
+    /// reading the position back (the piece names the term that wrote it).
+    async fn append_piece(&self, term: i64, first: u64, value: Vec<u8>) -> Result<(), BrokerError> {
+        let key = self.keys.log(first);
+        let leader = self.keys.leader();
+        let give_up = tokio::time::Instant::now() + super::LEASE_TTL;
+        loop {
+            let txn = self
+                .etcd
+                .txn(
+                    vec![created_at(&leader, term), absent(&key)],
+                    vec![put(key.clone(), value.clone(), 0)],
+                    vec![get(leader.clone())],
+                )
+                .await;
+            match txn {
+                Ok(t) if t.succeeded => return Ok(()),
+                Ok(t) => {
+                    let leader = t
+                        .read
+                        .into_iter()
+                        .next()
+                        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+                    return Err(BrokerError::NotLeader { leader });
+                }
+                Err(e) => {
+                    warn!(error = %e, index = first, "appending to etcd failed; checking the position");
+                    if tokio::time::Instant::now() >= give_up {
+                        return Err(BrokerError::NotLeader { leader: None });
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // The write may have landed before the answer was lost.
+                    if let Ok((Some(kv), _)) = self.etcd.get(&key).await {
+                        return match decode_piece(first, &kv.value) {
+                            Ok((t, _)) if t == term => Ok(()),
+                            _ => Err(BrokerError::NotLeader { leader: None }),
+                        };
+                    }
+                }
+            }
+        }
     }
 
     /// Every piece from log index `from` on as of `revision` (0: the latest): the entries,
@@ -416,71 +328,49 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn append(&self, entries: &[Entry]) -> Result<(), BrokerError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.start_append(
-            entries,
-            Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        );
-        rx.recv()
-            .unwrap_or_else(|_| Err(BrokerError::Store("an append was dropped".into())))
-    }
-
-    /// The batch's positions are taken at once; its transactions run on the runtime while
-    /// the writer applies the next batch. Each is guarded on the term, on its position being
-    /// free and, while the batch before is in flight, on that batch's last piece: a batch
-    /// lands only after every batch before it, and fails if one of them failed.
-    fn start_append(&self, entries: &[Entry], done: Durable) {
         if entries.is_empty() {
-            return done(Ok(()));
+            return Ok(());
         }
         let term = self.term.load(Ordering::Acquire);
         if term == 0 {
-            return done(Err(BrokerError::NotLeader { leader: None }));
+            return Err(BrokerError::NotLeader { leader: None });
         }
-        let pieces = match split_pieces(entries) {
-            Ok(pieces) => pieces,
-            Err(e) => return done(Err(e)),
-        };
-        let first = self.next.fetch_add(entries.len() as u64, Ordering::AcqRel);
-        let last_piece = first + (entries.len() - pieces.last().map_or(0, Vec::len)) as u64;
-        let (landed, outcome) = watch::channel(None);
-        let after = {
-            let mut last = self
-                .last
-                .lock()
-                .expect("the append chain is never poisoned");
-            last.replace(Started {
-                last_piece,
-                outcome,
-            })
-            .filter(|before| !before.landed_already())
-        };
-        let (etcd, keys, term_of) = (self.etcd.clone(), self.keys.clone(), self.term.clone());
-        self.rt.spawn(async move {
-            let mut at = first;
-            let mut after = after;
-            let mut result = Ok(());
+        let mut next = self.next.load(Ordering::Acquire);
+        let mut piece: Vec<Vec<u8>> = Vec::new();
+        let mut size = 0;
+        let mut pieces = Vec::new();
+        for e in entries {
+            let bytes = encode(e)?;
+            if bytes.len() > MAX_PIECE_BYTES {
+                return Err(BrokerError::Store(format!(
+                    "a log entry of {} bytes is larger than one etcd request ({MAX_PIECE_BYTES})",
+                    bytes.len()
+                )));
+            }
+            if size + bytes.len() > MAX_PIECE_BYTES {
+                pieces.push(std::mem::take(&mut piece));
+                size = 0;
+            }
+            size += bytes.len() + 4;
+            piece.push(bytes);
+        }
+        pieces.push(piece);
+        let result = self.rt.block_on(async {
             for piece in pieces {
                 let count = piece.len() as u64;
-                result = match encode_piece(term, &piece) {
-                    Ok(value) => append_piece(&etcd, &keys, term, at, value, after.take()).await,
-                    Err(e) => Err(e),
-                };
-                if result.is_err() {
-                    break;
-                }
-                at += count;
+                self.append_piece(term, next, encode_piece(term, &piece)?)
+                    .await?;
+                next += count;
+                self.next.store(next, Ordering::Release);
             }
-            if result.is_err() {
-                // Deposed, or cut off for longer than the lease: never append under this
-                // term again.
-                let _ = term_of.compare_exchange(term, 0, Ordering::AcqRel, Ordering::Acquire);
-            }
-            landed.send_replace(Some(result.is_ok()));
-            done(result);
+            Ok(())
         });
+        if result.is_err() {
+            // Deposed, or cut off for longer than the lease: never append under this term
+            // again.
+            self.term.store(0, Ordering::Release);
+        }
+        result
     }
 
     fn next_index(&self) -> u64 {
@@ -581,10 +471,6 @@ impl Store for EtcdStore {
     }
 
     fn lead(&self, term: i64, next: u64) {
-        *self
-            .last
-            .lock()
-            .expect("the append chain is never poisoned") = None;
         self.next.store(next, Ordering::Release);
         self.term.store(term, Ordering::Release);
     }
@@ -712,98 +598,6 @@ mod tests {
             "nothing of the old term after it lost"
         );
         assert!(term > 0);
-    }
-
-    /// Starts appending `entries` and returns what receives its outcome.
-    fn start(
-        store: &EtcdStore,
-        entries: &[Entry],
-    ) -> std::sync::mpsc::Receiver<Result<(), BrokerError>> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        store.start_append(entries, Box::new(move |r| drop(tx.send(r))));
-        rx
-    }
-
-    #[test]
-    fn batches_started_together_land_in_order_and_none_lands_after_one_that_did_not() {
-        let Some(cluster) = etcd_fixture::EtcdCluster::start_or_skip(1) else {
-            return;
-        };
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let (store, _) = leading_store(&rt, &cluster);
-        let tick = |now| Entry::Command {
-            now,
-            command: Command::Tick,
-            key: None,
-        };
-        // 100 batches of one to three entries, none waiting for the one before.
-        let mut entries = Vec::new();
-        let mut outcomes = Vec::new();
-        for b in 0..100u64 {
-            let batch: Vec<Entry> = (0..1 + b % 3).map(|i| tick(b * 10 + i)).collect();
-            outcomes.push(start(&store, &batch));
-            entries.extend(batch);
-        }
-        assert_eq!(
-            store.next_index(),
-            entries.len() as u64,
-            "positions taken at once"
-        );
-        for (b, outcome) in outcomes.into_iter().enumerate() {
-            outcome
-                .recv()
-                .unwrap()
-                .unwrap_or_else(|e| panic!("batch {b}: {e}"));
-        }
-        assert_eq!(store.recover().unwrap().entries, entries);
-
-        // A batch whose predecessor is still in flight waits for it: it lands once the
-        // predecessor has, and never when the predecessor failed.
-        let next = store.next_index();
-        for landed in [true, false] {
-            let before_at = store.next_index();
-            let (tell, outcome) = watch::channel(None);
-            *store.last.lock().unwrap() = Some(Started {
-                last_piece: before_at,
-                outcome,
-            });
-            store.next.store(before_at + 1, Ordering::Release);
-            let after = start(&store, &[tick(1000 + before_at)]);
-            assert!(
-                after
-                    .recv_timeout(std::time::Duration::from_millis(300))
-                    .is_err(),
-                "the batch after waits while the one before is in flight"
-            );
-            if landed {
-                let piece = encode_piece(
-                    store.term.load(Ordering::Acquire),
-                    &[encode(&tick(999)).unwrap()],
-                )
-                .unwrap();
-                rt.block_on(store.etcd.txn(
-                    vec![],
-                    vec![put(store.keys.log(before_at), piece, 0)],
-                    vec![],
-                ))
-                .unwrap();
-                entries.push(tick(999));
-                entries.push(tick(1000 + before_at));
-            }
-            tell.send_replace(Some(landed));
-            match (landed, after.recv().unwrap()) {
-                (true, Ok(())) => {}
-                (false, Err(BrokerError::NotLeader { .. })) => {}
-                (landed, other) => panic!("predecessor landed {landed}: {other:?}"),
-            }
-        }
-        assert_eq!(store.recover().unwrap().entries, entries);
-        assert_eq!(
-            store.term.load(Ordering::Acquire),
-            0,
-            "a failed batch ends the term"
-        );
-        assert!(next > 0);
     }
 
     #[test]

@@ -725,7 +725,7 @@ async fn a_request_no_pool_could_ever_hold_is_refused_unless_it_waits_for_pools(
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(test_config(dir.path())).await;
     let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
-    // The small fleet: 2 nodes of 8 h100 and 2 of 8 a800, 20.8P in all.
+    // The small fleet: 2 nodes of 8 h100 and 2 of 8 a800, 20.816P in all.
     let refused = |spec: pb::RequestSpec| {
         let mut a = a.clone();
         async move {
@@ -737,7 +737,7 @@ async fn a_request_no_pool_could_ever_hold_is_refused_unless_it_waits_for_pools(
     assert_eq!(
         refused(gang(1_000_000, 8, "h100", 60_000)).await,
         "no registered pool could ever hold this request: no node group of h100 has 1000000 \
-         nodes of 8 devices; the largest has 2; the fleet holds 20.8P"
+         nodes of 8 devices; the largest has 2; the fleet holds 20.816P"
     );
     assert!(
         refused(gang(1, 16, "a800", 60_000))
@@ -755,7 +755,7 @@ async fn a_request_no_pool_could_ever_hold_is_refused_unless_it_waits_for_pools(
     assert!(
         refused(elastic)
             .await
-            .contains("1,000P asked, but the pools it may use hold 20.8P in all")
+            .contains("1,000P asked, but the fleet holds 20.816P")
     );
     // Three nodes of h100: refused, unless it waits for pools that may register later.
     assert!(

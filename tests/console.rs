@@ -50,7 +50,13 @@ async fn loaded_broker(dir: &Path) -> Loaded {
         .into_inner()
         .id;
     let never = b
-        .submit_request(submit("", gang(3, 8, "h100", 60_000)))
+        .submit_request(submit(
+            "",
+            pb::RequestSpec {
+                wait_for_pools: true,
+                ..gang(3, 8, "h100", 60_000)
+            },
+        ))
         .await
         .expect("submit")
         .into_inner()

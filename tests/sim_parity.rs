@@ -30,6 +30,9 @@ fn spec(i: u64) -> pb::RequestSpec {
             pb::Priority::Critical,
         ][(i % 3) as usize] as i32,
         requeue: i.is_multiple_of(2),
+        // The largest elastic requests ask for more than the fleet holds: they wait, as part
+        // of the mix the simulator must replay.
+        wait_for_pools: true,
         ..Default::default()
     }
 }

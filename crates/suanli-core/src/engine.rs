@@ -2238,7 +2238,7 @@ mod tests {
 
     #[test]
     fn a_request_no_pool_could_ever_hold_is_named_as_such() {
-        // 2 nodes of 8 h100 (989 TFLOPS each) and 4 of 8 a800 (312): 28.3P in all.
+        // 2 nodes of 8 h100 (989 TFLOPS each) and 4 of 8 a800 (312): 25.808P in all.
         let mut e = engine(vec![
             pool("p", External, 5, &[("h100", 8, 2, 500)]),
             pool("q", External, 5, &[("a800", 8, 4, 300)]),
@@ -2250,19 +2250,32 @@ mod tests {
         assert_eq!(
             why(&e, gang("a", 1_000_000, 8, "h100")),
             "no node group of h100 has 1000000 nodes of 8 devices; the largest has 2; \
-             the fleet holds 25.8P"
+             the fleet holds 25.808P"
         );
         assert_eq!(
             why(&e, gang("a", 1, 16, "a800")),
-            "no node of a800 has 16 devices; the largest have 8; the fleet holds 25.8P"
+            "no node of a800 has 16 devices; the largest have 8; the fleet holds 25.808P"
         );
         assert_eq!(
             why(&e, elastic("a", 30_000, 0)),
-            "30.0P asked, but the pools it may use hold 25.8P in all; the fleet holds 25.8P"
+            "30P asked, but the fleet holds 25.808P"
+        );
+        let mut a800 = elastic("a", 12_000, 0);
+        a800.constraints.models = vec!["a800".into()];
+        assert_eq!(
+            why(&e, a800),
+            "12P asked, but the pools it may use hold 9.984P in all; the fleet holds 25.808P"
         );
         let mut far = gang("a", 1, 8, "h100");
         far.constraints.max_rtt_ms = Some(1);
         assert!(why(&e, far).starts_with("no node group of h100 meets its constraints"));
+        // A job no pool runs yet is not impossible: an agent that runs it may connect.
+        let mut job = gang("a", 1, 8, "h100");
+        job.workload = Some(Box::new(crate::request::Workload {
+            argv: vec!["train".into()],
+            ..crate::request::Workload::default()
+        }));
+        assert_eq!(e.check_satisfiable(&job), Ok(()));
         // Draining or losing a pool does not make a request impossible: it comes back.
         ok(e.apply(Command::DrainPool { pool: "p".into() }, 1));
         assert_eq!(e.check_satisfiable(&gang("a", 2, 8, "h100")), Ok(()));

@@ -399,8 +399,13 @@ impl Supply {
     }
 
     /// Why no registered pool could ever hold the request, even with the whole fleet free
-    /// and healthy; `None` when one could.
+    /// and healthy; `None` when one could. The kinds of workload pools run are not asked:
+    /// they are the agents', and an agent that runs the request's kind may connect later.
     pub fn why_unsatisfiable(&self, f: &Filter, shape: &Shape) -> Option<String> {
+        let f = &Filter {
+            runtimes: Runtimes::NONE,
+            ..f.clone()
+        };
         if self.matchable(f, shape) {
             return None;
         }
@@ -409,28 +414,18 @@ impl Supply {
             .iter()
             .map(|g| g.nodes.capacity() * g.tflops_per_device as u64)
             .sum();
+        let whole = fleet;
         let fleet = format!("the fleet holds {}", petaflops(fleet));
         let admitted: Vec<&Group> = (0..self.groups.len() as u32)
             .filter(|&g| self.admits(f, g))
             .map(|g| &self.groups[g as usize])
             .collect();
         if admitted.is_empty() {
-            let any_runtime = Filter {
-                runtimes: Runtimes::NONE,
-                ..f.clone()
-            };
-            let why = if f.runtimes != Runtimes::NONE
-                && (0..self.groups.len() as u32).any(|g| self.admits(&any_runtime, g))
-            {
-                "no registered pool runs its kind of workload".to_string()
-            } else {
-                format!(
-                    "no node group of {} meets its constraints (regions, pools, data zone, \
-                     latency, price)",
-                    self.model_names(f.models)
-                )
-            };
-            return Some(format!("{why}; {fleet}"));
+            return Some(format!(
+                "no node group of {} meets its constraints (regions, pools, data zone, \
+                 latency, price); {fleet}",
+                self.model_names(f.models)
+            ));
         }
         let why = match *shape {
             Shape::Gang {
@@ -462,6 +457,9 @@ impl Supply {
                     .iter()
                     .map(|g| g.nodes.capacity() * g.tflops_per_device as u64)
                     .sum();
+                if held == whole {
+                    return Some(format!("{} asked, but {fleet}", petaflops(tflops)));
+                }
                 format!(
                     "{} asked, but the pools it may use hold {} in all",
                     petaflops(tflops),
@@ -840,25 +838,36 @@ fn models_of(mask: u64, count: usize) -> impl Iterator<Item = usize> {
     (0..count).filter(move |m| mask & (1 << m) != 0)
 }
 
-/// TFLOPS as petaflops for messages: `20,983P`, with a decimal below 100P (`20.8P`).
+/// TFLOPS as petaflops for messages, exactly, thousands grouped: `10,496.256P`, `20.8P`, `30P`.
 fn petaflops(tflops: Tflops) -> String {
-    if tflops < 100_000 {
-        return format!("{:.1}P", tflops as f64 / 1000.0);
-    }
     let whole = (tflops / 1000).to_string();
-    let mut grouped = String::new();
+    let mut out = String::new();
     for (i, c) in whole.chars().enumerate() {
         if i > 0 && (whole.len() - i).is_multiple_of(3) {
-            grouped.push(',');
+            out.push(',');
         }
-        grouped.push(c);
+        out.push(c);
     }
-    format!("{grouped}P")
+    let fraction = tflops % 1000;
+    if fraction > 0 {
+        out.push_str(format!(".{fraction:03}").trim_end_matches('0'));
+    }
+    out.push('P');
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn petaflops_are_written_exactly() {
+        assert_eq!(petaflops(10_496_256), "10,496.256P");
+        assert_eq!(petaflops(20_800), "20.8P");
+        assert_eq!(petaflops(30_000), "30P");
+        assert_eq!(petaflops(999), "0.999P");
+        assert_eq!(petaflops(1_000_000_000), "1,000,000P");
+    }
     use crate::fleet::PoolKind::{External, LocalCentre};
     use crate::testkit::pool;
 

@@ -203,6 +203,15 @@ pub(crate) fn decode(index: u64, bytes: &[u8]) -> Result<Entry, BrokerError> {
     }
 }
 
+/// What a caught panic said.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 fn store_err(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Store(e.to_string())
 }
@@ -213,8 +222,43 @@ impl RedbStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| BrokerError::Store(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join("log.redb");
-        let db = Database::create(&path)
-            .map_err(|e| BrokerError::Store(format!("opening {}: {e}", path.display())))?;
+        let damaged = |why: &dyn std::fmt::Display| {
+            BrokerError::Store(format!(
+                "{} is damaged ({why}): nothing is served from it; restore the data folder \
+                 from a backup, or move it aside to start empty",
+                path.display()
+            ))
+        };
+        // redb trusts the pages it reads: a page damaged outside of it (a torn or altered
+        // file) can make it panic. Every page's checksum is verified first, and a panic is
+        // still turned into this refusal.
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut db = Database::create(&path)?;
+            let whole = db.check_integrity()?;
+            Ok::<_, redb::Error>((db, whole))
+        }));
+        std::panic::set_hook(quiet);
+        let db = match opened {
+            Ok(Ok((db, true))) => db,
+            Ok(Ok((db, false))) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the log file was damaged; redb repaired it to its last whole commit"
+                );
+                db
+            }
+            Ok(Err(redb::Error::DatabaseAlreadyOpen)) => {
+                return Err(BrokerError::Store(format!(
+                    "{} is open in another process: is a broker already running on this \
+                     data folder?",
+                    path.display()
+                )));
+            }
+            Ok(Err(e)) => return Err(damaged(&e)),
+            Err(panic) => return Err(damaged(&panic_message(&panic))),
+        };
         let txn = db.begin_write().map_err(store_err)?;
         txn.open_table(LOG).map_err(store_err)?;
         txn.open_table(SNAPSHOTS).map_err(store_err)?;
@@ -364,6 +408,61 @@ mod tests {
             panic!("not the command");
         };
         assert_eq!(key.asked, 0);
+    }
+
+    #[test]
+    fn a_damaged_log_file_is_refused_by_name_or_read_back_to_a_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |i| Entry::Command {
+            now: i,
+            command: Command::Tick,
+            key: None,
+        };
+        let entries: Vec<Entry> = (0..2_000).map(entry).collect();
+        {
+            let s = RedbStore::open(dir.path()).unwrap();
+            for batch in entries.chunks(50) {
+                s.append(batch).unwrap();
+            }
+        }
+        let path = dir.path().join("log.redb");
+        let whole = std::fs::read(&path).unwrap();
+        // Deterministic places: cut the file there, or overwrite 512 bytes there.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let (mut refused, mut read) = (0, 0);
+        for case in 0..48 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x % whole.len() as u64) as usize;
+            let mut damaged = whole.clone();
+            if case % 2 == 0 {
+                damaged.truncate(at);
+            } else {
+                for (i, b) in damaged[at..].iter_mut().take(512).enumerate() {
+                    *b ^= 0x5a ^ (i as u8);
+                }
+            }
+            std::fs::write(&path, &damaged).unwrap();
+            match RedbStore::open(dir.path()).and_then(|s| s.recover()) {
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.contains(&path.display().to_string()), "case {case}: {e}");
+                    refused += 1;
+                }
+                Ok(r) => {
+                    // Only what checksums prove: a prefix of the log, whole batches.
+                    assert!(
+                        r.entries.len() % 50 == 0,
+                        "case {case}: {}",
+                        r.entries.len()
+                    );
+                    assert_eq!(r.entries[..], entries[..r.entries.len()], "case {case}");
+                    read += 1;
+                }
+            }
+        }
+        assert!(refused > 0, "no damage was noticed ({read} read back)");
     }
 
     #[test]

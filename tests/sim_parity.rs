@@ -86,7 +86,11 @@ async fn the_simulator_replays_a_brokers_log_to_the_same_state() {
         .filter_map(|e| match e {
             Entry::Command { now, command, .. } => Some((now, command)),
             // Accounting and credentials do not touch the engine.
-            Entry::Billing { .. } | Entry::Credential { .. } | Entry::Checkpoint => None,
+            Entry::Billing { .. }
+            | Entry::Credential { .. }
+            | Entry::TokenIssued { .. }
+            | Entry::TokenRevoked { .. }
+            | Entry::Checkpoint => None,
         })
         .collect();
     assert!(commands.len() > 100, "{} commands logged", commands.len());

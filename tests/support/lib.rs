@@ -123,7 +123,7 @@ impl Broker {
 
     async fn start_on(config: BrokerConfig, with_http: bool) -> Broker {
         let dir = config.data_dir.clone();
-        let _ = std::fs::remove_file(dir.join(FILE_NAME));
+        // A restart keeps the credentials file: the broker keeps only hashes of the tokens in it.
         let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
         let listener = bind().await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -48,8 +48,8 @@ impl HttpState {
     /// console's cookie.
     pub(crate) fn is_operator(&self, headers: &HeaderMap) -> bool {
         token_of(headers)
-            .and_then(|t| self.tokens.lookup(t))
-            .is_some_and(|p| matches!(p, Principal::Operator))
+            .and_then(|t| self.tokens.lookup(t, crate::writer::wall_ms()).ok())
+            .is_some_and(|c| c.principal == Principal::Operator)
     }
 }
 

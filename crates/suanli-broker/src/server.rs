@@ -14,7 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::auth::{Principal, Tokens, new_token};
+use crate::auth::{Principal, Tokens, hash_secret, new_token};
 use crate::config::{BrokerConfig, Execution};
 use crate::credentials::{self, AgentToken, Credentials, TenantToken};
 use crate::error::BrokerError;
@@ -107,9 +107,10 @@ pub async fn run_with(
                 watch.clone(),
                 replica.clone(),
             )?;
-            let (commands, grants) = start_up(&config, w.engine(), &tokens);
-            w.bootstrap(commands, grants)?;
-            let creds = save_credentials(&config, &tokens)?;
+            let file = credentials_file(&config);
+            let (commands, grants) = start_up(&config, w.engine(), &tokens, Some(&file));
+            let granted = w.bootstrap(commands, grants)?;
+            let creds = save_credentials(&config, &tokens, &granted)?;
             if config.announce {
                 announce(
                     &config,
@@ -136,9 +137,6 @@ pub async fn run_with(
             .map_err(|e| BrokerError::Unavailable(e.to_string()))??
         }
     };
-    if group.is_some() && !tokens.all().is_empty() {
-        save_credentials(&config, &tokens)?;
-    }
     // Every method the server routes, so that RPC metrics know them by name.
     let rpc = Arc::new(RpcMetrics::new(&[
         suanli_proto::FILE_DESCRIPTOR_SET,
@@ -189,6 +187,7 @@ pub async fn run_with(
         agents: Arc::default(),
         metrics: writer_metrics,
         replica: replica.clone(),
+        tokens: tokens.clone(),
     };
     let max = config.max_message_bytes;
     let auth = move |t: Tokens| move |req| t.authenticate(req);
@@ -339,11 +338,19 @@ pub fn recovered_ledger(config: &BrokerConfig) -> Result<suanli_billing::Ledger,
 }
 
 /// What start-up (or a replica taking over) must add to a recovered engine: missing pools,
-/// changed tenants, missing tokens.
+/// changed tenants, and start-up tokens (see [`crate::auth::primary_name`]): a configured
+/// token that is new or changed, a generated one for a principal that never had one. A
+/// configured token an operator revoked stays revoked.
+///
+/// `dev_file` is the credentials file of a broker on its own: a generated token whose secret
+/// is no longer in it (the file was deleted) is generated again, since the broker keeps only
+/// hashes and nobody could use it otherwise. A group never does this: another replica may
+/// hold the file.
 pub(crate) fn start_up(
     config: &BrokerConfig,
     engine: &suanli_core::Engine,
     tokens: &Tokens,
+    dev_file: Option<&Credentials>,
 ) -> (Vec<Command>, Vec<(Principal, String)>) {
     let mut commands = Vec::new();
     for p in &config.fleet.pools {
@@ -361,16 +368,37 @@ pub(crate) fn start_up(
             commands.push(Command::SetTenant(t.spec.clone()));
         }
     }
-    let have = tokens.all();
-    let has = |p: &Principal| have.iter().find(|(q, _)| q == p).map(|(_, t)| t.clone());
     let mut grants = Vec::new();
-    let mut want =
-        |p: Principal, configured: Option<&String>, prefix: &str| match (configured, has(&p)) {
-            (Some(t), Some(cur)) if *t == cur => {}
-            (Some(t), _) => grants.push((p, t.clone())),
-            (None, Some(_)) => {}
-            (None, None) => grants.push((p, new_token(prefix))),
-        };
+    let mut want = |p: Principal, configured: Option<&String>, prefix: &str| match (
+        configured,
+        tokens.primary(&p),
+    ) {
+        (Some(t), Some(cur)) if cur.hash == hash_secret(t) => {
+            if cur.revoked_ms.is_some() {
+                warn!(
+                    token = cur.name,
+                    "the configured token was revoked: it is not granted again; configure \
+                     another to grant one"
+                );
+            }
+        }
+        (Some(t), _) => grants.push((p, t.clone())),
+        (None, Some(cur)) => {
+            let in_file = dev_file.map(|f| match &p {
+                Principal::Operator => Some(f.operator.as_str()),
+                Principal::Tenant(t) => f.tenant(t),
+                Principal::Agent(pool) => f.agent(pool),
+            });
+            let lost = match in_file {
+                Some(secret) => secret.is_none_or(|s| hash_secret(s) != cur.hash),
+                None => false,
+            };
+            if lost && cur.revoked_ms.is_none() {
+                grants.push((p, new_token(prefix)));
+            }
+        }
+        (None, None) => grants.push((p, new_token(prefix))),
+    };
     want(
         Principal::Operator,
         config.operator_token.as_ref(),
@@ -397,8 +425,14 @@ fn announce(config: &BrokerConfig, c: &Credentials, http: Option<std::net::Socke
         "credentials (also in {}):",
         config.data_dir.join(credentials::FILE_NAME).display()
     );
-    println!("  operator  {}", c.operator);
-    if let Some(addr) = http {
+    if c.operator.is_empty() {
+        println!("  operator  (configured: not in the file)");
+    } else {
+        println!("  operator  {}", c.operator);
+    }
+    if let Some(addr) = http
+        && !c.operator.is_empty()
+    {
         println!("  console   http://{addr}/login?token={}", c.operator);
     }
     for t in &c.tenants {
@@ -409,28 +443,67 @@ fn announce(config: &BrokerConfig, c: &Credentials, http: Option<std::net::Socke
     }
 }
 
-/// Writes the credentials file of the data folder; returns what it wrote.
+/// The credentials file of the data folder as it is (empty when missing or unreadable).
+fn credentials_file(config: &BrokerConfig) -> Credentials {
+    let path = config.data_dir.join(credentials::FILE_NAME);
+    if !path.exists() {
+        return Credentials::default();
+    }
+    Credentials::load(&path).unwrap_or_else(|e| {
+        warn!(error = %e, "the credentials file is unreadable: written again");
+        Credentials::default()
+    })
+}
+
+/// Brings the credentials file of the data folder up to date: the start-up tokens just
+/// `granted` are added (their secrets are known only now: the broker keeps hashes), and tokens
+/// that no longer work are dropped. Returns what the file holds.
 pub(crate) fn save_credentials(
     config: &BrokerConfig,
     tokens: &Tokens,
+    granted: &[(Principal, String)],
 ) -> Result<Credentials, BrokerError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| BrokerError::Config(format!("creating {}: {e}", config.data_dir.display())))?;
-    let creds = credentials_of(tokens);
-    creds
-        .save(&config.data_dir.join(credentials::FILE_NAME))
-        .map_err(|e| BrokerError::Config(e.to_string()))?;
-    Ok(creds)
-}
-
-fn credentials_of(tokens: &Tokens) -> Credentials {
-    let mut c = Credentials::default();
-    for (p, token) in tokens.all() {
-        match p {
-            Principal::Operator => c.operator = token,
-            Principal::Tenant(name) => c.tenants.push(TenantToken { name, token }),
-            Principal::Agent(pool) => c.agents.push(AgentToken { pool, token }),
+    let path = config.data_dir.join(credentials::FILE_NAME);
+    let mut creds = credentials_file(config);
+    let before = creds.clone();
+    for (principal, secret) in granted {
+        match principal {
+            Principal::Operator => creds.operator = secret.clone(),
+            Principal::Tenant(name) => {
+                creds.tenants.retain(|t| t.name != *name);
+                creds.tenants.push(TenantToken {
+                    name: name.clone(),
+                    token: secret.clone(),
+                });
+            }
+            Principal::Agent(pool) => {
+                creds.agents.retain(|a| a.pool != *pool);
+                creds.agents.push(AgentToken {
+                    pool: pool.clone(),
+                    token: secret.clone(),
+                });
+            }
         }
     }
-    c
+    let now = writer::wall_ms();
+    let works = |p: Principal, secret: &str| tokens.grants(&hash_secret(secret), &p, now);
+    if !creds.operator.is_empty() && !works(Principal::Operator, &creds.operator) {
+        creds.operator.clear();
+    }
+    creds
+        .tenants
+        .retain(|t| works(Principal::Tenant(t.name.clone()), &t.token));
+    creds
+        .agents
+        .retain(|a| works(Principal::Agent(a.pool.clone()), &a.token));
+    creds.tenants.sort_by(|a, b| a.name.cmp(&b.name));
+    creds.agents.sort_by(|a, b| a.pool.cmp(&b.pool));
+    if creds != before || !path.exists() {
+        creds
+            .save(&path)
+            .map_err(|e| BrokerError::Config(e.to_string()))?;
+    }
+    Ok(creds)
 }

@@ -15,7 +15,7 @@ use suanli_billing::Ledger;
 use suanli_core::Engine;
 use suanli_proto::v1 as pb;
 
-use crate::auth::Principal;
+use crate::auth::{Principal, TokenRecord, hash_secret, primary_name};
 use crate::error::BrokerError;
 use crate::store::Store;
 use crate::writer::Idempotency;
@@ -23,7 +23,9 @@ use crate::writer::Idempotency;
 /// The first byte of every saved snapshot. The image is postcard, which is not
 /// self-describing: a change to the engine's state changes the format, and a snapshot of
 /// another format is refused by name instead of being misread.
-pub(crate) const SNAPSHOT_FORMAT: u8 = 7;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 8;
+/// Snapshots from before tokens were kept as hashes: read as such, each token hashed.
+const SNAPSHOT_BEFORE_HASHES: u8 = 7;
 /// Snapshots from before idempotency keys recorded what the call asked: read as such.
 const SNAPSHOT_BEFORE_ASKED: u8 = 6;
 
@@ -36,7 +38,7 @@ pub(crate) struct Capture {
     pub records: Vec<Arc<pb::Request>>,
     pub ended: VecDeque<(u64, u64)>,
     pub idempotency: Idempotency,
-    pub tokens: Vec<(Principal, String)>,
+    pub tokens: Vec<TokenRecord>,
     pub now: u64,
     /// The ledger (see `billing`): derived from the log like the engine.
     pub ledger: Ledger,
@@ -51,10 +53,52 @@ pub(crate) struct Image {
     /// (ended at, request) of the retained ended requests, oldest first.
     pub ended: VecDeque<(u64, u64)>,
     pub idempotency: Idempotency,
-    pub tokens: Vec<(Principal, String)>,
+    /// Every token, revoked ones included, by name.
+    pub tokens: Vec<TokenRecord>,
     pub now: u64,
     /// The ledger (see `billing`): derived from the log like the engine.
     pub ledger: Ledger,
+}
+
+/// A snapshot of format 7: as [`Image`], with the tokens' secrets in the clear.
+#[derive(Serialize, Deserialize)]
+struct ImageBeforeHashes {
+    engine: Engine,
+    records: Vec<Vec<u8>>,
+    ended: VecDeque<(u64, u64)>,
+    idempotency: Idempotency,
+    tokens: Vec<(Principal, String)>,
+    now: u64,
+    ledger: Ledger,
+}
+
+/// The start-up tokens of a snapshot from before hashes, as records issued at `now`.
+fn hashed(tokens: Vec<(Principal, String)>, now: u64) -> Vec<TokenRecord> {
+    tokens
+        .into_iter()
+        .map(|(principal, secret)| TokenRecord {
+            name: primary_name(&principal),
+            principal,
+            hash: hash_secret(&secret),
+            created_ms: now,
+            expires_ms: None,
+            revoked_ms: None,
+        })
+        .collect()
+}
+
+impl From<ImageBeforeHashes> for Image {
+    fn from(i: ImageBeforeHashes) -> Image {
+        Image {
+            engine: i.engine,
+            records: i.records,
+            ended: i.ended,
+            idempotency: i.idempotency,
+            tokens: hashed(i.tokens, i.now),
+            now: i.now,
+            ledger: i.ledger,
+        }
+    }
 }
 
 /// A snapshot of format 6: as [`Image`], with the idempotency keys of that time.
@@ -76,7 +120,7 @@ impl From<ImageBeforeAsked> for Image {
             records: i.records,
             ended: i.ended,
             idempotency: i.idempotency.into(),
-            tokens: i.tokens,
+            tokens: hashed(i.tokens, i.now),
             now: i.now,
             ledger: i.ledger,
         }
@@ -90,6 +134,11 @@ impl Image {
             |e: postcard::Error| BrokerError::Store(format!("snapshot at log index {at}: {e}"));
         match bytes.split_first() {
             Some((&SNAPSHOT_FORMAT, image)) => postcard::from_bytes(image).map_err(bad),
+            Some((&SNAPSHOT_BEFORE_HASHES, image)) => {
+                postcard::from_bytes::<ImageBeforeHashes>(image)
+                    .map(Image::from)
+                    .map_err(bad)
+            }
             Some((&SNAPSHOT_BEFORE_ASKED, image)) => {
                 postcard::from_bytes::<ImageBeforeAsked>(image)
                     .map(Image::from)
@@ -97,7 +146,7 @@ impl Image {
             }
             Some((other, _)) => Err(BrokerError::Store(format!(
                 "snapshot at log index {at} has format {other}; this broker reads formats \
-                 {SNAPSHOT_BEFORE_ASKED} and {SNAPSHOT_FORMAT} (start from a data folder of \
+                 {SNAPSHOT_BEFORE_ASKED} to {SNAPSHOT_FORMAT} (start from a data folder of \
                  this version)"
             ))),
             None => Err(BrokerError::Store(format!(
@@ -178,6 +227,33 @@ mod tests {
             panic!("damaged bytes decoded");
         };
         assert!(e.to_string().contains("snapshot at log index 6"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_from_before_hashes_is_read_with_its_tokens_hashed() {
+        let old = ImageBeforeHashes {
+            engine: Engine::new(Default::default(), suanli_core::Catalogue::builtin()),
+            records: Vec::new(),
+            ended: VecDeque::new(),
+            idempotency: Idempotency::default(),
+            tokens: vec![(Principal::Tenant("acme".into()), "s3cret".into())],
+            now: 42,
+            ledger: Ledger::new(),
+        };
+        let mut bytes = vec![SNAPSHOT_BEFORE_HASHES];
+        postcard::to_io(&old, &mut bytes).unwrap();
+        let image = Image::decode(3, &bytes).unwrap();
+        assert_eq!(
+            image.tokens,
+            [TokenRecord {
+                name: "tenant:acme".into(),
+                principal: Principal::Tenant("acme".into()),
+                hash: hash_secret("s3cret"),
+                created_ms: 42,
+                expires_ms: None,
+                revoked_ms: None,
+            }]
+        );
     }
 
     #[test]

@@ -115,7 +115,8 @@ pub enum Entry {
         /// The caller's idempotency key, if any.
         key: Option<IdemKey>,
     },
-    /// A bearer token granted to a principal (it replaces the principal's earlier tokens).
+    /// A bearer token granted to a principal, in the clear, as logs before tokens were kept
+    /// as hashes wrote it: read (it becomes the principal's start-up token), never written.
     Credential {
         /// Who it is for.
         principal: Principal,
@@ -125,6 +126,23 @@ pub enum Entry {
     /// A checkpoint: each replica that applies it records its engine's digest there, so
     /// replicas can be compared at one log position. Changes nothing.
     Checkpoint,
+    /// A token issued (at start-up, by SetTenant or by CreateToken): it replaces a token of
+    /// the same name.
+    TokenIssued {
+        /// The token, with its secret's hash.
+        record: crate::auth::TokenRecord,
+        /// The caller's idempotency key, if any.
+        key: Option<IdemKey>,
+    },
+    /// A token revoked at `at` (unix ms).
+    TokenRevoked {
+        /// Its name.
+        name: String,
+        /// When.
+        at: u64,
+        /// The caller's idempotency key, if any.
+        key: Option<IdemKey>,
+    },
 }
 
 /// What recovery starts from.

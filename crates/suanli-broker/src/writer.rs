@@ -24,7 +24,7 @@ use suanli_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::auth::{Principal, Tokens};
+use crate::auth::{Principal, TokenRecord, Tokens, hash_secret, primary_name};
 use crate::billing::{self, BillingOp};
 use crate::config::{BrokerConfig, Execution};
 use crate::convert;
@@ -95,6 +95,17 @@ pub(crate) enum Op {
     Grant {
         principal: Principal,
         token: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    /// A token an operator creates; its name must be free and its owner known.
+    CreateToken {
+        record: TokenRecord,
+        key: Option<IdemKey>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    RevokeToken {
+        name: String,
+        key: Option<IdemKey>,
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     Quote {
@@ -314,6 +325,27 @@ impl Handle {
             reply,
         })
         .await?
+    }
+
+    /// Creates a token (its `created_ms` is set to when it is applied); answers once it is
+    /// durable.
+    pub async fn create_token(
+        &self,
+        record: TokenRecord,
+        key: Option<IdemKey>,
+    ) -> Result<(), BrokerError> {
+        self.ask(|reply| Op::CreateToken { record, key, reply })
+            .await?
+    }
+
+    /// Revokes a token; answers once it is durable.
+    pub async fn revoke_token(
+        &self,
+        name: String,
+        key: Option<IdemKey>,
+    ) -> Result<(), BrokerError> {
+        self.ask(|reply| Op::RevokeToken { name, key, reply })
+            .await?
     }
 
     /// A dry run of a submission, with what it would cost after subsidy when placeable now.
@@ -567,7 +599,31 @@ impl Writer {
                     self.idem.insert(k, Vec::new(), now);
                 }
             }
-            Entry::Credential { principal, token } => self.tokens.grant(principal, token),
+            Entry::Credential { principal, token } => {
+                self.tokens.issue(TokenRecord {
+                    name: primary_name(&principal),
+                    principal,
+                    hash: hash_secret(&token),
+                    created_ms: self.now,
+                    expires_ms: None,
+                    revoked_ms: None,
+                });
+            }
+            Entry::TokenIssued { record, key } => {
+                self.now = self.now.max(record.created_ms);
+                let now = record.created_ms;
+                self.tokens.issue(record);
+                if let Some(k) = key {
+                    self.idem.insert(k, Vec::new(), now);
+                }
+            }
+            Entry::TokenRevoked { name, at, key } => {
+                self.now = self.now.max(at);
+                self.tokens.revoke(&name, at);
+                if let Some(k) = key {
+                    self.idem.insert(k, Vec::new(), at);
+                }
+            }
             Entry::Checkpoint => {}
         }
     }
@@ -589,19 +645,22 @@ impl Writer {
         if let Some(h) = self.snapshotting.take() {
             Self::finished(h);
         }
-        // Tokens stay: they are only ever granted, and replay grants each again in order,
-        // so a caller is never refused in the meantime.
+        // The tokens are read back into a table of their own and then taken over in one step,
+        // so a caller is never refused in the meantime, and a revocation or a grant that never
+        // reached the log is undone.
         self.views.clear();
         self.metrics.forget_leases();
-        let fresh = Writer::recover_counting(
+        let mut fresh = Writer::recover_counting(
             self.config.clone(),
             self.store.clone(),
             self.views.clone(),
-            self.tokens.clone(),
+            Tokens::default(),
             self.watch.clone(),
             self.replica.clone(),
             self.metrics.clone(),
         )?;
+        self.tokens.assign(&fresh.tokens);
+        fresh.tokens = self.tokens.clone();
         *self = fresh;
         let now = self.now;
         self.publish(now, true);
@@ -640,9 +699,10 @@ impl Writer {
         self.store.lead(term, self.applied);
         self.term = term;
         self.deposed = false;
-        let (commands, grants) = crate::server::start_up(&self.config, &self.engine, &self.tokens);
-        self.bootstrap(commands, grants)?;
-        crate::server::save_credentials(&self.config, &self.tokens)?;
+        let (commands, grants) =
+            crate::server::start_up(&self.config, &self.engine, &self.tokens, None);
+        let granted = self.bootstrap(commands, grants.clone())?;
+        crate::server::save_credentials(&self.config, &self.tokens, &granted)?;
         self.applied = self.store.next_index();
         self.replica.applied(self.applied, self.now);
         self.replica.now_leading(term);
@@ -667,7 +727,10 @@ impl Writer {
         let no = || self.replica.not_leader();
         match op {
             Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Grant { reply, .. } | Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Grant { reply, .. }
+            | Op::Billing { reply, .. }
+            | Op::CreateToken { reply, .. }
+            | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
             Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
             Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
             Op::ReadLedger(read) => read(&self.ledger),
@@ -708,7 +771,6 @@ impl Writer {
                 }
             }
             let mut next = None;
-            let mut granted = false;
             for op in ops.drain(..) {
                 match op {
                     Op::Replicated { first, entries } => {
@@ -725,7 +787,6 @@ impl Writer {
                         }
                         let skip = (self.applied - first) as usize;
                         for entry in entries.into_iter().skip(skip) {
-                            granted |= matches!(entry, Entry::Credential { .. });
                             self.apply_replicated(entry);
                         }
                         self.followups.clear();
@@ -739,13 +800,6 @@ impl Writer {
                 }
             }
             self.replica.applied(self.applied, self.now);
-            if granted {
-                // Every replica keeps the credentials file of its data folder current, so that
-                // a client run where any of them keeps its data finds a token.
-                if let Err(e) = crate::server::save_credentials(&self.config, &self.tokens) {
-                    warn!(error = %e, "could not write the credentials file");
-                }
-            }
             let now = self.now;
             if self.publish_due
                 && (next.is_some() || wall_ms() >= self.last_publish + PUBLISH_EVERY_MS)
@@ -800,8 +854,8 @@ impl Writer {
         // The engine came with its subsidies; check them again before the next command.
         self.subsidies = billing::Subsidies::default();
         self.close_months_at = 0;
-        for (principal, token) in tokens {
-            self.tokens.grant(principal, token);
+        for record in tokens {
+            self.tokens.issue(record);
         }
         self.now = now;
         self.last_snapshot = at;
@@ -832,7 +886,7 @@ impl Writer {
                 .collect(),
             ended: self.ended.clone(),
             idempotency: self.idem.clone(),
-            tokens: self.tokens.all(),
+            tokens: self.tokens.records().into_iter().map(|(r, _)| r).collect(),
             now: self.now,
             ledger: self.ledger.clone(),
         };
@@ -1036,12 +1090,14 @@ impl Writer {
         }
     }
 
-    /// Applies and logs commands before the writer runs (registering the fleet, tenants).
+    /// Applies and logs commands before the writer runs (registering the fleet, tenants) and
+    /// issues start-up tokens (see [`primary_name`]); returns the tokens issued, with their
+    /// secrets, for the credentials file.
     pub fn bootstrap(
         &mut self,
         commands: Vec<Command>,
         grants: Vec<(Principal, String)>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Vec<(Principal, String)>, BrokerError> {
         let now = self.clock();
         let mut entries = Vec::new();
         for c in commands {
@@ -1051,13 +1107,59 @@ impl Writer {
                 )));
             }
         }
-        for (principal, token) in grants {
-            self.tokens.grant(principal.clone(), token.clone());
-            entries.push(Entry::Credential { principal, token });
+        for (principal, secret) in &grants {
+            let record = self.primary_token(principal.clone(), secret, now);
+            self.tokens.issue(record.clone());
+            entries.push(Entry::TokenIssued { record, key: None });
         }
         self.store.append(&entries)?;
         self.publish(now, true);
+        Ok(grants)
+    }
+
+    /// Whether an operator may create `record` at `now`: its name free (revoked tokens keep
+    /// theirs), its owner known, its expiry ahead.
+    fn may_create(&self, record: &TokenRecord, now: u64) -> Result<(), BrokerError> {
+        if self.tokens.get(&record.name).is_some() {
+            return Err(BrokerError::AlreadyExists(format!(
+                "token {} exists (revoked tokens keep their names)",
+                record.name
+            )));
+        }
+        match &record.principal {
+            Principal::Operator => {}
+            Principal::Tenant(t) => {
+                if self.engine.tenant_usage(t).is_none() {
+                    return Err(BrokerError::NotFound(format!("tenant {t} not found")));
+                }
+            }
+            Principal::Agent(p) => {
+                if self.engine.pool_spec(p).is_none() {
+                    return Err(BrokerError::NotFound(format!("pool {p} not found")));
+                }
+            }
+        }
+        if let Some(at) = record.expires_ms
+            && at <= now
+        {
+            return Err(BrokerError::field(
+                "expires_unix_ms",
+                "in the past: a token must expire after it is created",
+            ));
+        }
         Ok(())
+    }
+
+    /// A principal's start-up token with `secret`, issued at `now`.
+    fn primary_token(&self, principal: Principal, secret: &str, now: u64) -> TokenRecord {
+        TokenRecord {
+            name: primary_name(&principal),
+            principal,
+            hash: hash_secret(secret),
+            created_ms: now,
+            expires_ms: None,
+            revoked_ms: None,
+        }
     }
 
     fn clock(&mut self) -> u64 {
@@ -1901,9 +2003,59 @@ impl Writer {
                 token,
                 reply,
             } => {
-                self.tokens.grant(principal.clone(), token.clone());
-                entries.push(Entry::Credential { principal, token });
+                let record = self.primary_token(principal, &token, now);
+                self.tokens.issue(record.clone());
+                entries.push(Entry::TokenIssued { record, key: None });
                 replies.push(Reply::Unit(reply));
+            }
+            Op::CreateToken {
+                mut record,
+                key,
+                reply,
+            } => {
+                match key.as_ref().map(|k| self.idem.get(k)) {
+                    Some(Ok(Some(_))) => {
+                        return drop(reply.send(Err(BrokerError::FailedPrecondition(format!(
+                            "token {} was created by this request_id; its secret is shown \
+                             only once: revoke it and create another",
+                            record.name
+                        )))));
+                    }
+                    Some(Err(e)) => return drop(reply.send(Err(e))),
+                    Some(Ok(None)) | None => {}
+                }
+                if let Err(e) = self.may_create(&record, now) {
+                    return drop(reply.send(Err(e)));
+                }
+                record.created_ms = now;
+                self.tokens.issue(record.clone());
+                if let Some(k) = key.clone() {
+                    self.idem.insert(k, Vec::new(), now);
+                }
+                entries.push(Entry::TokenIssued { record, key });
+                replies.push(Reply::Unit(reply));
+            }
+            Op::RevokeToken { name, key, reply } => {
+                match key.as_ref().map(|k| self.idem.get(k)) {
+                    Some(Ok(Some(_))) => return replies.push(Reply::Unit(reply)),
+                    Some(Err(e)) => return drop(reply.send(Err(e))),
+                    Some(Ok(None)) | None => {}
+                }
+                match self.tokens.get(&name) {
+                    None => drop(reply.send(Err(BrokerError::NotFound(format!(
+                        "token {name} not found"
+                    ))))),
+                    // Nothing changes: answered with the batch, after what revoked it.
+                    Some(r) if r.revoked_ms.is_some() => replies.push(Reply::Unit(reply)),
+                    Some(_) => {
+                        self.tokens.revoke(&name, now);
+                        if let Some(k) = key.clone() {
+                            self.idem.insert(k, Vec::new(), now);
+                        }
+                        entries.push(Entry::TokenRevoked { name, at: now, key });
+                        replies.push(Reply::Unit(reply));
+                    }
+                }
             }
             Op::Quote { spec, reply } => {
                 // As a submission at `now` would see it. Syncing early changes nothing replay

@@ -2,7 +2,8 @@
 //!
 //! - `suanli serve` runs the broker.
 //! - Tenants (AI companies): `submit`, `get`, `list`, `cancel`, `release`, `watch`, `quote`, `me`.
-//! - Operators: `fleet`, `pools`, `tenants`, `queue`, and `top`, the live picture in a terminal.
+//! - Operators: `fleet`, `pools`, `tenants`, `queue`, `tokens`, and `top`, the live picture in a
+//!   terminal.
 //! - Accounting: `vouchers` (and `vouchers issue`), `bill`, `subsidy`, `budget`.
 //! - `suanli agent` runs a pool's agent (with simulated jobs); `suanli loadgen` drives a broker
 //!   and measures it.
@@ -38,6 +39,7 @@ mod serve;
 mod sim;
 mod tenant_cmds;
 mod time;
+mod token_cmds;
 mod top;
 
 use std::process::ExitCode;
@@ -99,6 +101,8 @@ enum Command {
     /// Watch the fleet, the pools, the queue and the tenants live in the terminal; without a
     /// terminal or with --once, print one screen as plain text (operator).
     Top(top::TopArgs),
+    /// List bearer tokens; create one (its secret shown once) or revoke one (operator).
+    Tokens(token_cmds::TokensArgs),
 
     /// List compute vouchers with their balances (a tenant: its own; the operator: all, or
     /// --tenant's); `vouchers issue` issues one (operator).
@@ -152,6 +156,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Logs(a) => tenant_cmds::logs(g, a).await,
         Command::Fleet => operator_cmds::fleet(g).await,
         Command::Replica(a) => operator_cmds::replica(g, a).await,
+        Command::Tokens(a) => token_cmds::tokens(g, a).await,
         Command::Pools(a) => operator_cmds::pools(g, a).await,
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,
         Command::Queue(a) => operator_cmds::queue(g, a).await,

@@ -125,3 +125,90 @@ async fn a_tenant_and_an_operator_work_the_broker_from_the_command_line() {
 
     child.kill();
 }
+
+#[tokio::test]
+async fn an_operator_creates_lists_and_revokes_tokens_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start(dir.path());
+    let creds = wait_for_credentials(dir.path()).await;
+    let op = creds.operator.clone();
+
+    let made = json(
+        &addr,
+        &op,
+        &[
+            "--json",
+            "tokens",
+            "create",
+            "ml-team",
+            "--tenant",
+            "tenant-a",
+            "--expires",
+            "+30d",
+        ],
+    );
+    let secret = made["secret"].as_str().unwrap().to_string();
+    assert_eq!(made["token"]["name"], "ml-team");
+    assert_eq!(made["token"]["owner"]["tenant"], "tenant-a");
+    assert_eq!(made["token"]["state"], "active");
+    assert!(made["token"]["expires_unix_ms"].as_u64().unwrap() > 0);
+    assert_eq!(json(&addr, &secret, &["--json", "me"])["id"], "tenant-a");
+
+    // As text: the secret once, with a word on keeping it.
+    let pools = json(&addr, &op, &["--json", "pools"]);
+    let pool = pools["pools"][0]["id"].as_str().unwrap().to_string();
+    let out = suanli(
+        &addr,
+        &op,
+        &["tokens", "create", "near-agent", "--pool", &pool],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("pool {pool}")), "{text}");
+    assert!(text.contains("secret  agent-"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown only now"));
+    // An owner is required, and only one.
+    let out = suanli(&addr, &op, &["tokens", "create", "x"]);
+    assert!(!out.status.success());
+    let out = suanli(
+        &addr,
+        &op,
+        &["tokens", "create", "x", "--operator", "--pool", &pool],
+    );
+    assert!(!out.status.success());
+
+    let list = json(&addr, &op, &["--json", "tokens"]);
+    let names: Vec<&str> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"ml-team") && names.contains(&"near-agent"),
+        "{names:?}"
+    );
+    assert!(!list.to_string().contains(&secret));
+    let out = suanli(&addr, &op, &["tokens"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("LAST USED") && table.contains("ml-team"),
+        "{table}"
+    );
+
+    let revoked = json(&addr, &op, &["--json", "tokens", "revoke", "ml-team"]);
+    assert_eq!(revoked["state"], "revoked");
+    let out = suanli(&addr, &secret, &["me"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ml-team was revoked"), "{err}");
+    let active = json(&addr, &op, &["--json", "tokens"]);
+    assert!(!active.to_string().contains("ml-team"));
+    let all = json(&addr, &op, &["--json", "tokens", "--all"]);
+    assert!(all.to_string().contains("ml-team"));
+    child.kill();
+}

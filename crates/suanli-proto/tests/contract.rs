@@ -100,6 +100,9 @@ fn operator_service_has_its_methods() {
             "AdjustBalance",
             "GetReplicaStatus",
             "Checkpoint",
+            "CreateToken",
+            "ListTokens",
+            "RevokeToken",
         ]
     );
 }
@@ -136,6 +139,8 @@ fn every_mutating_call_carries_an_idempotency_key() {
         "SetTenantRequest",
         "IssueVoucherRequest",
         "SetBudgetRequest",
+        "CreateTokenRequest",
+        "RevokeTokenRequest",
     ] {
         let message = fds
             .file

@@ -100,7 +100,8 @@ async fn login(State(state): State<HttpState>, Query(params): Query<LoginParams>
     if token.is_empty() {
         return login_form(StatusCode::UNAUTHORIZED, "");
     }
-    if !matches!(state.tokens.lookup(token), Some(Principal::Operator)) {
+    let who = state.tokens.lookup(token, crate::writer::wall_ms());
+    if !who.is_ok_and(|c| c.principal == Principal::Operator) {
         return login_form(
             StatusCode::UNAUTHORIZED,
             "That is not the operator's token.",

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};
 
+use crate::auth::{Credential, Tokens};
 use crate::error::BrokerError;
 use crate::store::IdemKey;
 use crate::views::Views;
@@ -28,6 +29,8 @@ pub struct Shared {
     pub(crate) metrics: Arc<crate::metrics::WriterMetrics>,
     /// The replica's role: streams are served by the leader.
     pub(crate) replica: Arc<crate::ha::Replica>,
+    /// The tokens: streams end when theirs stops working.
+    pub(crate) tokens: Tokens,
 }
 
 impl Shared {
@@ -59,22 +62,33 @@ impl Shared {
     }
 
     /// A response stream that ends when the server stops (or the client goes away), so that a
-    /// graceful stop does not wait forever on watchers and agents.
-    pub fn until_stopped<S, T>(&self, stream: S) -> tokio_stream::wrappers::ReceiverStream<T>
+    /// graceful stop does not wait forever on watchers and agents, and when the token it was
+    /// opened with stops working (revoked, expired), with UNAUTHENTICATED saying so.
+    pub fn until_closed<S, T>(
+        &self,
+        credential: &Credential,
+        stream: S,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<T, tonic::Status>>
     where
-        S: tokio_stream::Stream<Item = T> + Send + 'static,
+        S: tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send + 'static,
         T: Send + 'static,
     {
         use tokio_stream::StreamExt;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let stopped = self.stopped();
+        let closed = self.tokens.closed(credential);
         tokio::spawn(async move {
             tokio::pin!(stream);
             tokio::pin!(stopped);
+            tokio::pin!(closed);
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
                     _ = tx.closed() => break,
+                    why = &mut closed => {
+                        let _ = tx.send(Err(tonic::Status::unauthenticated(why))).await;
+                        break;
+                    }
                     item = stream.next() => match item {
                         Some(item) => {
                             if tx.send(item).await.is_err() {

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::{Shared, idem_key, page_from, page_size};
-use crate::auth::{Principal, new_token, principal};
+use crate::auth::{Principal, TokenRecord, check_token_name, hash_secret, new_token, principal};
 use crate::billing::BillingOp;
 use crate::convert;
 use crate::error::BrokerError;
@@ -397,6 +397,115 @@ impl OperatorService for OperatorApi {
         principal(&req)?.operator()?;
         let (log_index, digest) = self.0.writer.checkpoint().await?;
         Ok(Response::new(pb::LogCheckpoint { log_index, digest }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "CreateToken"))]
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let (req, key) = operator_mutation(req, "CreateToken", |r| &r.request_id)?;
+        check_token_name(&req.name)?;
+        let principal = owner_from_pb(req.owner.as_ref())?;
+        let secret = new_token(match principal {
+            Principal::Operator => "operator",
+            Principal::Tenant(_) => "tenant",
+            Principal::Agent(_) => "agent",
+        });
+        let record = TokenRecord {
+            name: req.name.clone(),
+            principal,
+            hash: hash_secret(&secret),
+            created_ms: 0,
+            expires_ms: (req.expires_unix_ms > 0).then_some(req.expires_unix_ms),
+            revoked_ms: None,
+        };
+        self.0.writer.create_token(record, key).await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(self.token_info(&req.name)?),
+            secret,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListTokens"))]
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        principal(&req)?.operator()?;
+        let r = req.get_ref();
+        let now = crate::writer::wall_ms();
+        let tokens: Vec<pb::TokenInfo> = self
+            .0
+            .tokens
+            .records()
+            .into_iter()
+            .filter(|(t, _)| r.include_inactive || t.inactive(now).is_none())
+            .map(|(t, used)| token_to_pb(&t, used))
+            .collect();
+        let (tokens, next_page_token) = page(&tokens, r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "RevokeToken"))]
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let (req, key) = operator_mutation(req, "RevokeToken", |r| &r.request_id)?;
+        if req.name.is_empty() {
+            return Err(BrokerError::field("name", "required").into());
+        }
+        self.0.writer.revoke_token(req.name.clone(), key).await?;
+        Ok(Response::new(self.token_info(&req.name)?))
+    }
+}
+
+impl OperatorApi {
+    /// A token as listed, by name.
+    fn token_info(&self, name: &str) -> Result<pb::TokenInfo, BrokerError> {
+        self.0
+            .tokens
+            .records()
+            .into_iter()
+            .find(|(t, _)| t.name == name)
+            .map(|(t, used)| token_to_pb(&t, used))
+            .ok_or_else(|| BrokerError::NotFound(format!("token {name} not found")))
+    }
+}
+
+/// A token's owner from the wire.
+fn owner_from_pb(owner: Option<&pb::TokenOwner>) -> Result<Principal, BrokerError> {
+    use pb::token_owner::Owner;
+    match owner.and_then(|o| o.owner.as_ref()) {
+        Some(Owner::Tenant(t)) if !t.is_empty() => Ok(Principal::Tenant(t.clone())),
+        Some(Owner::Pool(p)) if !p.is_empty() => Ok(Principal::Agent(p.clone())),
+        Some(Owner::Operator(true)) => Ok(Principal::Operator),
+        _ => Err(BrokerError::field(
+            "owner",
+            "required: a tenant, a pool or the operator",
+        )),
+    }
+}
+
+/// A token on the wire: never its secret.
+fn token_to_pb(t: &TokenRecord, last_used: u64) -> pb::TokenInfo {
+    use pb::token_owner::Owner;
+    let owner = match &t.principal {
+        Principal::Tenant(name) => Owner::Tenant(name.clone()),
+        Principal::Agent(pool) => Owner::Pool(pool.clone()),
+        Principal::Operator => Owner::Operator(true),
+    };
+    pb::TokenInfo {
+        name: t.name.clone(),
+        owner: Some(pb::TokenOwner { owner: Some(owner) }),
+        created_unix_ms: t.created_ms,
+        expires_unix_ms: t.expires_ms.unwrap_or(0),
+        last_used_unix_ms: last_used,
+        revoked_unix_ms: t.revoked_ms.unwrap_or(0),
     }
 }
 

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
 
 use super::{Shared, idem_key};
-use crate::auth::principal;
+use crate::auth::{credential, principal};
 use crate::convert;
 use crate::error::BrokerError;
 
@@ -58,6 +58,7 @@ impl PoolService for PoolApi {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<BrokerStream>, Status> {
         let who = principal(&req)?;
+        let credential = credential(&req)?;
         let mut incoming = req.into_inner();
         let hello = match incoming.next().await {
             Some(Ok(pb::AgentMessage {
@@ -86,12 +87,18 @@ impl PoolService for PoolApi {
             "agent connected"
         );
         let shared = self.0.clone();
+        let closed = self.0.tokens.closed(&credential);
         tokio::spawn(async move {
             let stopped = shared.stopped();
             tokio::pin!(stopped);
+            tokio::pin!(closed);
             loop {
                 let msg = tokio::select! {
                     _ = &mut stopped => break,
+                    why = &mut closed => {
+                        warn!(pool, why, "agent stream closed: its token no longer works");
+                        break;
+                    }
                     msg = incoming.next() => match msg {
                         Some(msg) => msg,
                         None => break,
@@ -136,7 +143,9 @@ impl PoolService for PoolApi {
             shared.agents.disconnected(&pool, generation);
             info!(pool, "agent disconnected");
         });
-        let out = self.0.until_stopped(ReceiverStream::new(rx).map(Ok));
+        let out = self
+            .0
+            .until_closed(&credential, ReceiverStream::new(rx).map(Ok));
         Ok(Response::new(Box::pin(out)))
     }
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::{Shared, idem_key, page_from, page_size};
-use crate::auth::principal;
+use crate::auth::{credential, principal};
 use crate::convert;
 use crate::error::BrokerError;
 
@@ -147,7 +147,8 @@ impl TenantService for TenantApi {
         let record = self.view(id)?;
         let (pool, ask) = logs_source(&record, req.get_ref())?;
         let stream = self.0.agents.open_logs(&pool, ask)?;
-        Ok(Response::new(Box::pin(self.0.until_stopped(stream))))
+        let stream = self.0.until_closed(&credential(&req)?, stream);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     #[instrument(skip_all, fields(rpc = "SubmitRequest"))]
@@ -300,9 +301,10 @@ impl TenantService for TenantApi {
             Ok(_) => None,
             Err(_) => Some(Err(Status::aborted("the watcher fell behind; watch again"))),
         });
-        let stream = self
-            .0
-            .until_stopped(tokio_stream::iter(snapshot).chain(updates));
+        let stream = self.0.until_closed(
+            &credential(&req)?,
+            tokio_stream::iter(snapshot).chain(updates),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -52,7 +52,7 @@ pub fn start(dir: &Path) -> (Serving, String) {
 /// `args` added to its command line.
 #[allow(dead_code)] // not every test binary that shares this module uses it
 pub fn start_with(dir: &Path, config_text: &str, args: &[&str]) -> (Serving, String) {
-    let _ = std::fs::remove_file(dir.join(FILE_NAME));
+    // A restart keeps the credentials file: the broker keeps only hashes of the tokens in it.
     let config = dir.join("broker.toml");
     std::fs::write(&config, config_text).expect("write the config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))

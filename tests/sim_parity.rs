@@ -83,6 +83,11 @@ async fn the_simulator_replays_a_brokers_log_to_the_same_state() {
     let commands: Vec<_> = log
         .entries
         .into_iter()
+        .map(|e| match e {
+            // An operator's call carries what it logged.
+            Entry::Audited { entry, .. } => *entry,
+            other => other,
+        })
         .filter_map(|e| match e {
             Entry::Command { now, command, .. } => Some((now, command)),
             // Accounting and credentials do not touch the engine.
@@ -90,6 +95,8 @@ async fn the_simulator_replays_a_brokers_log_to_the_same_state() {
             | Entry::Credential { .. }
             | Entry::TokenIssued { .. }
             | Entry::TokenRevoked { .. }
+            | Entry::Audited { .. }
+            | Entry::Refused(_)
             | Entry::Checkpoint => None,
         })
         .collect();

@@ -33,6 +33,8 @@ pub const TOKEN_COOKIE: &str = "suanli_token";
 pub(crate) struct HttpState {
     pub(crate) views: Arc<Views>,
     pub(crate) tokens: Tokens,
+    /// Where failed authentications are recorded.
+    pub(crate) trail: crate::trail::Trail,
     /// Turns true when the broker stops.
     pub(crate) stopping: watch::Receiver<bool>,
     /// Whether the health routes (and metrics) answer without a token.
@@ -47,9 +49,16 @@ impl HttpState {
     /// Whether the request carries the operator's token, as `Authorization: Bearer` or as the
     /// console's cookie.
     pub(crate) fn is_operator(&self, headers: &HeaderMap) -> bool {
-        token_of(headers)
-            .and_then(|t| self.tokens.lookup(t, crate::writer::wall_ms()).ok())
-            .is_some_and(|c| c.principal == Principal::Operator)
+        let now = crate::writer::wall_ms();
+        let refused = match token_of(headers).map(|t| self.tokens.lookup(t, now)) {
+            Some(Ok(c)) if c.principal == Principal::Operator => return true,
+            Some(Ok(c)) => format!("token {} is not an operator's", c.name),
+            Some(Err(why)) => why,
+            // Not a failure: a browser's first visit, before the login form.
+            None => return false,
+        };
+        self.trail.auth_failed(now, "http".into(), refused);
+        false
     }
 }
 

@@ -41,6 +41,7 @@ mod metrics;
 mod relay;
 mod service;
 mod snapshot;
+pub mod trail;
 mod views;
 mod writer;
 

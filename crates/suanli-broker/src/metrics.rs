@@ -53,10 +53,12 @@ impl Metrics {
         writer: Arc<WriterMetrics>,
         rpc: Arc<RpcMetrics>,
         replica: Arc<crate::ha::Replica>,
+        trail: crate::trail::Trail,
     ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(FleetCollector { views }));
         registry.register_collector(Box::new(ReplicaCollector(replica)));
+        registry.register_collector(Box::new(AuthCollector(trail)));
         registry.register_collector(Box::new(writer));
         registry.register_collector(Box::new(rpc));
         Metrics { registry }
@@ -264,6 +266,27 @@ impl Collector for ReplicaCollector {
             MetricType::Gauge,
             [(none, staleness_ms as f64 / 1e3)],
             |m, v| m.encode_gauge(&v),
+        )
+    }
+}
+
+/// Failed authentications (see [`crate::trail`]).
+struct AuthCollector(crate::trail::Trail);
+
+impl std::fmt::Debug for AuthCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthCollector")
+    }
+}
+
+impl Collector for AuthCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), FmtError> {
+        counters(
+            &mut enc,
+            "suanli_auth_failures",
+            "Calls refused for their credential (missing, unknown, revoked or expired token), on \
+             gRPC and HTTP, since this broker started.",
+            [(NO_LABELS, self.0.auth_failures_total())],
         )
     }
 }
@@ -1166,6 +1189,7 @@ mod tests {
             Arc::default(),
             Arc::new(RpcMetrics::new(&[])),
             crate::ha::Replica::standalone(),
+            crate::trail::Trail::default(),
         );
         let out = metrics.render().unwrap();
         let has = |line: &str| out.lines().any(|l| l == line);

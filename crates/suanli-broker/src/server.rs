@@ -145,11 +145,13 @@ pub async fn run_with(
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ]));
     let writer_metrics = w.metrics();
+    let trail = w.trail();
     let metrics = Arc::new(Metrics::new(
         views.clone(),
         writer_metrics.clone(),
         rpc.clone(),
         replica.clone(),
+        trail.clone(),
     ));
     let (handle, join) = writer::spawn(w, config.queue_capacity);
     let stopper = handle.clone();
@@ -167,6 +169,7 @@ pub async fn run_with(
         let state = HttpState {
             views: views.clone(),
             tokens: tokens.clone(),
+            trail: trail.clone(),
             stopping: stopping.clone(),
             open_metrics: config.http_open_metrics,
             metrics: metrics.clone(),
@@ -188,9 +191,19 @@ pub async fn run_with(
         metrics: writer_metrics,
         replica: replica.clone(),
         tokens: tokens.clone(),
+        trail: trail.clone(),
     };
     let max = config.max_message_bytes;
-    let auth = move |t: Tokens| move |req| t.authenticate(req);
+    let auth = move |t: Tokens| {
+        let trail = trail.clone();
+        move |req: tonic::Request<()>| {
+            let peer = req.remote_addr();
+            t.authenticate(req).inspect_err(|e| {
+                let peer = peer.map_or_else(String::new, |a| a.to_string());
+                trail.auth_failed(writer::wall_ms(), peer, e.message().to_string());
+            })
+        }
+    };
     let tenant = InterceptedService::new(
         TenantServiceServer::new(TenantApi(shared.clone())).max_decoding_message_size(max),
         auth(tokens.clone()),

@@ -18,6 +18,7 @@ use suanli_proto::v1 as pb;
 use crate::auth::{Principal, TokenRecord, hash_secret, primary_name};
 use crate::error::BrokerError;
 use crate::store::Store;
+use crate::trail::AuditRecord;
 use crate::writer::Idempotency;
 
 /// The first byte of every saved snapshot. The image is postcard, which is not
@@ -39,6 +40,7 @@ pub(crate) struct Capture {
     pub ended: VecDeque<(u64, u64)>,
     pub idempotency: Idempotency,
     pub tokens: Vec<TokenRecord>,
+    pub trail: Vec<AuditRecord>,
     pub now: u64,
     /// The ledger (see `billing`): derived from the log like the engine.
     pub ledger: Ledger,
@@ -55,6 +57,8 @@ pub(crate) struct Image {
     pub idempotency: Idempotency,
     /// Every token, revoked ones included, by name.
     pub tokens: Vec<TokenRecord>,
+    /// The audit trail, oldest first.
+    pub trail: Vec<AuditRecord>,
     pub now: u64,
     /// The ledger (see `billing`): derived from the log like the engine.
     pub ledger: Ledger,
@@ -95,6 +99,7 @@ impl From<ImageBeforeHashes> for Image {
             ended: i.ended,
             idempotency: i.idempotency,
             tokens: hashed(i.tokens, i.now),
+            trail: Vec::new(),
             now: i.now,
             ledger: i.ledger,
         }
@@ -121,6 +126,7 @@ impl From<ImageBeforeAsked> for Image {
             ended: i.ended,
             idempotency: i.idempotency.into(),
             tokens: hashed(i.tokens, i.now),
+            trail: Vec::new(),
             now: i.now,
             ledger: i.ledger,
         }
@@ -178,6 +184,7 @@ impl Capture {
             ended: self.ended,
             idempotency: self.idempotency,
             tokens: self.tokens,
+            trail: self.trail,
             now: self.now,
             ledger: self.ledger,
         };

@@ -134,6 +134,18 @@ pub enum Entry {
         /// The caller's idempotency key, if any.
         key: Option<IdemKey>,
     },
+    /// An operator's call that took effect: `entry`, what it caused, applied at `at`, with who
+    /// called, which RPC, on what (see [`crate::trail`]).
+    Audited {
+        /// When (unix ms).
+        at: u64,
+        /// Who, which call, on what.
+        tag: crate::trail::AuditTag,
+        /// What the call logged.
+        entry: Box<Entry>,
+    },
+    /// An operator's call that was refused: changes nothing but the trail.
+    Refused(crate::trail::AuditRecord),
     /// A token revoked at `at` (unix ms).
     TokenRevoked {
         /// Its name.
@@ -143,6 +155,17 @@ pub enum Entry {
         /// The caller's idempotency key, if any.
         key: Option<IdemKey>,
     },
+}
+
+impl Entry {
+    /// The engine's command this entry logs, if any (also inside an operator's audited call).
+    pub fn command(&self) -> Option<&Command> {
+        match self {
+            Entry::Command { command, .. } => Some(command),
+            Entry::Audited { entry, .. } => entry.command(),
+            _ => None,
+        }
+    }
 }
 
 /// What recovery starts from.

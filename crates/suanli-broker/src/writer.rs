@@ -33,6 +33,7 @@ use crate::ha::Replica;
 use crate::metrics::{self, WriterMetrics};
 use crate::snapshot::{Capture, Image};
 use crate::store::{Entry, IdemKey, Store};
+use crate::trail::{AuditRecord, AuditTag, Trail};
 use crate::views::{QueueView, Queued, Snapshot, Views};
 
 /// Largest batch the writer takes at once.
@@ -152,6 +153,16 @@ pub(crate) enum Op {
     Checkpoint {
         reply: oneshot::Sender<Result<(u64, u64), BrokerError>>,
     },
+    /// An operator's operation: the first entry it logs carries `tag`.
+    Audited {
+        tag: Arc<AuditTag>,
+        op: Box<Op>,
+    },
+    /// An operator's call was refused: logged for the trail.
+    Refused {
+        tag: AuditTag,
+        reason: String,
+    },
 }
 
 /// How long a request_id is remembered: the API promises at least 24 hours.
@@ -227,10 +238,36 @@ impl From<IdempotencyBeforeAsked> for Idempotency {
 #[derive(Clone)]
 pub(crate) struct Handle {
     tx: SyncSender<Op>,
+    /// The audit tag of an operator's call, sent with each of its operations.
+    audit: Option<Arc<AuditTag>>,
 }
 
 impl Handle {
+    /// This handle, sending `tag` with each operation: the first entry an operation logs
+    /// carries it (see [`crate::trail`]).
+    pub fn audited(&self, tag: AuditTag) -> Handle {
+        Handle {
+            tx: self.tx.clone(),
+            audit: Some(Arc::new(tag)),
+        }
+    }
+
+    /// Logs that an operator's call was refused, and why. Not answered: a refusal that cannot
+    /// be logged (the queue is full, this replica does not lead) is only a warning.
+    pub fn refused(&self, tag: AuditTag, reason: String) {
+        if let Err(e) = self.tx.try_send(Op::Refused { tag, reason }) {
+            warn!(error = %e, "a refused operator call could not be put in the audit trail");
+        }
+    }
+
     fn send(&self, op: Op) -> Result<(), BrokerError> {
+        let op = match &self.audit {
+            Some(tag) => Op::Audited {
+                tag: tag.clone(),
+                op: Box::new(op),
+            },
+            None => op,
+        };
         self.tx.try_send(op).map_err(|e| match e {
             TrySendError::Full(_) => BrokerError::Overloaded,
             TrySendError::Disconnected(_) => {
@@ -426,6 +463,8 @@ pub(crate) struct Writer {
     snapshotting: Option<std::thread::JoinHandle<Result<(), BrokerError>>>,
     views: Arc<Views>,
     tokens: Tokens,
+    /// The audit trail: what applying the log gives (see [`crate::trail`]).
+    trail: Trail,
     config: Arc<BrokerConfig>,
     idem: Idempotency,
     watch: broadcast::Sender<Arc<WatchEvent>>,
@@ -525,6 +564,7 @@ impl Writer {
             snapshotting: None,
             views,
             tokens,
+            trail: Trail::default(),
             config,
             idem: Idempotency::default(),
             watch,
@@ -624,6 +664,18 @@ impl Writer {
                     self.idem.insert(k, Vec::new(), at);
                 }
             }
+            Entry::Audited { at, tag, entry } => {
+                self.trail.push(AuditRecord {
+                    at,
+                    tag,
+                    refused: String::new(),
+                });
+                self.replay(*entry);
+            }
+            Entry::Refused(record) => {
+                self.now = self.now.max(record.at);
+                self.trail.push(record);
+            }
             Entry::Checkpoint => {}
         }
     }
@@ -661,6 +713,8 @@ impl Writer {
         )?;
         self.tokens.assign(&fresh.tokens);
         fresh.tokens = self.tokens.clone();
+        self.trail.assign(&fresh.trail);
+        fresh.trail = self.trail.clone();
         *self = fresh;
         let now = self.now;
         self.publish(now, true);
@@ -733,6 +787,8 @@ impl Writer {
             | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
             Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
             Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
+            Op::Audited { op, .. } => self.refuse(*op),
+            Op::Refused { .. } => {}
             Op::ReadLedger(read) => read(&self.ledger),
             // The service refused the stream already; the link closes with the sender.
             Op::AgentHello { .. } => {}
@@ -824,6 +880,7 @@ impl Writer {
             tokens,
             now,
             ledger,
+            trail,
             ..
         } = image;
         engine
@@ -857,6 +914,9 @@ impl Writer {
         for record in tokens {
             self.tokens.issue(record);
         }
+        for record in trail {
+            self.trail.push(record);
+        }
         self.now = now;
         self.last_snapshot = at;
         Ok(())
@@ -887,6 +947,7 @@ impl Writer {
             ended: self.ended.clone(),
             idempotency: self.idem.clone(),
             tokens: self.tokens.records().into_iter().map(|(r, _)| r).collect(),
+            trail: self.trail.records(),
             now: self.now,
             ledger: self.ledger.clone(),
         };
@@ -906,6 +967,11 @@ impl Writer {
     /// What the writer counts and times, for `/metrics`.
     pub fn metrics(&self) -> Arc<WriterMetrics> {
         self.metrics.clone()
+    }
+
+    /// The audit trail this writer keeps.
+    pub fn trail(&self) -> Trail {
+        self.trail.clone()
     }
 
     /// The engine (for start-up checks).
@@ -1858,18 +1924,17 @@ impl Writer {
             // then before the replies. Requests' own records are current already (`process`).
             let shapes_fleet = entries.iter().any(|e| {
                 matches!(
-                    e,
-                    Entry::Command {
-                        command: Command::RegisterPool(_)
+                    e.command(),
+                    Some(
+                        Command::RegisterPool(_)
                             | Command::UpdatePool(_)
                             | Command::DrainPool { .. }
                             | Command::UndrainPool { .. }
                             | Command::LosePool { .. }
                             | Command::RestorePool { .. }
                             | Command::SetNodeHealth { .. }
-                            | Command::SetTenant(_),
-                        ..
-                    }
+                            | Command::SetTenant(_)
+                    )
                 )
             });
             if !entries.is_empty() {
@@ -1950,6 +2015,33 @@ impl Writer {
 
     fn handle(&mut self, op: Op, now: u64, entries: &mut Vec<Entry>, replies: &mut Vec<Reply>) {
         match op {
+            Op::Audited { tag, op } => {
+                let first = entries.len();
+                self.handle(*op, now, entries, replies);
+                if let Some(entry) = entries.get_mut(first) {
+                    let tag = Arc::unwrap_or_clone(tag);
+                    self.trail.push(AuditRecord {
+                        at: now,
+                        tag: tag.clone(),
+                        refused: String::new(),
+                    });
+                    let inner = std::mem::replace(entry, Entry::Checkpoint);
+                    *entry = Entry::Audited {
+                        at: now,
+                        tag,
+                        entry: Box::new(inner),
+                    };
+                }
+            }
+            Op::Refused { tag, reason } => {
+                let record = AuditRecord {
+                    at: now,
+                    tag,
+                    refused: reason,
+                };
+                self.trail.push(record.clone());
+                entries.push(Entry::Refused(record));
+            }
             // A leader's own appends come back through the tail: nothing to do. An append at
             // or past its own end is another leader's: this term is over.
             Op::Replicated { first, .. } => {
@@ -2151,7 +2243,7 @@ pub(crate) fn spawn(
         .name("suanli-writer".into())
         .spawn(move || writer.run(rx))
         .expect("spawn the writer thread");
-    (Handle { tx }, join)
+    (Handle { tx, audit: None }, join)
 }
 
 #[cfg(test)]
@@ -2218,7 +2310,7 @@ mod tests {
     #[test]
     fn a_full_command_queue_is_resource_exhausted_and_a_stopped_writer_unavailable() {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let h = Handle { tx };
+        let h = Handle { tx, audit: None };
         h.heartbeat("p".into()).unwrap();
         let full = h.heartbeat("p".into()).unwrap_err();
         assert!(matches!(full, BrokerError::Overloaded));

@@ -2,8 +2,8 @@
 //!
 //! - `suanli serve` runs the broker.
 //! - Tenants (AI companies): `submit`, `get`, `list`, `cancel`, `release`, `watch`, `quote`, `me`.
-//! - Operators: `fleet`, `pools`, `tenants`, `queue`, `tokens`, and `top`, the live picture in a
-//!   terminal.
+//! - Operators: `fleet`, `pools`, `tenants`, `queue`, `tokens`, `audit`, and `top`, the live
+//!   picture in a terminal.
 //! - Accounting: `vouchers` (and `vouchers issue`), `bill`, `subsidy`, `budget`.
 //! - `suanli agent` runs a pool's agent (with simulated jobs); `suanli loadgen` drives a broker
 //!   and measures it.
@@ -103,6 +103,9 @@ enum Command {
     Top(top::TopArgs),
     /// List bearer tokens; create one (its secret shown once) or revoke one (operator).
     Tokens(token_cmds::TokensArgs),
+    /// Show the audit trail: who changed what, when, and whether it took effect; or, with
+    /// --auth-failures, the refused credentials (operator).
+    Audit(operator_cmds::AuditArgs),
 
     /// List compute vouchers with their balances (a tenant: its own; the operator: all, or
     /// --tenant's); `vouchers issue` issues one (operator).
@@ -157,6 +160,7 @@ async fn dispatch(g: &GlobalArgs, command: &Command) -> anyhow::Result<()> {
         Command::Fleet => operator_cmds::fleet(g).await,
         Command::Replica(a) => operator_cmds::replica(g, a).await,
         Command::Tokens(a) => token_cmds::tokens(g, a).await,
+        Command::Audit(a) => operator_cmds::audit(g, a).await,
         Command::Pools(a) => operator_cmds::pools(g, a).await,
         Command::Tenants(a) => operator_cmds::tenants(g, a).await,
         Command::Queue(a) => operator_cmds::queue(g, a).await,

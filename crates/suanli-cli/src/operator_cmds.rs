@@ -6,8 +6,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::{
-    DrainPoolRequest, GetFleetSummaryRequest, GetPoolRequest, ListPoolsRequest, ListQueueRequest,
-    ListTenantsRequest, Priority, SetTenantRequest, Tenant, UndrainPoolRequest,
+    DrainPoolRequest, GetFleetSummaryRequest, GetPoolRequest, ListAuditRecordsRequest,
+    ListPoolsRequest, ListQueueRequest, ListTenantsRequest, Priority, SetTenantRequest, Tenant,
+    UndrainPoolRequest,
 };
 
 use crate::client::{self, Authed, GlobalArgs, PageArgs};
@@ -405,6 +406,88 @@ pub async fn queue(g: &GlobalArgs, a: &QueueArgs) -> anyhow::Result<()> {
         output::print_json(&output::requests_page_json(&requests, &next));
     } else {
         output::emit(&output::queue_table(&requests).render());
+        more_hint(&next);
+    }
+    Ok(())
+}
+
+/// `suanli audit`.
+#[derive(Args, Clone, Debug)]
+pub struct AuditArgs {
+    /// Only records from this time on: RFC 3339 (2026-12-01T00:00:00+08:00) or before now
+    /// (-24h).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub since: Option<String>,
+    /// List the failed authentications this broker saw instead (kept in memory).
+    #[arg(long)]
+    pub auth_failures: bool,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// `suanli audit`: who changed what, when, and whether it took effect.
+pub async fn audit(g: &GlobalArgs, a: &AuditArgs) -> anyhow::Result<()> {
+    let since_unix_ms = match a.since.as_deref().map(str::trim) {
+        None => 0,
+        Some(ago) if ago.starts_with('-') => {
+            let back =
+                parse::duration_ms(&ago[1..]).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            crate::time::now_unix_ms().saturating_sub(back)
+        }
+        Some(at) => crate::time::parse_rfc3339(at).map_err(|e| anyhow::anyhow!("--since: {e}"))?,
+    };
+    let client = client::operator_client(g).await?;
+    let auth_failures = a.auth_failures;
+    let (records, next) = a
+        .page
+        .collect(|page_size, page_token| {
+            let mut client = client.clone();
+            async move {
+                let page = client
+                    .list_audit_records(ListAuditRecordsRequest {
+                        since_unix_ms,
+                        page_size,
+                        page_token,
+                        auth_failures,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.records, page.next_page_token))
+            }
+        })
+        .await?;
+    if g.json {
+        let records: Vec<_> = records
+            .iter()
+            .map(|r| {
+                json!({
+                    "time_unix_ms": r.time_unix_ms,
+                    "time": output::time(r.time_unix_ms),
+                    "who": r.who,
+                    "rpc": r.rpc,
+                    "target": r.target,
+                    "outcome": if r.refused.is_empty() { "ok" } else { "refused" },
+                    "refused": r.refused,
+                })
+            })
+            .collect();
+        output::print_json(&json!({"records": records, "next_page_token": next}));
+    } else {
+        let mut t = output::Table::new(&["TIME", "WHO", "CALL", "TARGET", "OUTCOME"]);
+        for r in &records {
+            t.row(vec![
+                output::time(r.time_unix_ms),
+                r.who.clone(),
+                r.rpc.clone(),
+                r.target.clone(),
+                if r.refused.is_empty() {
+                    "ok".into()
+                } else {
+                    format!("refused: {}", r.refused)
+                },
+            ]);
+        }
+        output::emit(&t.render());
         more_hint(&next);
     }
     Ok(())

@@ -210,5 +210,38 @@ async fn an_operator_creates_lists_and_revokes_tokens_from_the_command_line() {
     assert!(!active.to_string().contains("ml-team"));
     let all = json(&addr, &op, &["--json", "tokens", "--all"]);
     assert!(all.to_string().contains("ml-team"));
+
+    // The audit trail names who did each, and the refused credential.
+    let trail = json(&addr, &op, &["--json", "audit", "--since", "-1h"]);
+    let records = trail["records"].as_array().unwrap();
+    let calls: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["who"].as_str().unwrap(),
+                r["rpc"].as_str().unwrap(),
+                r["target"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        calls.contains(&("operator:primary", "CreateToken", "tokens/ml-team"))
+            && calls.contains(&("operator:primary", "RevokeToken", "tokens/ml-team")),
+        "{calls:?}"
+    );
+    let out = suanli(&addr, &op, &["audit"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("OUTCOME") && table.contains("RevokeToken"),
+        "{table}"
+    );
+    let failures = json(&addr, &op, &["--json", "audit", "--auth-failures"]);
+    assert!(
+        failures.to_string().contains("token ml-team was revoked"),
+        "{failures}"
+    );
+    let out = suanli(&addr, &op, &["audit", "--since", "yesterday"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
     child.kill();
 }

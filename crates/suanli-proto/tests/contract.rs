@@ -103,6 +103,7 @@ fn operator_service_has_its_methods() {
             "CreateToken",
             "ListTokens",
             "RevokeToken",
+            "ListAuditRecords",
         ]
     );
 }

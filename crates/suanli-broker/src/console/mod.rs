@@ -100,8 +100,14 @@ async fn login(State(state): State<HttpState>, Query(params): Query<LoginParams>
     if token.is_empty() {
         return login_form(StatusCode::UNAUTHORIZED, "");
     }
-    let who = state.tokens.lookup(token, crate::writer::wall_ms());
-    if !who.is_ok_and(|c| c.principal == Principal::Operator) {
+    let now = crate::writer::wall_ms();
+    let refused = match state.tokens.lookup(token, now) {
+        Ok(c) if c.principal == Principal::Operator => None,
+        Ok(c) => Some(format!("token {} is not an operator's", c.name)),
+        Err(why) => Some(why),
+    };
+    if let Some(why) = refused {
+        state.trail.auth_failed(now, "console login".into(), why);
         return login_form(
             StatusCode::UNAUTHORIZED,
             "That is not the operator's token.",

@@ -31,6 +31,8 @@ pub struct Shared {
     pub(crate) replica: Arc<crate::ha::Replica>,
     /// The tokens: streams end when theirs stops working.
     pub(crate) tokens: Tokens,
+    /// The audit trail.
+    pub(crate) trail: crate::trail::Trail,
 }
 
 impl Shared {

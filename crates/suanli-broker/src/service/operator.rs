@@ -8,11 +8,15 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::{Shared, idem_key, page_from, page_size};
-use crate::auth::{Principal, TokenRecord, check_token_name, hash_secret, new_token, principal};
+use crate::auth::{
+    Principal, TokenRecord, check_token_name, credential, hash_secret, new_token, principal,
+};
 use crate::billing::BillingOp;
 use crate::convert;
 use crate::error::BrokerError;
 use crate::store::IdemKey;
+use crate::trail::AuditTag;
+use crate::writer::Handle;
 
 /// The operator service.
 pub struct OperatorApi(pub Shared);
@@ -69,20 +73,8 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::DrainPoolRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
-        let key = idem_key(
-            who.key(),
-            &req.get_ref().request_id,
-            "DrainPool",
-            req.get_ref(),
-        )?;
-        self.0
-            .writer
-            .apply(Command::DrainPool { pool: id.clone() }, key)
-            .await?;
-        Ok(Response::new(self.0.pool(&id)?))
+        let audit = self.audit(&req, "DrainPool", pool_target(&req.get_ref().name))?;
+        audit.finish(self.drain_pool_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "UndrainPool"))]
@@ -90,25 +82,8 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::UndrainPoolRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
-        let who = principal(&req)?;
-        who.operator()?;
-        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
-        if self.0.pool(&id)?.health == pb::PoolHealth::Lost as i32 {
-            return Err(Status::failed_precondition(format!(
-                "pool {id} is lost: it comes back when its agent reconnects"
-            )));
-        }
-        let key = idem_key(
-            who.key(),
-            &req.get_ref().request_id,
-            "UndrainPool",
-            req.get_ref(),
-        )?;
-        self.0
-            .writer
-            .apply(Command::UndrainPool { pool: id.clone() }, key)
-            .await?;
-        Ok(Response::new(self.0.pool(&id)?))
+        let audit = self.audit(&req, "UndrainPool", pool_target(&req.get_ref().name))?;
+        audit.finish(self.undrain_pool_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "SetTenant"))]
@@ -116,28 +91,15 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetTenantRequest>,
     ) -> Result<Response<pb::SetTenantResponse>, Status> {
-        let (req, key) = operator_mutation(req, "SetTenant", |r| &r.request_id)?;
-        let spec = convert::tenant_from_pb(req.tenant, "tenant")?;
-        let name = spec.name.clone();
-        let is_new = !self.0.views.snapshot().tenants.iter().any(|t| t.id == name);
-        self.0.writer.apply(Command::SetTenant(spec), key).await?;
-        let mut credential = String::new();
-        if is_new || req.rotate_credential {
-            credential = new_token("tenant");
-            self.0
-                .writer
-                .grant(Principal::Tenant(name.clone()), credential.clone())
-                .await?;
-        }
-        let tenant = self
-            .0
-            .views
-            .snapshot()
-            .tenants
-            .iter()
-            .find(|t| t.id == name)
-            .cloned();
-        Ok(Response::new(pb::SetTenantResponse { tenant, credential }))
+        let audit = self.audit(
+            &req,
+            "SetTenant",
+            format!(
+                "tenants/{}",
+                req.get_ref().tenant.as_ref().map_or("", |t| t.id.as_str())
+            ),
+        )?;
+        audit.finish(self.set_tenant_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "ListTenants"))]
@@ -186,20 +148,17 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::IssueVoucherRequest>,
     ) -> Result<Response<pb::VoucherBalance>, Status> {
-        let (req, key) = operator_mutation(req, "IssueVoucher", |r| &r.request_id)?;
-        let spec = convert::voucher_from_pb(req.voucher, "voucher")?;
-        let id = spec.id.clone();
-        self.0
-            .writer
-            .billing(BillingOp::IssueVoucher(spec), key)
-            .await?;
-        let voucher = self
-            .0
-            .writer
-            .read_ledger(move |l| l.voucher(&id).map(convert::voucher_to_pb))
-            .await?
-            .ok_or_else(|| Status::internal("an issued voucher is missing"))?;
-        Ok(Response::new(voucher))
+        let audit = self.audit(
+            &req,
+            "IssueVoucher",
+            req.get_ref()
+                .voucher
+                .as_ref()
+                .map_or_else(String::new, |v| {
+                    format!("tenants/{}/vouchers/{}", v.tenant, v.id)
+                }),
+        )?;
+        audit.finish(self.issue_voucher_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "ListVouchers"))]
@@ -227,32 +186,12 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetBudgetRequest>,
     ) -> Result<Response<pb::SetBudgetResponse>, Status> {
-        let (req, key) = operator_mutation(req, "SetBudget", |r| &r.request_id)?;
-        if req.tenant.is_empty() {
-            return Err(BrokerError::field("tenant", "required").into());
-        }
-        let budget = convert::budget_from_pb(req.budget, "budget")?;
-        let tenant = req.tenant;
-        self.0
-            .writer
-            .billing(
-                BillingOp::SetBudget {
-                    tenant: tenant.clone(),
-                    budget,
-                },
-                key,
-            )
-            .await?;
-        let name = tenant.clone();
-        let budget = self
-            .0
-            .writer
-            .read_ledger(move |l| l.tenant(&name).and_then(|a| a.budget))
-            .await?;
-        Ok(Response::new(pb::SetBudgetResponse {
-            tenant,
-            budget: budget.as_ref().map(convert::budget_to_pb),
-        }))
+        let audit = self.audit(
+            &req,
+            "SetBudget",
+            format!("tenants/{}", req.get_ref().tenant),
+        )?;
+        audit.finish(self.set_budget_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "SetSubsidyBudget"))]
@@ -260,20 +199,8 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::SetSubsidyBudgetRequest>,
     ) -> Result<Response<pb::SetSubsidyBudgetResponse>, Status> {
-        let (req, key) = operator_mutation(req, "SetSubsidyBudget", |r| &r.request_id)?;
-        let monthly = req.monthly_fen.map(suanli_billing::Fen);
-        self.0
-            .writer
-            .billing(BillingOp::SetSubsidyBudget { monthly }, key)
-            .await?;
-        let monthly = self
-            .0
-            .writer
-            .read_ledger(|l| l.subsidy_budget_monthly())
-            .await?;
-        Ok(Response::new(pb::SetSubsidyBudgetResponse {
-            monthly_fen: monthly.map(|f| f.0),
-        }))
+        let audit = self.audit(&req, "SetSubsidyBudget", "subsidy-budget".to_string())?;
+        audit.finish(self.set_subsidy_budget_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "AdjustBalance"))]
@@ -281,37 +208,12 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::AdjustBalanceRequest>,
     ) -> Result<Response<pb::AdjustBalanceResponse>, Status> {
-        let (req, key) = operator_mutation(req, "AdjustBalance", |r| &r.request_id)?;
-        if req.tenant.is_empty() {
-            return Err(BrokerError::field("tenant", "required").into());
-        }
-        if req.reason.trim().is_empty() {
-            return Err(BrokerError::field("reason", "required").into());
-        }
-        let op = BillingOp::Adjust {
-            tenant: req.tenant.clone(),
-            amount: suanli_billing::Fen(req.amount_fen),
-            reason: req.reason,
-        };
-        self.0.writer.billing(op, key).await?;
-        // The month of the tenant's latest adjustment: the one just made (or, for a retry, the
-        // one made the first time, unless the tenant was adjusted again since).
-        let tenant = req.tenant.clone();
-        let at = self
-            .0
-            .writer
-            .read_ledger(move |l| {
-                l.entries().iter().rev().find_map(|e| match &e.kind {
-                    EntryKind::Adjusted { tenant: t, .. } if *t == tenant => Some(e.at),
-                    _ => None,
-                })
-            })
-            .await?
-            .ok_or_else(|| BrokerError::Store("the adjustment is not in the ledger".into()))?;
-        Ok(Response::new(pb::AdjustBalanceResponse {
-            tenant: req.tenant,
-            month: suanli_billing::Month::containing(at).to_string(),
-        }))
+        let audit = self.audit(
+            &req,
+            "AdjustBalance",
+            format!("tenants/{}", req.get_ref().tenant),
+        )?;
+        audit.finish(self.adjust_balance_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "GetStatement"))]
@@ -399,32 +301,31 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(pb::LogCheckpoint { log_index, digest }))
     }
 
+    #[instrument(skip_all, fields(rpc = "ListAuditRecords"))]
+    async fn list_audit_records(
+        &self,
+        req: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        principal(&req)?.operator()?;
+        if !req.get_ref().auth_failures {
+            // After every operation queued before it, refusals included: the caller reads
+            // its own calls.
+            self.0.writer.read_ledger(|_| ()).await?;
+        }
+        Ok(Response::new(self.audit_page(req.get_ref())?))
+    }
+
     #[instrument(skip_all, fields(rpc = "CreateToken"))]
     async fn create_token(
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let (req, key) = operator_mutation(req, "CreateToken", |r| &r.request_id)?;
-        check_token_name(&req.name)?;
-        let principal = owner_from_pb(req.owner.as_ref())?;
-        let secret = new_token(match principal {
-            Principal::Operator => "operator",
-            Principal::Tenant(_) => "tenant",
-            Principal::Agent(_) => "agent",
-        });
-        let record = TokenRecord {
-            name: req.name.clone(),
-            principal,
-            hash: hash_secret(&secret),
-            created_ms: 0,
-            expires_ms: (req.expires_unix_ms > 0).then_some(req.expires_unix_ms),
-            revoked_ms: None,
-        };
-        self.0.writer.create_token(record, key).await?;
-        Ok(Response::new(pb::CreateTokenResponse {
-            token: Some(self.token_info(&req.name)?),
-            secret,
-        }))
+        let audit = self.audit(
+            &req,
+            "CreateToken",
+            format!("tokens/{}", req.get_ref().name),
+        )?;
+        audit.finish(self.create_token_call(req, &audit.writer).await)
     }
 
     #[instrument(skip_all, fields(rpc = "ListTokens"))]
@@ -455,16 +356,283 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::TokenInfo>, Status> {
-        let (req, key) = operator_mutation(req, "RevokeToken", |r| &r.request_id)?;
-        if req.name.is_empty() {
-            return Err(BrokerError::field("name", "required").into());
-        }
-        self.0.writer.revoke_token(req.name.clone(), key).await?;
-        Ok(Response::new(self.token_info(&req.name)?))
+        let audit = self.audit(
+            &req,
+            "RevokeToken",
+            format!("tokens/{}", req.get_ref().name),
+        )?;
+        audit.finish(self.revoke_token_call(req, &audit.writer).await)
     }
 }
 
 impl OperatorApi {
+    async fn drain_pool_call(
+        &self,
+        req: Request<pb::DrainPoolRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
+        let key = idem_key(
+            who.key(),
+            &req.get_ref().request_id,
+            "DrainPool",
+            req.get_ref(),
+        )?;
+        w.apply(Command::DrainPool { pool: id.clone() }, key)
+            .await?;
+        Ok(Response::new(self.0.pool(&id)?))
+    }
+
+    async fn undrain_pool_call(
+        &self,
+        req: Request<pb::UndrainPoolRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let who = principal(&req)?;
+        who.operator()?;
+        let id = convert::parse_pool_name(&req.get_ref().name, "name")?;
+        if self.0.pool(&id)?.health == pb::PoolHealth::Lost as i32 {
+            return Err(Status::failed_precondition(format!(
+                "pool {id} is lost: it comes back when its agent reconnects"
+            )));
+        }
+        let key = idem_key(
+            who.key(),
+            &req.get_ref().request_id,
+            "UndrainPool",
+            req.get_ref(),
+        )?;
+        w.apply(Command::UndrainPool { pool: id.clone() }, key)
+            .await?;
+        Ok(Response::new(self.0.pool(&id)?))
+    }
+
+    async fn set_tenant_call(
+        &self,
+        req: Request<pb::SetTenantRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::SetTenantResponse>, Status> {
+        let (req, key) = operator_mutation(req, "SetTenant", |r| &r.request_id)?;
+        let spec = convert::tenant_from_pb(req.tenant, "tenant")?;
+        let name = spec.name.clone();
+        let is_new = !self.0.views.snapshot().tenants.iter().any(|t| t.id == name);
+        w.apply(Command::SetTenant(spec), key).await?;
+        let mut credential = String::new();
+        if is_new || req.rotate_credential {
+            credential = new_token("tenant");
+            self.0
+                .writer
+                .grant(Principal::Tenant(name.clone()), credential.clone())
+                .await?;
+        }
+        let tenant = self
+            .0
+            .views
+            .snapshot()
+            .tenants
+            .iter()
+            .find(|t| t.id == name)
+            .cloned();
+        Ok(Response::new(pb::SetTenantResponse { tenant, credential }))
+    }
+
+    async fn issue_voucher_call(
+        &self,
+        req: Request<pb::IssueVoucherRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::VoucherBalance>, Status> {
+        let (req, key) = operator_mutation(req, "IssueVoucher", |r| &r.request_id)?;
+        let spec = convert::voucher_from_pb(req.voucher, "voucher")?;
+        let id = spec.id.clone();
+        w.billing(BillingOp::IssueVoucher(spec), key).await?;
+        let voucher = self
+            .0
+            .writer
+            .read_ledger(move |l| l.voucher(&id).map(convert::voucher_to_pb))
+            .await?
+            .ok_or_else(|| Status::internal("an issued voucher is missing"))?;
+        Ok(Response::new(voucher))
+    }
+
+    async fn set_budget_call(
+        &self,
+        req: Request<pb::SetBudgetRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::SetBudgetResponse>, Status> {
+        let (req, key) = operator_mutation(req, "SetBudget", |r| &r.request_id)?;
+        if req.tenant.is_empty() {
+            return Err(BrokerError::field("tenant", "required").into());
+        }
+        let budget = convert::budget_from_pb(req.budget, "budget")?;
+        let tenant = req.tenant;
+        w.billing(
+            BillingOp::SetBudget {
+                tenant: tenant.clone(),
+                budget,
+            },
+            key,
+        )
+        .await?;
+        let name = tenant.clone();
+        let budget = self
+            .0
+            .writer
+            .read_ledger(move |l| l.tenant(&name).and_then(|a| a.budget))
+            .await?;
+        Ok(Response::new(pb::SetBudgetResponse {
+            tenant,
+            budget: budget.as_ref().map(convert::budget_to_pb),
+        }))
+    }
+
+    async fn set_subsidy_budget_call(
+        &self,
+        req: Request<pb::SetSubsidyBudgetRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::SetSubsidyBudgetResponse>, Status> {
+        let (req, key) = operator_mutation(req, "SetSubsidyBudget", |r| &r.request_id)?;
+        let monthly = req.monthly_fen.map(suanli_billing::Fen);
+        w.billing(BillingOp::SetSubsidyBudget { monthly }, key)
+            .await?;
+        let monthly = self
+            .0
+            .writer
+            .read_ledger(|l| l.subsidy_budget_monthly())
+            .await?;
+        Ok(Response::new(pb::SetSubsidyBudgetResponse {
+            monthly_fen: monthly.map(|f| f.0),
+        }))
+    }
+
+    async fn adjust_balance_call(
+        &self,
+        req: Request<pb::AdjustBalanceRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::AdjustBalanceResponse>, Status> {
+        let (req, key) = operator_mutation(req, "AdjustBalance", |r| &r.request_id)?;
+        if req.tenant.is_empty() {
+            return Err(BrokerError::field("tenant", "required").into());
+        }
+        if req.reason.trim().is_empty() {
+            return Err(BrokerError::field("reason", "required").into());
+        }
+        let op = BillingOp::Adjust {
+            tenant: req.tenant.clone(),
+            amount: suanli_billing::Fen(req.amount_fen),
+            reason: req.reason,
+        };
+        w.billing(op, key).await?;
+        // The month of the tenant's latest adjustment: the one just made (or, for a retry, the
+        // one made the first time, unless the tenant was adjusted again since).
+        let tenant = req.tenant.clone();
+        let at = self
+            .0
+            .writer
+            .read_ledger(move |l| {
+                l.entries().iter().rev().find_map(|e| match &e.kind {
+                    EntryKind::Adjusted { tenant: t, .. } if *t == tenant => Some(e.at),
+                    _ => None,
+                })
+            })
+            .await?
+            .ok_or_else(|| BrokerError::Store("the adjustment is not in the ledger".into()))?;
+        Ok(Response::new(pb::AdjustBalanceResponse {
+            tenant: req.tenant,
+            month: suanli_billing::Month::containing(at).to_string(),
+        }))
+    }
+
+    async fn create_token_call(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let (req, key) = operator_mutation(req, "CreateToken", |r| &r.request_id)?;
+        check_token_name(&req.name)?;
+        let principal = owner_from_pb(req.owner.as_ref())?;
+        let secret = new_token(match principal {
+            Principal::Operator => "operator",
+            Principal::Tenant(_) => "tenant",
+            Principal::Agent(_) => "agent",
+        });
+        let record = TokenRecord {
+            name: req.name.clone(),
+            principal,
+            hash: hash_secret(&secret),
+            created_ms: 0,
+            expires_ms: (req.expires_unix_ms > 0).then_some(req.expires_unix_ms),
+            revoked_ms: None,
+        };
+        w.create_token(record, key).await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(self.token_info(&req.name)?),
+            secret,
+        }))
+    }
+
+    async fn revoke_token_call(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+        w: &Handle,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let (req, key) = operator_mutation(req, "RevokeToken", |r| &r.request_id)?;
+        if req.name.is_empty() {
+            return Err(BrokerError::field("name", "required").into());
+        }
+        w.revoke_token(req.name.clone(), key).await?;
+        Ok(Response::new(self.token_info(&req.name)?))
+    }
+
+    /// A page of the trail, or of the failed authentications.
+    fn audit_page(
+        &self,
+        r: &pb::ListAuditRecordsRequest,
+    ) -> Result<pb::ListAuditRecordsResponse, BrokerError> {
+        let skip = page_from(&r.page_token)? as usize;
+        let limit = page_size(r.page_size);
+        let (records, more) = if r.auth_failures {
+            let failures = self.0.trail.auth_failures(r.since_unix_ms);
+            let more = failures.len() > skip + limit;
+            let page = failures
+                .into_iter()
+                .skip(skip)
+                .take(limit)
+                .map(|f| pb::AuditRecord {
+                    time_unix_ms: f.at,
+                    who: f.peer,
+                    rpc: "authenticate".into(),
+                    target: String::new(),
+                    refused: f.reason,
+                })
+                .collect::<Vec<_>>();
+            (page, more)
+        } else {
+            let (page, more) = self.0.trail.page(r.since_unix_ms, skip, limit);
+            let page = page
+                .into_iter()
+                .map(|a| pb::AuditRecord {
+                    time_unix_ms: a.at,
+                    who: a.tag.who,
+                    rpc: a.tag.rpc,
+                    target: a.tag.target,
+                    refused: a.refused,
+                })
+                .collect::<Vec<_>>();
+            (page, more)
+        };
+        let next_page_token = if more {
+            (skip + records.len()).to_string()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListAuditRecordsResponse {
+            records,
+            next_page_token,
+        })
+    }
+
     /// A token as listed, by name.
     fn token_info(&self, name: &str) -> Result<pb::TokenInfo, BrokerError> {
         self.0
@@ -475,6 +643,48 @@ impl OperatorApi {
             .map(|(t, used)| token_to_pb(&t, used))
             .ok_or_else(|| BrokerError::NotFound(format!("token {name} not found")))
     }
+}
+
+/// An operator's mutation under way: the writer it calls logs its audit tag with the entry
+/// it causes; a refusal is logged as one (see [`crate::trail`]).
+struct Audit {
+    writer: Handle,
+    plain: Handle,
+    tag: AuditTag,
+}
+
+impl OperatorApi {
+    /// Starts an operator's mutation: PERMISSION_DENIED unless the caller is an operator.
+    fn audit<T>(&self, req: &Request<T>, rpc: &str, target: String) -> Result<Audit, Status> {
+        let credential = credential(req)?;
+        credential.principal.operator()?;
+        let tag = AuditTag {
+            who: credential.name,
+            rpc: rpc.into(),
+            target,
+        };
+        Ok(Audit {
+            writer: self.0.writer.audited(tag.clone()),
+            plain: self.0.writer.clone(),
+            tag,
+        })
+    }
+}
+
+impl Audit {
+    /// The call's result, a refusal recorded in the trail.
+    fn finish<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
+        if let Err(e) = &result {
+            self.plain
+                .refused(self.tag.clone(), format!("{:?}: {}", e.code(), e.message()));
+        }
+        result
+    }
+}
+
+/// A pool named in a call, as the trail names it.
+fn pool_target(name: &str) -> String {
+    format!("pools/{}", name.strip_prefix("pools/").unwrap_or(name))
 }
 
 /// A token's owner from the wire.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use suanli_core::fleet::FUTIAN_2024;
 use suanli_core::{Catalogue, EngineConfig, Fleet, Policy, TFLOPS_PER_P, TenantSpec};
 
+use crate::admission::Limit;
 use crate::error::BrokerError;
 
 /// How a pool's leases are carried out.
@@ -95,6 +96,8 @@ pub struct BrokerConfig {
     /// The gRPC address clients are sent to when this replica leads; by default the listen
     /// address.
     pub advertise: Option<String>,
+    /// Per-tenant rates in front of the writer (see [`crate::admission`]); none by default.
+    pub admission: crate::admission::AdmissionConfig,
 }
 
 impl BrokerConfig {
@@ -144,6 +147,7 @@ impl BrokerConfig {
             etcd: Vec::new(),
             etcd_prefix: "/suanli/".into(),
             advertise: None,
+            admission: Default::default(),
         }
     }
 
@@ -232,6 +236,25 @@ impl BrokerConfig {
                 return Err("field pools.simulated_speedup: must be at least 1".into());
             }
             c.simulated_speedup = s;
+        }
+        if let Some(a) = file.admission {
+            c.admission.default =
+                Some(Limit::new(a.rate, a.burst).map_err(|e| format!("field admission: {e}"))?);
+        }
+        if let Some(t) = &file.tenant {
+            for t in t {
+                match (t.rate, t.burst) {
+                    (Some(rate), burst) => {
+                        let limit = Limit::new(rate, burst)
+                            .map_err(|e| format!("tenant {}: field rate: {e}", t.name))?;
+                        c.admission.tenants.insert(t.name.clone(), limit);
+                    }
+                    (None, Some(_)) => {
+                        return Err(format!("tenant {}: field burst needs a rate", t.name));
+                    }
+                    (None, None) => {}
+                }
+            }
         }
         if let Some(t) = file.tenant {
             c.tenants = t
@@ -342,6 +365,15 @@ struct ConfigFile {
     pools: Option<PoolsFile>,
     tenant: Option<Vec<TenantFile>>,
     tls: Option<TlsFile>,
+    admission: Option<AdmissionFile>,
+}
+
+/// `[admission]`: every tenant's rate, unless its own `[[tenant]]` gives one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdmissionFile {
+    rate: f64,
+    burst: Option<f64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -362,6 +394,8 @@ struct TenantFile {
     borrow_limit_tflops: Option<u64>,
     weight: Option<u32>,
     token: Option<String>,
+    rate: Option<f64>,
+    burst: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +408,34 @@ struct TlsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenants_rates_come_from_admission_and_their_own_entries() {
+        let c = BrokerConfig::from_toml(
+            "[pools]\nsimulated = [\"*\"]\n[admission]\nrate = 100\n\
+             [[tenant]]\nname = \"flood\"\nquota_tflops = 1\nrate = 10\nburst = 50\n\
+             [[tenant]]\nname = \"plain\"\nquota_tflops = 1\n",
+            Path::new("."),
+        )
+        .unwrap();
+        let limit = |t: &str| c.admission.limit(t).unwrap();
+        assert_eq!((limit("flood").rate, limit("flood").burst), (10.0, 50.0));
+        assert_eq!((limit("plain").rate, limit("plain").burst), (100.0, 200.0));
+        assert_eq!(limit("made-later").rate, 100.0);
+        assert!(
+            BrokerConfig::dev_default()
+                .admission
+                .limit("tenant-a")
+                .is_none()
+        );
+        let err = |text: &str| {
+            let text = format!("[pools]\nsimulated = [\"*\"]\n{text}");
+            BrokerConfig::from_toml(&text, Path::new(".")).unwrap_err()
+        };
+        assert!(err("[admission]\nrate = 0\n").contains("field admission"));
+        let e = err("[[tenant]]\nname = \"x\"\nquota_tflops = 1\nburst = 5\n");
+        assert!(e.contains("tenant x: field burst needs a rate"), "{e}");
+    }
 
     #[test]
     fn every_pool_must_be_stated_when_not_all_are_simulated() {

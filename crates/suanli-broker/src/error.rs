@@ -32,6 +32,18 @@ pub enum BrokerError {
     /// The thing is in a state that does not allow the call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A tenant is over its rate (see [`crate::admission`]).
+    #[error(
+        "tenant {tenant} is over its rate of {rate} calls a second: retry in {retry_after_ms} ms"
+    )]
+    RateLimited {
+        /// The tenant.
+        tenant: String,
+        /// Its rate.
+        rate: f64,
+        /// When a call will pass again.
+        retry_after_ms: u64,
+    },
     /// The command queue is full: the broker is overloaded.
     #[error("the broker is overloaded: command queue full, retry later")]
     Overloaded,
@@ -89,7 +101,7 @@ impl From<BrokerError> for Status {
             BrokerError::NotFound(_) => Code::NotFound,
             BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
-            BrokerError::Overloaded => Code::ResourceExhausted,
+            BrokerError::Overloaded | BrokerError::RateLimited { .. } => Code::ResourceExhausted,
             BrokerError::Unavailable(_) | BrokerError::NotLeader { .. } => Code::Unavailable,
             BrokerError::Store(_) | BrokerError::Config(_) => Code::Internal,
         };
@@ -103,6 +115,13 @@ impl From<BrokerError> for Status {
                 .metadata_mut()
                 .insert(crate::ha::LEADER_METADATA, value);
         }
+        if let BrokerError::RateLimited { retry_after_ms, .. } = &e {
+            status
+                .metadata_mut()
+                .insert(PUSHBACK_METADATA, (*retry_after_ms).into());
+        }
         status
     }
 }
+
+pub use suanli_proto::failover::PUSHBACK_METADATA;

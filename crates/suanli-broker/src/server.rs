@@ -192,6 +192,7 @@ pub async fn run_with(
         replica: replica.clone(),
         tokens: tokens.clone(),
         trail: trail.clone(),
+        admission: Arc::new(crate::admission::Admission::new(config.admission.clone())),
     };
     let max = config.max_message_bytes;
     let auth = move |t: Tokens| {

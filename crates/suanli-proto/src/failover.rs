@@ -11,6 +11,9 @@
 //! answer is the call's own. Generated clients take it in place of a channel, so every call
 //! of every client follows the leader.
 //!
+//! A RESOURCE_EXHAUSTED that carries `grpc-retry-pushback-ms` (a tenant over its rate) is
+//! tried again after that long, within the same patience.
+//!
 //! A retried mutation is safe when it carries a `request_id`: the broker answers a repeated
 //! id with the first answer, and a follower never applied it.
 
@@ -239,6 +242,16 @@ impl LeaderChannel {
             *attempt.version_mut() = parts.version;
             *attempt.headers_mut() = parts.headers.clone();
             let redirect = match self.send(attempt).await {
+                Ok((_, response)) if pushback(&response).is_some() => {
+                    // The broker asks this caller to slow down: wait as long as it says,
+                    // unless that is past the patience.
+                    let hint = pushback(&response).unwrap_or_default();
+                    if std::time::Instant::now() + hint >= give_up {
+                        return Ok(response);
+                    }
+                    tokio::time::sleep(hint).await;
+                    continue;
+                }
                 Ok((i, response)) => match self.learn(i, &response) {
                     Some(redirect) => redirect,
                     None => return Ok(response),
@@ -282,6 +295,25 @@ impl LeaderChannel {
             }
         }
     }
+}
+
+/// The metadata key of a refusal's retry hint, in milliseconds: gRPC's own name for it. A
+/// broker sets it on RESOURCE_EXHAUSTED when a tenant is over its rate.
+pub const PUSHBACK_METADATA: &str = "grpc-retry-pushback-ms";
+
+/// The wait a RESOURCE_EXHAUSTED response asks for, if it asks for one.
+fn pushback(response: &http::Response<tonic::body::Body>) -> Option<Duration> {
+    let headers = response.headers();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"8") {
+        return None;
+    }
+    let ms: u64 = headers
+        .get(PUSHBACK_METADATA)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 /// The endpoint of a plain `http://` broker, with a 5 s connect timeout.

@@ -33,6 +33,8 @@ pub struct Shared {
     pub(crate) tokens: Tokens,
     /// The audit trail.
     pub(crate) trail: crate::trail::Trail,
+    /// Per-tenant rates in front of the writer.
+    pub(crate) admission: Arc<crate::admission::Admission>,
 }
 
 impl Shared {

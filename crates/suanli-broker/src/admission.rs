@@ -16,6 +16,9 @@ use dashmap::DashMap;
 
 use crate::error::BrokerError;
 
+/// The longest a refused call is told to wait for those refused before it.
+const MAX_WAIT_S: f64 = 60.0;
+
 /// A tenant's limit.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limit {
@@ -61,6 +64,8 @@ impl AdmissionConfig {
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
+    /// Calls told to wait, less those the rate has served since.
+    waiting: f64,
     last: Instant,
 }
 
@@ -95,16 +100,23 @@ impl Admission {
             .entry(tenant.to_string())
             .or_insert_with(|| Bucket {
                 tokens: limit.burst,
+                waiting: 0.0,
                 last: now,
             });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * limit.rate).min(limit.burst);
+        bucket.waiting = (bucket.waiting - elapsed * limit.rate).max(0.0);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             return Ok(());
         }
-        let wait_s = (1.0 - bucket.tokens) / limit.rate;
+        // The refused call is told to come back after those already told to wait, which are
+        // served at the rate: many calls held back together come back one after another
+        // rather than all at once. How many wait is bounded, so a client that ignores the
+        // hints cannot put the tenant's next calls off for longer than that.
+        let wait_s = (1.0 - bucket.tokens + bucket.waiting) / limit.rate;
+        bucket.waiting = (bucket.waiting + 1.0).min(limit.rate * MAX_WAIT_S);
         Err(BrokerError::RateLimited {
             tenant: tenant.to_string(),
             rate: limit.rate,
@@ -134,19 +146,28 @@ mod tests {
         for _ in 0..3 {
             a.admit_at("flood", t0).unwrap();
         }
-        let Err(BrokerError::RateLimited { retry_after_ms, .. }) = a.admit_at("flood", t0) else {
-            panic!("the fourth call at once is refused");
+        let hint = |r: Result<(), BrokerError>| match r {
+            Err(BrokerError::RateLimited { retry_after_ms, .. }) => retry_after_ms,
+            other => panic!("refused with a hint, not {other:?}"),
         };
-        assert_eq!(retry_after_ms, 100, "one token every 100 ms");
-        // After the hint, one call passes; the next waits again.
-        let later = t0 + Duration::from_millis(100);
-        a.admit_at("flood", later).unwrap();
-        assert!(a.admit_at("flood", later).is_err());
+        // Calls refused together are told to come back one after another, at the rate.
+        assert_eq!(hint(a.admit_at("flood", t0)), 100, "one token every 100 ms");
+        assert_eq!(hint(a.admit_at("flood", t0)), 200);
+        // Each comes back at its time and passes.
+        a.admit_at("flood", t0 + Duration::from_millis(100)).unwrap();
+        a.admit_at("flood", t0 + Duration::from_millis(200)).unwrap();
+        assert_eq!(hint(a.admit_at("flood", t0 + Duration::from_millis(200))), 100);
+        // A client that ignores the hints is told to wait at most a minute more.
+        let storm = t0 + Duration::from_secs(1);
+        for _ in 0..100_000 {
+            let _ = a.admit_at("flood", storm);
+        }
+        assert_eq!(hint(a.admit_at("flood", storm)), 60_100);
         // Others are not limited, and a quiet spell refills no more than the burst.
         for _ in 0..1000 {
             a.admit_at("quiet", t0).unwrap();
         }
-        let much_later = t0 + Duration::from_secs(3600);
+        let much_later = t0 + Duration::from_secs(7200);
         for _ in 0..3 {
             a.admit_at("flood", much_later).unwrap();
         }

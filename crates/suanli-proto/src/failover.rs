@@ -12,7 +12,8 @@
 //! of every client follows the leader.
 //!
 //! A RESOURCE_EXHAUSTED that carries `grpc-retry-pushback-ms` (a tenant over its rate) is
-//! tried again after that long, within the same patience.
+//! tried again after that long (twice as long as the last wait if refused again, up to 2 s),
+//! within the same patience.
 //!
 //! A retried mutation is safe when it carries a `request_id`: the broker answers a repeated
 //! id with the first answer, and a follower never applied it.
@@ -28,6 +29,9 @@ use tonic::transport::{Channel, Endpoint};
 /// The longest wait between two tries while no broker leads: a group elects its next leader
 /// within its lease, and a client should see it soon after.
 const MAX_WAIT: Duration = Duration::from_millis(250);
+
+/// The longest a call waits before trying again after being told to slow down.
+const MAX_PUSHBACK: Duration = Duration::from_secs(2);
 
 /// The metadata key of the leader's address on a follower's UNAVAILABLE.
 pub const LEADER_METADATA: &str = "suanli-leader";
@@ -233,6 +237,7 @@ impl LeaderChannel {
             .to_bytes();
         let give_up = std::time::Instant::now() + self.state.patience;
         let mut wait = Duration::from_millis(50);
+        let mut held_back = Duration::ZERO;
         loop {
             let mut attempt = http::Request::new(tonic::body::Body::new(
                 http_body_util::Full::new(bytes.clone()),
@@ -243,13 +248,16 @@ impl LeaderChannel {
             *attempt.headers_mut() = parts.headers.clone();
             let redirect = match self.send(attempt).await {
                 Ok((_, response)) if pushback(&response).is_some() => {
-                    // The broker asks this caller to slow down: wait as long as it says,
-                    // unless that is past the patience.
+                    // The broker asks this caller to slow down: wait as long as it says, and
+                    // twice as long as last time if it asks again, so that many calls held
+                    // back together do not all come back at once (unless that is past the
+                    // patience).
                     let hint = pushback(&response).unwrap_or_default();
-                    if std::time::Instant::now() + hint >= give_up {
+                    held_back = hint.max(held_back * 2).min(MAX_PUSHBACK);
+                    if std::time::Instant::now() + held_back >= give_up {
                         return Ok(response);
                     }
-                    tokio::time::sleep(hint).await;
+                    tokio::time::sleep(held_back).await;
                     continue;
                 }
                 Ok((i, response)) => match self.learn(i, &response) {

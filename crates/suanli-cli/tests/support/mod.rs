@@ -52,24 +52,29 @@ pub fn start(dir: &Path) -> (Serving, String) {
 /// `args` added to its command line.
 #[allow(dead_code)] // not every test binary that shares this module uses it
 pub fn start_with(dir: &Path, config_text: &str, args: &[&str]) -> (Serving, String) {
+    start_listening(dir, config_text, "127.0.0.1:0", args)
+}
+
+/// Starts `suanli serve` as [`start_with`] does, listening on `listen` (a test that restarts
+/// the broker on the port it had keeps its clients' and agents' address).
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub fn start_listening(
+    dir: &Path,
+    config_text: &str,
+    listen: &str,
+    args: &[&str],
+) -> (Serving, String) {
     // A restart keeps the credentials file: the broker keeps only hashes of the tokens in it.
     let config = dir.join("broker.toml");
     std::fs::write(&config, config_text).expect("write the config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_suanli"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "off",
-            "--config",
-        ])
+        .args(["serve", "--listen", listen, "--http", "off", "--config"])
         .arg(&config)
         .arg("--data-dir")
         .arg(dir)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log_file())
         .spawn()
         .expect("start suanli serve");
     let mut first = String::new();
@@ -85,6 +90,20 @@ pub fn start_with(dir: &Path, config_text: &str, args: &[&str]) -> (Serving, Str
         .unwrap_or_else(|| panic!("unexpected banner {first:?}"))
         .to_string();
     (Serving(child), addr)
+}
+
+/// Where a daemon's log goes: appended to the file `SUANLI_TEST_LOG` names, to look into a
+/// failure; nowhere by default.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub fn log_file() -> Stdio {
+    match std::env::var_os("SUANLI_TEST_LOG") {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_or_else(|_| Stdio::null(), Stdio::from),
+        None => Stdio::null(),
+    }
 }
 
 #[allow(dead_code)] // not every test binary that shares this module uses it

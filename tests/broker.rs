@@ -1003,3 +1003,117 @@ async fn first_submitted_id(broker: &Broker) -> u64 {
         .min()
         .expect("a request")
 }
+
+/// Calls that log no command (a quote, a refused cancel, a submission a budget refuses) leave
+/// the engine as replaying the log leaves it: the digest at a checkpoint after each is the one
+/// a restart replaying the log records there.
+#[tokio::test]
+async fn calls_that_log_no_command_leave_the_engine_as_replay_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    // No tick in between to bring the state back in line by itself.
+    config.tick_interval = Duration::from_secs(3600);
+    let broker = Broker::start(config.clone()).await;
+    let mut op = broker.operator(&broker.creds.operator).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let voucher = |id: &str| pb::IssueVoucherRequest {
+        voucher: Some(pb::VoucherSpec {
+            id: id.into(),
+            tenant: "tenant-a".into(),
+            face_value_fen: 100_000,
+            rate_bp: 5_000,
+            per_lease_cap_fen: None,
+            scope: Some(pb::VoucherScope {
+                pools: vec!["near".into()],
+                ..Default::default()
+            }),
+            valid_from_unix_ms: now - 3_600_000,
+            valid_until_unix_ms: now + 30 * 24 * 3_600_000,
+        }),
+        request_id: String::new(),
+    };
+    let mut live = Vec::new();
+    let checkpoint = async |op: &mut pb::operator_service_client::OperatorServiceClient<_>| {
+        let c = op
+            .checkpoint(pb::CheckpointRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        (c.log_index, c.digest)
+    };
+    // A quote after a voucher was issued.
+    op.issue_voucher(voucher("V1")).await.unwrap();
+    a.quote_request(pb::QuoteRequestRequest {
+        spec: Some(gang(1, 8, "h100", 60_000)),
+    })
+    .await
+    .unwrap();
+    live.push(checkpoint(&mut op).await);
+    // A refused cancel after another.
+    op.issue_voucher(voucher("V2")).await.unwrap();
+    let r = a
+        .submit_request(submit("one", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    a.cancel_request(pb::CancelRequestRequest {
+        request_id: String::new(),
+        name: r.name.clone(),
+    })
+    .await
+    .unwrap();
+    op.issue_voucher(voucher("V3")).await.unwrap();
+    let e = a
+        .cancel_request(pb::CancelRequestRequest {
+            request_id: String::new(),
+            name: r.name,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    live.push(checkpoint(&mut op).await);
+    // A submission a budget refuses, after another voucher.
+    op.set_budget(pb::SetBudgetRequest {
+        tenant: "tenant-a".into(),
+        budget: Some(pb::Budget {
+            limit_fen: 1,
+            period: pb::BudgetPeriod::Total as i32,
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    op.issue_voucher(voucher("V4")).await.unwrap();
+    let e = a
+        .submit_request(submit("two", gang(1, 8, "h100", 3_600_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    live.push(checkpoint(&mut op).await);
+
+    drop((op, a));
+    broker.stop().await;
+    let broker = Broker::start(config).await;
+    let mut op = broker.operator(&broker.creds.operator).await;
+    let replayed = op
+        .get_replica_status(pb::GetReplicaStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoints;
+    for (index, digest) in live {
+        let again = replayed
+            .iter()
+            .find(|c| c.log_index == index)
+            .unwrap_or_else(|| panic!("checkpoint {index} not replayed: {replayed:?}"));
+        assert_eq!(
+            again.digest, digest,
+            "the digest replayed at log index {index}"
+        );
+    }
+    broker.stop().await;
+}

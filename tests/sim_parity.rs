@@ -97,6 +97,7 @@ async fn the_simulator_replays_a_brokers_log_to_the_same_state() {
             | Entry::TokenRevoked { .. }
             | Entry::Audited { .. }
             | Entry::Refused(_)
+            | Entry::Synced { .. }
             | Entry::Checkpoint => None,
         })
         .collect();

@@ -154,9 +154,14 @@ mod tests {
         assert_eq!(hint(a.admit_at("flood", t0)), 100, "one token every 100 ms");
         assert_eq!(hint(a.admit_at("flood", t0)), 200);
         // Each comes back at its time and passes.
-        a.admit_at("flood", t0 + Duration::from_millis(100)).unwrap();
-        a.admit_at("flood", t0 + Duration::from_millis(200)).unwrap();
-        assert_eq!(hint(a.admit_at("flood", t0 + Duration::from_millis(200))), 100);
+        a.admit_at("flood", t0 + Duration::from_millis(100))
+            .unwrap();
+        a.admit_at("flood", t0 + Duration::from_millis(200))
+            .unwrap();
+        assert_eq!(
+            hint(a.admit_at("flood", t0 + Duration::from_millis(200))),
+            100
+        );
         // A client that ignores the hints is told to wait at most a minute more.
         let storm = t0 + Duration::from_secs(1);
         for _ in 0..100_000 {

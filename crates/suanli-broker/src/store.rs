@@ -146,6 +146,12 @@ pub enum Entry {
     },
     /// An operator's call that was refused: changes nothing but the trail.
     Refused(crate::trail::AuditRecord),
+    /// The writer brought what it derives from the ledger (the vouchers the engine knows) up
+    /// to date at `now` for a call that logged nothing else (a quote, a refused command).
+    Synced {
+        /// When (unix ms).
+        now: u64,
+    },
     /// A token revoked at `at` (unix ms).
     TokenRevoked {
         /// Its name.

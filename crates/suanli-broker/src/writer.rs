@@ -672,6 +672,10 @@ impl Writer {
                 });
                 self.replay(*entry);
             }
+            Entry::Synced { now } => {
+                self.now = self.now.max(now);
+                self.before_command(now);
+            }
             Entry::Refused(record) => {
                 self.now = self.now.max(record.at);
                 self.trail.push(record);
@@ -1019,9 +1023,11 @@ impl Writer {
 
     /// What the writer derives from the ledger before each command at `now`, live and on
     /// replay alike, from the ledger and `now` alone, so replay arrives at the same state.
-    fn before_command(&mut self, now: u64) {
+    /// True when the engine changed: a caller whose command is then not logged (refused, or
+    /// a quote) logs [`Entry::Synced`] instead, so that replay changes it the same way.
+    fn before_command(&mut self, now: u64) -> bool {
         self.close_months(now);
-        self.sync_subsidies(now);
+        self.sync_subsidies(now)
     }
 
     /// At the first command of a month, folds the ledger's months before last month into its
@@ -1053,13 +1059,16 @@ impl Writer {
     /// Tells the engine which vouchers can pay each tenant's bills at `now` when that may
     /// have changed, so placement under "cheapest after subsidy" decides the same live and on
     /// replay (see [`billing::Subsidies`]).
-    fn sync_subsidies(&mut self, now: u64) {
-        for command in self.subsidies.sync(&self.ledger, &self.engine, now) {
+    fn sync_subsidies(&mut self, now: u64) -> bool {
+        let commands = self.subsidies.sync(&self.ledger, &self.engine, now);
+        let changed = !commands.is_empty();
+        for command in commands {
             let events = self.engine.apply(command, now);
             if let [Event::Rejected { error }] = &events[..] {
                 error!(error = %error, "the engine refused a tenant's subsidies");
             }
         }
+        changed
     }
 
     /// Whether a tenant has a budget: only then are its submissions checked and its placed
@@ -1241,11 +1250,19 @@ impl Writer {
         key: Option<IdemKey>,
         entries: &mut Vec<Entry>,
     ) -> Result<Vec<Event>, BrokerError> {
-        self.before_command(now);
+        let synced = self.before_command(now);
+        // A command not logged after all: what syncing changed is logged on its own.
+        let refused = |e: BrokerError, entries: &mut Vec<Entry>| {
+            if synced {
+                entries.push(Entry::Synced { now });
+            }
+            Err(e)
+        };
         if let Command::Submit(spec) = &command
             && self.live
+            && let Err(e) = self.check_budget(spec, now)
         {
-            self.check_budget(spec, now)?;
+            return refused(e, entries);
         }
         self.note(&command);
         let events = self.decide(command.clone(), now);
@@ -1254,7 +1271,7 @@ impl Writer {
             self.finishing = None;
         }
         if let [Event::Rejected { error }] = &events[..] {
-            return Err(error.clone().into());
+            return refused(error.clone().into(), entries);
         }
         entries.push(Entry::Command { now, command, key });
         self.process(&events, now);
@@ -1371,9 +1388,6 @@ impl Writer {
                     self.metrics.waited(now.saturating_sub(queued_at));
                 }
             }
-            if self.live {
-                self.act(ev, &record, previous.as_deref(), now);
-            }
             if matches!(ev, Event::Ended { .. }) {
                 self.ended.push_back((now, id.0));
                 if record.outcome.is_some() {
@@ -1392,7 +1406,13 @@ impl Writer {
             }
             self.metrics
                 .moved(previous.as_ref().map(|p| p.state), record.state);
-            self.views.requests.insert(id.0, Arc::new(record));
+            let record = Arc::new(record);
+            self.views.requests.insert(id.0, record.clone());
+            // After the views show the change: an agent told to start a lease may report it
+            // started at once, and its report is read against the views.
+            if self.live {
+                self.act(ev, &record, previous.as_deref(), now);
+            }
         }
     }
 
@@ -2018,7 +2038,11 @@ impl Writer {
             Op::Audited { tag, op } => {
                 let first = entries.len();
                 self.handle(*op, now, entries, replies);
-                if let Some(entry) = entries.get_mut(first) {
+                // The call's own first entry: a refused call may still have logged a sync.
+                let own = entries[first..]
+                    .iter()
+                    .position(|e| !matches!(e, Entry::Synced { .. }));
+                if let Some(entry) = own.and_then(|i| entries.get_mut(first + i)) {
                     let tag = Arc::unwrap_or_clone(tag);
                     self.trail.push(AuditRecord {
                         at: now,
@@ -2150,9 +2174,11 @@ impl Writer {
                 }
             }
             Op::Quote { spec, reply } => {
-                // As a submission at `now` would see it. Syncing early changes nothing replay
-                // does not: the next command syncs to the same vouchers at its own `now`.
-                self.sync_subsidies(now);
+                // As a submission at `now` would see it; what syncing changed is logged, so
+                // that replay changes it the same way.
+                if self.sync_subsidies(now) {
+                    entries.push(Entry::Synced { now });
+                }
                 let _ = reply.send(self.quote(&spec, now));
             }
             Op::Billing { op, key, reply } => {

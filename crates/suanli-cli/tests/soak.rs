@@ -29,9 +29,10 @@
 //!   fixed on the lease, from when it ran to when it ended); what vouchers paid is what their
 //!   balances lost and what the statements call subsidy, never more than their face value;
 //!   the subsidy report agrees with the statements and the vouchers.
-//! - The agent's stream: the agent is still running and its pool healthy (never lost), and
-//!   its leases are billed from its STARTED reports. `SUANLI_SOAK_STRICT_AGENT=1` also waits
-//!   for every lease on the pool to get to RUNNING, which fails today (see `wait_for_agent`).
+//! - The agent's stream: the agent is still running and its pool healthy (never lost), every
+//!   lease on the pool gets to RUNNING (the agent reconnected, was told of every lease it
+//!   lacked, and its STARTED reports were applied), and its leases are billed from its
+//!   STARTED reports.
 //! - Recovery gives the state replaying the log gives: the `Checkpoint` RPC answers the live
 //!   engine's digest at a log index, and the checkpoint is itself an entry of the log. A
 //!   restarted broker that replays that entry (from the latest snapshot and the log after it)
@@ -1037,12 +1038,9 @@ fn same_answer(call: &Call, first: &Answer, again: &Answer) {
     }
 }
 
-/// Waits until the agent's pool is healthy (it was not lost while the broker was down);
-/// returns how many leases on it have run. With `SUANLI_SOAK_STRICT_AGENT=1` it also waits
-/// until no lease on it waits for the agent: the agent reconnected, was told of every lease
-/// it lacked, and its STARTED reports were applied. That fails today: a STARTED report that
-/// reaches the broker before the placement's record is in its views is acknowledged as
-/// contradicting and dropped, and the lease stays PLACED (see BENCHMARKS.md).
+/// Waits until the agent's pool is healthy (it was not lost while the broker was down) and
+/// no lease on it waits for the agent: the agent reconnected, was told of every lease it
+/// lacked, and its STARTED reports were applied; returns how many leases on it have run.
 async fn wait_for_agent(api: &mut Api, life: u32) -> usize {
     let started = Instant::now();
     loop {
@@ -1066,8 +1064,7 @@ async fn wait_for_agent(api: &mut Api, life: u32) -> usize {
             .filter(on_pool)
             .filter(|r| r.state() == pb::RequestState::Placed)
             .collect();
-        let strict = std::env::var_os("SUANLI_SOAK_STRICT_AGENT").is_some_and(|v| v == "1");
-        if pool.health() == pb::PoolHealth::Healthy && (waiting.is_empty() || !strict) {
+        if pool.health() == pb::PoolHealth::Healthy && waiting.is_empty() {
             return all
                 .iter()
                 .flatten()

@@ -1043,7 +1043,16 @@ impl Engine {
     /// without submitting it. Changes nothing but the placement index's bookkeeping (and the
     /// clock, which never goes back).
     pub fn quote(&mut self, spec: &RequestSpec, now: Millis) -> Result<Quote, CoreError> {
+        // A dry run changes nothing, not even the clock: only commands do, so that replaying
+        // the commands gives this engine back.
+        let before = self.now;
         self.now = self.now.max(now);
+        let quote = self.quote_now(spec);
+        self.now = before;
+        quote
+    }
+
+    fn quote_now(&mut self, spec: &RequestSpec) -> Result<Quote, CoreError> {
         let (tenant, filter) = self.admit(spec)?;
         let policy = spec.policy.unwrap_or(self.config.default_policy);
         let waits = |reason, earliest_start| Quote {

@@ -1117,3 +1117,57 @@ async fn calls_that_log_no_command_leave_the_engine_as_replay_does() {
     }
     broker.stop().await;
 }
+
+/// Waiting requests are bounded per tenant and in all: beyond, a submission is
+/// RESOURCE_EXHAUSTED naming the bound, and room made by a cancellation is usable at once.
+#[tokio::test]
+async fn waiting_requests_are_bounded_per_tenant_and_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_waiting_per_tenant = 3;
+    config.max_waiting = 5;
+    let broker = Broker::start(config).await;
+    let mut a = broker.tenant(&broker.tenant_token("tenant-a")).await;
+    let mut b = broker.tenant(&broker.tenant_token("tenant-b")).await;
+    // Both h100 nodes, for an hour: everything after it waits.
+    let whole = || gang(2, 8, "h100", 3_600_000);
+    a.submit_request(submit("a0", whole())).await.unwrap();
+    let mut waiting = Vec::new();
+    for i in 1..=3 {
+        let r = a
+            .submit_request(submit(&format!("a{i}"), whole()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.state(), pb::RequestState::Queued);
+        waiting.push(r);
+    }
+    let e = a.submit_request(submit("a4", whole())).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("tenant tenant-a has 3 requests waiting"),
+        "{e:?}"
+    );
+    // Another tenant has room of its own, up to the bound of all.
+    for i in 0..2 {
+        b.submit_request(submit(&format!("b{i}"), whole()))
+            .await
+            .unwrap();
+    }
+    let e = b.submit_request(submit("b2", whole())).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("5 requests are waiting"), "{e:?}");
+    // A retry of an accepted submission is answered as before, bound or not.
+    let again = a.submit_request(submit("a1", whole())).await.unwrap();
+    assert_eq!(again.into_inner().id, waiting[0].id);
+    // A cancellation makes room at once.
+    a.cancel_request(pb::CancelRequestRequest {
+        request_id: String::new(),
+        name: waiting[2].name.clone(),
+    })
+    .await
+    .unwrap();
+    a.submit_request(submit("a5", whole())).await.unwrap();
+    broker.stop().await;
+}

@@ -98,6 +98,13 @@ pub struct BrokerConfig {
     pub advertise: Option<String>,
     /// Per-tenant rates in front of the writer (see [`crate::admission`]); none by default.
     pub admission: crate::admission::AdmissionConfig,
+    /// Most requests one tenant may have waiting; its submissions beyond are
+    /// RESOURCE_EXHAUSTED.
+    pub max_waiting_per_tenant: u64,
+    /// Most requests waiting in all; submissions beyond are RESOURCE_EXHAUSTED. Each waiting
+    /// request costs a few KiB (its record, the engine's entry, the views), so this bounds
+    /// the memory an overload can take.
+    pub max_waiting: u64,
 }
 
 impl BrokerConfig {
@@ -148,6 +155,8 @@ impl BrokerConfig {
             etcd_prefix: "/suanli/".into(),
             advertise: None,
             admission: Default::default(),
+            max_waiting_per_tenant: 50_000,
+            max_waiting: 200_000,
         }
     }
 
@@ -312,6 +321,12 @@ impl BrokerConfig {
         if let Some(ms) = file.heartbeat_timeout_ms {
             c.heartbeat_timeout = Duration::from_millis(ms.max(1));
         }
+        if let Some(n) = file.max_waiting_per_tenant {
+            c.max_waiting_per_tenant = n;
+        }
+        if let Some(n) = file.max_waiting {
+            c.max_waiting = n;
+        }
         if let Some(n) = file.queue_capacity {
             c.queue_capacity = n.max(1);
         }
@@ -366,6 +381,8 @@ struct ConfigFile {
     tenant: Option<Vec<TenantFile>>,
     tls: Option<TlsFile>,
     admission: Option<AdmissionFile>,
+    max_waiting_per_tenant: Option<u64>,
+    max_waiting: Option<u64>,
 }
 
 /// `[admission]`: every tenant's rate, unless its own `[[tenant]]` gives one.

@@ -44,6 +44,9 @@ pub enum BrokerError {
         /// When a call will pass again.
         retry_after_ms: u64,
     },
+    /// Too many requests wait, of the tenant or in all (see `max_waiting_per_tenant`).
+    #[error("{0}")]
+    QueueFull(String),
     /// The command queue is full: the broker is overloaded.
     #[error("the broker is overloaded: command queue full, retry later")]
     Overloaded,
@@ -101,7 +104,9 @@ impl From<BrokerError> for Status {
             BrokerError::NotFound(_) => Code::NotFound,
             BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
-            BrokerError::Overloaded | BrokerError::RateLimited { .. } => Code::ResourceExhausted,
+            BrokerError::Overloaded
+            | BrokerError::RateLimited { .. }
+            | BrokerError::QueueFull(_) => Code::ResourceExhausted,
             BrokerError::Unavailable(_) | BrokerError::NotLeader { .. } => Code::Unavailable,
             BrokerError::Store(_) | BrokerError::Config(_) => Code::Internal,
         };

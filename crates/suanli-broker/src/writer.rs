@@ -1225,6 +1225,27 @@ impl Writer {
         Ok(())
     }
 
+    /// Refuses a submission while its tenant, or the whole queue, has as many requests
+    /// waiting as the configuration allows: under overload the excess is shed at once
+    /// instead of growing the queue (and memory) without bound.
+    fn room_to_wait(&self, tenant: &str) -> Result<(), BrokerError> {
+        let (mine, all) = self.engine.waiting(tenant);
+        let (per_tenant, total) = (self.config.max_waiting_per_tenant, self.config.max_waiting);
+        if mine >= per_tenant {
+            return Err(BrokerError::QueueFull(format!(
+                "tenant {tenant} has {mine} requests waiting, the most a tenant may have \
+                 ({per_tenant}): submit again when some have started or been cancelled"
+            )));
+        }
+        if all >= total {
+            return Err(BrokerError::QueueFull(format!(
+                "{all} requests are waiting, the most the broker holds ({total}): submit again \
+                 later"
+            )));
+        }
+        Ok(())
+    }
+
     /// A principal's start-up token with `secret`, issued at `now`.
     fn primary_token(&self, principal: Principal, secret: &str, now: u64) -> TokenRecord {
         TokenRecord {
@@ -2111,6 +2132,9 @@ impl Writer {
                     // Nothing changes, so nothing is logged: answered at once.
                     drop(reply.send(Err(e.into())));
                     return;
+                }
+                if !retry && let Err(e) = self.room_to_wait(&spec.tenant) {
+                    return drop(reply.send(Err(e)));
                 }
                 self.apply_call(Command::Submit(spec), key, reply, now, entries, replies);
             }

@@ -442,6 +442,17 @@ impl Engine {
         self.queue.len()
     }
 
+    /// How many requests `tenant` has waiting (none for an unknown tenant), and how many wait
+    /// in all: what a bound on waiting requests is checked against.
+    pub fn waiting(&self, tenant: &str) -> (u64, u64) {
+        let mine = self
+            .tenant_ids
+            .get(tenant)
+            .map_or(0, |t| u64::from(self.tenants[t.0 as usize].queued));
+        let all = self.tenants.iter().map(|t| u64::from(t.queued)).sum();
+        (mine, all)
+    }
+
     /// Leases holding capacity.
     pub fn live_lease_count(&self) -> usize {
         self.live_leases

@@ -32,9 +32,12 @@ use crate::parse;
 use crate::serve::shutdown_signal;
 use crate::time::now_unix_ms;
 
-/// Shortest and longest wait before reconnecting.
+/// Shortest and longest wait before reconnecting. The longest is a heartbeat interval, well
+/// inside the broker's heartbeat timeout (15 s by default): after a failover the new leader
+/// gives the agent one timeout to come back, and an agent asleep for longer would find its
+/// pool declared lost.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const BACKOFF_MAX: Duration = DEFAULT_HEARTBEAT;
 /// Heartbeat interval when the broker's Welcome gives none.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 

@@ -12,7 +12,10 @@
 //! The requests are a seeded mix of gang (1x1 to 4x8) and elastic (200 to 20000 TFLOPS)
 //! requests of a few minutes, across tenants, each with a unique idempotency key. The calls
 //! are spread over several HTTP/2 connections so that one connection is not the bottleneck.
-//! Latencies are of successful submissions; failures are counted by gRPC code.
+//! Latencies are of successful submissions; failures are counted by gRPC code, with the first
+//! message of each. In the open loop, `issue_lag_max_ms` is how late the generator itself sent
+//! a submission: when it is large, the generator (on the broker's cores, or held by
+//! `--max-in-flight`) could not keep the schedule, and the latencies include that lag.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -267,6 +270,10 @@ fn callers(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<(Vec<Caller>, Vec<
 struct Tally {
     latencies_us: Vec<u64>,
     errors: BTreeMap<&'static str, u64>,
+    /// The first message of each error code, so that a failure can be read, not only counted.
+    error_samples: BTreeMap<&'static str, String>,
+    /// Open loop: the latest a submission left after its due time.
+    issue_lag: Option<Duration>,
     released: u64,
     cancelled: u64,
     give_back_errors: BTreeMap<&'static str, u64>,
@@ -277,6 +284,9 @@ impl Tally {
         self.latencies_us.extend(other.latencies_us);
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
+        }
+        for (code, message) in other.error_samples {
+            self.error_samples.entry(code).or_insert(message);
         }
         self.released += other.released;
         self.cancelled += other.cancelled;
@@ -325,10 +335,12 @@ impl Shot {
                 }
             }
             Err(status) => {
-                *tally
-                    .errors
-                    .entry(client::code_name(status.code()))
-                    .or_default() += 1
+                let code = client::code_name(status.code());
+                *tally.errors.entry(code).or_default() += 1;
+                tally
+                    .error_samples
+                    .entry(code)
+                    .or_insert_with(|| with_causes(&status));
             }
         }
     }
@@ -358,6 +370,18 @@ impl Shot {
             }
         }
     }
+}
+
+/// A status's message followed by its causes (a transport error's message alone says only
+/// "transport error").
+fn with_causes(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        text.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    text
 }
 
 /// Makes the shots of a run.
@@ -467,6 +491,7 @@ pub async fn run(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<()> {
             let in_flight = Arc::new(Semaphore::new(a.max_in_flight as usize));
             let mut mix = Mix::new(a.seed);
             let mut stop = stop_rx.clone();
+            let mut issue_lag = Duration::ZERO;
             for (i, offset) in schedule(rate, requests, duration).enumerate() {
                 let due = started + offset;
                 tokio::select! {
@@ -477,6 +502,9 @@ pub async fn run(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<()> {
                     p = in_flight.clone().acquire_owned() => p.expect("never closed"),
                     _ = stop.wait_for(|s| *s) => break,
                 };
+                // How late this submission leaves: the generator's own lag (CPU, or its
+                // --max-in-flight), which its latency includes.
+                issue_lag = issue_lag.max(due.elapsed());
                 let s = maker.make(i as u64, i as u64, &mut mix);
                 let tally = tally.clone();
                 let progress = progress.clone();
@@ -488,7 +516,9 @@ pub async fn run(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<()> {
                 });
             }
             let _ = in_flight.acquire_many(a.max_in_flight).await;
-            std::mem::take(&mut *tally.lock().expect("tally lock"))
+            let mut tally = std::mem::take(&mut *tally.lock().expect("tally lock"));
+            tally.issue_lag = Some(issue_lag);
+            tally
         }
         Mode::Closed { concurrency } => {
             let next = Arc::new(AtomicU64::new(0));
@@ -559,12 +589,14 @@ fn report(mode: Mode, connections: u32, t: &Tally, elapsed: Duration, release: b
         "submitted": ok + failed,
         "ok": ok,
         "errors": t.errors,
+        "error_samples": t.error_samples,
         "elapsed_s": (secs * 1000.0).round() / 1000.0,
         "throughput_rps": if secs > 0.0 { (ok as f64 / secs * 10.0).round() / 10.0 } else { 0.0 },
         "p50_ms": ms(percentile(&sorted, 50.0)),
         "p90_ms": ms(percentile(&sorted, 90.0)),
         "p99_ms": ms(percentile(&sorted, 99.0)),
         "max_ms": ms(sorted.last().copied()),
+        "issue_lag_max_ms": ms(t.issue_lag.map(|d| d.as_micros() as u64)),
     });
     if release {
         v["released"] = t.released.into();
@@ -585,12 +617,14 @@ fn human(v: &Value) -> String {
         "submitted",
         "ok",
         "errors",
+        "error_samples",
         "elapsed_s",
         "throughput_rps",
         "p50_ms",
         "p90_ms",
         "p99_ms",
         "max_ms",
+        "issue_lag_max_ms",
         "released",
         "cancelled",
         "give_back_errors",

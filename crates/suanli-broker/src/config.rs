@@ -327,6 +327,12 @@ impl BrokerConfig {
         if let Some(n) = file.max_waiting {
             c.max_waiting = n;
         }
+        if let Some(n) = file.max_in_flight {
+            if n == 0 {
+                return Err("field max_in_flight: must be at least 1".into());
+            }
+            c.admission.max_in_flight = n;
+        }
         if let Some(n) = file.queue_capacity {
             c.queue_capacity = n.max(1);
         }
@@ -383,6 +389,7 @@ struct ConfigFile {
     admission: Option<AdmissionFile>,
     max_waiting_per_tenant: Option<u64>,
     max_waiting: Option<u64>,
+    max_in_flight: Option<usize>,
 }
 
 /// `[admission]`: every tenant's rate, unless its own `[[tenant]]` gives one.
@@ -452,6 +459,15 @@ mod tests {
         assert!(err("[admission]\nrate = 0\n").contains("field admission"));
         let e = err("[[tenant]]\nname = \"x\"\nquota_tflops = 1\nburst = 5\n");
         assert!(e.contains("tenant x: field burst needs a rate"), "{e}");
+        // Top-level keys come before the first table.
+        let in_flight = |n: u64| {
+            let text = format!("max_in_flight = {n}\n[pools]\nsimulated = [\"*\"]\n");
+            BrokerConfig::from_toml(&text, Path::new("."))
+        };
+        let e = in_flight(0).unwrap_err();
+        assert!(e.contains("field max_in_flight"), "{e}");
+        assert_eq!(in_flight(64).unwrap().admission.max_in_flight, 64);
+        assert_eq!(BrokerConfig::dev_default().admission.max_in_flight, 4096);
     }
 
     #[test]

@@ -47,9 +47,10 @@ pub enum BrokerError {
     /// Too many requests wait, of the tenant or in all (see `max_waiting_per_tenant`).
     #[error("{0}")]
     QueueFull(String),
-    /// The command queue is full: the broker is overloaded.
-    #[error("the broker is overloaded: command queue full, retry later")]
-    Overloaded,
+    /// The broker is past what it can serve (the reason says where): the call is refused at
+    /// once rather than queued.
+    #[error("the broker is overloaded ({0}): retry later")]
+    Overloaded(&'static str),
     /// The broker is stopping or its writer has failed.
     #[error("the broker is unavailable: {0}")]
     Unavailable(String),
@@ -104,7 +105,7 @@ impl From<BrokerError> for Status {
             BrokerError::NotFound(_) => Code::NotFound,
             BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
-            BrokerError::Overloaded
+            BrokerError::Overloaded(_)
             | BrokerError::RateLimited { .. }
             | BrokerError::QueueFull(_) => Code::ResourceExhausted,
             BrokerError::Unavailable(_) | BrokerError::NotLeader { .. } => Code::Unavailable,

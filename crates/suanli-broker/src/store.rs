@@ -263,6 +263,11 @@ fn store_err(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Store(e.to_string())
 }
 
+/// redb's page cache. The log is appended and read back only at start-up and by a replica
+/// catching up, so a small cache serves it; redb's default (1 GiB) filled with written pages
+/// and was most of the broker's memory under load.
+const STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 impl RedbStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, BrokerError> {
@@ -282,7 +287,9 @@ impl RedbStore {
         let quiet = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut db = Database::create(&path)?;
+            let mut db = Database::builder()
+                .set_cache_size(STORE_CACHE_BYTES)
+                .create(&path)?;
             let whole = db.check_integrity()?;
             Ok::<_, redb::Error>((db, whole))
         }));

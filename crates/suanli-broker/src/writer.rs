@@ -165,8 +165,14 @@ pub(crate) enum Op {
     },
 }
 
-/// How long a request_id is remembered: the API promises at least 24 hours.
+/// How long a request_id is remembered: the API promises 24 hours...
 pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+
+/// ...or the last million, if more came in those hours. Each key costs about 500 bytes (the
+/// key twice, the first result), so without a count a day of sustained load (a thousand calls
+/// a second is 86 million keys) would take the broker's memory; a million covers 24 hours
+/// up to 11 calls a second, and at 10,000 a second still the last 100 s of retries.
+pub const IDEMPOTENCY_MAX_KEYS: usize = 1_000_000;
 
 /// The first result of every request_id seen in the last [`IDEMPOTENCY_WINDOW_MS`], by
 /// caller and request_id, with what the call asked ([`IdemKey::asked`]).
@@ -197,10 +203,16 @@ impl Idempotency {
         }
     }
 
-    /// Remembers a first result and forgets keys older than the window.
+    /// Remembers a first result and forgets keys older than the window, and the oldest
+    /// beyond [`IDEMPOTENCY_MAX_KEYS`].
     fn insert(&mut self, key: IdemKey, events: Vec<Event>, now: u64) {
+        self.insert_keeping(key, events, now, IDEMPOTENCY_MAX_KEYS);
+    }
+
+    /// [`Idempotency::insert`], keeping at most `max_keys`.
+    fn insert_keeping(&mut self, key: IdemKey, events: Vec<Event>, now: u64, max_keys: usize) {
         while let Some((at, _)) = self.seen.front() {
-            if at + IDEMPOTENCY_WINDOW_MS > now {
+            if at + IDEMPOTENCY_WINDOW_MS > now && self.seen.len() < max_keys {
                 break;
             }
             let (_, old) = self.seen.pop_front().expect("front exists");
@@ -269,7 +281,7 @@ impl Handle {
             None => op,
         };
         self.tx.try_send(op).map_err(|e| match e {
-            TrySendError::Full(_) => BrokerError::Overloaded,
+            TrySendError::Full(_) => BrokerError::Overloaded("the command queue is full"),
             TrySendError::Disconnected(_) => {
                 BrokerError::Unavailable("the writer has stopped".into())
             }
@@ -2330,6 +2342,26 @@ mod tests {
     }
 
     #[test]
+    fn beyond_the_most_keys_the_oldest_are_forgotten_first() {
+        let key = |i: u32| IdemKey {
+            caller: "t".into(),
+            request_id: format!("r{i}"),
+            asked: 7,
+        };
+        let mut idem = Idempotency::default();
+        for i in 0..10 {
+            idem.insert_keeping(key(i), vec![], 1_000 + u64::from(i), 4);
+        }
+        assert_eq!((idem.seen.len(), idem.results.len()), (4, 4));
+        for i in 0..6 {
+            assert!(idem.get(&key(i)).unwrap().is_none(), "r{i} forgotten");
+        }
+        for i in 6..10 {
+            assert!(idem.get(&key(i)).unwrap().is_some(), "r{i} remembered");
+        }
+    }
+
+    #[test]
     fn a_request_id_reused_for_another_call_is_refused_naming_it() {
         let key = |caller: &str, asked| IdemKey {
             caller: caller.into(),
@@ -2363,7 +2395,7 @@ mod tests {
         let h = Handle { tx, audit: None };
         h.heartbeat("p".into()).unwrap();
         let full = h.heartbeat("p".into()).unwrap_err();
-        assert!(matches!(full, BrokerError::Overloaded));
+        assert!(matches!(full, BrokerError::Overloaded(_)));
         assert_eq!(
             tonic::Status::from(full).code(),
             tonic::Code::ResourceExhausted

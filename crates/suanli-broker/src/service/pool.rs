@@ -270,7 +270,7 @@ fn report(shared: &Shared, pool: &str, r: pb::LeaseReport, tx: &mpsc::Sender<pb:
             Err(BrokerError::Core(
                 CoreError::UnknownRequest { .. } | CoreError::InvalidTransition { .. },
             )) => ReportFate::Stale,
-            Err(BrokerError::Overloaded | BrokerError::Unavailable(_)) => return,
+            Err(BrokerError::Overloaded(_) | BrokerError::Unavailable(_)) => return,
             Err(e) => {
                 warn!(pool, request = r.request, error = %e, "lease report not applied");
                 ReportFate::Contradicting

@@ -45,7 +45,7 @@ impl TenantApi {
         let who = principal(req)?;
         let key = idem_key(who.key(), request_id, rpc, req.get_ref())?;
         let id = self.owned(who.tenant()?, name)?;
-        self.0.admission.admit(who.tenant()?)?;
+        self.0.admission.admit_ending(who.tenant()?)?;
         let result = self.0.writer.apply(command(RequestId(id)), key).await;
         self.ended_is_a_precondition(result, name)?;
         Ok(self.view(id)?)
@@ -159,7 +159,7 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::Request>, Status> {
         let who = principal(&req)?;
         let tenant = who.tenant()?.to_string();
-        self.0.admission.admit(&tenant)?;
+        let _admitted = self.0.admission.admit(&tenant)?;
         let req = req.into_inner();
         let key = idem_key(who.key(), &req.request_id, "SubmitRequest", &req)?;
         let wait_for_pools = req.spec.as_ref().is_some_and(|s| s.wait_for_pools);
@@ -317,7 +317,7 @@ impl TenantService for TenantApi {
     ) -> Result<Response<pb::Quote>, Status> {
         let who = principal(&req)?;
         let tenant = who.tenant()?.to_string();
-        self.0.admission.admit(&tenant)?;
+        let _admitted = self.0.admission.admit(&tenant)?;
         let spec = convert::request_spec(&tenant, req.into_inner().spec, "spec")?;
         let duration = spec.duration_ms;
         let (q, bill) = self.0.writer.quote(spec).await?;

@@ -9,11 +9,12 @@
 //! served from the views and cost the writer nothing. The buckets live in memory: a restart
 //! starts them full.
 //!
-//! Behind the buckets, a bound on the tenants' calls in progress: when that many already wait
+//! Beside the buckets, a bound on the tenants' submissions and quotes in progress (cancels and
+//! releases, which give capacity back, are not held to it): when that many already wait
 //! for the writer, the broker is past what it can serve, and a new call is RESOURCE_EXHAUSTED
-//! at once instead of joining a queue that only grows. The calls it admits wait at most as
-//! long as the writer takes to serve those ahead of them, so their latency stays bounded
-//! however much is offered, and the refused ones cost the broker little. No retry hint goes
+//! at once instead of joining a queue that only grows. A call it admits waits behind at most
+//! that many in the writer's queue, however much is offered (it may still have waited in
+//! HTTP/2 before reaching this point: see BENCHMARKS.md, "Overload"). No retry hint goes
 //! with this refusal: it is not a tenant's rate, and calls told to come back together would
 //! come back as one more wave.
 
@@ -61,7 +62,7 @@ pub struct AdmissionConfig {
     pub default: Option<Limit>,
     /// Tenants' own limits.
     pub tenants: HashMap<String, Limit>,
-    /// Most tenants' calls in progress at once (`max_in_flight` in the file).
+    /// Most tenants' submissions and quotes in progress at once (`max_in_flight` in the file).
     pub max_in_flight: usize,
 }
 

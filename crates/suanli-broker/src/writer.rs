@@ -652,14 +652,8 @@ impl Writer {
                 }
             }
             Entry::Credential { principal, token } => {
-                self.tokens.issue(TokenRecord {
-                    name: primary_name(&principal),
-                    principal,
-                    hash: hash_secret(&token),
-                    created_ms: self.now,
-                    expires_ms: None,
-                    revoked_ms: None,
-                });
+                let record = self.primary_token(principal, &token, self.now);
+                self.tokens.issue(record);
             }
             Entry::TokenIssued { record, key } => {
                 self.now = self.now.max(record.created_ms);

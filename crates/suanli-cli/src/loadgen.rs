@@ -340,7 +340,7 @@ impl Shot {
                 tally
                     .error_samples
                     .entry(code)
-                    .or_insert_with(|| with_causes(&status));
+                    .or_insert_with(|| client::status_line(&status));
             }
         }
     }
@@ -370,18 +370,6 @@ impl Shot {
             }
         }
     }
-}
-
-/// A status's message followed by its causes (a transport error's message alone says only
-/// "transport error").
-fn with_causes(status: &Status) -> String {
-    let mut text = status.message().to_string();
-    let mut cause = std::error::Error::source(status);
-    while let Some(e) = cause {
-        text.push_str(&format!(": {e}"));
-        cause = e.source();
-    }
-    text
 }
 
 /// Makes the shots of a run.

@@ -449,8 +449,7 @@ impl Engine {
             .tenant_ids
             .get(tenant)
             .map_or(0, |t| u64::from(self.tenants[t.0 as usize].queued));
-        let all = self.tenants.iter().map(|t| u64::from(t.queued)).sum();
-        (mine, all)
+        (mine, self.queue.len() as u64)
     }
 
     /// Leases holding capacity.

@@ -272,6 +272,51 @@ def operator_checks(channel, op_token):
     )
 
 
+def token_checks(channel, op_token):
+    """A token's life through grpcio: created (its secret shown once), used, listed without its
+    secret, revoked (refused at the next call); both calls in the audit trail."""
+    operator = operator_pb2_grpc.OperatorServiceStub(channel)
+    op = bearer(op_token)
+    made = operator.CreateToken(
+        operator_pb2.CreateTokenRequest(
+            request_id="interop-token",
+            name="interop-bot",
+            owner=operator_pb2.TokenOwner(tenant="tenant-a"),
+        ),
+        metadata=op,
+        timeout=TIMEOUT_S,
+    )
+    check(made.token.name == "interop-bot" and len(made.secret) >= 40, f"CreateToken: {made.token}")
+    tenant = tenant_pb2_grpc.TenantServiceStub(channel)
+    me = tenant.GetTenant(tenant_pb2.GetTenantRequest(), metadata=bearer(made.secret), timeout=TIMEOUT_S)
+    check(me.id == "tenant-a", f"the new token's tenant: {me.id}")
+    listed = operator.ListTokens(operator_pb2.ListTokensRequest(), metadata=op, timeout=TIMEOUT_S)
+    check("interop-bot" in [t.name for t in listed.tokens], f"ListTokens: {[t.name for t in listed.tokens]}")
+    check(made.secret not in str(listed), "ListTokens shows no secret")
+    revoked = operator.RevokeToken(
+        operator_pb2.RevokeTokenRequest(request_id="interop-revoke", name="interop-bot"),
+        metadata=op,
+        timeout=TIMEOUT_S,
+    )
+    check(revoked.revoked_unix_ms > 0, f"RevokeToken: {revoked}")
+    expect_code(
+        lambda: tenant.GetTenant(tenant_pb2.GetTenantRequest(), metadata=bearer(made.secret), timeout=TIMEOUT_S),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "GetTenant with a revoked token",
+    )
+    ok("CreateToken, ListTokens, RevokeToken: the token worked, then was refused")
+
+    trail = operator.ListAuditRecords(operator_pb2.ListAuditRecordsRequest(), metadata=op, timeout=TIMEOUT_S)
+    calls = [(r.rpc, r.target, r.who, r.refused) for r in trail.records]
+    for rpc in ("CreateToken", "RevokeToken"):
+        check((rpc, "tokens/interop-bot", "operator:primary", "") in calls, f"{rpc} in the trail: {calls}")
+    failures = operator.ListAuditRecords(
+        operator_pb2.ListAuditRecordsRequest(auth_failures=True), metadata=op, timeout=TIMEOUT_S
+    )
+    check(any(r.rpc == "authenticate" for r in failures.records), f"auth failures: {failures.records}")
+    ok(f"ListAuditRecords: {len(trail.records)} records, {len(failures.records)} failed authentications")
+
+
 def health_checks(channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -343,6 +388,7 @@ def main():
         tenant_checks(channel, args.tenant_a, args.tenant_b)
         workload_checks(channel, args.tenant_a)
         operator_checks(channel, args.operator)
+        token_checks(channel, args.operator)
         if args.no_health:
             print("skipped: health checks (grpcio-health-checking is not installed)", flush=True)
         else:

@@ -63,6 +63,19 @@ pub enum BrokerError {
         /// Where the leader is, when known.
         leader: Option<String>,
     },
+    /// The command log could not be written: nothing of the call took effect. Mutations are
+    /// refused until it can be again; reads go on.
+    #[error(
+        "{}: the command log cannot be written ({reason}); nothing of this call took effect. \
+         Reads go on, and calls are taken again once the log can be written",
+        if *full { "the broker's disk is full" } else { "the broker's store failed" }
+    )]
+    LogUnwritable {
+        /// What the store said.
+        reason: String,
+        /// The disk (or its quota) is full.
+        full: bool,
+    },
     /// The durable store failed.
     #[error("store: {0}")]
     Store(String),
@@ -108,7 +121,11 @@ impl From<BrokerError> for Status {
             BrokerError::Overloaded(_)
             | BrokerError::RateLimited { .. }
             | BrokerError::QueueFull(_) => Code::ResourceExhausted,
-            BrokerError::Unavailable(_) | BrokerError::NotLeader { .. } => Code::Unavailable,
+            // gRPC's own meaning: "perhaps the entire file system is out of space".
+            BrokerError::LogUnwritable { full: true, .. } => Code::ResourceExhausted,
+            BrokerError::Unavailable(_)
+            | BrokerError::NotLeader { .. }
+            | BrokerError::LogUnwritable { full: false, .. } => Code::Unavailable,
             BrokerError::Store(_) | BrokerError::Config(_) => Code::Internal,
         };
         let mut status = Status::new(code, e.to_string());

@@ -593,6 +593,10 @@ pub(crate) struct WriterMetrics {
     commit: Histogram,
     /// Lease reports from agents, by [`ReportFate`] (counted by the agents' streams).
     reports: [AtomicU64; REPORT_FATES.len()],
+    /// Batches the command log could not take.
+    log_failures: AtomicU64,
+    /// 1 while the command log cannot be written and mutations are refused.
+    log_unwritable: AtomicU64,
 }
 
 /// What became of agents' lease reports, in the order of `reports`.
@@ -619,6 +623,8 @@ impl Default for WriterMetrics {
             apply: Histogram::seconds(),
             commit: Histogram::seconds(),
             reports: Default::default(),
+            log_failures: AtomicU64::new(0),
+            log_unwritable: AtomicU64::new(0),
         }
     }
 }
@@ -650,6 +656,17 @@ impl WriterMetrics {
             .position(|f| *f == fate)
             .expect("every fate is listed");
         self.reports[i].fetch_add(1, Relaxed);
+    }
+
+    /// The command log failed to take a batch, and mutations are refused until it can.
+    pub(crate) fn log_failed(&self) {
+        self.log_failures.fetch_add(1, Relaxed);
+        self.log_unwritable.store(1, Relaxed);
+    }
+
+    /// The command log took a write again.
+    pub(crate) fn log_writable(&self) {
+        self.log_unwritable.store(0, Relaxed);
     }
 
     /// A request was placed `ms` milliseconds after it was queued.
@@ -754,6 +771,18 @@ impl Collector for WriterMetrics {
         ] {
             counters(e, &name, &help, [(NO_LABELS, v)])?;
         }
+        counters(
+            e,
+            "suanli_command_log_failures",
+            "Batches the command log could not take (a full disk, a failed store): their calls were refused and nothing of them took effect.",
+            [(NO_LABELS, self.log_failures.load(Relaxed))],
+        )?;
+        gauges(
+            e,
+            "suanli_command_log_unwritable",
+            "1 while the command log cannot be written: mutations are refused, reads go on.",
+            [(NO_LABELS, self.log_unwritable.load(Relaxed))],
+        )?;
         counters(
             e,
             "suanli_requests_requeued",

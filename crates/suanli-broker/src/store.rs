@@ -8,8 +8,10 @@
 //! The [`Store`] trait is the seam where the replicated log in etcd ([`crate::ha::log`]) takes
 //! the embedded store's place.
 
-use std::path::Path;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -213,8 +215,18 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 
 /// The embedded store: a redb database (ACID, copy-on-write B-trees, one file).
+///
+/// After a failed write (a full disk), redb refuses every later transaction until the
+/// database is opened again; the store does that itself, at once and then before each write
+/// until it works, so the broker goes on when space returns. A failed commit is not in the
+/// file: reopening goes back to the last whole one.
 pub struct RedbStore {
-    db: Database,
+    path: PathBuf,
+    /// `None` while it could not be opened again after a failed write.
+    db: RwLock<Option<Database>>,
+    /// Held through a write and its handling of a failure, so that one thread's failure
+    /// (the snapshot's) is never taken for another's (the append's).
+    writing: Mutex<()>,
     next: AtomicU64,
 }
 
@@ -263,6 +275,19 @@ fn store_err(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Store(e.to_string())
 }
 
+/// A write that failed: [`BrokerError::LogUnwritable`], which says whether the disk is full.
+fn write_err(e: impl Into<redb::Error>) -> BrokerError {
+    let e: redb::Error = e.into();
+    let full = matches!(
+        &e,
+        redb::Error::Io(io) if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+    );
+    BrokerError::LogUnwritable {
+        reason: e.to_string(),
+        full,
+    }
+}
+
 /// redb's page cache. The log is appended and read back only at start-up and by a replica
 /// catching up, so a small cache serves it, and bounds what the cache may take as the log
 /// grows (redb's default is 1 GiB). Throughput is the same with either (BENCHMARKS.md).
@@ -274,6 +299,32 @@ impl RedbStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| BrokerError::Store(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join("log.redb");
+        let db = Self::open_file(&path)?;
+        let txn = db.begin_write().map_err(store_err)?;
+        txn.open_table(LOG).map_err(store_err)?;
+        txn.open_table(SNAPSHOTS).map_err(store_err)?;
+        txn.commit().map_err(store_err)?;
+        let next = Self::next_in(&db)?;
+        Ok(RedbStore {
+            path,
+            db: RwLock::new(Some(db)),
+            writing: Mutex::new(()),
+            next: AtomicU64::new(next),
+        })
+    }
+
+    /// The index after the last entry (or at the latest snapshot).
+    fn next_in(db: &Database) -> Result<u64, BrokerError> {
+        let txn = db.begin_read().map_err(store_err)?;
+        let log = txn.open_table(LOG).map_err(store_err)?;
+        let snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+        let after_log = log.last().map_err(store_err)?.map(|(k, _)| k.value() + 1);
+        let at_snapshot = snapshots.last().map_err(store_err)?.map(|(k, _)| k.value());
+        Ok(after_log.max(at_snapshot).unwrap_or(0))
+    }
+
+    /// Opens the file, verifying every page, and refuses a damaged one by name.
+    fn open_file(path: &Path) -> Result<Database, BrokerError> {
         let damaged = |why: &dyn std::fmt::Display| {
             BrokerError::Store(format!(
                 "{} is damaged ({why}): nothing is served from it; restore the data folder \
@@ -289,7 +340,7 @@ impl RedbStore {
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut db = Database::builder()
                 .set_cache_size(STORE_CACHE_BYTES)
-                .create(&path)?;
+                .create(path)?;
             let whole = db.check_integrity()?;
             Ok::<_, redb::Error>((db, whole))
         }));
@@ -313,22 +364,65 @@ impl RedbStore {
             Ok(Err(e)) => return Err(damaged(&e)),
             Err(panic) => return Err(damaged(&panic_message(&panic))),
         };
-        let txn = db.begin_write().map_err(store_err)?;
-        txn.open_table(LOG).map_err(store_err)?;
-        txn.open_table(SNAPSHOTS).map_err(store_err)?;
-        txn.commit().map_err(store_err)?;
-        let next = {
-            let txn = db.begin_read().map_err(store_err)?;
-            let log = txn.open_table(LOG).map_err(store_err)?;
-            let snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
-            let after_log = log.last().map_err(store_err)?.map(|(k, _)| k.value() + 1);
-            let at_snapshot = snapshots.last().map_err(store_err)?.map(|(k, _)| k.value());
-            after_log.max(at_snapshot).unwrap_or(0)
-        };
-        Ok(RedbStore {
-            db,
-            next: AtomicU64::new(next),
-        })
+        Ok(db)
+    }
+
+    /// Runs a write transaction. After a failure the file is opened again (redb refuses
+    /// every write after a failed one until then: the failure may have been another
+    /// thread's) and the write is tried once more, so the error returned is this write's own.
+    /// A failed transaction committed nothing, so trying again is safe.
+    fn write<T>(&self, f: impl Fn(&Database) -> Result<T, BrokerError>) -> Result<T, BrokerError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let attempt = || self.db.read().expect("store").as_ref().map(&f);
+        if let Some(Ok(done)) = attempt() {
+            return Ok(done);
+        }
+        self.reopen()?;
+        let result = attempt().unwrap_or_else(|| {
+            Err(BrokerError::LogUnwritable {
+                reason: "the log file could not be opened again".into(),
+                full: false,
+            })
+        });
+        if result.is_err() {
+            // Ready for the next write; if this fails, the next write opens it.
+            if let Err(e) = self.reopen() {
+                tracing::warn!(error = %e, "could not open the log file again after a failed write");
+            }
+        }
+        result
+    }
+
+    /// Closes the database and opens it again, back at its last whole commit.
+    fn reopen(&self) -> Result<(), BrokerError> {
+        let mut db = self.db.write().expect("store");
+        // The file is locked while a handle is open: the old one is closed first.
+        drop(db.take());
+        let opened = Self::open_file(&self.path).map_err(|e| match e {
+            BrokerError::Store(reason) => BrokerError::LogUnwritable {
+                reason,
+                full: false,
+            },
+            e => e,
+        })?;
+        self.next.store(Self::next_in(&opened)?, Ordering::Release);
+        *db = Some(opened);
+        Ok(())
+    }
+
+    /// Reads with the open database.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        if self.db.read().expect("store").is_none() {
+            self.reopen()?;
+        }
+        let db = self.db.read().expect("store");
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(BrokerError::Store("the log file is closed".into())),
+        }
     }
 }
 
@@ -337,21 +431,23 @@ impl Store for RedbStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let next = self.next.load(Ordering::Acquire);
-        let txn = self.db.begin_write().map_err(store_err)?;
-        {
-            let mut table = txn.open_table(LOG).map_err(store_err)?;
-            for (i, e) in entries.iter().enumerate() {
-                let bytes = encode(e)?;
-                table
-                    .insert(next + i as u64, bytes.as_slice())
-                    .map_err(store_err)?;
+        self.write(|db| {
+            let next = self.next.load(Ordering::Acquire);
+            let txn = db.begin_write().map_err(write_err)?;
+            {
+                let mut table = txn.open_table(LOG).map_err(write_err)?;
+                for (i, e) in entries.iter().enumerate() {
+                    let bytes = encode(e)?;
+                    table
+                        .insert(next + i as u64, bytes.as_slice())
+                        .map_err(write_err)?;
+                }
             }
-        }
-        txn.commit().map_err(store_err)?;
-        self.next
-            .store(next + entries.len() as u64, Ordering::Release);
-        Ok(())
+            txn.commit().map_err(write_err)?;
+            self.next
+                .store(next + entries.len() as u64, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn next_index(&self) -> u64 {
@@ -359,19 +455,27 @@ impl Store for RedbStore {
     }
 
     fn save_snapshot(&self, upto: u64, snapshot: &[u8]) -> Result<(), BrokerError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
-        {
-            let mut snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
-            snapshots.retain(|_, _| false).map_err(store_err)?;
-            snapshots.insert(upto, snapshot).map_err(store_err)?;
-            let mut log = txn.open_table(LOG).map_err(store_err)?;
-            log.retain_in(..upto, |_, _| false).map_err(store_err)?;
-        }
-        txn.commit().map_err(store_err)
+        self.write(|db| {
+            let txn = db.begin_write().map_err(write_err)?;
+            {
+                let mut snapshots = txn.open_table(SNAPSHOTS).map_err(write_err)?;
+                snapshots.retain(|_, _| false).map_err(write_err)?;
+                snapshots.insert(upto, snapshot).map_err(write_err)?;
+                let mut log = txn.open_table(LOG).map_err(write_err)?;
+                log.retain_in(..upto, |_, _| false).map_err(write_err)?;
+            }
+            txn.commit().map_err(write_err)
+        })
     }
 
     fn recover(&self) -> Result<Recovered, BrokerError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        self.read(Self::recover_from)
+    }
+}
+
+impl RedbStore {
+    fn recover_from(db: &Database) -> Result<Recovered, BrokerError> {
+        let txn = db.begin_read().map_err(store_err)?;
         let snapshots = txn.open_table(SNAPSHOTS).map_err(store_err)?;
         let snapshot = snapshots
             .last()

@@ -521,7 +521,45 @@ pub(crate) struct Writer {
     term: i64,
     /// The lease of the term is lost, or another replica appended: stop leading.
     deposed: bool,
+    /// Why the command log cannot be written, while it cannot (a broker on its own): calls
+    /// that would log are refused with it, reads go on, and the log is tried again every
+    /// [`LOG_PROBE_MS`].
+    log_fault: Option<LogFault>,
+    /// When to try the unwritable log again.
+    next_probe: u64,
 }
+
+/// What the command log said when it could not be written.
+#[derive(Clone, Debug)]
+struct LogFault {
+    reason: String,
+    full: bool,
+}
+
+impl LogFault {
+    fn of(e: &BrokerError) -> Self {
+        match e {
+            BrokerError::LogUnwritable { reason, full } => LogFault {
+                reason: reason.clone(),
+                full: *full,
+            },
+            e => LogFault {
+                reason: e.to_string(),
+                full: false,
+            },
+        }
+    }
+
+    fn error(&self) -> BrokerError {
+        BrokerError::LogUnwritable {
+            reason: self.reason.clone(),
+            full: self.full,
+        }
+    }
+}
+
+/// How often an unwritable command log is tried again (ms).
+const LOG_PROBE_MS: u64 = 1_000;
 
 /// What a replica does next after following.
 enum Next {
@@ -604,6 +642,8 @@ impl Writer {
             applied: 0,
             term: 0,
             deposed: false,
+            log_fault: None,
+            next_probe: 0,
         };
         let recovered = w.store.recover()?;
         if let Some((at, bytes)) = recovered.snapshot {
@@ -1906,6 +1946,11 @@ impl Writer {
             if self.publish_due && self.quick_publish {
                 wait = wait.min(QUICK_PUBLISH_GAP.saturating_sub(self.last_publish_at.elapsed()));
             }
+            if self.log_fault.is_some() {
+                wait = wait.min(Duration::from_millis(
+                    self.next_probe.saturating_sub(wall_ms()),
+                ));
+            }
             match rx.recv_timeout(wait) {
                 Ok(op) => ops.push(op),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -1922,12 +1967,23 @@ impl Writer {
             let batch = ops.len();
             let mut entries = Vec::new();
             let mut replies = Vec::new();
+            if self.log_fault.is_some() && now >= self.next_probe {
+                self.probe_log(now);
+            }
             for op in ops.drain(..) {
-                self.handle(op, now, &mut entries, &mut replies);
+                match self.log_fault.is_some() {
+                    false => self.handle(op, now, &mut entries, &mut replies),
+                    true => {
+                        if let Some(op) = self.turn_away(op) {
+                            self.handle(op, now, &mut entries, &mut replies);
+                        }
+                    }
+                }
             }
             let handled = started.elapsed();
             let mut tick_cost = Duration::ZERO;
-            if now >= next_tick(&self.engine, last_tick, soon) {
+            // Time stands still for the engine while nothing can be logged.
+            if self.log_fault.is_none() && now >= next_tick(&self.engine, last_tick, soon) {
                 let ticked = Instant::now();
                 let _ = self.apply_logged(Command::Tick, now, None, &mut entries);
                 self.check_heartbeats(now, &mut entries);
@@ -1935,8 +1991,10 @@ impl Writer {
                 last_tick = now;
                 soon = (tick_cost * SLICE_GAP).as_millis().max(1) as u64;
             }
-            self.fire_timers(now, &mut entries);
-            self.forget_ended(now);
+            if self.log_fault.is_none() {
+                self.fire_timers(now, &mut entries);
+                self.forget_ended(now);
+            }
             let applied = started.elapsed();
             let appended = if self.deposed {
                 Err(BrokerError::NotLeader { leader: None })
@@ -1954,9 +2012,13 @@ impl Writer {
                 return Ok(Exit::Deposed);
             }
             if let Err(e) = appended {
-                error!(error = %e, "the command log failed: stopping the writer");
-                fail_all(replies, || BrokerError::Store(e.to_string()));
-                return Err(e);
+                if self.replica.is_replicated() {
+                    error!(error = %e, "the command log failed: stopping the writer");
+                    fail_all(replies, || BrokerError::Store(e.to_string()));
+                    return Err(e);
+                }
+                self.log_failed(&e, replies);
+                continue;
             }
             let synced = started.elapsed();
             if !entries.is_empty() {
@@ -2032,6 +2094,94 @@ impl Writer {
             }
         }
         Ok(Exit::Stopped)
+    }
+
+    /// The command log could not take a batch (a broker on its own): its callers are told
+    /// so, the state goes back to what the log holds (the batch was applied before it was
+    /// appended), and calls that would log are refused until the log takes a write again.
+    /// Reads of the ledger in the batch are answered from the state read back.
+    fn log_failed(&mut self, e: &BrokerError, replies: Vec<Reply>) {
+        let fault = LogFault::of(e);
+        error!(
+            error = %e,
+            "the command log could not be written: refusing calls that change state until it can"
+        );
+        let (reads, calls): (Vec<_>, Vec<_>) = replies
+            .into_iter()
+            .partition(|r| matches!(r, Reply::Read(_)));
+        fail_all(calls, || fault.error());
+        self.metrics.log_failed();
+        let stopping = self.stopping;
+        // The agents' streams end with the old state's links: they come back, and are told
+        // again what runs, as after a restart.
+        self.rebuild_until_done();
+        self.stopping = stopping;
+        self.live = true;
+        self.started_at = self.clock();
+        self.rearm_timers();
+        for r in reads {
+            if let Reply::Read(read) = r {
+                read(&self.ledger);
+            }
+        }
+        self.next_probe = self.now + LOG_PROBE_MS;
+        self.log_fault = Some(fault);
+    }
+
+    /// Tries the unwritable command log with a checkpoint (an entry that changes nothing):
+    /// once it takes one, calls are taken again.
+    fn probe_log(&mut self, now: u64) {
+        let at = self.store.next_index();
+        match self.store.append(&[Entry::Checkpoint]) {
+            Ok(()) => {
+                self.replica.record_checkpoint(at, self.engine.digest());
+                self.applied = self.store.next_index();
+                self.replica.applied(self.applied, now);
+                self.metrics.log_writable();
+                self.log_fault = None;
+                info!(
+                    index = at,
+                    "the command log can be written again: taking calls"
+                );
+            }
+            Err(e) => {
+                self.log_fault = Some(LogFault::of(&e));
+                self.next_probe = now + LOG_PROBE_MS;
+            }
+        }
+    }
+
+    /// While the command log cannot be written: answers an operation that would log with
+    /// why, and gives back one that only reads (or steers the writer) to be handled.
+    fn turn_away(&mut self, op: Op) -> Option<Op> {
+        let fault = self.log_fault.clone()?;
+        let no = || fault.error();
+        match op {
+            Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Grant { reply, .. }
+            | Op::Billing { reply, .. }
+            | Op::CreateToken { reply, .. }
+            | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
+            // A quote logs what bringing vouchers up to date changed.
+            Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
+            Op::Audited { op, .. } => return self.turn_away(*op),
+            Op::Refused { tag, reason } => {
+                warn!(rpc = %tag.rpc, %reason, "a refused operator call could not be logged");
+            }
+            // The hello logs the pool's state: its stream ends, and the agent comes back.
+            Op::AgentHello { pool, .. } => {
+                warn!(%pool, "an agent's hello could not be logged: its stream is closed");
+            }
+            op @ (Op::ReadLedger(_)
+            | Op::Heartbeat { .. }
+            | Op::Stop
+            | Op::Replicated { .. }
+            | Op::Promote { .. }
+            | Op::Demote { .. }
+            | Op::Resync) => return Some(op),
+        }
+        None
     }
 
     /// Applies a caller's command, or answers a retry with its first result.

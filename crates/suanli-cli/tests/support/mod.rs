@@ -24,6 +24,12 @@ impl Serving {
         self.0.id()
     }
 
+    /// Whether it has not exited.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
     /// Waits for it to exit by itself.
     #[allow(dead_code)] // not every test binary that shares this module uses it
     pub fn wait(&mut self) -> std::process::ExitStatus {

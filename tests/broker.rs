@@ -790,9 +790,9 @@ async fn a_request_no_pool_could_ever_hold_is_refused_unless_it_waits_for_pools(
     broker.stop().await;
 }
 
-/// Calls `$method` on `$client` with `$first` (a first call and its retry, both OK), then
-/// with `$other`, another call under the same request_id: INVALID_ARGUMENT naming it.
-/// Evaluates to the first answer and the retry's.
+/// Calls `$method` on `$client` with `$first` (a first call and its retry, both OK, with the
+/// same answer), then with `$other`, another call under the same request_id: INVALID_ARGUMENT
+/// naming it. Evaluates to the first answer and the retry's.
 macro_rules! reuse_is_refused {
     ($client:expr, $method:ident, $first:expr, $other:expr) => {{
         let name = stringify!($method);
@@ -807,6 +807,7 @@ macro_rules! reuse_is_refused {
             .await
             .unwrap_or_else(|e| panic!("{name}: retry: {e:?}"))
             .into_inner();
+        assert_eq!(first, again, "{name}: a retry gets the first answer");
         let e =
             client.$method($other).await.err().unwrap_or_else(|| {
                 panic!("{name}: another call under the same request_id was taken")
@@ -927,7 +928,7 @@ async fn every_mutating_call_refuses_a_request_id_reused_for_another_call() {
             valid_until_unix_ms: now + 30 * 24 * 3_600_000,
         }),
     };
-    reuse_is_refused!(op, issue_voucher, voucher(100), voucher(200));
+    let (first_voucher, _) = reuse_is_refused!(op, issue_voucher, voucher(100), voucher(200));
     let budget = |limit_fen| pb::SetBudgetRequest {
         request_id: "k-budget".into(),
         tenant: "tenant-c".into(),
@@ -936,12 +937,38 @@ async fn every_mutating_call_refuses_a_request_id_reused_for_another_call() {
             period: pb::BudgetPeriod::Monthly as i32,
         }),
     };
-    reuse_is_refused!(op, set_budget, budget(30_000), budget(40_000));
+    let (first_budget, _) = reuse_is_refused!(op, set_budget, budget(30_000), budget(40_000));
     let subsidy = |monthly_fen| pb::SetSubsidyBudgetRequest {
         request_id: "k-subsidy".into(),
         monthly_fen: Some(monthly_fen),
     };
-    reuse_is_refused!(op, set_subsidy_budget, subsidy(100_000), subsidy(200_000));
+    let (first_subsidy, _) =
+        reuse_is_refused!(op, set_subsidy_budget, subsidy(100_000), subsidy(200_000));
+    // Changed since by other calls: a retry still gets the first answer, not a new read.
+    let mut o = op.clone();
+    o.set_budget(pb::SetBudgetRequest {
+        request_id: "k-budget-later".into(),
+        ..budget(50_000)
+    })
+    .await
+    .unwrap();
+    o.set_subsidy_budget(pb::SetSubsidyBudgetRequest {
+        request_id: "k-subsidy-later".into(),
+        monthly_fen: Some(300_000),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        o.set_budget(budget(30_000)).await.unwrap().into_inner(),
+        first_budget
+    );
+    assert_eq!(
+        o.set_subsidy_budget(subsidy(100_000))
+            .await
+            .unwrap()
+            .into_inner(),
+        first_subsidy
+    );
     // Found as a new user would: the same request_id for another tenant's adjustment was
     // INTERNAL ("the adjustment is not in the ledger").
     let adjust = |tenant: &str| pb::AdjustBalanceRequest {
@@ -950,9 +977,8 @@ async fn every_mutating_call_refuses_a_request_id_reused_for_another_call() {
         amount_fen: -5_000,
         reason: "SLA credit: pool outage".into(),
     };
-    let (first, again) =
+    let (first_adjust, _) =
         reuse_is_refused!(op, adjust_balance, adjust("tenant-a"), adjust("tenant-b"));
-    assert_eq!(first, again);
     let far = op
         .clone()
         .get_pool(pb::GetPoolRequest {
@@ -987,6 +1013,23 @@ async fn every_mutating_call_refuses_a_request_id_reused_for_another_call() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // The operator's retries get their first answers too, from what the log holds.
+    let mut op = broker.operator(&broker.creds.operator).await;
+    assert_eq!(
+        op.issue_voucher(voucher(100)).await.unwrap().into_inner(),
+        first_voucher
+    );
+    assert_eq!(
+        op.set_budget(budget(30_000)).await.unwrap().into_inner(),
+        first_budget
+    );
+    assert_eq!(
+        op.adjust_balance(adjust("tenant-a"))
+            .await
+            .unwrap()
+            .into_inner(),
+        first_adjust
+    );
     broker.stop().await;
 }
 

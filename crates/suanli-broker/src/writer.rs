@@ -113,11 +113,12 @@ pub(crate) enum Op {
         spec: RequestSpec,
         reply: oneshot::Sender<Result<(Quote, Option<Bill>), BrokerError>>,
     },
-    /// An accounting command, logged like a command of the engine.
+    /// An accounting command, logged like a command of the engine; answered with when it
+    /// was applied (for a retry, when it was applied the first time).
     Billing {
         op: BillingOp,
         key: Option<IdemKey>,
-        reply: oneshot::Sender<Result<(), BrokerError>>,
+        reply: oneshot::Sender<Result<u64, BrokerError>>,
     },
     /// Reads the ledger once the batch it arrived in is durable.
     ReadLedger(Box<dyn FnOnce(&Ledger) + Send>),
@@ -201,6 +202,16 @@ impl Idempotency {
                 ),
             )),
         }
+    }
+
+    /// When the call under the key was first applied: its place in the order keys were seen.
+    /// Only a retry asks, so a walk from the newest is cheap enough, and no format changes.
+    fn first_at(&self, key: &IdemKey) -> Option<u64> {
+        self.seen
+            .iter()
+            .rev()
+            .find(|(_, (caller, id))| *caller == key.caller && *id == key.request_id)
+            .map(|(at, _)| *at)
     }
 
     /// Remembers a first result and forgets keys older than the window, and the oldest
@@ -403,7 +414,10 @@ impl Handle {
     }
 
     /// Applies an accounting command; answers once it is durable.
-    pub async fn billing(&self, op: BillingOp, key: Option<IdemKey>) -> Result<(), BrokerError> {
+    /// Applies an accounting command; answers when it was applied (for a retry of a
+    /// request_id, when it was applied the first time), from which the caller's answer is
+    /// made: the same for every retry, never a new read.
+    pub async fn billing(&self, op: BillingOp, key: Option<IdemKey>) -> Result<u64, BrokerError> {
         self.ask(|reply| Op::Billing { op, key, reply }).await?
     }
 
@@ -459,6 +473,8 @@ enum Reply {
         Result<Vec<Event>, BrokerError>,
     ),
     Unit(oneshot::Sender<Result<(), BrokerError>>),
+    /// When an accounting command was applied.
+    At(oneshot::Sender<Result<u64, BrokerError>>, u64),
     /// A read of the ledger, answered once the batch is durable, so that nobody reads a
     /// settlement a crash could still take back.
     Read(Box<dyn FnOnce(&Ledger) + Send>),
@@ -832,9 +848,9 @@ impl Writer {
         match op {
             Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
             Op::Grant { reply, .. }
-            | Op::Billing { reply, .. }
             | Op::CreateToken { reply, .. }
             | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
             Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
             Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
             Op::Audited { op, .. } => self.refuse(*op),
@@ -2056,6 +2072,7 @@ impl Writer {
                 match r {
                     Reply::Events(tx, result) => drop(tx.send(result)),
                     Reply::Unit(tx) => drop(tx.send(Ok(()))),
+                    Reply::At(tx, at) => drop(tx.send(Ok(at))),
                     Reply::Read(read) => read(&self.ledger),
                     Reply::Checkpoint(tx, (at, digest)) => {
                         self.replica.record_checkpoint(at, digest);
@@ -2159,9 +2176,9 @@ impl Writer {
         match op {
             Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
             Op::Grant { reply, .. }
-            | Op::Billing { reply, .. }
             | Op::CreateToken { reply, .. }
             | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
+            Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
             // A quote logs what bringing vouchers up to date changed.
             Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
             Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
@@ -2362,12 +2379,17 @@ impl Writer {
                 let _ = reply.send(self.quote(&spec, now));
             }
             Op::Billing { op, key, reply } => {
-                match key.as_ref().map(|k| self.idem.get(k)) {
-                    // Answered with the batch: the first time may be in this very batch, not
-                    // durable yet.
-                    Some(Ok(Some(_))) => return replies.push(Reply::Unit(reply)),
-                    Some(Err(e)) => return drop(reply.send(Err(e))),
-                    Some(Ok(None)) | None => {}
+                if let Some(k) = key.as_ref() {
+                    match self.idem.get(k) {
+                        // Answered with the batch: the first time may be in this very batch,
+                        // not durable yet.
+                        Ok(Some(_)) => {
+                            let at = self.idem.first_at(k).unwrap_or(now);
+                            return replies.push(Reply::At(reply, at));
+                        }
+                        Err(e) => return drop(reply.send(Err(e))),
+                        Ok(None) => {}
+                    }
                 }
                 match self.apply_billing(op.clone(), now) {
                     Ok(()) => {
@@ -2375,7 +2397,7 @@ impl Writer {
                             self.idem.insert(k, Vec::new(), now);
                         }
                         entries.push(Entry::Billing { now, op, key });
-                        replies.push(Reply::Unit(reply));
+                        replies.push(Reply::At(reply, now));
                     }
                     Err(e) => drop(reply.send(Err(e))),
                 }
@@ -2404,6 +2426,7 @@ fn fail_all(replies: Vec<Reply>, error: impl Fn() -> BrokerError) {
         match r {
             Reply::Events(tx, _) => drop(tx.send(Err(error()))),
             Reply::Unit(tx) => drop(tx.send(Err(error()))),
+            Reply::At(tx, _) => drop(tx.send(Err(error()))),
             Reply::Checkpoint(tx, _) => drop(tx.send(Err(error()))),
             Reply::Read(_) => {}
         }

@@ -1,6 +1,5 @@
 //! `OperatorService`: what the platform's operators call.
 
-use suanli_billing::ledger::EntryKind;
 use suanli_core::Command;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_server::OperatorService;
@@ -445,15 +444,18 @@ impl OperatorApi {
     ) -> Result<Response<pb::VoucherBalance>, Status> {
         let (req, key) = operator_mutation(req, "IssueVoucher", |r| &r.request_id)?;
         let spec = convert::voucher_from_pb(req.voucher, "voucher")?;
-        let id = spec.id.clone();
-        w.billing(BillingOp::IssueVoucher(spec), key).await?;
-        let voucher = self
-            .0
-            .writer
-            .read_ledger(move |l| l.voucher(&id).map(convert::voucher_to_pb))
-            .await?
-            .ok_or_else(|| Status::internal("an issued voucher is missing"))?;
-        Ok(Response::new(voucher))
+        let issued_at = w
+            .billing(BillingOp::IssueVoucher(spec.clone()), key)
+            .await?;
+        // The voucher as issued, whatever it has paid since: a retry gets the same answer.
+        Ok(Response::new(convert::voucher_to_pb(
+            &suanli_billing::Voucher {
+                spec,
+                issued_at,
+                issue_seq: 0,
+                used: suanli_billing::Fen(0),
+            },
+        )))
     }
 
     async fn set_budget_call(
@@ -475,12 +477,7 @@ impl OperatorApi {
             key,
         )
         .await?;
-        let name = tenant.clone();
-        let budget = self
-            .0
-            .writer
-            .read_ledger(move |l| l.tenant(&name).and_then(|a| a.budget))
-            .await?;
+        // The budget as set (not as read back, which a later call may have changed).
         Ok(Response::new(pb::SetBudgetResponse {
             tenant,
             budget: budget.as_ref().map(convert::budget_to_pb),
@@ -495,11 +492,6 @@ impl OperatorApi {
         let (req, key) = operator_mutation(req, "SetSubsidyBudget", |r| &r.request_id)?;
         let monthly = req.monthly_fen.map(suanli_billing::Fen);
         w.billing(BillingOp::SetSubsidyBudget { monthly }, key)
-            .await?;
-        let monthly = self
-            .0
-            .writer
-            .read_ledger(|l| l.subsidy_budget_monthly())
             .await?;
         Ok(Response::new(pb::SetSubsidyBudgetResponse {
             monthly_fen: monthly.map(|f| f.0),
@@ -523,21 +515,8 @@ impl OperatorApi {
             amount: suanli_billing::Fen(req.amount_fen),
             reason: req.reason,
         };
-        w.billing(op, key).await?;
-        // The month of the tenant's latest adjustment: the one just made (or, for a retry, the
-        // one made the first time, unless the tenant was adjusted again since).
-        let tenant = req.tenant.clone();
-        let at = self
-            .0
-            .writer
-            .read_ledger(move |l| {
-                l.entries().iter().rev().find_map(|e| match &e.kind {
-                    EntryKind::Adjusted { tenant: t, .. } if *t == tenant => Some(e.at),
-                    _ => None,
-                })
-            })
-            .await?
-            .ok_or_else(|| BrokerError::Store("the adjustment is not in the ledger".into()))?;
+        // The month it was made in (for a retry, the first time's).
+        let at = w.billing(op, key).await?;
         Ok(Response::new(pb::AdjustBalanceResponse {
             tenant: req.tenant,
             month: suanli_billing::Month::containing(at).to_string(),

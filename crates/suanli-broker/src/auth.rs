@@ -8,6 +8,10 @@
 //! one round of a fast hash is as good as a slow password hash would be. A token has a name,
 //! an owner, an optional expiry and may be revoked; a call presenting a revoked or expired
 //! token is UNAUTHENTICATED at once, and streams opened with it end (see [`Tokens::closed`]).
+//!
+//! With mutual TLS for agents (`[tls] agent_ca`), a client certificate that the CA signed and
+//! that names a pool (see [`pool_of_certificate`]) identifies that pool's agent, with no
+//! token; a token sent with it must be the same pool's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,6 +158,37 @@ pub struct Credential {
     pub principal: Principal,
     /// Its hash: a token re-issued under the same name is another credential.
     pub hash: SecretHash,
+    /// A client certificate, not a token: TLS checked it at the handshake, and nothing
+    /// revokes it while the connection lasts.
+    pub certificate: bool,
+}
+
+/// How an agent's client certificate names its pool: a URI subject alternative name
+/// `suanli:pool:<pool id>`.
+pub const POOL_URI_PREFIX: &str = "suanli:pool:";
+
+/// The pool a client certificate (DER) names in a URI subject alternative name
+/// [`POOL_URI_PREFIX`]`<pool id>`; `None` when it names none, an error when it cannot be read
+/// or names several.
+pub fn pool_of_certificate(der: &[u8]) -> Result<Option<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the client certificate cannot be read: {e}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("the client certificate's alternative names: {e}"))?;
+    let mut pools = names
+        .into_iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => uri.strip_prefix(POOL_URI_PREFIX),
+            _ => None,
+        });
+    let pool = pools.next().map(str::to_string);
+    if pools.next().is_some() {
+        return Err("the client certificate names several pools; an agent's names one".into());
+    }
+    Ok(pool)
 }
 
 #[derive(Default)]
@@ -308,6 +343,7 @@ impl Tokens {
             name: record.name.clone(),
             principal: record.principal.clone(),
             hash,
+            certificate: false,
         })
     }
 
@@ -321,6 +357,9 @@ impl Tokens {
         let credential = credential.clone();
         let mut changed = self.0.changed.subscribe();
         async move {
+            if credential.certificate {
+                return std::future::pending().await;
+            }
             loop {
                 let expires = {
                     let table = tokens.read();
@@ -357,19 +396,52 @@ impl Tokens {
         }
     }
 
-    /// The interceptor: UNAUTHENTICATED without a working bearer token.
+    /// The interceptor: UNAUTHENTICATED without a working bearer token or an agent's client
+    /// certificate; PERMISSION_DENIED when a token and a certificate name different callers.
     pub fn authenticate(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let header = req.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing authorization metadata (Bearer token)")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
-        let credential = self
-            .lookup(token.trim(), crate::writer::wall_ms())
-            .map_err(Status::unauthenticated)?;
+        let certified = match req.peer_certs() {
+            Some(chain) => match chain.first() {
+                Some(leaf) => pool_of_certificate(leaf).map_err(Status::unauthenticated)?,
+                None => None,
+            },
+            None => None,
+        };
+        let header = req.metadata().get("authorization");
+        let credential = match (header, certified) {
+            (None, Some(pool)) => Credential {
+                name: format!("certificate of pool {pool}"),
+                principal: Principal::Agent(pool),
+                hash: [0; 32],
+                certificate: true,
+            },
+            (None, None) => {
+                return Err(Status::unauthenticated(
+                    "missing authorization metadata (Bearer token)",
+                ));
+            }
+            (Some(header), certified) => {
+                let token = header
+                    .to_str()
+                    .ok()
+                    .and_then(|h| h.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        Status::unauthenticated("authorization must be \"Bearer <token>\"")
+                    })?;
+                let credential = self
+                    .lookup(token.trim(), crate::writer::wall_ms())
+                    .map_err(Status::unauthenticated)?;
+                if let Some(pool) = certified
+                    && credential.principal != Principal::Agent(pool.clone())
+                {
+                    return Err(Status::permission_denied(format!(
+                        "the client certificate is the agent of pool {pool}'s, but token {} \
+                         is not that agent's",
+                        credential.name
+                    )));
+                }
+                credential
+            }
+        };
         req.extensions_mut().insert(credential.principal.clone());
         req.extensions_mut().insert(credential);
         Ok(req)

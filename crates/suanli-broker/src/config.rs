@@ -65,6 +65,9 @@ pub struct BrokerConfig {
     pub max_message_bytes: usize,
     /// TLS certificate and key (PEM files), when TLS is wanted.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// With TLS: the CA (PEM) whose client certificates identify pools' agents (mutual
+    /// TLS; see [`crate::auth::pool_of_certificate`]). Other callers need no certificate.
+    pub agent_ca: Option<PathBuf>,
     /// The district's capacity target, shown in the fleet summary.
     pub target_tflops: u64,
     /// Where to listen.
@@ -142,6 +145,7 @@ impl BrokerConfig {
             queue_capacity: 65_536,
             max_message_bytes: 1 << 20,
             tls: None,
+            agent_ca: None,
             target_tflops: 20_000 * TFLOPS_PER_P,
             listen: "127.0.0.1:50051".parse().expect("address"),
             http: Some("127.0.0.1:8080".parse().expect("address")),
@@ -350,6 +354,7 @@ impl BrokerConfig {
         }
         if let Some(tls) = file.tls {
             c.tls = Some((base.join(tls.cert), base.join(tls.key)));
+            c.agent_ca = tls.agent_ca.map(|ca| base.join(ca));
         }
         Ok(c)
     }
@@ -427,6 +432,7 @@ struct TenantFile {
 struct TlsFile {
     cert: String,
     key: String,
+    agent_ca: Option<String>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use suanli_proto::v1::tenant_service_server::TenantServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::auth::{Principal, Tokens, hash_secret, new_token};
@@ -259,10 +259,16 @@ pub async fn run_with(
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| BrokerError::Config(format!("tls {}: {e}", p.display())))
         };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &config.agent_ca {
+            // Asked of every client, required of none: tenants and operators come with
+            // tokens; an agent may come with a certificate naming its pool instead.
+            tls = tls
+                .client_ca_root(Certificate::from_pem(read(ca)?))
+                .client_auth_optional(true);
+        }
         builder = builder
-            .tls_config(
-                ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)),
-            )
+            .tls_config(tls)
             .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
     }
     let addr = grpc_addr;

@@ -384,7 +384,12 @@ async fn session(
 pub async fn run(g: &GlobalArgs, a: &AgentArgs) -> anyhow::Result<()> {
     let spec = load_pool(&a.fleet, &a.pool)?;
     let pool_msg = suanli_broker::convert::pool_spec_to_pb(&spec);
-    let bearer = Bearer::new(&client::identity(g, Role::Agent(&a.pool))?.token)?;
+    // With a client certificate (mutual TLS) and no token given, the certificate is the
+    // agent's credential.
+    let bearer = match (&g.client_cert, &g.token) {
+        (Some(_), None) => Bearer::certificate_only(),
+        _ => Bearer::new(&client::identity(g, Role::Agent(&a.pool))?.token)?,
+    };
     // The broker, or the brokers of a group: the agent's calls go to the leader, and after a
     // failover it connects to the new one and says again what it runs.
     let group = client::group(g)?;

@@ -56,6 +56,25 @@ pub struct GlobalArgs {
     /// the system's.
     #[arg(long, global = true, env = "SUANLI_CA_CERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// PEM file of a client certificate, for mutual TLS with an `https://` broker: an agent
+    /// whose certificate names its pool (URI `suanli:pool:<id>`) needs no token.
+    #[arg(
+        long,
+        global = true,
+        env = "SUANLI_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(
+        long,
+        global = true,
+        env = "SUANLI_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
     /// Print JSON instead of tables (one object, or one line per event).
     #[arg(long, global = true)]
     pub json: bool,
@@ -64,7 +83,24 @@ pub struct GlobalArgs {
     pub log_json: bool,
 }
 
+/// The files TLS with the broker uses: a CA to trust, a client certificate and its key.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// `--ca-cert`.
+    pub ca_cert: Option<PathBuf>,
+    /// `--client-cert` and `--client-key`.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 impl GlobalArgs {
+    /// What TLS with the broker uses.
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_cert: self.ca_cert.clone(),
+            client: self.client_cert.clone().zip(self.client_key.clone()),
+        }
+    }
+
     /// The credentials file in the data folder.
     pub fn credentials_path(&self) -> PathBuf {
         self.data_dir
@@ -218,7 +254,7 @@ pub fn identity(g: &GlobalArgs, role: Role<'_>) -> anyhow::Result<Identity> {
 }
 
 /// The endpoint of the broker, with TLS for `https://`.
-pub fn endpoint(addr: &str, ca_cert: Option<&Path>) -> anyhow::Result<Endpoint> {
+pub fn endpoint(addr: &str, files: &TlsFiles) -> anyhow::Result<Endpoint> {
     let addr = failover::with_scheme(addr);
     let mut ep = Endpoint::from_shared(addr.clone())
         .with_context(|| format!("--addr {addr:?} is not a valid URL"))?
@@ -227,15 +263,22 @@ pub fn endpoint(addr: &str, ca_cert: Option<&Path>) -> anyhow::Result<Endpoint> 
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     if addr.starts_with("https://") {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).with_context(|| format!("{flag} {}: cannot read", path.display()))
+        };
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(path) = ca_cert {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("--ca-cert {}: cannot read", path.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        if let Some(path) = &files.ca_cert {
+            tls = tls.ca_certificate(Certificate::from_pem(read("--ca-cert", path)?));
+        }
+        if let Some((cert, key)) = &files.client {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("--client-cert", cert)?,
+                read("--client-key", key)?,
+            ));
         }
         ep = ep.tls_config(tls).context("setting up TLS")?;
-    } else if ca_cert.is_some() {
-        bail!("--ca-cert is only for an https:// broker address, not {addr}");
+    } else if files.ca_cert.is_some() || files.client.is_some() {
+        bail!("--ca-cert and --client-cert are only for an https:// broker address, not {addr}");
     }
     Ok(ep)
 }
@@ -253,7 +296,7 @@ pub async fn connect(g: &GlobalArgs) -> anyhow::Result<LeaderChannel> {
 pub async fn reach(group: &LeaderChannel, g: &GlobalArgs) -> anyhow::Result<()> {
     let mut last = None;
     for addr in group.addresses() {
-        let ep = endpoint(&addr, g.ca_cert.as_deref())?;
+        let ep = endpoint(&addr, &g.tls())?;
         match ep.connect().await {
             Ok(channel) => {
                 group.adopt(&addr, channel);
@@ -272,21 +315,22 @@ pub fn group(g: &GlobalArgs) -> anyhow::Result<LeaderChannel> {
     if addrs.is_empty() {
         bail!("--addr is empty: give the broker's address");
     }
+    let files = g.tls();
     for a in &addrs {
-        endpoint(a, g.ca_cert.as_deref())?;
+        endpoint(a, &files)?;
     }
-    let ca_cert = g.ca_cert.clone();
     Ok(LeaderChannel::new(
         addrs,
         Box::new(move |a| {
-            endpoint(a, ca_cert.as_deref()).map_err(|e| Status::invalid_argument(error_line(&e)))
+            endpoint(a, &files).map_err(|e| Status::invalid_argument(error_line(&e)))
         }),
     ))
 }
 
-/// Puts the bearer token in the `authorization` metadata of every call.
+/// Puts the bearer token in the `authorization` metadata of every call (none for an agent
+/// that a client certificate identifies).
 #[derive(Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
+pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Bearer {
     /// The header for a token (a token that already starts with `Bearer ` is taken as is).
@@ -298,19 +342,26 @@ impl Bearer {
         };
         value
             .parse()
-            .map(Bearer)
+            .map(|v| Bearer(Some(v)))
             .map_err(|_| anyhow::anyhow!("the token is not a valid header value (printable ASCII)"))
     }
 
-    /// The `authorization` header value.
-    pub fn value(&self) -> &MetadataValue<Ascii> {
-        &self.0
+    /// No token: the client certificate identifies the caller.
+    pub fn certificate_only() -> Self {
+        Bearer(None)
+    }
+
+    /// The `authorization` header value, if any.
+    pub fn value(&self) -> Option<&MetadataValue<Ascii>> {
+        self.0.as_ref()
     }
 }
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
         Ok(req)
     }
 }
@@ -415,6 +466,8 @@ mod tests {
             tenant: tenant.map(Into::into),
             data_dir: Some(data_dir.to_path_buf()),
             ca_cert: None,
+            client_cert: None,
+            client_key: None,
             json: false,
             log_json: false,
         }
@@ -430,8 +483,23 @@ mod tests {
             failover::with_scheme("https://broker:443"),
             "https://broker:443"
         );
-        assert!(endpoint("http://a b", None).is_err());
-        assert!(endpoint("http://127.0.0.1:1", Some(Path::new("ca.pem"))).is_err());
+        assert!(endpoint("http://a b", &TlsFiles::default()).is_err());
+        let ca = TlsFiles {
+            ca_cert: Some("ca.pem".into()),
+            client: None,
+        };
+        assert!(endpoint("http://127.0.0.1:1", &ca).is_err());
+        let client = TlsFiles {
+            ca_cert: None,
+            client: Some(("agent.pem".into(), "agent.key".into())),
+        };
+        let e = endpoint("http://127.0.0.1:1", &client).unwrap_err();
+        assert!(e.to_string().contains("only for an https://"), "{e}");
+        let e = endpoint("https://127.0.0.1:1", &client).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--client-cert agent.pem"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -501,8 +569,11 @@ mod tests {
 
     #[test]
     fn bearer_headers() {
-        assert_eq!(Bearer::new("abc").unwrap().value(), "Bearer abc");
-        assert_eq!(Bearer::new("Bearer abc").unwrap().value(), "Bearer abc");
+        assert_eq!(Bearer::new("abc").unwrap().value().unwrap(), "Bearer abc");
+        assert_eq!(
+            Bearer::new("Bearer abc").unwrap().value().unwrap(),
+            "Bearer abc"
+        );
         assert!(Bearer::new("a\nb").is_err());
     }
 }

@@ -224,7 +224,10 @@ struct Caller {
 fn callers(g: &GlobalArgs, a: &LoadgenArgs) -> anyhow::Result<(Vec<Caller>, Vec<String>)> {
     let caller = |token: &str| -> anyhow::Result<Caller> {
         Ok(Caller {
-            auth: Bearer::new(token)?.value().clone(),
+            auth: Bearer::new(token)?
+                .value()
+                .cloned()
+                .expect("a token makes a header"),
         })
     };
     if let Some(token) = &g.token {

@@ -517,6 +517,39 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_names_its_pool_in_one_uri() {
+        let der = |sans: Vec<rcgen::SanType>| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = sans;
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
+        let dns = rcgen::SanType::DnsName("agent.example".try_into().unwrap());
+        let one = der(vec![dns.clone(), uri("suanli:pool:gpu-east")]);
+        assert_eq!(
+            pool_of_certificate(&one).unwrap().as_deref(),
+            Some("gpu-east")
+        );
+        assert_eq!(pool_of_certificate(&der(vec![dns])).unwrap(), None);
+        assert_eq!(
+            pool_of_certificate(&der(vec![uri("https://agent.example")])).unwrap(),
+            None
+        );
+        let two = der(vec![uri("suanli:pool:a"), uri("suanli:pool:b")]);
+        assert!(
+            pool_of_certificate(&two)
+                .unwrap_err()
+                .contains("several pools")
+        );
+        assert!(
+            pool_of_certificate(b"not a certificate")
+                .unwrap_err()
+                .contains("cannot be read")
+        );
+    }
+
+    #[test]
     fn token_names_are_checked() {
         for ok in ["a", "ci-bot", "team.ml_2", &"x".repeat(64)] {
             assert!(check_token_name(ok).is_ok(), "{ok}");

@@ -1025,6 +1025,25 @@ struct EntriesOwned {
     entries: Vec<LedgerEntry>,
 }
 
+/// A ledger's entries, owned, serialised exactly as the ledger is: what a snapshot keeps of
+/// it. Taking one copies the entries only, not the balances, settlements and holds derived
+/// from them (which the ledger rebuilds when it is read back).
+#[derive(Clone, Debug)]
+pub struct LedgerImage(Vec<LedgerEntry>);
+
+impl Ledger {
+    /// The entries, to serialise elsewhere as this ledger serialises.
+    pub fn image(&self) -> LedgerImage {
+        LedgerImage(self.entries.clone())
+    }
+}
+
+impl Serialize for LedgerImage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        EntriesRef { entries: &self.0 }.serialize(serializer)
+    }
+}
+
 impl Serialize for Ledger {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         EntriesRef {

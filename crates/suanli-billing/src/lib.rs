@@ -139,7 +139,7 @@ pub use charge::{LeaseId, LeasePart, LeaseUsage, PartCharge, charge_lease};
 pub use error::{BillingError, BudgetPeriodLabel};
 pub use ledger::{
     Bill, Checkpoint, ClosedBooks, ClosedMonth, CompactOutcome, EntryKind, FoldedAdjustment, Hold,
-    Ledger, LedgerEntry, LedgerTotals, SettleOutcome, Settlement, TenantAccount,
+    Ledger, LedgerEntry, LedgerImage, LedgerTotals, SettleOutcome, Settlement, TenantAccount,
 };
 pub use money::Fen;
 pub use month::Month;

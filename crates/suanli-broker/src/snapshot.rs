@@ -1,17 +1,21 @@
 //! Snapshots of the writer's state: the engine, the readable request records, the idempotency
 //! keys, the tokens, the clock and the ledger, as of one index of the command log.
 //!
-//! Taking one must not stall the writer: the writer only clones what it owns (the engine, the
-//! keys) and the `Arc`s of the records, in one batch boundary; a background thread encodes the
-//! copy (postcard, with each record in its protobuf wire form) and saves it, dropping the log
-//! before it in the same transaction. Recovery then replays only the entries after the snapshot.
+//! Taking one must not stall the writer, nor double the broker's memory: at a batch boundary
+//! the writer clones the engine, the `Arc`s of the records and the ledger's entries (not the
+//! balances derived from them), and encodes the idempotency keys (about 60 bytes a key, where a
+//! clone of their table takes about 330); a background thread encodes the rest (postcard, each
+//! record in its protobuf wire form, one at a time) and saves it, dropping the log before it
+//! in the same transaction. Postcard writes a struct as its fields one after another, so the
+//! parts encoded apart make the same bytes as the [`Image`] they are read back as. Recovery
+//! then replays only the entries after the snapshot.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use suanli_billing::Ledger;
+use suanli_billing::{Ledger, LedgerImage};
 use suanli_core::Engine;
 use suanli_proto::v1 as pb;
 
@@ -38,12 +42,23 @@ pub(crate) struct Capture {
     /// Every readable request (live and retained ended ones).
     pub records: Vec<Arc<pb::Request>>,
     pub ended: VecDeque<(u64, u64)>,
-    pub idempotency: Idempotency,
+    /// The idempotency keys, encoded as [`Image::idempotency`] is.
+    pub idempotency: Vec<u8>,
     pub tokens: Vec<TokenRecord>,
     pub trail: Vec<AuditRecord>,
     pub now: u64,
-    /// The ledger (see `billing`): derived from the log like the engine.
-    pub ledger: Ledger,
+    /// The ledger's entries (see `billing`), serialised as the ledger is.
+    pub ledger: LedgerImage,
+}
+
+/// Request records, serialised as [`Image::records`] is: each in its protobuf wire form,
+/// encoded one at a time rather than all at once.
+struct RecordsWire<'a>(&'a [Arc<pb::Request>]);
+
+impl Serialize for RecordsWire<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|r| r.encode_to_vec()))
+    }
 }
 
 /// A snapshot as saved.
@@ -175,22 +190,23 @@ impl Image {
 }
 
 impl Capture {
-    fn encode(self) -> Result<Vec<u8>, BrokerError> {
+    /// The snapshot's bytes: [`Image`]'s fields, in its order, each encoded in turn.
+    pub(crate) fn encode(self) -> Result<Vec<u8>, BrokerError> {
         let mut records = self.records;
         records.sort_unstable_by_key(|r| r.id);
-        let image = Image {
-            engine: self.engine,
-            records: records.iter().map(|r| r.encode_to_vec()).collect(),
-            ended: self.ended,
-            idempotency: self.idempotency,
-            tokens: self.tokens,
-            trail: self.trail,
-            now: self.now,
-            ledger: self.ledger,
-        };
+        let bad = |e: postcard::Error| BrokerError::Store(format!("snapshot: {e}"));
         let mut bytes = vec![SNAPSHOT_FORMAT];
-        postcard::to_io(&image, &mut bytes)
-            .map_err(|e| BrokerError::Store(format!("snapshot: {e}")))?;
+        postcard::to_io(&self.engine, &mut bytes).map_err(bad)?;
+        drop(self.engine);
+        postcard::to_io(&RecordsWire(&records), &mut bytes).map_err(bad)?;
+        drop(records);
+        postcard::to_io(&self.ended, &mut bytes).map_err(bad)?;
+        bytes.extend_from_slice(&self.idempotency);
+        drop(self.idempotency);
+        postcard::to_io(&self.tokens, &mut bytes).map_err(bad)?;
+        postcard::to_io(&self.trail, &mut bytes).map_err(bad)?;
+        postcard::to_io(&self.now, &mut bytes).map_err(bad)?;
+        postcard::to_io(&self.ledger, &mut bytes).map_err(bad)?;
         Ok(bytes)
     }
 

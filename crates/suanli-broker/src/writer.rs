@@ -1001,6 +1001,14 @@ impl Writer {
         if self.snapshotting.is_some() {
             return;
         }
+        let idempotency = match postcard::to_allocvec(&self.idem) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "could not encode the idempotency keys; no snapshot this time");
+                self.last_snapshot = upto;
+                return;
+            }
+        };
         let capture = Capture {
             upto,
             engine: self.engine.clone(),
@@ -1011,11 +1019,11 @@ impl Writer {
                 .map(|r| r.value().clone())
                 .collect(),
             ended: self.ended.clone(),
-            idempotency: self.idem.clone(),
+            idempotency,
             tokens: self.tokens.records().into_iter().map(|(r, _)| r).collect(),
             trail: self.trail.records(),
             now: self.now,
-            ledger: self.ledger.clone(),
+            ledger: self.ledger.image(),
         };
         self.last_snapshot = upto;
         self.snapshotting = Some(capture.save_in_background(self.store.clone()));
@@ -2478,6 +2486,79 @@ pub(crate) fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_encoded_in_parts_is_the_image_it_is_read_back_as() {
+        use crate::snapshot::{Image, SNAPSHOT_FORMAT};
+        use prost::Message as _;
+        let mut idem = Idempotency::default();
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            let key = IdemKey {
+                caller: "tenant-a".into(),
+                request_id: id.into(),
+                asked: 7 + i as u64,
+            };
+            let events = vec![Event::Placed {
+                request: RequestId(i as u64),
+            }];
+            idem.insert(key, events, 1_000 + i as u64);
+        }
+        let mut ledger = Ledger::new();
+        let voucher = suanli_billing::VoucherSpec {
+            id: suanli_billing::VoucherId::new("FT-1"),
+            tenant: "tenant-a".into(),
+            face_value: suanli_billing::Fen(10_000),
+            rate_bp: 5_000,
+            per_lease_cap: None,
+            scope: suanli_billing::VoucherScope::AllPools,
+            valid_from: 0,
+            valid_until: 10_000_000,
+        };
+        ledger.issue_voucher(voucher, 500).unwrap();
+        let engine = Engine::new(Default::default(), suanli_core::Catalogue::builtin());
+        let records = vec![
+            Arc::new(pb::Request {
+                id: 9,
+                name: "tenants/tenant-a/requests/9".into(),
+                ..Default::default()
+            }),
+            Arc::new(pb::Request {
+                id: 3,
+                tenant: "tenant-a".into(),
+                ..Default::default()
+            }),
+        ];
+        let ended = VecDeque::from([(800, 3)]);
+        let capture = Capture {
+            upto: 12,
+            engine: engine.clone(),
+            records: records.clone(),
+            ended: ended.clone(),
+            idempotency: postcard::to_allocvec(&idem).unwrap(),
+            tokens: Vec::new(),
+            trail: Vec::new(),
+            now: 1_234,
+            ledger: ledger.image(),
+        };
+        let image = Image {
+            engine,
+            // By id, as the capture sorts them.
+            records: vec![records[1].encode_to_vec(), records[0].encode_to_vec()],
+            ended,
+            idempotency: idem,
+            tokens: Vec::new(),
+            trail: Vec::new(),
+            now: 1_234,
+            ledger,
+        };
+        let mut whole = vec![SNAPSHOT_FORMAT];
+        postcard::to_io(&image, &mut whole).unwrap();
+        let parts = capture.encode().unwrap();
+        assert_eq!(parts, whole);
+        let back = Image::decode(12, &parts).unwrap();
+        assert_eq!(back.requests().unwrap().len(), 2);
+        assert_eq!(back.ledger.entries().len(), 1);
+    }
 
     #[test]
     fn request_ids_are_remembered_for_the_window_then_forgotten() {

@@ -23,12 +23,14 @@ use crate::auth::{Principal, TokenRecord, hash_secret, primary_name};
 use crate::error::BrokerError;
 use crate::store::Store;
 use crate::trail::AuditRecord;
-use crate::writer::Idempotency;
+use crate::writer::{Idempotency, IdempotencyByName};
 
 /// The first byte of every saved snapshot. The image is postcard, which is not
 /// self-describing: a change to the engine's state changes the format, and a snapshot of
 /// another format is refused by name instead of being misread.
-pub(crate) const SNAPSHOT_FORMAT: u8 = 8;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 9;
+/// Snapshots from before idempotency keys were kept as hashes: read as such, each key hashed.
+const SNAPSHOT_BEFORE_HASHED_KEYS: u8 = 8;
 /// Snapshots from before tokens were kept as hashes: read as such, each token hashed.
 const SNAPSHOT_BEFORE_HASHES: u8 = 7;
 /// Snapshots from before idempotency keys recorded what the call asked: read as such.
@@ -79,13 +81,41 @@ pub(crate) struct Image {
     pub ledger: Ledger,
 }
 
+/// A snapshot of format 8: as [`Image`], with the idempotency keys in full.
+#[derive(Serialize, Deserialize)]
+struct ImageBeforeHashedKeys {
+    engine: Engine,
+    records: Vec<Vec<u8>>,
+    ended: VecDeque<(u64, u64)>,
+    idempotency: IdempotencyByName,
+    tokens: Vec<TokenRecord>,
+    trail: Vec<AuditRecord>,
+    now: u64,
+    ledger: Ledger,
+}
+
+impl From<ImageBeforeHashedKeys> for Image {
+    fn from(i: ImageBeforeHashedKeys) -> Image {
+        Image {
+            engine: i.engine,
+            records: i.records,
+            ended: i.ended,
+            idempotency: i.idempotency.into(),
+            tokens: i.tokens,
+            trail: i.trail,
+            now: i.now,
+            ledger: i.ledger,
+        }
+    }
+}
+
 /// A snapshot of format 7: as [`Image`], with the tokens' secrets in the clear.
 #[derive(Serialize, Deserialize)]
 struct ImageBeforeHashes {
     engine: Engine,
     records: Vec<Vec<u8>>,
     ended: VecDeque<(u64, u64)>,
-    idempotency: Idempotency,
+    idempotency: IdempotencyByName,
     tokens: Vec<(Principal, String)>,
     now: u64,
     ledger: Ledger,
@@ -112,7 +142,7 @@ impl From<ImageBeforeHashes> for Image {
             engine: i.engine,
             records: i.records,
             ended: i.ended,
-            idempotency: i.idempotency,
+            idempotency: i.idempotency.into(),
             tokens: hashed(i.tokens, i.now),
             trail: Vec::new(),
             now: i.now,
@@ -155,6 +185,11 @@ impl Image {
             |e: postcard::Error| BrokerError::Store(format!("snapshot at log index {at}: {e}"));
         match bytes.split_first() {
             Some((&SNAPSHOT_FORMAT, image)) => postcard::from_bytes(image).map_err(bad),
+            Some((&SNAPSHOT_BEFORE_HASHED_KEYS, image)) => {
+                postcard::from_bytes::<ImageBeforeHashedKeys>(image)
+                    .map(Image::from)
+                    .map_err(bad)
+            }
             Some((&SNAPSHOT_BEFORE_HASHES, image)) => {
                 postcard::from_bytes::<ImageBeforeHashes>(image)
                     .map(Image::from)
@@ -258,7 +293,7 @@ mod tests {
             engine: Engine::new(Default::default(), suanli_core::Catalogue::builtin()),
             records: Vec::new(),
             ended: VecDeque::new(),
-            idempotency: Idempotency::default(),
+            idempotency: IdempotencyByName::default(),
             tokens: vec![(Principal::Tenant("acme".into()), "s3cret".into())],
             now: 42,
             ledger: Ledger::new(),
@@ -277,6 +312,23 @@ mod tests {
                 revoked_ms: None,
             }]
         );
+    }
+
+    #[test]
+    fn a_snapshot_with_idempotency_keys_in_full_is_read() {
+        let old = ImageBeforeHashedKeys {
+            engine: Engine::new(Default::default(), suanli_core::Catalogue::builtin()),
+            records: Vec::new(),
+            ended: VecDeque::new(),
+            idempotency: IdempotencyByName::default(),
+            tokens: Vec::new(),
+            trail: Vec::new(),
+            now: 42,
+            ledger: Ledger::new(),
+        };
+        let mut bytes = vec![SNAPSHOT_BEFORE_HASHED_KEYS];
+        postcard::to_io(&old, &mut bytes).unwrap();
+        assert_eq!(Image::decode(3, &bytes).unwrap().now, 42);
     }
 
     #[test]

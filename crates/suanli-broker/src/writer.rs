@@ -175,21 +175,38 @@ pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 /// up to 11 calls a second, and at 10,000 a second still the last 100 s of retries.
 pub const IDEMPOTENCY_MAX_KEYS: usize = 1_000_000;
 
+/// A caller and its request_id as the table of first results keeps them: the first 16 bytes
+/// of the SHA-256 of both. A million keys take a sixth of the memory the two strings did
+/// (twice, in the table and in the order of arrival); two distinct pairs share a slot with
+/// probability 2^-128.
+type Slot = u128;
+
+fn slot(caller: &str, request_id: &str) -> Slot {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    // The caller's length first, so that ("ab", "c") and ("a", "bc") differ.
+    ctx.update(&(caller.len() as u64).to_le_bytes());
+    ctx.update(caller.as_bytes());
+    ctx.update(request_id.as_bytes());
+    let digest = ctx.finish();
+    let mut first = [0; 16];
+    first.copy_from_slice(&digest.as_ref()[..16]);
+    u128::from_le_bytes(first)
+}
+
 /// The first result of every request_id seen in the last [`IDEMPOTENCY_WINDOW_MS`], by
 /// caller and request_id, with what the call asked ([`IdemKey::asked`]).
 #[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Idempotency {
-    results: FxHashMap<(String, String), (u64, Vec<Event>)>,
+    results: FxHashMap<Slot, (u64, Vec<Event>)>,
     /// Keys in the order they were first seen, with that time, for expiry.
-    seen: std::collections::VecDeque<(u64, (String, String))>,
+    seen: std::collections::VecDeque<(u64, Slot)>,
 }
 
 impl Idempotency {
     /// The first result under the key's caller and request_id, if any; an error when that
     /// request_id was used for another call.
     fn get(&self, key: &IdemKey) -> Result<Option<&Vec<Event>>, BrokerError> {
-        let slot = (key.caller.clone(), key.request_id.clone());
-        match self.results.get(&slot) {
+        match self.results.get(&slot(&key.caller, &key.request_id)) {
             None => Ok(None),
             // 0: recorded before keys said what the call asked.
             Some((asked, events)) if *asked == key.asked || *asked == 0 => Ok(Some(events)),
@@ -207,10 +224,11 @@ impl Idempotency {
     /// When the call under the key was first applied: its place in the order keys were seen.
     /// Only a retry asks, so a walk from the newest is cheap enough, and no format changes.
     fn first_at(&self, key: &IdemKey) -> Option<u64> {
+        let wanted = slot(&key.caller, &key.request_id);
         self.seen
             .iter()
             .rev()
-            .find(|(_, (caller, id))| *caller == key.caller && *id == key.request_id)
+            .find(|(_, s)| *s == wanted)
             .map(|(at, _)| *at)
     }
 
@@ -229,9 +247,33 @@ impl Idempotency {
             let (_, old) = self.seen.pop_front().expect("front exists");
             self.results.remove(&old);
         }
-        let slot = (key.caller, key.request_id);
-        self.seen.push_back((now, slot.clone()));
-        self.results.insert(slot, (key.asked, events));
+        let s = slot(&key.caller, &key.request_id);
+        self.seen.push_back((now, s));
+        self.results.insert(s, (key.asked, events));
+    }
+}
+
+/// [`Idempotency`] as snapshots of formats 6 to 8 hold it, by caller and request_id in full.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct IdempotencyByName {
+    results: FxHashMap<(String, String), (u64, Vec<Event>)>,
+    seen: std::collections::VecDeque<(u64, (String, String))>,
+}
+
+impl From<IdempotencyByName> for Idempotency {
+    fn from(old: IdempotencyByName) -> Idempotency {
+        Idempotency {
+            results: old
+                .results
+                .into_iter()
+                .map(|((caller, id), result)| (slot(&caller, &id), result))
+                .collect(),
+            seen: old
+                .seen
+                .into_iter()
+                .map(|(at, (caller, id))| (at, slot(&caller, &id)))
+                .collect(),
+        }
     }
 }
 
@@ -245,14 +287,14 @@ pub(crate) struct IdempotencyBeforeAsked {
 
 impl From<IdempotencyBeforeAsked> for Idempotency {
     fn from(old: IdempotencyBeforeAsked) -> Idempotency {
-        let slot = |k: crate::store::KeyBeforeAsked| (k.caller, k.request_id);
+        let slot = |k: &crate::store::KeyBeforeAsked| slot(&k.caller, &k.request_id);
         Idempotency {
             results: old
                 .results
                 .into_iter()
-                .map(|(k, events)| (slot(k), (0, events)))
+                .map(|(k, events)| (slot(&k), (0, events)))
                 .collect(),
-            seen: old.seen.into_iter().map(|(at, k)| (at, slot(k))).collect(),
+            seen: old.seen.into_iter().map(|(at, k)| (at, slot(&k))).collect(),
         }
     }
 }
@@ -2558,6 +2600,35 @@ mod tests {
         let back = Image::decode(12, &parts).unwrap();
         assert_eq!(back.requests().unwrap().len(), 2);
         assert_eq!(back.ledger.entries().len(), 1);
+    }
+
+    #[test]
+    fn keys_of_older_snapshots_are_hashed_and_still_answer_retries() {
+        let key = |id: &str, asked| IdemKey {
+            caller: "tenant-a".into(),
+            request_id: id.into(),
+            asked,
+        };
+        let mut old = IdempotencyByName::default();
+        let name = ("tenant-a".to_string(), "r-1".to_string());
+        let events = vec![Event::Placed {
+            request: RequestId(4),
+        }];
+        old.results.insert(name.clone(), (7, events.clone()));
+        old.seen.push_back((1_500, name));
+        let idem = Idempotency::from(old);
+        assert_eq!(idem.get(&key("r-1", 7)).unwrap(), Some(&events));
+        assert_eq!(idem.first_at(&key("r-1", 7)), Some(1_500));
+        assert!(idem.get(&key("r-1", 8)).is_err(), "another call is refused");
+        assert_eq!(idem.get(&key("r-2", 7)).unwrap(), None);
+        // The caller is part of the slot: another tenant's "r-1" is another key, and the
+        // caller's length keeps ("ab", "c") apart from ("a", "bc").
+        let other = IdemKey {
+            caller: "tenant-b".into(),
+            ..key("r-1", 7)
+        };
+        assert_eq!(idem.get(&other).unwrap(), None);
+        assert_ne!(slot("ab", "c"), slot("a", "bc"));
     }
 
     #[test]

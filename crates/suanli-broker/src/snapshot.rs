@@ -51,6 +51,10 @@ pub(crate) struct Capture {
     pub now: u64,
     /// The ledger's entries (see `billing`), serialised as the ledger is.
     pub ledger: LedgerImage,
+    /// The size of the last snapshot, updated with this one's: the buffer is made about that
+    /// large at once, rather than doubled as it fills (each doubling holds the old buffer and
+    /// the new one together).
+    pub last_size: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Request records, serialised as [`Image::records`] is: each in its protobuf wire form,
@@ -230,7 +234,9 @@ impl Capture {
         let mut records = self.records;
         records.sort_unstable_by_key(|r| r.id);
         let bad = |e: postcard::Error| BrokerError::Store(format!("snapshot: {e}"));
-        let mut bytes = vec![SNAPSHOT_FORMAT];
+        let last = self.last_size.load(std::sync::atomic::Ordering::Relaxed);
+        let mut bytes = Vec::with_capacity(last + last / 8);
+        bytes.push(SNAPSHOT_FORMAT);
         postcard::to_io(&self.engine, &mut bytes).map_err(bad)?;
         drop(self.engine);
         postcard::to_io(&RecordsWire(&records), &mut bytes).map_err(bad)?;
@@ -242,6 +248,8 @@ impl Capture {
         postcard::to_io(&self.trail, &mut bytes).map_err(bad)?;
         postcard::to_io(&self.now, &mut bytes).map_err(bad)?;
         postcard::to_io(&self.ledger, &mut bytes).map_err(bad)?;
+        self.last_size
+            .store(bytes.len(), std::sync::atomic::Ordering::Relaxed);
         Ok(bytes)
     }
 

@@ -530,6 +530,8 @@ pub(crate) struct Writer {
     store: Arc<dyn Store>,
     /// The log index of the latest snapshot, and the thread saving one, if any.
     last_snapshot: u64,
+    /// The size of the last snapshot, for the next one's buffer.
+    snapshot_size: Arc<std::sync::atomic::AtomicUsize>,
     snapshotting: Option<std::thread::JoinHandle<Result<(), BrokerError>>>,
     views: Arc<Views>,
     tokens: Tokens,
@@ -669,6 +671,7 @@ impl Writer {
             engine,
             store,
             last_snapshot: 0,
+            snapshot_size: Arc::default(),
             snapshotting: None,
             views,
             tokens,
@@ -1066,6 +1069,7 @@ impl Writer {
             trail: self.trail.records(),
             now: self.now,
             ledger: self.ledger.image(),
+            last_size: self.snapshot_size.clone(),
         };
         self.last_snapshot = upto;
         self.snapshotting = Some(capture.save_in_background(self.store.clone()));
@@ -2581,6 +2585,7 @@ mod tests {
             trail: Vec::new(),
             now: 1_234,
             ledger: ledger.image(),
+            last_size: Arc::default(),
         };
         let image = Image {
             engine,

@@ -89,12 +89,22 @@ pub struct Views {
 pub const RECENT_JOBS: usize = 50;
 
 impl Views {
-    /// Forgets everything, for a writer that reads its state back from the store.
-    pub fn clear(&self) {
-        self.requests.clear();
-        self.by_tenant.clear();
-        self.recent_jobs.lock().expect("views").clear();
-        self.publish(Snapshot::default());
+    /// Takes over everything `other` holds, for a writer that read its state back into views
+    /// of its own: a request both hold is replaced in place and the ones `other` lacks go
+    /// last, so a reader meanwhile sees the old record or the new, never none.
+    pub fn take_over(&self, other: &Views) {
+        for r in other.requests.iter() {
+            self.requests.insert(*r.key(), r.value().clone());
+        }
+        self.requests
+            .retain(|id, _| other.requests.contains_key(id));
+        for t in other.by_tenant.iter() {
+            self.by_tenant.insert(t.key().clone(), t.value().clone());
+        }
+        self.by_tenant
+            .retain(|tenant, _| other.by_tenant.contains_key(tenant));
+        *self.recent_jobs.lock().expect("views") = other.recent_jobs.lock().expect("views").clone();
+        *self.snapshot.write().expect("views") = other.snapshot();
     }
 
     /// The latest snapshot.
@@ -144,5 +154,55 @@ impl Views {
             };
         }
         Some(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, tenant: &str, state: pb::RequestState) -> Arc<pb::Request> {
+        Arc::new(pb::Request {
+            id,
+            tenant: tenant.into(),
+            state: state as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn taking_over_replaces_keeps_and_drops_as_the_other_views_say() {
+        let old = Views::default();
+        old.requests
+            .insert(1, record(1, "a", pb::RequestState::Running));
+        old.requests
+            .insert(2, record(2, "a", pb::RequestState::Queued));
+        old.by_tenant.insert("a".into(), vec![1, 2]);
+        old.by_tenant.insert("gone".into(), vec![9]);
+        old.job_ended(1);
+        let new = Views::default();
+        new.requests
+            .insert(2, record(2, "a", pb::RequestState::Placed));
+        new.requests
+            .insert(3, record(3, "b", pb::RequestState::Queued));
+        new.by_tenant.insert("a".into(), vec![2]);
+        new.by_tenant.insert("b".into(), vec![3]);
+        new.publish(Snapshot {
+            reserved: Some((3, None)),
+            ..Default::default()
+        });
+
+        old.take_over(&new);
+        let mut ids: Vec<u64> = old.requests.iter().map(|r| *r.key()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [2, 3]);
+        assert_eq!(
+            old.requests.get(&2).unwrap().state,
+            pb::RequestState::Placed as i32
+        );
+        assert_eq!(old.by_tenant.get("a").unwrap().clone(), [2]);
+        assert!(old.by_tenant.get("gone").is_none());
+        assert!(old.recent_jobs().is_empty());
+        assert_eq!(old.snapshot().reserved, Some((3, None)));
     }
 }

@@ -803,25 +803,41 @@ impl Writer {
     }
 
     /// Throws the state away and recovers it from the store: after a term ends (its last
-    /// batch may not be in the log) or when the log's tail lost its place.
+    /// batch may not be in the log), when the log's tail lost its place, or when the log
+    /// could not take a batch.
     fn rebuild(&mut self) -> Result<(), BrokerError> {
         if let Some(h) = self.snapshotting.take() {
             Self::finished(h);
         }
-        // The tokens are read back into a table of their own and then taken over in one step,
-        // so a caller is never refused in the meantime, and a revocation or a grant that never
-        // reached the log is undone.
-        self.views.clear();
+        // The state is read back into views of its own, which the shared views then take
+        // over: readers see the old state until then, not an empty one. The tokens are read
+        // back into a table of their own too and taken over in one step, so a caller is never
+        // refused in the meantime, and a revocation or a grant that never reached the log is
+        // undone. The lease gauges count again as the records come back.
         self.metrics.forget_leases();
-        let mut fresh = Writer::recover_counting(
+        let views = Arc::new(Views::default());
+        let fresh = Writer::recover_counting(
             self.config.clone(),
             self.store.clone(),
-            self.views.clone(),
+            views.clone(),
             Tokens::default(),
             self.watch.clone(),
             self.replica.clone(),
             self.metrics.clone(),
-        )?;
+        );
+        let mut fresh = match fresh {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // The old state stays readable: count its leases again.
+                self.metrics.forget_leases();
+                for r in self.views.requests.iter() {
+                    self.metrics.moved(None, r.value().state);
+                }
+                return Err(e);
+            }
+        };
+        self.views.take_over(&views);
+        fresh.views = self.views.clone();
         self.tokens.assign(&fresh.tokens);
         fresh.tokens = self.tokens.clone();
         self.trail.assign(&fresh.trail);

@@ -204,6 +204,11 @@ pub trait Store: Send + Sync {
     fn read_from(&self, _index: u64) -> Result<Option<Vec<Entry>>, BrokerError> {
         Ok(Some(Vec::new()))
     }
+    /// Whether there is room to write again after a failed write: a full disk that a small
+    /// entry still fits (in pages the log freed) would take it and then fail the next batch.
+    fn has_room(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
     /// This replica appends from index `next` on, under `term` (see [`crate::ha`]).
     fn lead(&self, _term: i64, _next: u64) {}
     /// This replica appends no more.
@@ -222,6 +227,8 @@ const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots")
 /// file: reopening goes back to the last whole one.
 pub struct RedbStore {
     path: PathBuf,
+    /// The data folder, whose file system's free space says when to write again.
+    dir: PathBuf,
     /// `None` while it could not be opened again after a failed write.
     db: RwLock<Option<Database>>,
     /// Held through a write and its handling of a failure, so that one thread's failure
@@ -293,6 +300,10 @@ fn write_err(e: impl Into<redb::Error>) -> BrokerError {
 /// grows (redb's default is 1 GiB). Throughput is the same with either (BENCHMARKS.md).
 const STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Free space the data folder needs before the log is written again after a failed write:
+/// room for many batches and a snapshot's first pages, not just the next entry.
+pub const LOG_HEADROOM_BYTES: u64 = 8 * 1024 * 1024;
+
 impl RedbStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, BrokerError> {
@@ -307,6 +318,7 @@ impl RedbStore {
         let next = Self::next_in(&db)?;
         Ok(RedbStore {
             path,
+            dir: dir.to_path_buf(),
             db: RwLock::new(Some(db)),
             writing: Mutex::new(()),
             next: AtomicU64::new(next),
@@ -452,6 +464,29 @@ impl Store for RedbStore {
 
     fn next_index(&self) -> u64 {
         self.next.load(Ordering::Acquire)
+    }
+
+    fn has_room(&self) -> Result<(), BrokerError> {
+        let stat = rustix::fs::statvfs(&self.dir).map_err(|e| BrokerError::LogUnwritable {
+            reason: format!(
+                "the free space of {} cannot be read: {e}",
+                self.dir.display()
+            ),
+            full: false,
+        })?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < LOG_HEADROOM_BYTES {
+            return Err(BrokerError::LogUnwritable {
+                reason: format!(
+                    "{} has {} KiB free; calls are taken again from {} KiB",
+                    self.dir.display(),
+                    free / 1024,
+                    LOG_HEADROOM_BYTES / 1024
+                ),
+                full: true,
+            });
+        }
+        Ok(())
     }
 
     fn save_snapshot(&self, upto: u64, snapshot: &[u8]) -> Result<(), BrokerError> {

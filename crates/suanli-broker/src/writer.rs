@@ -2215,11 +2215,16 @@ impl Writer {
         self.log_fault = Some(fault);
     }
 
-    /// Tries the unwritable command log with a checkpoint (an entry that changes nothing):
-    /// once it takes one, calls are taken again.
+    /// Tries the unwritable command log, once the store has room again (see
+    /// [`Store::has_room`]), with a checkpoint (an entry that changes nothing): once it takes
+    /// one, calls are taken again.
     fn probe_log(&mut self, now: u64) {
         let at = self.store.next_index();
-        match self.store.append(&[Entry::Checkpoint]) {
+        let tried = self
+            .store
+            .has_room()
+            .and_then(|()| self.store.append(&[Entry::Checkpoint]));
+        match tried {
             Ok(()) => {
                 self.replica.record_checkpoint(at, self.engine.digest());
                 self.applied = self.store.next_index();

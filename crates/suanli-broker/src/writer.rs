@@ -905,26 +905,11 @@ impl Writer {
 
     /// Answers an operation a follower does not take with the leader's address.
     fn refuse(&self, op: Op) {
-        let no = || self.replica.not_leader();
-        match op {
-            Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Grant { reply, .. }
-            | Op::CreateToken { reply, .. }
-            | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
-            Op::Audited { op, .. } => self.refuse(*op),
-            Op::Refused { .. } => {}
-            Op::ReadLedger(read) => read(&self.ledger),
-            // The service refused the stream already; the link closes with the sender.
-            Op::AgentHello { .. } => {}
-            Op::Heartbeat { .. }
-            | Op::Stop
-            | Op::Replicated { .. }
-            | Op::Promote { .. }
-            | Op::Demote { .. }
-            | Op::Resync => {}
+        // A refused operator call is not logged by a follower, and the service refused an
+        // agent's stream already (the link closes with the sender); the rest steer the
+        // writer, which `follow` handles itself.
+        if let Some(Op::ReadLedger(read)) = answer_with(op, || self.replica.not_leader()) {
+            read(&self.ledger);
         }
     }
 
@@ -2057,13 +2042,8 @@ impl Writer {
                 self.probe_log(now);
             }
             for op in ops.drain(..) {
-                match self.log_fault.is_some() {
-                    false => self.handle(op, now, &mut entries, &mut replies),
-                    true => {
-                        if let Some(op) = self.turn_away(op) {
-                            self.handle(op, now, &mut entries, &mut replies);
-                        }
-                    }
+                if let Some(op) = self.turn_away(op) {
+                    self.handle(op, now, &mut entries, &mut replies);
                 }
             }
             let handled = started.elapsed();
@@ -2244,36 +2224,25 @@ impl Writer {
     }
 
     /// While the command log cannot be written: answers an operation that would log with
-    /// why, and gives back one that only reads (or steers the writer) to be handled.
+    /// why, and gives back one that only reads (or steers the writer) to be handled; without
+    /// a fault, gives back every operation.
     fn turn_away(&mut self, op: Op) -> Option<Op> {
-        let fault = self.log_fault.clone()?;
-        let no = || fault.error();
-        match op {
-            Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Grant { reply, .. }
-            | Op::CreateToken { reply, .. }
-            | Op::RevokeToken { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Billing { reply, .. } => drop(reply.send(Err(no()))),
-            // A quote logs what bringing vouchers up to date changed.
-            Op::Quote { reply, .. } => drop(reply.send(Err(no()))),
-            Op::Checkpoint { reply } => drop(reply.send(Err(no()))),
-            Op::Audited { op, .. } => return self.turn_away(*op),
+        let Some(fault) = self.log_fault.clone() else {
+            return Some(op);
+        };
+        // A quote is answered too: it logs what bringing vouchers up to date changed.
+        match answer_with(op, || fault.error())? {
             Op::Refused { tag, reason } => {
                 warn!(rpc = %tag.rpc, %reason, "a refused operator call could not be logged");
+                None
             }
             // The hello logs the pool's state: its stream ends, and the agent comes back.
             Op::AgentHello { pool, .. } => {
                 warn!(%pool, "an agent's hello could not be logged: its stream is closed");
+                None
             }
-            op @ (Op::ReadLedger(_)
-            | Op::Heartbeat { .. }
-            | Op::Stop
-            | Op::Replicated { .. }
-            | Op::Promote { .. }
-            | Op::Demote { .. }
-            | Op::Resync) => return Some(op),
+            op => Some(op),
         }
-        None
     }
 
     /// Applies a caller's command, or answers a retry with its first result.
@@ -2492,6 +2461,24 @@ impl Writer {
             Op::Stop => self.stopping = true,
         }
     }
+}
+
+/// Answers an operation that waits for a reply (an operator's call within) with `error`;
+/// gives back any other (a read of the ledger, an agent's hello, a refused call's record, or
+/// one that steers the writer) for the caller to deal with.
+fn answer_with(op: Op, error: impl Fn() -> BrokerError) -> Option<Op> {
+    match op {
+        Op::Apply { reply, .. } | Op::Submit { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Grant { reply, .. } | Op::CreateToken { reply, .. } | Op::RevokeToken { reply, .. } => {
+            drop(reply.send(Err(error())))
+        }
+        Op::Billing { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Quote { reply, .. } => drop(reply.send(Err(error()))),
+        Op::Checkpoint { reply } => drop(reply.send(Err(error()))),
+        Op::Audited { op, .. } => return answer_with(*op, error),
+        op => return Some(op),
+    }
+    None
 }
 
 /// Answers every caller of a batch that was not made durable with `error`; a read of the

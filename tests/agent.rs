@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use suanli_e2e::{Bearer, Broker, test_config};
+use suanli_e2e::{Bearer, Broker, agent_hello, test_config};
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::pool_service_client::PoolServiceClient;
 use tokio::sync::mpsc;
@@ -15,18 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 fn hello(running: Vec<u64>) -> pb::AgentMessage {
-    hello_from("near", running)
-}
-
-fn hello_from(pool: &str, running: Vec<u64>) -> pb::AgentMessage {
-    pb::AgentMessage {
-        body: Some(pb::agent_message::Body::Hello(pb::Hello {
-            pool: pool.into(),
-            agent_version: "test".into(),
-            running_requests: running,
-            ..Default::default()
-        })),
-    }
+    agent_hello("near", running)
 }
 
 fn report(request: u64, kind: pb::LeaseReportKind) -> pb::AgentMessage {
@@ -121,7 +110,7 @@ async fn connect_as(
     id: &str,
 ) -> (mpsc::Sender<pb::AgentMessage>, Streaming<pb::BrokerMessage>) {
     let (tx, rx) = mpsc::channel(16);
-    tx.send(hello_from(id, vec![])).await.unwrap();
+    tx.send(agent_hello(id, vec![])).await.unwrap();
     let mut from_broker = pool
         .connect_agent(ReceiverStream::new(rx))
         .await

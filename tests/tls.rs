@@ -1,6 +1,6 @@
 //! With a certificate and key in its configuration, the broker speaks only TLS.
 
-use suanli_e2e::{Bearer, Broker, test_config};
+use suanli_e2e::{Bearer, Broker, agent_hello, test_config};
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -117,16 +117,6 @@ async fn tls_channel(
         .await
 }
 
-fn hello(pool: &str) -> pb::AgentMessage {
-    pb::AgentMessage {
-        body: Some(pb::agent_message::Body::Hello(pb::Hello {
-            pool: pool.into(),
-            agent_version: "test".into(),
-            ..Default::default()
-        })),
-    }
-}
-
 #[tokio::test]
 async fn an_agents_client_certificate_names_its_pool_and_acts_for_it_only() {
     use suanli_proto::v1::pool_service_client::PoolServiceClient;
@@ -159,7 +149,7 @@ async fn an_agents_client_certificate_names_its_pool_and_acts_for_it_only() {
     let channel = tls_channel(&broker, &ca, Some(&near)).await.unwrap();
     let mut agent = PoolServiceClient::with_interceptor(channel.clone(), Bearer::new(""));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(hello("near")).await.unwrap();
+    tx.send(agent_hello("near", vec![])).await.unwrap();
     let mut stream = agent
         .connect_agent(ReceiverStream::new(rx))
         .await
@@ -173,7 +163,7 @@ async fn an_agents_client_certificate_names_its_pool_and_acts_for_it_only() {
 
     // Not another pool's stream, nor its registration, nor a tenant's call.
     let (tx_far, rx_far) = tokio::sync::mpsc::channel(4);
-    tx_far.send(hello("far")).await.unwrap();
+    tx_far.send(agent_hello("far", vec![])).await.unwrap();
     let e = agent
         .connect_agent(ReceiverStream::new(rx_far))
         .await
@@ -218,7 +208,7 @@ async fn an_agents_client_certificate_names_its_pool_and_acts_for_it_only() {
         .expect("a tenant's token without a certificate");
     let mut nobody = PoolServiceClient::with_interceptor(plain, Bearer::new(""));
     let (tx2, rx2) = tokio::sync::mpsc::channel(4);
-    tx2.send(hello("near")).await.unwrap();
+    tx2.send(agent_hello("near", vec![])).await.unwrap();
     let e = nobody
         .connect_agent(ReceiverStream::new(rx2))
         .await

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use suanli_e2e::{Broker, gang, submit, test_config};
+use suanli_e2e::{Broker, agent_hello, gang, submit, test_config};
 use suanli_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -37,16 +37,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn hello(pool: &str) -> pb::AgentMessage {
-    pb::AgentMessage {
-        body: Some(pb::agent_message::Body::Hello(pb::Hello {
-            pool: pool.into(),
-            agent_version: "test".into(),
-            ..Default::default()
-        })),
-    }
 }
 
 /// Every file under `dir`, as bytes.
@@ -359,7 +349,7 @@ async fn an_agents_token_acts_for_its_pool_only_and_its_stream_ends_when_revoked
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("may not act for pool far"), "{e:?}");
     let (tx, rx) = mpsc::channel(4);
-    tx.send(hello("far")).await.unwrap();
+    tx.send(agent_hello("far", vec![])).await.unwrap();
     let e = pool
         .connect_agent(ReceiverStream::new(rx))
         .await
@@ -375,7 +365,7 @@ async fn an_agents_token_acts_for_its_pool_only_and_its_stream_ends_when_revoked
 
     // Its own pool's stream works, and ends when the token is revoked.
     let (tx, rx) = mpsc::channel(4);
-    tx.send(hello("near")).await.unwrap();
+    tx.send(agent_hello("near", vec![])).await.unwrap();
     let mut stream = pool
         .connect_agent(ReceiverStream::new(rx))
         .await

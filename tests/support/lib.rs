@@ -334,3 +334,15 @@ fn dechunk(mut rest: &str) -> String {
     }
     out
 }
+
+/// An agent's first message on its stream: it is the agent of `pool` and runs `running`.
+pub fn agent_hello(pool: &str, running: Vec<u64>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            pool: pool.into(),
+            agent_version: "test".into(),
+            running_requests: running,
+            ..Default::default()
+        })),
+    }
+}

@@ -21,8 +21,7 @@ use suanli_core::PoolKind;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
-use support::{channel, start_with, wait_for_credentials, with_token};
-use tonic::transport::Channel;
+use support::{all_requests, channel, start_with, wait_for_credentials, with_token};
 
 /// Prices of one fen per device-millisecond, so that leases of a few hundred milliseconds
 /// cost whole yuan and the voucher runs out during the test.
@@ -75,28 +74,6 @@ fn spec(i: u64) -> pb::RequestSpec {
             ..Default::default()
         }),
         ..Default::default()
-    }
-}
-
-async fn all_requests(tenant: &mut TenantServiceClient<Channel>, token: &str) -> Vec<pb::Request> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let req = pb::ListRequestsRequest {
-            page_size: 1000,
-            page_token,
-            states: vec![],
-        };
-        let page = tenant
-            .list_requests(with_token(req, token))
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.requests);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
     }
 }
 

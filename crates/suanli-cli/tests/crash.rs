@@ -10,7 +10,7 @@ use std::time::Duration;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
-use support::{channel, start, wait_for_credentials, with_token};
+use support::{all_requests, channel, start, wait_for_credentials, with_token};
 
 fn spec(i: u64) -> pb::RequestSpec {
     let shape = if i.is_multiple_of(2) {
@@ -77,25 +77,7 @@ async fn acknowledged_requests_survive_sigkill() {
     wait_for_credentials(dir.path()).await;
     let ch = channel(&addr).await;
     let mut tenant = TenantServiceClient::new(ch.clone());
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let req = pb::ListRequestsRequest {
-            page_size: 1000,
-            page_token,
-            states: vec![],
-        };
-        let page = tenant
-            .list_requests(with_token(req, &token))
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.requests);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let all = all_requests(&mut tenant, &token).await;
     for (key, id) in &acked {
         let found = all.iter().filter(|r| r.id == *id).count();
         assert_eq!(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use suanli_proto::v1 as pb;
 use suanli_proto::v1::operator_service_client::OperatorServiceClient;
 use suanli_proto::v1::tenant_service_client::TenantServiceClient;
-use support::{channel, start, wait_for_credentials, with_token};
+use support::{all_requests, channel, start, wait_for_credentials, with_token};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -98,28 +98,6 @@ async fn submit(
         .submit_request(with_token(req, token))
         .await
         .map(|r| r.into_inner().id)
-}
-
-async fn all_requests(tenant: &mut TenantServiceClient<Channel>, token: &str) -> Vec<pb::Request> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let req = pb::ListRequestsRequest {
-            page_size: 1000,
-            page_token,
-            states: vec![],
-        };
-        let page = tenant
-            .list_requests(with_token(req, token))
-            .await
-            .expect("list requests")
-            .into_inner();
-        all.extend(page.requests);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
 }
 
 /// The resource name of request `id`, as the list shows it.

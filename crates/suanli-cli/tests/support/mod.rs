@@ -147,3 +147,32 @@ pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
 }
+
+/// Every request of the tenant whose `token` is given, page by page.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub async fn all_requests(
+    tenant: &mut suanli_proto::v1::tenant_service_client::TenantServiceClient<
+        tonic::transport::Channel,
+    >,
+    token: &str,
+) -> Vec<suanli_proto::v1::Request> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = suanli_proto::v1::ListRequestsRequest {
+            page_size: 1000,
+            page_token,
+            states: vec![],
+        };
+        let page = tenant
+            .list_requests(with_token(req, token))
+            .await
+            .expect("list requests")
+            .into_inner();
+        all.extend(page.requests);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}

@@ -81,10 +81,11 @@ fn schedule_backlog(c: &mut Criterion) {
 }
 
 /// The steady state the broker's ticks meet under load: futian-2024 full, about 57,000
-/// requests waiting, and one lease released before each pass, so each pass is a full one in
-/// which almost nothing fits. `tick` is one tick (one slice of the pass, what a call may wait
-/// behind in the broker); `whole` is the whole pass, ticked at one instant as the simulator
-/// does.
+/// requests waiting, and one lease released before each pass, in which almost nothing fits.
+/// `tick` is one tick (one slice of the pass, what a call may wait behind in the broker);
+/// `whole` is the whole pass, ticked at one instant as the simulator does. The pass is
+/// incremental (it tries what the freed capacity could serve); `.../full` are the same with
+/// every pass a full one, for the ratio.
 fn full_pass_on_full_fleet(c: &mut Criterion) {
     let fleet = Fleet::from_toml(FUTIAN_2024, &Catalogue::builtin()).expect("valid fleet");
     let mut engine = engine_with_tenants(&fleet);
@@ -102,8 +103,9 @@ fn full_pass_on_full_fleet(c: &mut Criterion) {
     g.sample_size(10);
     let waiting = engine.queue_len() / 1000;
     let mut next = 0;
-    let mut released = || {
+    let mut released = |incremental: bool| {
         let mut e = engine.clone();
+        e.config_mut().incremental = incremental;
         e.apply(
             Command::Release {
                 request: leased[next % leased.len()],
@@ -113,20 +115,22 @@ fn full_pass_on_full_fleet(c: &mut Criterion) {
         next += 1;
         e
     };
-    g.bench_function(format!("{waiting}k-waiting/tick"), |b| {
-        b.iter_batched(
-            &mut released,
-            |mut e| black_box(e.apply(Command::Tick, 60_003).len()),
-            BatchSize::LargeInput,
-        )
-    });
-    g.bench_function(format!("{waiting}k-waiting/whole"), |b| {
-        b.iter_batched(
-            &mut released,
-            |mut e| black_box(whole_pass(&mut e, 60_003)),
-            BatchSize::LargeInput,
-        )
-    });
+    for (incremental, suffix) in [(true, ""), (false, "/full")] {
+        g.bench_function(format!("{waiting}k-waiting/tick{suffix}"), |b| {
+            b.iter_batched(
+                || released(incremental),
+                |mut e| black_box(e.apply(Command::Tick, 60_003).len()),
+                BatchSize::LargeInput,
+            )
+        });
+        g.bench_function(format!("{waiting}k-waiting/whole{suffix}"), |b| {
+            b.iter_batched(
+                || released(incremental),
+                |mut e| black_box(whole_pass(&mut e, 60_003)),
+                BatchSize::LargeInput,
+            )
+        });
+    }
     // What the broker adds to each rebuild of its queue view: start estimates for the head.
     let head: Vec<_> = engine.queued().iter().take(100).map(|q| q.id).collect();
     g.bench_function("estimated_starts-100", |b| {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use suanli_billing::{Ledger, LedgerImage};
-use suanli_core::Engine;
+use suanli_core::{Engine, EngineBeforeIncremental};
 use suanli_proto::v1 as pb;
 
 use crate::auth::{Principal, TokenRecord, hash_secret, primary_name};
@@ -28,7 +28,9 @@ use crate::writer::{Idempotency, IdempotencyByName};
 /// The first byte of every saved snapshot. The image is postcard, which is not
 /// self-describing: a change to the engine's state changes the format, and a snapshot of
 /// another format is refused by name instead of being misread.
-pub(crate) const SNAPSHOT_FORMAT: u8 = 9;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 10;
+/// Snapshots from before incremental passes: the engine is read in its layout of then.
+const SNAPSHOT_BEFORE_INCREMENTAL: u8 = 9;
 /// Snapshots from before idempotency keys were kept as hashes: read as such, each key hashed.
 const SNAPSHOT_BEFORE_HASHED_KEYS: u8 = 8;
 /// Snapshots from before tokens were kept as hashes: read as such, each token hashed.
@@ -85,10 +87,38 @@ pub(crate) struct Image {
     pub ledger: Ledger,
 }
 
-/// A snapshot of format 8: as [`Image`], with the idempotency keys in full.
+/// A snapshot of format 9: as [`Image`], with the engine's layout of then.
+#[derive(Serialize, Deserialize)]
+struct ImageBeforeIncremental {
+    engine: EngineBeforeIncremental,
+    records: Vec<Vec<u8>>,
+    ended: VecDeque<(u64, u64)>,
+    idempotency: Idempotency,
+    tokens: Vec<TokenRecord>,
+    trail: Vec<AuditRecord>,
+    now: u64,
+    ledger: Ledger,
+}
+
+impl From<ImageBeforeIncremental> for Image {
+    fn from(i: ImageBeforeIncremental) -> Image {
+        Image {
+            engine: i.engine.into(),
+            records: i.records,
+            ended: i.ended,
+            idempotency: i.idempotency,
+            tokens: i.tokens,
+            trail: i.trail,
+            now: i.now,
+            ledger: i.ledger,
+        }
+    }
+}
+
+/// A snapshot of format 8: as format 9, with the idempotency keys in full.
 #[derive(Serialize, Deserialize)]
 struct ImageBeforeHashedKeys {
-    engine: Engine,
+    engine: EngineBeforeIncremental,
     records: Vec<Vec<u8>>,
     ended: VecDeque<(u64, u64)>,
     idempotency: IdempotencyByName,
@@ -101,7 +131,7 @@ struct ImageBeforeHashedKeys {
 impl From<ImageBeforeHashedKeys> for Image {
     fn from(i: ImageBeforeHashedKeys) -> Image {
         Image {
-            engine: i.engine,
+            engine: i.engine.into(),
             records: i.records,
             ended: i.ended,
             idempotency: i.idempotency.into(),
@@ -116,7 +146,7 @@ impl From<ImageBeforeHashedKeys> for Image {
 /// A snapshot of format 7: as [`Image`], with the tokens' secrets in the clear.
 #[derive(Serialize, Deserialize)]
 struct ImageBeforeHashes {
-    engine: Engine,
+    engine: EngineBeforeIncremental,
     records: Vec<Vec<u8>>,
     ended: VecDeque<(u64, u64)>,
     idempotency: IdempotencyByName,
@@ -143,7 +173,7 @@ fn hashed(tokens: Vec<(Principal, String)>, now: u64) -> Vec<TokenRecord> {
 impl From<ImageBeforeHashes> for Image {
     fn from(i: ImageBeforeHashes) -> Image {
         Image {
-            engine: i.engine,
+            engine: i.engine.into(),
             records: i.records,
             ended: i.ended,
             idempotency: i.idempotency.into(),
@@ -158,7 +188,7 @@ impl From<ImageBeforeHashes> for Image {
 /// A snapshot of format 6: as [`Image`], with the idempotency keys of that time.
 #[derive(Serialize, Deserialize)]
 struct ImageBeforeAsked {
-    engine: Engine,
+    engine: EngineBeforeIncremental,
     records: Vec<Vec<u8>>,
     ended: VecDeque<(u64, u64)>,
     idempotency: crate::writer::IdempotencyBeforeAsked,
@@ -170,7 +200,7 @@ struct ImageBeforeAsked {
 impl From<ImageBeforeAsked> for Image {
     fn from(i: ImageBeforeAsked) -> Image {
         Image {
-            engine: i.engine,
+            engine: i.engine.into(),
             records: i.records,
             ended: i.ended,
             idempotency: i.idempotency.into(),
@@ -189,6 +219,11 @@ impl Image {
             |e: postcard::Error| BrokerError::Store(format!("snapshot at log index {at}: {e}"));
         match bytes.split_first() {
             Some((&SNAPSHOT_FORMAT, image)) => postcard::from_bytes(image).map_err(bad),
+            Some((&SNAPSHOT_BEFORE_INCREMENTAL, image)) => {
+                postcard::from_bytes::<ImageBeforeIncremental>(image)
+                    .map(Image::from)
+                    .map_err(bad)
+            }
             Some((&SNAPSHOT_BEFORE_HASHED_KEYS, image)) => {
                 postcard::from_bytes::<ImageBeforeHashedKeys>(image)
                     .map(Image::from)
@@ -298,7 +333,7 @@ mod tests {
     #[test]
     fn a_snapshot_from_before_hashes_is_read_with_its_tokens_hashed() {
         let old = ImageBeforeHashes {
-            engine: Engine::new(Default::default(), suanli_core::Catalogue::builtin()),
+            engine: (&Engine::new(Default::default(), suanli_core::Catalogue::builtin())).into(),
             records: Vec::new(),
             ended: VecDeque::new(),
             idempotency: IdempotencyByName::default(),
@@ -325,7 +360,7 @@ mod tests {
     #[test]
     fn a_snapshot_with_idempotency_keys_in_full_is_read() {
         let old = ImageBeforeHashedKeys {
-            engine: Engine::new(Default::default(), suanli_core::Catalogue::builtin()),
+            engine: (&Engine::new(Default::default(), suanli_core::Catalogue::builtin())).into(),
             records: Vec::new(),
             ended: VecDeque::new(),
             idempotency: IdempotencyByName::default(),
@@ -337,6 +372,58 @@ mod tests {
         let mut bytes = vec![SNAPSHOT_BEFORE_HASHED_KEYS];
         postcard::to_io(&old, &mut bytes).unwrap();
         assert_eq!(Image::decode(3, &bytes).unwrap().now, 42);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_incremental_passes_is_read_with_the_same_engine() {
+        use suanli_core::{Command, Fleet, RequestSpec, Shape, TenantSpec};
+        let catalogue = suanli_core::Catalogue::builtin();
+        let fleet = Fleet::from_toml(suanli_core::fleet::FUTIAN_2024, &catalogue).unwrap();
+        let mut engine = Engine::with_fleet(Default::default(), catalogue, &fleet).unwrap();
+        engine.apply(
+            Command::SetTenant(TenantSpec {
+                name: "acme".into(),
+                quota_tflops: u64::MAX / 4,
+                borrow_limit_tflops: None,
+                weight: 1,
+            }),
+            0,
+        );
+        for now in 1..=400 {
+            let spec = RequestSpec {
+                tenant: "acme".into(),
+                shape: Shape::Gang {
+                    nodes: 16,
+                    devices_per_node: 8,
+                },
+                duration_ms: 3_600_000,
+                priority: suanli_core::Priority::Standard,
+                constraints: Default::default(),
+                policy: None,
+                start_after_ms: None,
+                deadline_ms: None,
+                requeue: false,
+                workload: None,
+            };
+            engine.apply(Command::Submit(spec), now);
+            engine.apply(Command::Tick, now);
+        }
+        assert!(engine.queue_len() > 0, "some wait");
+        let old = ImageBeforeIncremental {
+            engine: (&engine).into(),
+            records: Vec::new(),
+            ended: VecDeque::new(),
+            idempotency: Idempotency::default(),
+            tokens: Vec::new(),
+            trail: Vec::new(),
+            now: 42,
+            ledger: Ledger::new(),
+        };
+        let mut bytes = vec![SNAPSHOT_BEFORE_INCREMENTAL];
+        postcard::to_io(&old, &mut bytes).unwrap();
+        let image = Image::decode(3, &bytes).unwrap();
+        assert_eq!(image.engine.digest(), engine.digest());
+        assert_eq!(image.engine.audit(), Ok(()));
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// holding its capacity until the next tick.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400_000), value_name = "MS")]
     pub tick_ms: Option<u64>,
+    /// Make every scheduling pass walk every waiting request, instead of trying only the
+    /// requests whose answer could have changed: the same decisions, slower (for comparison).
+    #[arg(long)]
+    pub full_passes: bool,
     #[command(flatten)]
     pub subsidy: SubsidyArgs,
 }
@@ -195,6 +199,7 @@ fn single(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
         max_waiting: None,
         subsidy: a.subsidy.policy(),
         tick_interval_ms: a.tick_ms,
+        full_passes: a.full_passes,
     };
     let finished = simulate(&fleet, &catalogue, workload, &config).context("simulation")?;
     let s = &finished.summary;

@@ -374,7 +374,7 @@ impl Engine {
                 ),
             });
         }
-        match self.pass_fault() {
+        match self.pass_fault().or_else(|| self.queue_index_fault()) {
             Some(detail) => Err(AuditError::Queue { detail }),
             None => Ok(()),
         }

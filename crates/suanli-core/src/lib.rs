@@ -49,7 +49,8 @@ mod testkit;
 pub use audit::AuditError;
 pub use catalogue::{AcceleratorModel, Catalogue};
 pub use engine::{
-    Command, Engine, EngineConfig, Event, PASS_SLICE, Quote, QuotePart, QuotePlacement,
+    Command, Engine, EngineBeforeIncremental, EngineConfig, Event, PASS_SLICE, PassCounts, Quote,
+    QuotePart, QuotePlacement,
 };
 pub use error::CoreError;
 pub use fleet::{Fleet, FleetError, GroupSpec, PoolKind, PoolSpec};

@@ -169,7 +169,7 @@ pub struct QueuedRequest<'a> {
     pub tenant: &'a str,
     /// Priority class.
     pub priority: Priority,
-    /// Position in the last pass.
+    /// 1-based place in the order the next pass tries the queue if it places nothing.
     pub position: u32,
     /// Why it waits.
     pub reason: WaitReason,
@@ -180,7 +180,8 @@ pub struct QueuedRequest<'a> {
 /// Why a queued request waits and when it may start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaitInfo {
-    /// 1-based position in the order of the last scheduling pass (or at submission).
+    /// 1-based place in the order the next pass tries the queue if it places nothing: classes
+    /// in order, tenants by weighted share, each tenant's requests by arrival.
     pub position: u32,
     /// The reason.
     pub reason: WaitReason,
@@ -339,8 +340,13 @@ impl Engine {
                 None
             }
         };
+        let position = self
+            .queue_order()
+            .iter()
+            .position(|&q| q == id)
+            .map_or(0, |i| i as u32 + 1);
         Some(WaitInfo {
-            position: r.position,
+            position,
             reason: r.reason,
             earliest_start,
         })
@@ -414,21 +420,39 @@ impl Engine {
     /// Every queued request in queue order (the order of the last scheduling pass; requests
     /// submitted since come after, by id).
     pub fn queued(&self) -> Vec<QueuedRequest<'_>> {
-        let mut out: Vec<QueuedRequest<'_>> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.state == RequestState::Queued)
-            .map(|(&id, r)| QueuedRequest {
-                id,
-                tenant: &self.tenants[r.tenant.0 as usize].spec.name,
-                priority: r.priority,
-                position: r.position,
-                reason: r.reason,
-                submitted_at: r.submitted_at,
+        self.queue_order()
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let r = &self.requests[&id];
+                QueuedRequest {
+                    id,
+                    tenant: &self.tenants[r.tenant.0 as usize].spec.name,
+                    priority: r.priority,
+                    position: i as u32 + 1,
+                    reason: r.reason,
+                    submitted_at: r.submitted_at,
+                }
             })
-            .collect();
-        out.sort_unstable_by_key(|q| (q.position, q.id));
-        out
+            .collect()
+    }
+
+    /// The waiting requests in the order the next pass would try them if it placed none:
+    /// classes in order, inside a class tenants by weighted share, each tenant's in order of
+    /// arrival.
+    fn queue_order(&self) -> Vec<RequestId> {
+        let mut order = Vec::with_capacity(self.queue.len());
+        for class in &self.queue.classes {
+            let mut tenants: Vec<_> = class.iter().collect();
+            tenants.sort_by_key(|&(&t, _)| self.share(t));
+            for (_, fifo) in tenants {
+                order.extend(
+                    fifo.iter()
+                        .filter(|id| self.requests.get(id).is_some_and(|r| r.in_queue)),
+                );
+            }
+        }
+        order
     }
 
     /// The request holding the reservation of the last pass (the first that did not fit) and

@@ -15,7 +15,7 @@ use suanli_core::engine::MAX_DURATION_MS;
 use suanli_core::{
     Catalogue, Command, Constraints, EndReason, Engine, EngineConfig, Event, GroupSpec, JobCause,
     JobOutcome, PoolHealth, PoolKind, PoolSpec, Priority, RequestId, RequestSpec, RequestState,
-    Runtimes, Shape, Subsidy, SubsidyPools, TenantSpec, Workload,
+    Runtimes, Shape, Subsidy, SubsidyPools, TenantSpec, WaitReason, Workload,
 };
 
 const FLEET_MODELS: [&str; 4] = ["h100", "a800", "rtx4090", "ascend-910b"];
@@ -459,16 +459,35 @@ fn subsidy_term() -> impl Strategy<Value = (u32, SubsidyScopeOp)> {
     (rate, scope)
 }
 
-fn step() -> impl Strategy<Value = Step> {
-    let dt = prop_oneof![
-        3 => Just(0u64),
-        5 => 0u64..=60_000,
-        1 => 0u64..=3_600_000,
-    ];
-    (dt, op()).prop_map(|(dt, op)| Step { dt, op })
+fn scenario() -> impl Strategy<Value = Scenario> {
+    scenario_of(op().boxed())
 }
 
-fn scenario() -> impl Strategy<Value = Scenario> {
+/// Scenarios of a busy fleet that keeps its shape: submissions, ends and ticks only, with
+/// vouchers now and then, so that passes are incremental.
+fn busy_scenario() -> impl Strategy<Value = Scenario> {
+    let request_op = prop_oneof![
+        1 => Just(RequestOp::Cancel),
+        2 => Just(RequestOp::Release),
+        1 => Just(RequestOp::Started),
+        1 => any::<bool>().prop_map(|failed| RequestOp::Finished { failed }),
+    ];
+    let ops = prop_oneof![
+        5 => Just(Op::Tick),
+        12 => submit_op().prop_map(|s| Op::Submit(Box::new(s))),
+        8 => (request_op, id_ref()).prop_map(|(o, r)| Op::Request(o, r)),
+        1 => (pick_strategy(), prop::collection::vec(subsidy_term(), 0..=2))
+            .prop_map(|(tenant, terms)| Op::Subsidies(tenant, terms)),
+    ];
+    scenario_of(ops.boxed())
+}
+
+fn scenario_of(ops: BoxedStrategy<Op>) -> impl Strategy<Value = Scenario> {
+    let step = (
+        prop_oneof![3 => Just(0u64), 5 => 0u64..=60_000, 1 => 0u64..=3_600_000],
+        ops,
+    )
+        .prop_map(|(dt, op)| Step { dt, op });
     (
         select(
             &[
@@ -480,7 +499,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         select(&[1, 2, 3, 5, suanli_core::PASS_SLICE][..]),
         pools(),
         tenants(),
-        prop::collection::vec(step(), 30..=150),
+        prop::collection::vec(step, 30..=150),
     )
         .prop_map(|(policy, pass_slice, pools, tenants, steps)| Scenario {
             policy,
@@ -506,9 +525,15 @@ struct Run {
 
 impl Run {
     fn new(s: &Scenario) -> Run {
+        Run::with(s, true)
+    }
+
+    /// An engine whose passes are incremental or all full.
+    fn with(s: &Scenario, incremental: bool) -> Run {
         let config = EngineConfig {
             default_policy: s.policy,
             pass_slice: s.pass_slice,
+            incremental,
         };
         let mut engine = Engine::new(config, Catalogue::builtin());
         for p in &s.pools {
@@ -1088,48 +1113,72 @@ proptest! {
         }
     }
 
-    /// The queue counts what waits and ranks it once: `queue_len()` is the number of queued
-    /// requests after every command, and when a pass ends (at the tick it began, or at a later
-    /// one when it went on in slices) the requests that waited when it began and still wait hold
-    /// distinct positions within 1..=n, n being how many requests the pass could visit: those
-    /// that waited when it began and those it preempted back into the queue.
+    /// The queue counts what waits and ranks it once: after every command `queue_len()` is
+    /// the number of queued requests, the queue lists each of them once at positions 1..=n,
+    /// and a request's explanation gives the position the list does.
     #[test]
     fn queue_positions_rank_each_request_once(s in scenario()) {
         let mut run = Run::new(&s);
-        // The requests queued when the pass under way began, and those it requeued so far.
-        let mut pass: Option<(Vec<RequestId>, usize)> = None;
         for step in &s.steps {
-            let queued = |e: &Engine| -> Vec<RequestId> {
-                e.live_requests()
-                    .into_iter()
-                    .filter(|&id| e.request(id).unwrap().state == RequestState::Queued)
-                    .collect()
-            };
-            let before = queued(&run.engine);
-            let (command, events) = run.step(step);
-            let after = queued(&run.engine);
-            prop_assert_eq!(run.engine.queue_len(), after.len(), "after {:?}", command);
-            if command == Command::Tick {
-                let requeued = events
-                    .iter()
-                    .filter(|e| matches!(e, Event::Requeued { .. }))
-                    .count();
-                let (waited, requeued_in_pass) = pass.get_or_insert((before, 0));
-                *requeued_in_pass += requeued;
-                if run.engine.pass_in_progress() {
-                    continue;
-                }
-                let n = (waited.len() + *requeued_in_pass) as u32;
-                let mut positions = BTreeSet::new();
-                for id in after.iter().filter(|id| waited.contains(id)) {
-                    let p = run.engine.explain(*id).unwrap().position;
-                    prop_assert!(
-                        (1..=n).contains(&p) && positions.insert(p),
-                        "{} at position {} of {} waiting", id, p, n
-                    );
-                }
-                pass = None;
+            let (command, _) = run.step(step);
+            let e = &run.engine;
+            let queued: BTreeSet<RequestId> = e
+                .live_requests()
+                .into_iter()
+                .filter(|&id| e.request(id).unwrap().state == RequestState::Queued)
+                .collect();
+            prop_assert_eq!(e.queue_len(), queued.len(), "after {:?}", command);
+            let listed = e.queued();
+            let ids: BTreeSet<RequestId> = listed.iter().map(|q| q.id).collect();
+            prop_assert_eq!(&ids, &queued, "after {:?}", command);
+            for (i, q) in listed.iter().enumerate() {
+                prop_assert_eq!(q.position, i as u32 + 1);
+                prop_assert_eq!(e.explain(q.id).unwrap().position, q.position);
             }
         }
     }
+
+    /// Incremental passes decide as full passes do: the same scenario through an engine whose
+    /// passes try only the requests whose answer could have changed, and through one whose
+    /// every pass tries every waiting request, gives the same events and the same digest after
+    /// every command. Passes are whole (one slice): a slice counts the requests it tries, so
+    /// sliced passes of the two engines end at different requests.
+    #[test]
+    fn incremental_passes_decide_as_full_passes(s in scenario()) {
+        incremental_and_full_agree(s)?;
+    }
+
+    /// The same on a busy fleet that keeps its shape, where nearly every pass is incremental.
+    #[test]
+    fn incremental_passes_decide_as_full_passes_on_a_busy_fleet(s in busy_scenario()) {
+        incremental_and_full_agree(s)?;
+    }
+}
+
+fn incremental_and_full_agree(mut s: Scenario) -> Result<(), TestCaseError> {
+    s.pass_slice = u32::MAX;
+    let mut incremental = Run::with(&s, true);
+    let mut full = Run::with(&s, false);
+    for step in &s.steps {
+        let (command, a) = incremental.step(step);
+        let (_, b) = full.step(step);
+        prop_assert_eq!(&a, &b, "after {:?}", command);
+        let waiting = |run: &Run| -> Vec<(RequestId, WaitReason)> {
+            run.engine
+                .queued()
+                .iter()
+                .map(|q| (q.id, q.reason))
+                .collect()
+        };
+        prop_assert_eq!(
+            incremental.engine.digest(),
+            full.engine.digest(),
+            "after {:?}: waiting {:?}, with full passes {:?}",
+            command,
+            waiting(&incremental),
+            waiting(&full)
+        );
+        audited(&incremental.engine, &command)?;
+    }
+    Ok(())
 }

@@ -166,6 +166,10 @@ impl Driver {
         let (mut summary, series) = self.recorder.finish(now)?;
         let digest = self.engine.digest();
         summary.digest = format!("{digest:016x}");
+        let passes = self.engine.pass_counts();
+        summary.passes_full = passes.full;
+        summary.passes_incremental = passes.incremental;
+        summary.requests_tried = passes.tried;
         Ok(Finished {
             summary,
             series,

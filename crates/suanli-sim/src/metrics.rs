@@ -575,6 +575,15 @@ pub struct Summary {
     /// for one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tick_interval_ms: Option<u64>,
+    /// Whether every pass was a full one (see [`crate::SimConfig::full_passes`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub full_passes: bool,
+    /// Scheduling passes over every waiting request.
+    pub passes_full: u64,
+    /// Scheduling passes over the requests whose answer could have changed.
+    pub passes_incremental: u64,
+    /// Requests tried by the passes, in all.
+    pub requests_tried: u64,
     /// Rated capacity of the fleet, in P.
     pub capacity_p: f64,
     /// Compute the jobs arriving in the window asked for (TFLOPS x run time) over the window's

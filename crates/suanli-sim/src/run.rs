@@ -65,6 +65,9 @@ pub struct SimConfig {
     /// Schedule at multiples of this many milliseconds rather than at every event that calls
     /// for a pass (see the module documentation). `None` = at every such event.
     pub tick_interval_ms: Option<Millis>,
+    /// Make every scheduling pass a full one, over every waiting request, instead of trying
+    /// only what could have changed: the same decisions, slower; for comparison.
+    pub full_passes: bool,
 }
 
 impl Default for SimConfig {
@@ -78,6 +81,7 @@ impl Default for SimConfig {
             max_waiting: None,
             subsidy: None,
             tick_interval_ms: None,
+            full_passes: false,
         }
     }
 }
@@ -131,6 +135,7 @@ pub fn simulate(
     let engine = Engine::with_fleet(
         EngineConfig {
             default_policy: config.policy,
+            incremental: !config.full_passes,
             ..EngineConfig::default()
         },
         catalogue.clone(),
@@ -308,6 +313,7 @@ pub fn simulate(
     s.size_factor = config.rule.size_factor;
     s.reference_tflops = config.rule.reference_tflops;
     s.tick_interval_ms = config.tick_interval_ms;
+    s.full_passes = config.full_passes;
     s.skipped_rows = skipped;
     s.saturated = saturated;
     s.not_submitted = not_submitted;

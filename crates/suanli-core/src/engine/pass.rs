@@ -1,9 +1,10 @@
 //! Scheduling passes: a pass walks the queue in the order of priority class, weighted fair
 //! share and arrival, one slice at a time (see [`super::EngineConfig::pass_slice`]), placing
 //! what fits, reserving for the first request that does not and backfilling behind it. A
-//! full pass walks everything waiting; an arrivals pass only the requests that arrived since
-//! the last one. The pass under way is part of the engine's state, so a recovered engine goes
-//! on with it as the live one would.
+//! full pass walks everything waiting; an incremental pass (see `incremental`) the requests
+//! whose answer could have changed since, in the same order; an arrivals pass only the
+//! requests that arrived since the last one. The pass under way is part of the engine's
+//! state, so a recovered engine goes on with it as the live one would.
 
 use super::*;
 
@@ -12,9 +13,11 @@ impl Engine {
     /// [`EngineConfig::pass_slice`]).
     pub(super) fn schedule(&mut self, out: &mut Vec<Event>) {
         if self.pass.is_none() {
-            if self.pass_due || self.now >= self.next_timed {
-                self.begin_full_pass();
+            let timed = self.timed.first().is_some_and(|&(at, _)| at <= self.now);
+            if self.pass_due || timed {
+                self.begin_due_pass();
             } else if !self.arrivals.is_empty() {
+                self.pass_counts.arrivals += 1;
                 self.begin_arrivals_pass();
             } else {
                 return;
@@ -23,10 +26,30 @@ impl Engine {
         self.continue_pass(out);
     }
 
+    /// A pass after something changed: incremental unless everything may have changed (or
+    /// the engine is set to make full passes).
+    fn begin_due_pass(&mut self) {
+        self.pass_due = false;
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.timed.first()
+            && at <= self.now
+        {
+            self.timed.pop_first();
+            due.push(id);
+        }
+        let wakes = std::mem::take(&mut self.pending);
+        self.inbox = Wakes::default();
+        if self.config.incremental && !wakes.full {
+            self.pass_counts.incremental += 1;
+            self.begin_incremental_pass(wakes, due);
+        } else {
+            self.pass_counts.full += 1;
+            self.begin_full_pass();
+        }
+    }
+
     /// A pass that ranks and tries every queued request, in the order the queue holds them now.
     pub(super) fn begin_full_pass(&mut self) {
-        self.pass_due = false;
-        self.next_timed = Millis::MAX;
         self.reservation = None;
         self.arrivals.clear();
         let classes = Priority::ALL.map(|class| {
@@ -36,12 +59,12 @@ impl Engine {
                 .map(|(&tenant, q)| TenantRun::new(tenant, q.iter().copied().collect()))
                 .collect()
         });
-        self.begin_pass(classes, 0);
+        self.begin_pass(classes);
     }
 
     /// When nothing but new arrivals happened since the last pass, the requests that waited
     /// then would be decided the same way again (no capacity came free, no time came): only the
-    /// arrivals are tried, ranked after them, under the same reservation.
+    /// arrivals are tried, after them, under the same reservation.
     pub(super) fn begin_arrivals_pass(&mut self) {
         let mut by_class: [BTreeMap<TenantIx, Vec<RequestId>>; 3] = Default::default();
         let mut arrivals = std::mem::take(&mut self.arrivals);
@@ -59,17 +82,18 @@ impl Engine {
                 .map(|(tenant, ids)| TenantRun::new(tenant, ids))
                 .collect()
         });
-        self.begin_pass(classes, self.ranked);
+        self.begin_pass(classes);
     }
 
-    pub(super) fn begin_pass(&mut self, classes: [Vec<TenantRun>; 3], ranked: u32) {
+    pub(super) fn begin_pass(&mut self, classes: [Vec<TenantRun>; 3]) {
         self.passes += 1;
+        self.inbox = Wakes::default();
         self.pass = Some(PassInProgress {
             id: self.passes,
             classes,
             class: 0,
-            position: ranked,
             preemption_budget: PREEMPTION_SEARCHES_PER_PASS,
+            picked: None,
         });
     }
 
@@ -79,6 +103,9 @@ impl Engine {
         let Some(mut pass) = self.pass.take() else {
             return;
         };
+        // What changed between slices.
+        let wakes = std::mem::take(&mut self.inbox);
+        self.apply_wakes(&mut pass, wakes);
         // What did not fit is remembered for one slice only: capacity may come free between
         // slices.
         let mut state = PassState {
@@ -86,37 +113,35 @@ impl Engine {
             preemption_budget: pass.preemption_budget,
         };
         let mut walked = 0u32;
-        'classes: while let Some(runs) = pass.classes.get_mut(pass.class) {
+        while pass.class < pass.classes.len() {
             // Shares are read afresh at each slice: leases may have ended since the last one.
-            let mut heap: BinaryHeap<Reverse<(Share, usize)>> = runs
+            let mut heap: BinaryHeap<Reverse<(Share, usize)>> = pass.classes[pass.class]
                 .iter()
                 .enumerate()
-                .filter(|(_, run)| run.walked < run.ids.len())
+                .filter(|(_, run)| run.open())
                 .map(|(i, run)| Reverse((self.share(run.tenant), i)))
                 .collect();
             while let Some(Reverse((share, i))) = heap.pop() {
                 if walked >= self.config.pass_slice.max(1) {
-                    break 'classes;
+                    break;
                 }
-                let run = &mut runs[i];
+                let run = &mut pass.classes[pass.class][i];
                 // Next request of this tenant that is still queued.
                 let mut next = None;
-                while let Some(&id) = run.ids.get(run.walked) {
-                    run.walked += 1;
+                while let Some(id) = run.take_next() {
                     walked += 1;
-                    if let Some(r) = self.requests.get_mut(&id)
+                    if let Some(r) = self.requests.get(&id)
                         && r.state == RequestState::Queued
                         && r.queued_in_pass != pass.id
                     {
-                        pass.position += 1;
-                        r.position = pass.position;
-                        next = Some(id);
+                        next = Some((id, r.key));
                         break;
                     }
                 }
-                let Some(id) = next else {
+                let Some((id, key)) = next else {
                     continue;
                 };
+                self.pass_counts.tried += 1;
                 let (searches, reserved) = (state.preemption_budget, self.reservation.is_some());
                 if let Start::Placed = self.try_start(id, Some(&mut state), out) {
                     walked += PLACEMENT_WEIGHT;
@@ -129,18 +154,27 @@ impl Engine {
                 if !reserved && self.reservation.is_some() {
                     walked = walked.saturating_add(self.live_leases as u32 / 4);
                 }
-                if run.walked < run.ids.len() {
+                self.after_try(&mut pass, i, key);
+                if pass.classes[pass.class][i].open() {
                     heap.push(Reverse((self.share(share.tenant), i)));
                 }
+            }
+            if walked >= self.config.pass_slice.max(1)
+                && pass.classes[pass.class].iter().any(TenantRun::open)
+            {
+                break;
             }
             pass.class += 1;
         }
         if pass.class < pass.classes.len() {
             pass.preemption_budget = state.preemption_budget;
             self.pass = Some(pass);
-        } else {
-            self.ranked = pass.position;
         }
+    }
+
+    /// Passes made so far, by kind, and the requests they tried.
+    pub fn pass_counts(&self) -> PassCounts {
+        self.pass_counts
     }
 
     /// Whether a scheduling pass is under way: the next tick goes on with it.
@@ -160,8 +194,8 @@ impl Engine {
         if pass.class >= pass.classes.len() {
             return Some(format!("the pass under way is at class {}", pass.class));
         }
-        let runs = pass.classes.iter().flatten();
-        if let Some(run) = runs.clone().find(|run| run.walked > run.ids.len()) {
+        let mut runs = pass.classes.iter().flatten();
+        if let Some(run) = runs.find(|run| run.walked > run.ids.len()) {
             return Some(format!(
                 "the pass walked {} of the {} requests of tenant {}",
                 run.walked,
@@ -169,13 +203,7 @@ impl Engine {
                 run.tenant.0
             ));
         }
-        let entries: usize = runs.map(|run| run.ids.len()).sum();
-        (pass.position as usize > self.ranked as usize + entries).then(|| {
-            format!(
-                "the pass gave position {} with {entries} entries to walk",
-                pass.position
-            )
-        })
+        None
     }
 
     /// Whether the next tick would walk a pass: one is under way, or requests wait and
@@ -185,7 +213,7 @@ impl Engine {
         self.pass.is_some() || (self.pass_due || !self.arrivals.is_empty()) && self.queue.len() > 0
     }
 
-    pub(super) fn share(&self, t: TenantIx) -> Share {
+    pub(crate) fn share(&self, t: TenantIx) -> Share {
         let tenant = &self.tenants[t.0 as usize];
         Share {
             used: tenant.used,

@@ -1,6 +1,8 @@
 //! Victim search: which spot leases, and which leases on borrowed capacity, a critical or
 //! standard request that does not fit may end to make room, fewest victims first. A search
-//! costs a walk over the preemptible leases, so a pass allows only so many.
+//! costs a walk over the preemptible leases, so a pass allows only so many; and a search that
+//! found nothing is not made again for the same shape until something it read changed (see
+//! `incremental`).
 
 use super::*;
 
@@ -17,10 +19,19 @@ impl Engine {
         if r.priority == Priority::Spot {
             return false;
         }
+        // The last search for this request's shape found nothing and nothing it read changed.
+        if !self.search_stale(r) {
+            return false;
+        }
+        if *budget == 0 {
+            self.search_deferred(id);
+            return false;
+        }
         let t = &self.tenants[r.tenant.0 as usize];
         let need = self.supply.min_tflops(&r.filter, &r.shape);
         let within_quota = t.used + need <= t.spec.quota_tflops;
-        if self.spot_leases == 0 && (!within_quota || self.borrowing_leases == 0) || *budget == 0 {
+        if self.spot_leases == 0 && (!within_quota || self.borrowing_leases == 0) {
+            self.searched(id);
             return false;
         }
         *budget -= 1;
@@ -65,6 +76,7 @@ impl Engine {
             } => self.elastic_victims(&candidates, &victims, tflops, min_chunk_tflops),
         };
         let Some(chosen) = chosen else {
+            self.searched(id);
             return false;
         };
         for v in chosen {

@@ -1,0 +1,657 @@
+//! Incremental passes: a pass that tries only the waiting requests whose answer could have
+//! changed since they were last tried, in the order the full pass would try them.
+//!
+//! A try is a function of what it reads: the capacity and the preemptible leases of the
+//! request's node groups, its tenant's usage, the reservation, the clock and the fleet's shape.
+//! Every change to one of these is recorded as a *wake* on what it touches:
+//! - capacity freed in a group wakes the requests that could use it: the first waiting for
+//!   capacity of each shape (the rest of the shape follow only while the capacity lasts), and
+//!   every one held by the reservation or by quota;
+//! - capacity taken wakes those held by the reservation or by quota (their plan may be gone);
+//! - a preemptible lease placed wakes the first of each shape that may search for victims;
+//! - a tenant's usage changing wakes all its requests when its quota could bind;
+//! - a start time or a deadline coming wakes that request; pools, nodes and tenants changing
+//!   wake everything (a full pass).
+//!
+//! The pass then keeps the full pass's order exactly: it walks the same tenant runs, by the
+//! same shares, and pops a run whose wakes are exhausted as the full pass would walk through
+//! it without effect. While no reservation is held, it follows each run's requests waiting for
+//! capacity, as the full pass would give the reservation to the first that does not fit; when
+//! the new reservation lets more through than the last one, every request it held is tried
+//! again. Wakes that happen during the pass (a placement, a preemption, a lease ending between
+//! slices) reach the pass under way as well as the next one.
+//!
+//! Requests are found through [`QueueIndex`]: per *shape key* (priority class, tenant, filter,
+//! shape, policy), the waiting requests by reason, and per node group the keys that could use
+//! it. A victim search's outcome is the same for every request of a key, so a search that found
+//! nothing is not repeated until something it read changed: the key remembers when.
+
+use super::*;
+use crate::units::ModelIx;
+
+/// Wake flag: the first request of a key waiting for capacity is tried, and the next after
+/// each that does not end waiting for capacity.
+pub(crate) const WAKE_CAPACITY: u8 = 1;
+/// Wake flag: the key's requests held by the reservation or by quota are tried.
+pub(crate) const WAKE_HELD: u8 = 2;
+
+/// What changed since a pass: see the module documentation.
+#[derive(Clone, Debug, Default, Hash, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Wakes {
+    /// Everything: the next pass is a full one.
+    pub full: bool,
+    /// Shape keys and their wake flags.
+    pub keys: BTreeMap<u32, u8>,
+    /// Tenants whose every request is tried.
+    pub tenants: BTreeSet<TenantIx>,
+}
+
+impl Wakes {
+    fn key(&mut self, k: u32, flags: u8) {
+        *self.keys.entry(k).or_default() |= flags;
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.full && self.keys.is_empty() && self.tenants.is_empty()
+    }
+}
+
+/// The requests of one shape key: they fit, and find victims, alike.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ShapeKey {
+    pub class: Priority,
+    pub tenant: TenantIx,
+    pub filter_key: u64,
+    pub shape: Shape,
+    pub policy: Policy,
+    /// The filter its requests share, to find the groups it could use.
+    pub filter: Filter,
+    /// Waiting requests that found no capacity.
+    pub busy: BTreeSet<RequestId>,
+    /// Waiting requests held by the reservation or by quota.
+    pub held: BTreeSet<RequestId>,
+    /// When the last victim search for it found nothing (0: never).
+    pub searched_at: u64,
+    /// When capacity last came free, or a preemptible lease was placed, in a group it could use.
+    pub woke_at: u64,
+    /// The most a placement of one of its requests can count against quota.
+    pub most: Tflops,
+}
+
+/// How a wait reason files a request in the index.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bucket {
+    Busy,
+    Behind,
+    Quota,
+    Idle,
+}
+
+fn bucket(reason: WaitReason) -> Bucket {
+    match reason {
+        WaitReason::CapacityBusy => Bucket::Busy,
+        WaitReason::BehindReservation => Bucket::Behind,
+        WaitReason::Quota => Bucket::Quota,
+        WaitReason::Pending
+        | WaitReason::NotYetStartable
+        | WaitReason::NoMatchingPool
+        | WaitReason::WorkloadUnsupported => Bucket::Idle,
+    }
+}
+
+/// The queue index: see the module documentation.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct QueueIndex {
+    /// Every shape key ever seen (keys are few and keep their search stamps).
+    pub keys: Vec<ShapeKey>,
+    /// Per class and tenant, the waiting requests that found no capacity or are held by the
+    /// reservation: the reservation goes to the first of these that does not fit.
+    pub capacity: [BTreeMap<TenantIx, BTreeSet<RequestId>>; 3],
+    /// Per class and tenant, the waiting requests held by the reservation.
+    pub behind: [BTreeMap<TenantIx, BTreeSet<RequestId>>; 3],
+    /// Per tenant, how many of its waiting requests may count each amount against quota at
+    /// most: its usage changing matters only when its quota is within that much of it.
+    pub tenant_most: BTreeMap<TenantIx, BTreeMap<Tflops, u32>>,
+    /// Derived from `keys` and the fleet, rebuilt when the fleet changes shape.
+    #[serde(skip)]
+    derived: Option<Derived>,
+}
+
+#[derive(Clone, Debug)]
+struct Derived {
+    epoch: u64,
+    ids: FxHashMap<(Priority, TenantIx, u64, Shape, Policy), u32>,
+    /// Per node group, the keys whose filter admits it.
+    group_keys: Vec<Vec<u32>>,
+}
+
+impl Engine {
+    /// The index's derived part, rebuilt if the fleet changed shape since.
+    fn derived(&mut self) -> &mut Derived {
+        let epoch = self.fleet_epoch;
+        if self.index.derived.as_ref().is_none_or(|d| d.epoch != epoch) {
+            let supply = &self.supply;
+            let mut group_keys = vec![Vec::new(); supply.groups.len()];
+            let mut ids = FxHashMap::default();
+            for (k, key) in self.index.keys.iter().enumerate() {
+                ids.insert(
+                    (key.class, key.tenant, key.filter_key, key.shape, key.policy),
+                    k as u32,
+                );
+                for (g, keys) in group_keys.iter_mut().enumerate() {
+                    if supply.admits(&key.filter, g as u32) {
+                        keys.push(k as u32);
+                    }
+                }
+            }
+            self.index.derived = Some(Derived {
+                epoch,
+                ids,
+                group_keys,
+            });
+        }
+        self.index.derived.as_mut().expect("just built")
+    }
+
+    /// The shape key of a request about to be queued, made if new.
+    pub(super) fn key_of(&mut self, id: RequestId) -> u32 {
+        let r = &self.requests[&id];
+        let lookup = (r.priority, r.tenant, r.filter_key, r.shape, r.policy);
+        let filter = r.filter.clone();
+        if let Some(&k) = self.derived().ids.get(&lookup) {
+            return k;
+        }
+        let k = self.index.keys.len() as u32;
+        let supply = &self.supply;
+        let admitted: Vec<usize> = (0..supply.groups.len())
+            .filter(|&g| supply.admits(&filter, g as u32))
+            .collect();
+        // A gang counts its devices at the largest model it allows; an elastic request what it
+        // asks, plus less than a device of each group it may take a piece of.
+        let largest_device = (0..supply.catalogue.len())
+            .filter(|m| filter.models & (1 << m) != 0)
+            .map(|m| supply.catalogue.model(ModelIx(m as u16)).fp16_dense_tflops as u64)
+            .max()
+            .unwrap_or(0);
+        let most = match lookup.3 {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => nodes as u64 * devices_per_node as u64 * largest_device,
+            Shape::Elastic { tflops, .. } => {
+                tflops.saturating_add(admitted.len() as u64 * largest_device)
+            }
+        };
+        self.index.keys.push(ShapeKey {
+            class: lookup.0,
+            tenant: lookup.1,
+            filter_key: lookup.2,
+            shape: lookup.3,
+            policy: lookup.4,
+            filter,
+            busy: BTreeSet::new(),
+            held: BTreeSet::new(),
+            searched_at: 0,
+            woke_at: 0,
+            most,
+        });
+        let derived = self.derived();
+        derived.ids.insert(lookup, k);
+        for g in admitted {
+            derived.group_keys[g].push(k);
+        }
+        k
+    }
+
+    /// Files a queued request under its reason, or takes it out (`to: None`), from where
+    /// `from` filed it.
+    pub(super) fn refile(
+        &mut self,
+        id: RequestId,
+        from: Option<WaitReason>,
+        to: Option<WaitReason>,
+    ) {
+        let (from, to) = (from.map(bucket), to.map(bucket));
+        if from == to {
+            return;
+        }
+        let r = &self.requests[&id];
+        let (k, class, tenant) = (r.key as usize, r.priority.rank(), r.tenant);
+        let index = &mut self.index;
+        let key = &mut index.keys[k];
+        // Which sets the request leaves and joins: (key's busy, key's held, run's capacity,
+        // run's behind).
+        let sets = |b: Option<Bucket>| match b {
+            Some(Bucket::Busy) => [true, false, true, false],
+            Some(Bucket::Behind) => [false, true, true, true],
+            Some(Bucket::Quota) => [false, true, false, false],
+            Some(Bucket::Idle) | None => [false; 4],
+        };
+        let (left, joined) = (sets(from), sets(to));
+        if from.is_none() || to.is_none() {
+            let most = index.tenant_most.entry(tenant).or_default();
+            let count = most.entry(key.most).or_default();
+            if from.is_none() {
+                *count += 1;
+            } else {
+                *count -= 1;
+                if *count == 0 {
+                    most.remove(&key.most);
+                    if most.is_empty() {
+                        index.tenant_most.remove(&tenant);
+                    }
+                }
+            }
+        }
+        for (i, set) in [&mut key.busy, &mut key.held].into_iter().enumerate() {
+            if left[i] && !joined[i] {
+                set.remove(&id);
+            } else if joined[i] && !left[i] {
+                set.insert(id);
+            }
+        }
+        for (i, runs) in [&mut index.capacity, &mut index.behind]
+            .into_iter()
+            .enumerate()
+        {
+            let runs = &mut runs[class];
+            if left[i + 2] && !joined[i + 2] {
+                if let Some(set) = runs.get_mut(&tenant) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        runs.remove(&tenant);
+                    }
+                }
+            } else if joined[i + 2] && !left[i + 2] {
+                runs.entry(tenant).or_default().insert(id);
+            }
+        }
+    }
+
+    fn next_stamp(&mut self) -> u64 {
+        self.stamp += 1;
+        self.stamp
+    }
+
+    fn wake(&mut self, f: impl Fn(&mut Wakes)) {
+        f(&mut self.pending);
+        f(&mut self.inbox);
+    }
+
+    /// Everything may decide differently: the fleet or a tenant changed.
+    pub(super) fn wake_all(&mut self) {
+        self.fleet_woke = self.next_stamp();
+        self.wake(|w| w.full = true);
+    }
+
+    /// Capacity came free (`WAKE_CAPACITY | WAKE_HELD`), was taken (`WAKE_HELD`), or a
+    /// preemptible lease was placed (`WAKE_CAPACITY`) in these groups.
+    pub(super) fn wake_groups(&mut self, mut groups: Vec<u32>, flags: u8) {
+        let stamp = self.next_stamp();
+        groups.sort_unstable();
+        groups.dedup();
+        let mut keys: Vec<u32> = Vec::new();
+        let derived = self.derived();
+        for g in groups {
+            keys.extend(&derived.group_keys[g as usize]);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys {
+            let key = &mut self.index.keys[k as usize];
+            let mut flags = flags;
+            if key.class == Priority::Spot && flags & WAKE_HELD == 0 {
+                // Spot never searches for victims: a new one changes nothing for it.
+                continue;
+            }
+            if flags & WAKE_CAPACITY != 0 {
+                key.woke_at = stamp;
+            }
+            if key.busy.is_empty() {
+                flags &= !WAKE_CAPACITY;
+            }
+            if key.held.is_empty() {
+                flags &= !WAKE_HELD;
+            }
+            if flags != 0 {
+                self.wake(|w| w.key(k, flags));
+            }
+        }
+    }
+
+    /// A tenant's usage went from `before` to `after`: its requests may now be over quota or
+    /// back within it, and its victim searches may reclaim borrowed capacity again.
+    pub(super) fn wake_tenant(&mut self, t: TenantIx, before: Tflops, after: Tflops) {
+        // With nothing waiting, any amount may come: a later search must not trust an earlier.
+        let most = self
+            .index
+            .tenant_most
+            .get(&t)
+            .and_then(|m| m.last_key_value().map(|(&most, _)| most))
+            .unwrap_or(Tflops::MAX);
+        let tenant = &self.tenants[t.0 as usize];
+        let binds = tenant.limit() < before.max(after).saturating_add(most);
+        let relief = after < before && tenant.spec.quota_tflops < before.saturating_add(most);
+        if relief {
+            let stamp = self.next_stamp();
+            self.tenants[t.0 as usize].relieved_at = stamp;
+        }
+        if (binds || relief) && self.tenants[t.0 as usize].queued > 0 {
+            self.wake(|w| {
+                w.tenants.insert(t);
+            });
+        }
+    }
+
+    /// Every request of a tenant may decide differently (its vouchers changed where its
+    /// requests would go, and so what they would cost against its quota).
+    pub(super) fn wake_tenant_requests(&mut self, t: TenantIx) {
+        if self.tenants[t.0 as usize].queued > 0 {
+            self.wake(|w| {
+                w.tenants.insert(t);
+            });
+        }
+    }
+
+    /// Whether a victim search for this request could find what the last one for its key did
+    /// not; see the module documentation.
+    pub(super) fn search_stale(&self, r: &Request) -> bool {
+        let key = &self.index.keys[r.key as usize];
+        let s = key.searched_at;
+        s == 0
+            || key.woke_at > s
+            || self.fleet_woke > s
+            || self.tenants[r.tenant.0 as usize].relieved_at > s
+    }
+
+    /// A victim search for this request's key found nothing.
+    pub(super) fn searched(&mut self, r: RequestId) {
+        let k = self.requests[&r].key;
+        self.index.keys[k as usize].searched_at = self.stamp;
+    }
+
+    /// A victim search was due but the pass had none left: the key is tried at the next pass.
+    pub(super) fn search_deferred(&mut self, r: RequestId) {
+        let k = self.requests[&r].key;
+        self.pending.key(k, WAKE_CAPACITY);
+    }
+
+    // ----- the incremental pass -----
+
+    /// Begins a pass over what the wakes name (see the module documentation).
+    pub(super) fn begin_incremental_pass(&mut self, wakes: Wakes, due: Vec<RequestId>) {
+        let before = self.reservation.take();
+        let classes = Priority::ALL.map(|class| {
+            self.queue.classes[class.rank()]
+                .keys()
+                .map(|&tenant| TenantRun::picked(tenant))
+                .collect()
+        });
+        self.begin_pass(classes);
+        let mut pass = self.pass.take().expect("just begun");
+        pass.picked = Some(Picked {
+            chains: BTreeSet::new(),
+            before,
+            checked: false,
+        });
+        let arrivals = std::mem::take(&mut self.arrivals);
+        for id in arrivals.into_iter().chain(due) {
+            self.pick(&mut pass, id);
+        }
+        self.apply_wakes(&mut pass, wakes);
+        // While no reservation is held, the first of each run waiting for capacity is tried.
+        for class in 0..pass.classes.len() {
+            for i in 0..pass.classes[class].len() {
+                self.pick_next_capacity(&mut pass, class, i);
+            }
+        }
+        self.pass = Some(pass);
+    }
+
+    /// Adds a queued request to the pass under way, if its run has not walked past it.
+    fn pick(&self, pass: &mut PassInProgress, id: RequestId) {
+        let Some(r) = self.requests.get(&id).filter(|r| r.in_queue) else {
+            return;
+        };
+        let class = r.priority.rank();
+        if class < pass.class {
+            return;
+        }
+        let runs = &mut pass.classes[class];
+        if let Ok(i) = runs.binary_search_by_key(&r.tenant, |run| run.tenant) {
+            runs[i].pick(id);
+        }
+    }
+
+    /// Adds the next request after the cursor of run `i` of `class` that waits for capacity.
+    fn pick_next_capacity(&self, pass: &mut PassInProgress, class: usize, i: usize) {
+        let run = &mut pass.classes[class][i];
+        if !run.open() {
+            return;
+        }
+        let next = self.index.capacity[class]
+            .get(&run.tenant)
+            .and_then(|set| set.range(run.after()..).next());
+        if let Some(&id) = next {
+            run.pick(id);
+        }
+    }
+
+    /// Adds to the pass under way what the wakes name.
+    pub(super) fn apply_wakes(&self, pass: &mut PassInProgress, wakes: Wakes) {
+        let Some(picked) = pass.picked.as_mut() else {
+            return;
+        };
+        if wakes.is_empty() {
+            return;
+        }
+        let from = pass.class;
+        for class in from..pass.classes.len() {
+            for run in &mut pass.classes[class] {
+                if !(wakes.full || wakes.tenants.contains(&run.tenant)) || !run.open() {
+                    continue;
+                }
+                if let Some(fifo) = self.queue.classes[class].get(&run.tenant) {
+                    let after = run.after();
+                    let start = fifo.partition_point(|&id| id < after);
+                    for &id in fifo.range(start..) {
+                        run.pick(id);
+                    }
+                }
+            }
+        }
+        for (&k, &flags) in &wakes.keys {
+            let key = &self.index.keys[k as usize];
+            let class = key.class.rank();
+            if class < from {
+                continue;
+            }
+            let runs = &mut pass.classes[class];
+            let Ok(i) = runs.binary_search_by_key(&key.tenant, |run| run.tenant) else {
+                continue;
+            };
+            let run = &mut runs[i];
+            if !run.open() {
+                continue;
+            }
+            let after = run.after();
+            if flags & WAKE_CAPACITY != 0 {
+                picked.chains.insert(k);
+                if let Some(&id) = key.busy.range(after..).next() {
+                    run.pick(id);
+                }
+            }
+            if flags & WAKE_HELD != 0 {
+                for &id in key.held.range(after..) {
+                    run.pick(id);
+                }
+            }
+        }
+    }
+
+    /// After a request of run `i` of the current class was tried: what the try woke, the next
+    /// request of its key if the capacity lasted, the next waiting for capacity if no
+    /// reservation is held yet, and every request the reservation held if the new one lets
+    /// more through.
+    pub(super) fn after_try(&mut self, pass: &mut PassInProgress, i: usize, key: u32) {
+        let wakes = std::mem::take(&mut self.inbox);
+        if pass.picked.is_none() {
+            return;
+        }
+        self.apply_wakes(pass, wakes);
+        let class = pass.class;
+        let picked = pass.picked.as_ref().expect("picked pass");
+        let run = &pass.classes[class][i];
+        let k = &self.index.keys[key as usize];
+        if picked.chains.contains(&key)
+            && run.open()
+            && let Some(&id) = k.busy.range(run.after()..).next()
+        {
+            // The last of the key tried did not end waiting for capacity (it would be in `busy`
+            // behind the cursor otherwise): the next may fit too.
+            let last_busy = self
+                .requests
+                .get(&run.cursor)
+                .is_some_and(|r| r.in_queue && r.reason == WaitReason::CapacityBusy);
+            if !last_busy {
+                pass.classes[class][i].pick(id);
+            }
+        }
+        match &self.reservation {
+            None => self.pick_next_capacity(pass, class, i),
+            Some(now_held) => {
+                let picked = pass.picked.as_mut().expect("picked pass");
+                if std::mem::replace(&mut picked.checked, true)
+                    || !lets_more_through(now_held, picked.before.as_ref())
+                {
+                    return;
+                }
+                for c in class..pass.classes.len() {
+                    for run in &mut pass.classes[c] {
+                        if !run.open() {
+                            continue;
+                        }
+                        if let Some(set) = self.index.behind[c].get(&run.tenant) {
+                            for &id in set.range(run.after()..) {
+                                run.pick(id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether a request that `before` held could pass under `now`: not when `now` covers every
+/// group `before` did and frees up no later (a request held ends too late for both).
+fn lets_more_through(now: &Reservation, before: Option<&Reservation>) -> bool {
+    let Some(before) = before else {
+        // Nothing was held by a reservation that was not there.
+        return false;
+    };
+    let covers = before
+        .groups
+        .iter()
+        .zip(&now.groups)
+        .all(|(&was, &is)| !was || is);
+    let not_later = match (now.at, before.at) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => a <= b,
+    };
+    !(covers && not_later && before.groups.len() == now.groups.len())
+}
+
+/// What an incremental pass keeps besides its runs.
+#[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Picked {
+    /// Keys whose requests waiting for capacity are followed while the capacity lasts.
+    pub chains: BTreeSet<u32>,
+    /// The reservation before the pass: requests it held stay held by one no more lenient.
+    pub before: Option<Reservation>,
+    /// Whether the pass's reservation was compared with `before` (once it is held).
+    pub checked: bool,
+}
+
+impl Engine {
+    /// What is wrong with the queue index, if anything: for the audit. Every set is rebuilt
+    /// from the queued requests and compared.
+    pub(crate) fn queue_index_fault(&self) -> Option<String> {
+        let mut expect = QueueIndex {
+            keys: self.index.keys.clone(),
+            ..QueueIndex::default()
+        };
+        for key in &mut expect.keys {
+            key.busy.clear();
+            key.held.clear();
+        }
+        let mut timed = BTreeSet::new();
+        let mut ids: Vec<&RequestId> = self.requests.keys().collect();
+        ids.sort_unstable();
+        for &id in ids {
+            let r = &self.requests[&id];
+            if !r.in_queue {
+                continue;
+            }
+            let Some(key) = expect.keys.get_mut(r.key as usize) else {
+                return Some(format!(
+                    "request {id} has shape key {}, which is not",
+                    r.key
+                ));
+            };
+            if (key.class, key.tenant, key.filter_key, key.shape, key.policy)
+                != (r.priority, r.tenant, r.filter_key, r.shape, r.policy)
+            {
+                return Some(format!("request {id} is filed under another's shape key"));
+            }
+            let class = r.priority.rank();
+            let b = bucket(r.reason);
+            match b {
+                Bucket::Busy => key.busy.insert(id),
+                Bucket::Behind | Bucket::Quota => key.held.insert(id),
+                Bucket::Idle => false,
+            };
+            if matches!(b, Bucket::Busy | Bucket::Behind) {
+                expect.capacity[class]
+                    .entry(r.tenant)
+                    .or_default()
+                    .insert(id);
+            }
+            if b == Bucket::Behind {
+                expect.behind[class].entry(r.tenant).or_default().insert(id);
+            }
+            *expect
+                .tenant_most
+                .entry(r.tenant)
+                .or_default()
+                .entry(key.most)
+                .or_default() += 1;
+            for at in timed_points(r, self.now).filter(|&at| at > self.now) {
+                timed.insert((at, id));
+            }
+        }
+        for (k, (is, should)) in self.index.keys.iter().zip(&expect.keys).enumerate() {
+            if is.busy != should.busy || is.held != should.held {
+                return Some(format!(
+                    "shape key {k} files {:?} and {:?}, the queue says {:?} and {:?}",
+                    is.busy, is.held, should.busy, should.held
+                ));
+            }
+        }
+        if self.index.capacity != expect.capacity || self.index.behind != expect.behind {
+            return Some("the runs' requests waiting for capacity are not those queued".into());
+        }
+        if self.index.tenant_most != expect.tenant_most {
+            return Some(format!(
+                "the tenants' most per request are {:?}, the queue says {:?}",
+                self.index.tenant_most, expect.tenant_most
+            ));
+        }
+        // Points already past may have been taken by a pass; those to come must all be there.
+        if let Some((at, id)) = timed.iter().find(|p| !self.timed.contains(p)) {
+            return Some(format!("request {id} is not woken at {at}"));
+        }
+        None
+    }
+}

@@ -55,7 +55,7 @@ mod legacy;
 mod pass;
 mod preempt;
 
-use incremental::{Picked, QueueIndex, WAKE_CAPACITY, WAKE_HELD, Wakes};
+use incremental::{FitBounds, GroupChange, Picked, QueueIndex, Wakes};
 pub use legacy::EngineBeforeIncremental;
 
 /// Longest duration a request may ask for: one year.
@@ -440,6 +440,9 @@ pub struct Engine {
     inbox: Wakes,
     /// Passes by kind and requests tried, for the shells' figures.
     pass_counts: PassCounts,
+    /// What the free capacity could hold, until it changes (derived).
+    #[serde(skip)]
+    fit: Option<FitBounds>,
     /// The pass under way, when the last tick did not finish it.
     pass: Option<PassInProgress>,
     /// Passes made so far (full and arrivals-only).
@@ -557,16 +560,9 @@ impl TenantRun {
         }
     }
 
-    /// The next request to take; none closes the run.
-    fn take_next(&mut self) -> Option<RequestId> {
-        let next = match self.picked.as_mut() {
-            Some(todo) => todo.pop_first(),
-            None => {
-                let id = self.ids.get(self.walked).copied();
-                self.walked += usize::from(id.is_some());
-                id
-            }
-        };
+    /// Takes `next` (the next of `ids` for a full or arrivals run, found by the engine for an
+    /// incremental one); none closes the run.
+    fn take(&mut self, next: Option<RequestId>) -> Option<RequestId> {
         match next {
             Some(id) => self.cursor = id,
             None => self.closed = true,
@@ -616,6 +612,7 @@ impl Engine {
             pending: Wakes::default(),
             inbox: Wakes::default(),
             pass_counts: PassCounts::default(),
+            fit: None,
             pass: None,
             passes: 0,
             fleet_epoch: 0,
@@ -1459,7 +1456,7 @@ impl Engine {
         self.pass_due = true;
         self.wake_groups(
             lease.slices.iter().map(|s| s.group).collect(),
-            WAKE_CAPACITY | WAKE_HELD,
+            GroupChange::Freed,
         );
         let used = self.tenants[tenant.0 as usize].used;
         self.wake_tenant(tenant, used, used - lease.tflops);
@@ -1676,12 +1673,12 @@ impl Engine {
         self.ends.insert((end, id));
         // What others' tries read changed: capacity was taken, a lease others may preempt
         // was placed, the tenant's usage grew.
-        let flags = if preemptible {
-            WAKE_HELD | WAKE_CAPACITY
+        let change = if preemptible {
+            GroupChange::TakenByPreemptible
         } else {
-            WAKE_HELD
+            GroupChange::Taken
         };
-        self.wake_groups(groups, flags);
+        self.wake_groups(groups, change);
         self.wake_tenant(tenant, used_before, used_before + tflops);
         out.push(Event::Placed { request: id });
     }

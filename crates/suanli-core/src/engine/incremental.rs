@@ -29,11 +29,22 @@
 use super::*;
 use crate::units::ModelIx;
 
-/// Wake flag: the first request of a key waiting for capacity is tried, and the next after
-/// each that does not end waiting for capacity.
-pub(crate) const WAKE_CAPACITY: u8 = 1;
+/// Wake flag (in [`Wakes`]): the first request of a key waiting for capacity is tried, and the
+/// next after each that does not end waiting for capacity.
+const WAKE_CAPACITY: u8 = 1;
 /// Wake flag: the key's requests held by the reservation or by quota are tried.
-pub(crate) const WAKE_HELD: u8 = 2;
+const WAKE_HELD: u8 = 2;
+
+/// What happened in some node groups (see [`Engine::wake_groups`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupChange {
+    /// Capacity came free.
+    Freed,
+    /// Capacity was taken by a lease others may preempt.
+    TakenByPreemptible,
+    /// Capacity was taken by a lease others may not preempt.
+    Taken,
+}
 
 /// What changed since a pass: see the module documentation.
 #[derive(Clone, Debug, Default, Hash, serde::Serialize, serde::Deserialize)]
@@ -72,8 +83,8 @@ pub(crate) struct ShapeKey {
     pub held: BTreeSet<RequestId>,
     /// When the last victim search for it found nothing (0: never).
     pub searched_at: u64,
-    /// When capacity last came free, or a preemptible lease was placed, in a group it could use.
-    pub woke_at: u64,
+    /// What it needs: devices for a gang, TFLOPS for an elastic request.
+    pub need: u64,
     /// The most a placement of one of its requests can count against quota.
     pub most: Tflops,
 }
@@ -112,60 +123,59 @@ pub(crate) struct QueueIndex {
     /// Per tenant, how many of its waiting requests may count each amount against quota at
     /// most: its usage changing matters only when its quota is within that much of it.
     pub tenant_most: BTreeMap<TenantIx, BTreeMap<Tflops, u32>>,
-    /// Derived from `keys` and the fleet, rebuilt when the fleet changes shape.
+    /// Keys with requests waiting for capacity, by model they allow ([`ANY_MODEL`] for those
+    /// that allow every one) and shape (gang or not), ordered by what they need: freed
+    /// capacity wakes only those that need no more than is free.
+    pub busy_keys: [BTreeMap<u16, BTreeSet<(u64, u32)>>; 2],
+    /// Keys with requests held by the reservation or by quota, by model they allow.
+    pub held_keys: BTreeMap<u16, BTreeSet<u32>>,
+    /// Per model, when capacity last came free or a preemptible lease was placed in one of its
+    /// groups: a victim search for a key made before is worth making again.
+    pub model_woke: Vec<u64>,
+    /// Shape keys by what they are, derived from `keys`.
     #[serde(skip)]
-    derived: Option<Derived>,
+    ids: Option<FxHashMap<KeyOf, u32>>,
 }
 
-#[derive(Clone, Debug)]
-struct Derived {
-    epoch: u64,
-    ids: FxHashMap<(Priority, TenantIx, u64, Shape, Policy), u32>,
-    /// Per node group, the keys whose filter admits it.
-    group_keys: Vec<Vec<u32>>,
+/// What makes a shape key: class, tenant, filter (by hash), shape and policy.
+type KeyOf = (Priority, TenantIx, u64, Shape, Policy);
+
+/// Where a key allowing every model is filed.
+const ANY_MODEL: u16 = u16::MAX;
+
+/// The models under which a key of this filter is filed.
+fn filed_under(mask: u64, all: u64) -> Vec<u16> {
+    if mask & all == all {
+        return vec![ANY_MODEL];
+    }
+    (0..64).filter(|m| mask & (1 << m) != 0).collect()
 }
 
 impl Engine {
-    /// The index's derived part, rebuilt if the fleet changed shape since.
-    fn derived(&mut self) -> &mut Derived {
-        let epoch = self.fleet_epoch;
-        if self.index.derived.as_ref().is_none_or(|d| d.epoch != epoch) {
-            let supply = &self.supply;
-            let mut group_keys = vec![Vec::new(); supply.groups.len()];
-            let mut ids = FxHashMap::default();
-            for (k, key) in self.index.keys.iter().enumerate() {
-                ids.insert(
-                    (key.class, key.tenant, key.filter_key, key.shape, key.policy),
-                    k as u32,
-                );
-                for (g, keys) in group_keys.iter_mut().enumerate() {
-                    if supply.admits(&key.filter, g as u32) {
-                        keys.push(k as u32);
-                    }
-                }
-            }
-            self.index.derived = Some(Derived {
-                epoch,
-                ids,
-                group_keys,
-            });
-        }
-        self.index.derived.as_mut().expect("just built")
-    }
-
     /// The shape key of a request about to be queued, made if new.
     pub(super) fn key_of(&mut self, id: RequestId) -> u32 {
         let r = &self.requests[&id];
         let lookup = (r.priority, r.tenant, r.filter_key, r.shape, r.policy);
-        let filter = r.filter.clone();
-        if let Some(&k) = self.derived().ids.get(&lookup) {
+        let keys = &self.index.keys;
+        let ids = self.index.ids.get_or_insert_with(|| {
+            keys.iter()
+                .enumerate()
+                .map(|(k, key)| {
+                    let lookup = (key.class, key.tenant, key.filter_key, key.shape, key.policy);
+                    (lookup, k as u32)
+                })
+                .collect()
+        });
+        if let Some(&k) = ids.get(&lookup) {
             return k;
         }
-        let k = self.index.keys.len() as u32;
+        let k = keys.len() as u32;
+        ids.insert(lookup, k);
+        let filter = r.filter.clone();
         let supply = &self.supply;
-        let admitted: Vec<usize> = (0..supply.groups.len())
-            .filter(|&g| supply.admits(&filter, g as u32))
-            .collect();
+        let admitted = (0..supply.groups.len() as u32)
+            .filter(|&g| supply.admits(&filter, g))
+            .count() as u64;
         // A gang counts its devices at the largest model it allows; an elastic request what it
         // asks, plus less than a device of each group it may take a piece of.
         let largest_device = (0..supply.catalogue.len())
@@ -173,13 +183,16 @@ impl Engine {
             .map(|m| supply.catalogue.model(ModelIx(m as u16)).fp16_dense_tflops as u64)
             .max()
             .unwrap_or(0);
-        let most = match lookup.3 {
+        let (most, need) = match lookup.3 {
             Shape::Gang {
                 nodes,
                 devices_per_node,
-            } => nodes as u64 * devices_per_node as u64 * largest_device,
+            } => {
+                let devices = nodes as u64 * devices_per_node as u64;
+                (devices * largest_device, devices)
+            }
             Shape::Elastic { tflops, .. } => {
-                tflops.saturating_add(admitted.len() as u64 * largest_device)
+                (tflops.saturating_add(admitted * largest_device), tflops)
             }
         };
         self.index.keys.push(ShapeKey {
@@ -192,14 +205,9 @@ impl Engine {
             busy: BTreeSet::new(),
             held: BTreeSet::new(),
             searched_at: 0,
-            woke_at: 0,
+            need,
             most,
         });
-        let derived = self.derived();
-        derived.ids.insert(lookup, k);
-        for g in admitted {
-            derived.group_keys[g].push(k);
-        }
         k
     }
 
@@ -228,6 +236,7 @@ impl Engine {
             Some(Bucket::Idle) | None => [false; 4],
         };
         let (left, joined) = (sets(from), sets(to));
+        let was = (key.busy.is_empty(), key.held.is_empty());
         if from.is_none() || to.is_none() {
             let most = index.tenant_most.entry(tenant).or_default();
             let count = most.entry(key.most).or_default();
@@ -248,6 +257,30 @@ impl Engine {
                 set.remove(&id);
             } else if joined[i] && !left[i] {
                 set.insert(id);
+            }
+        }
+        let is = (key.busy.is_empty(), key.held.is_empty());
+        if was != is {
+            let gang = matches!(key.shape, Shape::Gang { .. });
+            let need = key.need;
+            let all = (1u64 << self.supply.catalogue.len()) - 1;
+            for m in filed_under(key.filter.models, all) {
+                if was.0 != is.0 {
+                    let set = index.busy_keys[usize::from(gang)].entry(m).or_default();
+                    if is.0 {
+                        set.remove(&(need, k as u32));
+                    } else {
+                        set.insert((need, k as u32));
+                    }
+                }
+                if was.1 != is.1 {
+                    let set = index.held_keys.entry(m).or_default();
+                    if is.1 {
+                        set.remove(&(k as u32));
+                    } else {
+                        set.insert(k as u32);
+                    }
+                }
             }
         }
         for (i, runs) in [&mut index.capacity, &mut index.behind]
@@ -280,42 +313,91 @@ impl Engine {
 
     /// Everything may decide differently: the fleet or a tenant changed.
     pub(super) fn wake_all(&mut self) {
+        self.fit = None;
         self.fleet_woke = self.next_stamp();
         self.wake(|w| w.full = true);
     }
 
-    /// Capacity came free (`WAKE_CAPACITY | WAKE_HELD`), was taken (`WAKE_HELD`), or a
-    /// preemptible lease was placed (`WAKE_CAPACITY`) in these groups.
-    pub(super) fn wake_groups(&mut self, mut groups: Vec<u32>, flags: u8) {
+    /// Capacity came free or was taken in these groups. Requests held by the reservation or by
+    /// quota are woken either way (their plan may have changed); requests waiting for capacity
+    /// only when it came free and could now hold them (a gang in one of these groups, an
+    /// elastic request in the free TFLOPS of its models). Freed capacity and preemptible leases
+    /// also make the keys' victim searches worth making again; those are found by the pass
+    /// itself, as long as it has searches left.
+    pub(super) fn wake_groups(&mut self, mut groups: Vec<u32>, change: GroupChange) {
         let stamp = self.next_stamp();
+        self.fit = None;
         groups.sort_unstable();
         groups.dedup();
-        let mut keys: Vec<u32> = Vec::new();
-        let derived = self.derived();
-        for g in groups {
-            keys.extend(&derived.group_keys[g as usize]);
+        let mut models: Vec<u16> = groups
+            .iter()
+            .map(|&g| self.supply.groups[g as usize].model.0)
+            .collect();
+        models.sort_unstable();
+        models.dedup();
+        let index = &mut self.index;
+        if change != GroupChange::Taken {
+            if index.model_woke.len() < self.supply.catalogue.len() {
+                index.model_woke.resize(self.supply.catalogue.len(), 0);
+            }
+            for &m in &models {
+                index.model_woke[m as usize] = stamp;
+            }
         }
-        keys.sort_unstable();
-        keys.dedup();
-        for k in keys {
-            let key = &mut self.index.keys[k as usize];
-            let mut flags = flags;
-            if key.class == Priority::Spot && flags & WAKE_HELD == 0 {
-                // Spot never searches for victims: a new one changes nothing for it.
-                continue;
+        let mut woken: Vec<(u32, u8)> = Vec::new();
+        for m in models.iter().copied().chain([ANY_MODEL]) {
+            if let Some(keys) = index.held_keys.get(&m) {
+                woken.extend(keys.iter().map(|&k| (k, WAKE_HELD)));
             }
-            if flags & WAKE_CAPACITY != 0 {
-                key.woke_at = stamp;
+        }
+        let busy_here = models.iter().copied().chain([ANY_MODEL]).any(|m| {
+            index
+                .busy_keys
+                .iter()
+                .any(|keys| keys.get(&m).is_some_and(|k| !k.is_empty()))
+        });
+        if change == GroupChange::Freed && busy_here {
+            let fit = self.fit.insert(FitBounds::of(&self.supply));
+            let supply = &self.supply;
+            let index = &self.index;
+            // A gang fits in one group: no more devices than a freed group has free.
+            let most_devices = groups
+                .iter()
+                .map(|&g| supply.stats(g).free_devices)
+                .max()
+                .unwrap_or(0);
+            // An elastic request may take pieces of every model it allows: no more TFLOPS than
+            // the fleet has free.
+            let free: Tflops = fit.models.iter().map(|f| f.0).sum();
+            for m in models.iter().copied().chain([ANY_MODEL]) {
+                for (gang, bound) in [(true, most_devices), (false, free)] {
+                    let Some(keys) = index.busy_keys[usize::from(gang)].get(&m) else {
+                        continue;
+                    };
+                    for &(_, k) in keys.range(..=(bound, u32::MAX)) {
+                        let key = &index.keys[k as usize];
+                        let holds = match key.shape {
+                            Shape::Gang {
+                                nodes,
+                                devices_per_node,
+                            } => groups.iter().any(|&g| {
+                                supply.admits(&key.filter, g)
+                                    && supply.groups[g as usize]
+                                        .nodes
+                                        .nodes_with_at_least(devices_per_node)
+                                        >= nodes
+                            }),
+                            Shape::Elastic { .. } => fit.could_hold(&key.filter, &key.shape),
+                        };
+                        if holds {
+                            woken.push((k, WAKE_CAPACITY));
+                        }
+                    }
+                }
             }
-            if key.busy.is_empty() {
-                flags &= !WAKE_CAPACITY;
-            }
-            if key.held.is_empty() {
-                flags &= !WAKE_HELD;
-            }
-            if flags != 0 {
-                self.wake(|w| w.key(k, flags));
-            }
+        }
+        for (k, flags) in woken {
+            self.wake(|w| w.key(k, flags));
         }
     }
 
@@ -359,21 +441,20 @@ impl Engine {
         let key = &self.index.keys[r.key as usize];
         let s = key.searched_at;
         s == 0
-            || key.woke_at > s
             || self.fleet_woke > s
             || self.tenants[r.tenant.0 as usize].relieved_at > s
+            || self
+                .index
+                .model_woke
+                .iter()
+                .enumerate()
+                .any(|(m, &woke)| woke > s && key.filter.models & (1 << m) != 0)
     }
 
     /// A victim search for this request's key found nothing.
     pub(super) fn searched(&mut self, r: RequestId) {
         let k = self.requests[&r].key;
         self.index.keys[k as usize].searched_at = self.stamp;
-    }
-
-    /// A victim search was due but the pass had none left: the key is tried at the next pass.
-    pub(super) fn search_deferred(&mut self, r: RequestId) {
-        let k = self.requests[&r].key;
-        self.pending.key(k, WAKE_CAPACITY);
     }
 
     // ----- the incremental pass -----
@@ -399,12 +480,6 @@ impl Engine {
             self.pick(&mut pass, id);
         }
         self.apply_wakes(&mut pass, wakes);
-        // While no reservation is held, the first of each run waiting for capacity is tried.
-        for class in 0..pass.classes.len() {
-            for i in 0..pass.classes[class].len() {
-                self.pick_next_capacity(&mut pass, class, i);
-            }
-        }
         self.pass = Some(pass);
     }
 
@@ -423,18 +498,43 @@ impl Engine {
         }
     }
 
-    /// Adds the next request after the cursor of run `i` of `class` that waits for capacity.
-    fn pick_next_capacity(&self, pass: &mut PassInProgress, class: usize, i: usize) {
-        let run = &mut pass.classes[class][i];
-        if !run.open() {
-            return;
+    /// The next request of an incremental run to try: the first it picked, or one it finds
+    /// itself. While no reservation is held, the next waiting for capacity (the full pass
+    /// would give the reservation to the first that does not fit); while victim searches are
+    /// left, the next waiting for capacity whose key's search could find what the last did
+    /// not.
+    pub(super) fn next_pick(
+        &self,
+        class: usize,
+        run: &mut TenantRun,
+        searches_left: bool,
+    ) -> Option<RequestId> {
+        let todo = run.picked.as_ref()?;
+        let mut next = todo.first().copied();
+        let waiting = self.index.capacity[class].get(&run.tenant);
+        if self.reservation.is_none()
+            && let Some(&id) = waiting.and_then(|set| set.range(run.after()..).next())
+        {
+            next = Some(next.map_or(id, |n| n.min(id)));
         }
-        let next = self.index.capacity[class]
-            .get(&run.tenant)
-            .and_then(|set| set.range(run.after()..).next());
-        if let Some(&id) = next {
-            run.pick(id);
+        if searches_left && class != Priority::Spot.rank() {
+            // Each id is looked at once a pass: the walk moves past it.
+            let until = next.unwrap_or(RequestId(u64::MAX));
+            let found = waiting.and_then(|set| {
+                set.range(run.after()..until).copied().find(|id| {
+                    let r = &self.requests[id];
+                    r.reason == WaitReason::CapacityBusy && self.search_stale(r)
+                })
+            });
+            if found.is_some() {
+                next = found;
+            }
         }
+        let id = next?;
+        if let Some(todo) = run.picked.as_mut() {
+            todo.remove(&id);
+        }
+        Some(id)
     }
 
     /// Adds to the pass under way what the wakes name.
@@ -518,7 +618,7 @@ impl Engine {
             }
         }
         match &self.reservation {
-            None => self.pick_next_capacity(pass, class, i),
+            None => {}
             Some(now_held) => {
                 let picked = pass.picked.as_mut().expect("picked pass");
                 if std::mem::replace(&mut picked.checked, true)
@@ -561,6 +661,96 @@ fn lets_more_through(now: &Reservation, before: Option<&Reservation>) -> bool {
         (Some(a), Some(b)) => a <= b,
     };
     !(covers && not_later && before.groups.len() == now.groups.len())
+}
+
+/// What the fleet's free capacity could hold at most, per model: kept until capacity changes,
+/// so that an incremental pass can tell, without planning, that a request cannot fit.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FitBounds {
+    /// Per model: free TFLOPS in all, the most free TFLOPS in one group, and, by devices per
+    /// node, the most nodes of one group with that many free.
+    models: Vec<(Tflops, Tflops, Vec<u32>)>,
+}
+
+impl FitBounds {
+    fn of(supply: &Supply) -> FitBounds {
+        let mut models = vec![(0, 0, Vec::new()); supply.catalogue.len()];
+        for g in 0..supply.groups.len() as u32 {
+            let stats = supply.stats(g);
+            if stats.free_devices == 0 {
+                continue;
+            }
+            let group = &supply.groups[g as usize];
+            let (total, most, nodes) = &mut models[group.model.0 as usize];
+            let free = stats.free_devices * group.tflops_per_device as u64;
+            *total += free;
+            *most = (*most).max(free);
+            let per_node = group.nodes.devices_per_node() as usize;
+            if nodes.len() <= per_node {
+                nodes.resize(per_node + 1, 0);
+            }
+            for (m, n) in nodes.iter_mut().enumerate().take(per_node + 1).skip(1) {
+                *n = (*n).max(group.nodes.nodes_with_at_least(m as u16));
+            }
+        }
+        FitBounds { models }
+    }
+
+    /// Whether the free capacity could hold a request of this filter and shape: a necessary
+    /// condition for a placement (a gang needs its nodes free in one group; an elastic request
+    /// its TFLOPS in all and a first piece in one group).
+    fn could_hold(&self, filter: &Filter, shape: &Shape) -> bool {
+        let allowed = self
+            .models
+            .iter()
+            .enumerate()
+            .filter(|&(m, _)| filter.models & (1 << m) != 0)
+            .map(|(_, fit)| fit);
+        match *shape {
+            Shape::Gang {
+                nodes,
+                devices_per_node,
+            } => allowed.into_iter().any(|(_, _, most)| {
+                most.get(devices_per_node as usize)
+                    .is_some_and(|&n| n >= nodes)
+            }),
+            Shape::Elastic {
+                tflops,
+                min_chunk_tflops,
+            } => {
+                let (total, most) =
+                    allowed.fold((0, 0), |(t, m), &(total, most, _)| (t + total, m.max(most)));
+                total >= tflops && most >= min_chunk_tflops.min(tflops)
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Whether trying this request now would change nothing, which an incremental pass can
+    /// tell without planning: it waits for capacity and still would (its start has come, its
+    /// deadline can still be met, its quota allows it, the free capacity could not hold it),
+    /// a reservation is held, and no victim search is due for it.
+    pub(super) fn try_changes_nothing(&mut self, id: RequestId, searches_left: bool) -> bool {
+        let r = &self.requests[&id];
+        let now = self.now;
+        if r.reason != WaitReason::CapacityBusy
+            || self.reservation.is_none()
+            || r.start_after > now
+            || r.deadline
+                .is_some_and(|d| now.max(r.start_after).saturating_add(r.duration) > d)
+            || searches_left && r.priority != Priority::Spot && self.search_stale(r)
+            || !quota_allows(
+                &self.tenants[r.tenant.0 as usize],
+                self.supply.min_tflops(&r.filter, &r.shape),
+            )
+        {
+            return false;
+        }
+        let fit = self.fit.get_or_insert_with(|| FitBounds::of(&self.supply));
+        let r = &self.requests[&id];
+        !fit.could_hold(&r.filter, &r.shape)
+    }
 }
 
 /// What an incremental pass keeps besides its runs.
@@ -638,6 +828,38 @@ impl Engine {
                     is.busy, is.held, should.busy, should.held
                 ));
             }
+        }
+        let all = (1u64 << self.supply.catalogue.len()) - 1;
+        for (k, key) in expect.keys.iter().enumerate() {
+            let gang = usize::from(matches!(key.shape, Shape::Gang { .. }));
+            for m in filed_under(key.filter.models, all) {
+                if !key.busy.is_empty() {
+                    expect.busy_keys[gang]
+                        .entry(m)
+                        .or_default()
+                        .insert((key.need, k as u32));
+                }
+                if !key.held.is_empty() {
+                    expect.held_keys.entry(m).or_default().insert(k as u32);
+                }
+            }
+        }
+        let filed = |maps: &[BTreeMap<u16, BTreeSet<(u64, u32)>>; 2]| {
+            maps.iter()
+                .flat_map(|m| m.iter().filter(|(_, keys)| !keys.is_empty()))
+                .map(|(m, keys)| (*m, keys.clone()))
+                .collect::<Vec<_>>()
+        };
+        let held = |map: &BTreeMap<u16, BTreeSet<u32>>| {
+            map.iter()
+                .filter(|(_, keys)| !keys.is_empty())
+                .map(|(m, keys)| (*m, keys.clone()))
+                .collect::<Vec<_>>()
+        };
+        if filed(&self.index.busy_keys) != filed(&expect.busy_keys)
+            || held(&self.index.held_keys) != held(&expect.held_keys)
+        {
+            return Some("the keys filed by model are not those with requests waiting".into());
         }
         if self.index.capacity != expect.capacity || self.index.behind != expect.behind {
             return Some("the runs' requests waiting for capacity are not those queued".into());

@@ -125,10 +125,21 @@ impl Engine {
                 if walked >= self.config.pass_slice.max(1) {
                     break;
                 }
-                let run = &mut pass.classes[pass.class][i];
+                let class = pass.class;
+                let run = &mut pass.classes[class][i];
                 // Next request of this tenant that is still queued.
                 let mut next = None;
-                while let Some(id) = run.take_next() {
+                loop {
+                    let candidate = if run.picked.is_some() {
+                        self.next_pick(class, run, state.preemption_budget > 0)
+                    } else {
+                        let id = run.ids.get(run.walked).copied();
+                        run.walked += usize::from(id.is_some());
+                        id
+                    };
+                    let Some(id) = run.take(candidate) else {
+                        break;
+                    };
                     walked += 1;
                     if let Some(r) = self.requests.get(&id)
                         && r.state == RequestState::Queued
@@ -141,6 +152,13 @@ impl Engine {
                 let Some((id, key)) = next else {
                     continue;
                 };
+                let incremental = pass.classes[pass.class][i].picked.is_some();
+                if incremental && self.try_changes_nothing(id, state.preemption_budget > 0) {
+                    if pass.classes[pass.class][i].open() {
+                        heap.push(Reverse((share, i)));
+                    }
+                    continue;
+                }
                 self.pass_counts.tried += 1;
                 let (searches, reserved) = (state.preemption_budget, self.reservation.is_some());
                 if let Start::Placed = self.try_start(id, Some(&mut state), out) {

@@ -24,7 +24,6 @@ impl Engine {
             return false;
         }
         if *budget == 0 {
-            self.search_deferred(id);
             return false;
         }
         let t = &self.tenants[r.tenant.0 as usize];

@@ -32,8 +32,6 @@ use crate::units::ModelIx;
 /// Wake flag (in [`Wakes`]): the first request of a key waiting for capacity is tried, and the
 /// next after each that does not end waiting for capacity.
 const WAKE_CAPACITY: u8 = 1;
-/// Wake flag: the key's requests held by the reservation or by quota are tried.
-const WAKE_HELD: u8 = 2;
 
 /// What happened in some node groups (see [`Engine::wake_groups`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,6 +51,9 @@ pub(crate) struct Wakes {
     pub full: bool,
     /// Shape keys and their wake flags.
     pub keys: BTreeMap<u32, u8>,
+    /// Models whose keys' requests held by the reservation or by quota are tried (bit `m`
+    /// for model `m`): capacity of theirs came free or was taken.
+    pub held_models: u64,
     /// Tenants whose every request is tried.
     pub tenants: BTreeSet<TenantIx>,
 }
@@ -63,7 +64,7 @@ impl Wakes {
     }
 
     fn is_empty(&self) -> bool {
-        !self.full && self.keys.is_empty() && self.tenants.is_empty()
+        !self.full && self.keys.is_empty() && self.tenants.is_empty() && self.held_models == 0
     }
 }
 
@@ -85,6 +86,8 @@ pub(crate) struct ShapeKey {
     pub searched_at: u64,
     /// What it needs: devices for a gang, TFLOPS for an elastic request.
     pub need: u64,
+    /// Its requests in the queue, for whatever reason.
+    pub waiting: u32,
     /// The most a placement of one of its requests can count against quota.
     pub most: Tflops,
 }
@@ -120,13 +123,13 @@ pub(crate) struct QueueIndex {
     pub capacity: [BTreeMap<TenantIx, BTreeSet<RequestId>>; 3],
     /// Per class and tenant, the waiting requests held by the reservation.
     pub behind: [BTreeMap<TenantIx, BTreeSet<RequestId>>; 3],
-    /// Per tenant, how many of its waiting requests may count each amount against quota at
-    /// most: its usage changing matters only when its quota is within that much of it.
+    /// Per tenant, how many of its keys with requests waiting may count each amount against
+    /// quota at most: its usage changing matters only when its quota is within that much of it.
     pub tenant_most: BTreeMap<TenantIx, BTreeMap<Tflops, u32>>,
     /// Keys with requests waiting for capacity, by model they allow ([`ANY_MODEL`] for those
     /// that allow every one) and shape (gang or not), ordered by what they need: freed
     /// capacity wakes only those that need no more than is free.
-    pub busy_keys: [BTreeMap<u16, BTreeSet<(u64, u32)>>; 2],
+    pub busy_keys: [BTreeMap<u16, NeedBuckets>; 2],
     /// Keys with requests held by the reservation or by quota, by model they allow.
     pub held_keys: BTreeMap<u16, BTreeSet<u32>>,
     /// Per model, when capacity last came free or a preemptible lease was placed in one of its
@@ -140,15 +143,63 @@ pub(crate) struct QueueIndex {
 /// What makes a shape key: class, tenant, filter (by hash), shape and policy.
 type KeyOf = (Priority, TenantIx, u64, Shape, Policy);
 
+/// Keys with what they need, in buckets by powers of two of the need: a key joins or leaves in
+/// constant time (keys come and go with every request of a shape of its own), and the keys
+/// needing at most some amount are those of the buckets up to its own.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NeedBuckets(BTreeMap<u8, FxHashSet<(u64, u32)>>);
+
+impl NeedBuckets {
+    fn bucket(need: u64) -> u8 {
+        (u64::BITS - need.leading_zeros()) as u8
+    }
+
+    fn insert(&mut self, need: u64, k: u32) {
+        self.0
+            .entry(Self::bucket(need))
+            .or_default()
+            .insert((need, k));
+    }
+
+    fn remove(&mut self, need: u64, k: u32) {
+        let b = Self::bucket(need);
+        if let Some(set) = self.0.get_mut(&b) {
+            set.remove(&(need, k));
+            if set.is_empty() {
+                self.0.remove(&b);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The keys needing at most `bound`, in no particular order.
+    fn up_to(&self, bound: u64) -> impl Iterator<Item = u32> + '_ {
+        self.0
+            .range(..=Self::bucket(bound))
+            .flat_map(|(_, set)| set.iter())
+            .filter(move |&&(need, _)| need <= bound)
+            .map(|&(_, k)| k)
+    }
+
+    /// Every key with its need, ordered: for the audit.
+    fn sorted(&self) -> BTreeSet<(u64, u32)> {
+        self.0.values().flatten().copied().collect()
+    }
+}
+
 /// Where a key allowing every model is filed.
 const ANY_MODEL: u16 = u16::MAX;
 
 /// The models under which a key of this filter is filed.
-fn filed_under(mask: u64, all: u64) -> Vec<u16> {
-    if mask & all == all {
-        return vec![ANY_MODEL];
-    }
-    (0..64).filter(|m| mask & (1 << m) != 0).collect()
+fn filed_under(mask: u64, all: u64) -> impl Iterator<Item = u16> {
+    let any = mask & all == all;
+    let models = if any { 0 } else { mask };
+    (0..64)
+        .filter(move |m| models & (1 << m) != 0)
+        .chain(any.then_some(ANY_MODEL))
 }
 
 impl Engine {
@@ -173,9 +224,7 @@ impl Engine {
         ids.insert(lookup, k);
         let filter = r.filter.clone();
         let supply = &self.supply;
-        let admitted = (0..supply.groups.len() as u32)
-            .filter(|&g| supply.admits(&filter, g))
-            .count() as u64;
+        let groups = supply.groups.len() as u64;
         // A gang counts its devices at the largest model it allows; an elastic request what it
         // asks, plus less than a device of each group it may take a piece of.
         let largest_device = (0..supply.catalogue.len())
@@ -192,7 +241,7 @@ impl Engine {
                 (devices * largest_device, devices)
             }
             Shape::Elastic { tflops, .. } => {
-                (tflops.saturating_add(admitted * largest_device), tflops)
+                (tflops.saturating_add(groups * largest_device), tflops)
             }
         };
         self.index.keys.push(ShapeKey {
@@ -206,6 +255,7 @@ impl Engine {
             held: BTreeSet::new(),
             searched_at: 0,
             need,
+            waiting: 0,
             most,
         });
         k
@@ -237,17 +287,26 @@ impl Engine {
         };
         let (left, joined) = (sets(from), sets(to));
         let was = (key.busy.is_empty(), key.held.is_empty());
-        if from.is_none() || to.is_none() {
-            let most = index.tenant_most.entry(tenant).or_default();
-            let count = most.entry(key.most).or_default();
-            if from.is_none() {
-                *count += 1;
+        let joins = from.is_none();
+        if joins || to.is_none() {
+            key.waiting = if joins {
+                key.waiting + 1
             } else {
-                *count -= 1;
-                if *count == 0 {
-                    most.remove(&key.most);
-                    if most.is_empty() {
-                        index.tenant_most.remove(&tenant);
+                key.waiting - 1
+            };
+            // The key's first request in, or its last out.
+            if key.waiting == u32::from(joins) {
+                let most = index.tenant_most.entry(tenant).or_default();
+                let count = most.entry(key.most).or_default();
+                if joins {
+                    *count += 1;
+                } else {
+                    *count -= 1;
+                    if *count == 0 {
+                        most.remove(&key.most);
+                        if most.is_empty() {
+                            index.tenant_most.remove(&tenant);
+                        }
                     }
                 }
             }
@@ -260,6 +319,11 @@ impl Engine {
             }
         }
         let is = (key.busy.is_empty(), key.held.is_empty());
+        if was.0 && !is.0 {
+            // A search stamp counts only while requests of the key wait: wakes skip keys with
+            // nothing waiting.
+            key.searched_at = 0;
+        }
         if was != is {
             let gang = matches!(key.shape, Shape::Gang { .. });
             let need = key.need;
@@ -268,9 +332,9 @@ impl Engine {
                 if was.0 != is.0 {
                     let set = index.busy_keys[usize::from(gang)].entry(m).or_default();
                     if is.0 {
-                        set.remove(&(need, k as u32));
+                        set.remove(need, k as u32);
                     } else {
-                        set.insert((need, k as u32));
+                        set.insert(need, k as u32);
                     }
                 }
                 if was.1 != is.1 {
@@ -325,85 +389,99 @@ impl Engine {
     /// also make the keys' victim searches worth making again; those are found by the pass
     /// itself, as long as it has searches left.
     pub(super) fn wake_groups(&mut self, mut groups: Vec<u32>, change: GroupChange) {
-        let stamp = self.next_stamp();
         self.fit = None;
+        if self.queue.len() == 0 {
+            // Nothing waits: nothing to wake, and a key's search stamp starts afresh when a
+            // request of it next waits for capacity.
+            return;
+        }
+        let stamp = self.next_stamp();
         groups.sort_unstable();
         groups.dedup();
-        let mut models: Vec<u16> = groups
-            .iter()
-            .map(|&g| self.supply.groups[g as usize].model.0)
-            .collect();
-        models.sort_unstable();
-        models.dedup();
+        let models: u64 = groups.iter().fold(0, |mask, &g| {
+            mask | 1 << self.supply.groups[g as usize].model.0
+        });
         let index = &mut self.index;
         if change != GroupChange::Taken {
             if index.model_woke.len() < self.supply.catalogue.len() {
                 index.model_woke.resize(self.supply.catalogue.len(), 0);
             }
-            for &m in &models {
-                index.model_woke[m as usize] = stamp;
+            for (m, woke) in index.model_woke.iter_mut().enumerate() {
+                if models & (1 << m) != 0 {
+                    *woke = stamp;
+                }
             }
         }
-        let mut woken: Vec<(u32, u8)> = Vec::new();
-        for m in models.iter().copied().chain([ANY_MODEL]) {
-            if let Some(keys) = index.held_keys.get(&m) {
-                woken.extend(keys.iter().map(|&k| (k, WAKE_HELD)));
-            }
+        if !index.held_keys.values().all(BTreeSet::is_empty) {
+            self.wake(|w| w.held_models |= models);
         }
-        let busy_here = models.iter().copied().chain([ANY_MODEL]).any(|m| {
+        if change != GroupChange::Freed {
+            return;
+        }
+        let filed: Vec<u16> = (0..64u16)
+            .filter(|&m| models & (1 << m) != 0)
+            .chain([ANY_MODEL])
+            .collect();
+        let index = &self.index;
+        let busy_here = filed.iter().any(|m| {
             index
                 .busy_keys
                 .iter()
-                .any(|keys| keys.get(&m).is_some_and(|k| !k.is_empty()))
+                .any(|keys| keys.get(m).is_some_and(|k| !k.is_empty()))
         });
-        if change == GroupChange::Freed && busy_here {
-            let fit = self.fit.insert(FitBounds::of(&self.supply));
-            let supply = &self.supply;
-            let index = &self.index;
-            // A gang fits in one group: no more devices than a freed group has free.
-            let most_devices = groups
-                .iter()
-                .map(|&g| supply.stats(g).free_devices)
-                .max()
-                .unwrap_or(0);
-            // An elastic request may take pieces of every model it allows: no more TFLOPS than
-            // the fleet has free.
-            let free: Tflops = fit.models.iter().map(|f| f.0).sum();
-            for m in models.iter().copied().chain([ANY_MODEL]) {
-                for (gang, bound) in [(true, most_devices), (false, free)] {
-                    let Some(keys) = index.busy_keys[usize::from(gang)].get(&m) else {
-                        continue;
+        if !busy_here {
+            return;
+        }
+        let fit = self.fit.insert(FitBounds::of(&self.supply));
+        let supply = &self.supply;
+        // A gang fits in one group: no more devices than a freed group has free.
+        let most_devices = groups
+            .iter()
+            .map(|&g| supply.stats(g).free_devices)
+            .max()
+            .unwrap_or(0);
+        // An elastic request may take pieces of every model it allows: no more TFLOPS than
+        // the fleet has free.
+        let free: Tflops = fit.models.iter().map(|f| f.0).sum();
+        let mut woken = Vec::new();
+        for m in filed {
+            for (gang, bound) in [(true, most_devices), (false, free)] {
+                let Some(keys) = index.busy_keys[usize::from(gang)].get(&m) else {
+                    continue;
+                };
+                for k in keys.up_to(bound) {
+                    let key = &index.keys[k as usize];
+                    let holds = match key.shape {
+                        Shape::Gang {
+                            nodes,
+                            devices_per_node,
+                        } => groups.iter().any(|&g| {
+                            supply.admits(&key.filter, g)
+                                && supply.groups[g as usize]
+                                    .nodes
+                                    .nodes_with_at_least(devices_per_node)
+                                    >= nodes
+                        }),
+                        Shape::Elastic { .. } => fit.could_hold(&key.filter, &key.shape),
                     };
-                    for &(_, k) in keys.range(..=(bound, u32::MAX)) {
-                        let key = &index.keys[k as usize];
-                        let holds = match key.shape {
-                            Shape::Gang {
-                                nodes,
-                                devices_per_node,
-                            } => groups.iter().any(|&g| {
-                                supply.admits(&key.filter, g)
-                                    && supply.groups[g as usize]
-                                        .nodes
-                                        .nodes_with_at_least(devices_per_node)
-                                        >= nodes
-                            }),
-                            Shape::Elastic { .. } => fit.could_hold(&key.filter, &key.shape),
-                        };
-                        if holds {
-                            woken.push((k, WAKE_CAPACITY));
-                        }
+                    if holds {
+                        woken.push(k);
                     }
                 }
             }
         }
-        for (k, flags) in woken {
-            self.wake(|w| w.key(k, flags));
+        for k in woken {
+            self.wake(|w| w.key(k, WAKE_CAPACITY));
         }
     }
 
     /// A tenant's usage went from `before` to `after`: its requests may now be over quota or
     /// back within it, and its victim searches may reclaim borrowed capacity again.
     pub(super) fn wake_tenant(&mut self, t: TenantIx, before: Tflops, after: Tflops) {
+        if self.tenants[t.0 as usize].queued == 0 {
+            // Nothing of it waits; its keys' search stamps start afresh when something does.
+            return;
+        }
         // With nothing waiting, any amount may come: a later search must not trust an earlier.
         let most = self
             .index
@@ -474,6 +552,7 @@ impl Engine {
             chains: BTreeSet::new(),
             before,
             checked: false,
+            held_models: 0,
         });
         let arrivals = std::mem::take(&mut self.arrivals);
         for id in arrivals.into_iter().chain(due) {
@@ -581,9 +660,34 @@ impl Engine {
                     run.pick(id);
                 }
             }
-            if flags & WAKE_HELD != 0 {
-                for &id in key.held.range(after..) {
-                    run.pick(id);
+        }
+        // Held requests of the models woken, once a pass: behind the walk nothing joins them.
+        let models = wakes.held_models & !picked.held_models;
+        if models != 0 {
+            picked.held_models |= models;
+            let filed = (0..64u16)
+                .filter(|&m| models & (1 << m) != 0)
+                .chain([ANY_MODEL]);
+            for m in filed {
+                let Some(keys) = self.index.held_keys.get(&m) else {
+                    continue;
+                };
+                for &k in keys {
+                    let key = &self.index.keys[k as usize];
+                    let class = key.class.rank();
+                    if class < from {
+                        continue;
+                    }
+                    let runs = &mut pass.classes[class];
+                    let Ok(i) = runs.binary_search_by_key(&key.tenant, |run| run.tenant) else {
+                        continue;
+                    };
+                    let run = &mut runs[i];
+                    if run.open() {
+                        for &id in key.held.range(run.after()..) {
+                            run.pick(id);
+                        }
+                    }
                 }
             }
         }
@@ -762,6 +866,8 @@ pub(crate) struct Picked {
     pub before: Option<Reservation>,
     /// Whether the pass's reservation was compared with `before` (once it is held).
     pub checked: bool,
+    /// Models whose held requests were added (see [`Wakes::held_models`]).
+    pub held_models: u64,
 }
 
 impl Engine {
@@ -775,6 +881,7 @@ impl Engine {
         for key in &mut expect.keys {
             key.busy.clear();
             key.held.clear();
+            key.waiting = 0;
         }
         let mut timed = BTreeSet::new();
         let mut ids: Vec<&RequestId> = self.requests.keys().collect();
@@ -811,18 +918,21 @@ impl Engine {
             if b == Bucket::Behind {
                 expect.behind[class].entry(r.tenant).or_default().insert(id);
             }
-            *expect
-                .tenant_most
-                .entry(r.tenant)
-                .or_default()
-                .entry(key.most)
-                .or_default() += 1;
+            key.waiting += 1;
+            if key.waiting == 1 {
+                *expect
+                    .tenant_most
+                    .entry(r.tenant)
+                    .or_default()
+                    .entry(key.most)
+                    .or_default() += 1;
+            }
             for at in timed_points(r, self.now).filter(|&at| at > self.now) {
                 timed.insert((at, id));
             }
         }
         for (k, (is, should)) in self.index.keys.iter().zip(&expect.keys).enumerate() {
-            if is.busy != should.busy || is.held != should.held {
+            if is.busy != should.busy || is.held != should.held || is.waiting != should.waiting {
                 return Some(format!(
                     "shape key {k} files {:?} and {:?}, the queue says {:?} and {:?}",
                     is.busy, is.held, should.busy, should.held
@@ -837,17 +947,17 @@ impl Engine {
                     expect.busy_keys[gang]
                         .entry(m)
                         .or_default()
-                        .insert((key.need, k as u32));
+                        .insert(key.need, k as u32);
                 }
                 if !key.held.is_empty() {
                     expect.held_keys.entry(m).or_default().insert(k as u32);
                 }
             }
         }
-        let filed = |maps: &[BTreeMap<u16, BTreeSet<(u64, u32)>>; 2]| {
+        let filed = |maps: &[BTreeMap<u16, NeedBuckets>; 2]| {
             maps.iter()
                 .flat_map(|m| m.iter().filter(|(_, keys)| !keys.is_empty()))
-                .map(|(m, keys)| (*m, keys.clone()))
+                .map(|(m, keys)| (*m, keys.sorted()))
                 .collect::<Vec<_>>()
         };
         let held = |map: &BTreeMap<u16, BTreeSet<u32>>| {

@@ -85,7 +85,8 @@ fn schedule_backlog(c: &mut Criterion) {
 /// `tick` is one tick (one slice of the pass, what a call may wait behind in the broker);
 /// `whole` is the whole pass, ticked at one instant as the simulator does. The pass is
 /// incremental (it tries what the freed capacity could serve); `.../full` are the same with
-/// every pass a full one, for the ratio.
+/// every pass a full one, for the ratio. `steady` releases a lease and makes a pass on one
+/// engine at each iteration.
 fn full_pass_on_full_fleet(c: &mut Criterion) {
     let fleet = Fleet::from_toml(FUTIAN_2024, &Catalogue::builtin()).expect("valid fleet");
     let mut engine = engine_with_tenants(&fleet);
@@ -129,6 +130,34 @@ fn full_pass_on_full_fleet(c: &mut Criterion) {
                 |mut e| black_box(whole_pass(&mut e, 60_003)),
                 BatchSize::LargeInput,
             )
+        });
+    }
+    // The steady state: one engine, a lease released and a pass made at each iteration, so
+    // each pass meets what the last one left (the first pass after the set-up above also
+    // carries what the set-up woke).
+    for (incremental, suffix) in [(true, ""), (false, "/full")] {
+        let mut e = engine.clone();
+        e.config_mut().incremental = incremental;
+        let mut now = 60_002;
+        let mut live: Vec<_> = Vec::new();
+        g.bench_function(format!("{waiting}k-waiting/steady{suffix}"), |b| {
+            b.iter(|| {
+                let lease = loop {
+                    match live.pop() {
+                        Some(id) if e.request(id).is_some_and(|r| r.lease.is_some()) => break id,
+                        Some(_) => continue,
+                        None => {
+                            live = e.live_requests();
+                            live.retain(|&id| e.request(id).is_some_and(|r| r.lease.is_some()));
+                            assert!(!live.is_empty(), "the full fleet holds leases");
+                            live.reverse();
+                        }
+                    }
+                };
+                now += 2;
+                e.apply(Command::Release { request: lease }, now);
+                black_box(whole_pass(&mut e, now + 1))
+            })
         });
     }
     // What the broker adds to each rebuild of its queue view: start estimates for the head.

@@ -587,6 +587,7 @@ impl Engine {
         class: usize,
         run: &mut TenantRun,
         searches_left: bool,
+        looked_at: &mut u32,
     ) -> Option<RequestId> {
         let todo = run.picked.as_ref()?;
         let mut next = todo.first().copied();
@@ -601,6 +602,7 @@ impl Engine {
             let until = next.unwrap_or(RequestId(u64::MAX));
             let found = waiting.and_then(|set| {
                 set.range(run.after()..until).copied().find(|id| {
+                    *looked_at += 1;
                     let r = &self.requests[id];
                     r.reason == WaitReason::CapacityBusy && self.search_stale(r)
                 })

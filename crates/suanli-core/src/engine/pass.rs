@@ -131,7 +131,13 @@ impl Engine {
                 let mut next = None;
                 loop {
                     let candidate = if run.picked.is_some() {
-                        self.next_pick(class, run, state.preemption_budget > 0)
+                        // Requests looked at for a victim search count as walked, a
+                        // sixteenth each.
+                        let mut looked_at = 0;
+                        let id =
+                            self.next_pick(class, run, state.preemption_budget > 0, &mut looked_at);
+                        walked = walked.saturating_add(looked_at / 16);
+                        id
                     } else {
                         let id = run.ids.get(run.walked).copied();
                         run.walked += usize::from(id.is_some());

@@ -2262,6 +2262,56 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_ending_tries_only_what_its_capacity_could_serve() {
+        let fleet = || {
+            engine(vec![pool(
+                "p",
+                External,
+                5,
+                &[("h100", 8, 4, 1000), ("a800", 8, 4, 800)],
+            )])
+        };
+        let mut runs = Vec::new();
+        for incremental in [true, false] {
+            let mut e = fleet();
+            e.config.incremental = incremental;
+            let mut held = Vec::new();
+            for model in ["h100", "a800"] {
+                for _ in 0..4 {
+                    held.push(submit(&mut e, gang("a", 1, 8, model), 0));
+                }
+            }
+            // Forty requests wait for each model, one shape each.
+            for i in 0..80 {
+                let model = if i % 2 == 0 { "h100" } else { "a800" };
+                submit(&mut e, gang("a", 1, 8, model), 1);
+            }
+            ok(e.apply(Command::Tick, 2));
+            let before = e.pass_counts();
+            // An a800 node comes free: one waiting a800 request takes it.
+            ok(e.apply(Command::Release { request: held[4] }, 3));
+            let ev = ok(e.apply(Command::Tick, 4));
+            assert_eq!(
+                ev.iter()
+                    .filter(|e| matches!(e, Event::Placed { .. }))
+                    .count(),
+                1
+            );
+            let after = e.pass_counts();
+            runs.push((after.tried - before.tried, e.digest()));
+            assert_eq!(e.audit(), Ok(()));
+        }
+        let [(incremental, a), (full, b)] = runs[..] else {
+            unreachable!("two runs");
+        };
+        assert_eq!(a, b, "the same decisions");
+        assert_eq!(full, 80, "a full pass tries everything waiting");
+        // The reservation's holder (the first waiting), the a800 placed, the next a800 (which
+        // finds the capacity gone).
+        assert!(incremental <= 3, "an incremental pass tried {incremental}");
+    }
+
+    #[test]
     fn a_long_pass_goes_on_in_slices_and_arrivals_wait_for_the_next() {
         let mut e = engine(vec![
             pool("h", External, 5, &[("h100", 8, 1, 1000)]),

@@ -29,10 +29,6 @@
 use super::*;
 use crate::units::ModelIx;
 
-/// Wake flag (in [`Wakes`]): the first request of a key waiting for capacity is tried, and the
-/// next after each that does not end waiting for capacity.
-const WAKE_CAPACITY: u8 = 1;
-
 /// What happened in some node groups (see [`Engine::wake_groups`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GroupChange {
@@ -49,8 +45,9 @@ pub(crate) enum GroupChange {
 pub(crate) struct Wakes {
     /// Everything: the next pass is a full one.
     pub full: bool,
-    /// Shape keys and their wake flags.
-    pub keys: BTreeMap<u32, u8>,
+    /// Shape keys whose first request waiting for capacity is tried, and the next after each
+    /// that does not end waiting for capacity: capacity they could use came free.
+    pub keys: BTreeSet<u32>,
     /// Models whose keys' requests held by the reservation or by quota are tried (bit `m`
     /// for model `m`): capacity of theirs came free or was taken.
     pub held_models: u64,
@@ -59,10 +56,6 @@ pub(crate) struct Wakes {
 }
 
 impl Wakes {
-    fn key(&mut self, k: u32, flags: u8) {
-        *self.keys.entry(k).or_default() |= flags;
-    }
-
     fn is_empty(&self) -> bool {
         !self.full && self.keys.is_empty() && self.tenants.is_empty() && self.held_models == 0
     }
@@ -192,6 +185,26 @@ impl NeedBuckets {
 
 /// Where a key allowing every model is filed.
 const ANY_MODEL: u16 = u16::MAX;
+
+/// The models of a mask, then [`ANY_MODEL`]: where the keys that could use them are filed.
+fn with_any_model(models: u64) -> impl Iterator<Item = u16> {
+    (0..64u16)
+        .filter(move |&m| models & (1 << m) != 0)
+        .chain([ANY_MODEL])
+}
+
+impl PassInProgress {
+    /// The run of a tenant in a class, if the pass has not finished that class and the run's
+    /// walk is not over.
+    fn open_run(&mut self, class: usize, tenant: TenantIx) -> Option<&mut TenantRun> {
+        if class < self.class {
+            return None;
+        }
+        let runs = &mut self.classes[class];
+        let i = runs.binary_search_by_key(&tenant, |run| run.tenant).ok()?;
+        Some(&mut runs[i]).filter(|run| run.open())
+    }
+}
 
 /// The models under which a key of this filter is filed.
 fn filed_under(mask: u64, all: u64) -> impl Iterator<Item = u16> {
@@ -418,10 +431,7 @@ impl Engine {
         if change != GroupChange::Freed {
             return;
         }
-        let filed: Vec<u16> = (0..64u16)
-            .filter(|&m| models & (1 << m) != 0)
-            .chain([ANY_MODEL])
-            .collect();
+        let filed: Vec<u16> = with_any_model(models).collect();
         let index = &self.index;
         let busy_here = filed.iter().any(|m| {
             index
@@ -471,7 +481,9 @@ impl Engine {
             }
         }
         for k in woken {
-            self.wake(|w| w.key(k, WAKE_CAPACITY));
+            self.wake(|w| {
+                w.keys.insert(k);
+            });
         }
     }
 
@@ -567,13 +579,8 @@ impl Engine {
         let Some(r) = self.requests.get(&id).filter(|r| r.in_queue) else {
             return;
         };
-        let class = r.priority.rank();
-        if class < pass.class {
-            return;
-        }
-        let runs = &mut pass.classes[class];
-        if let Ok(i) = runs.binary_search_by_key(&r.tenant, |run| run.tenant) {
-            runs[i].pick(id);
+        if let Some(run) = pass.open_run(r.priority.rank(), r.tenant) {
+            run.pick(id);
         }
     }
 
@@ -620,10 +627,7 @@ impl Engine {
 
     /// Adds to the pass under way what the wakes name.
     pub(super) fn apply_wakes(&self, pass: &mut PassInProgress, wakes: Wakes) {
-        let Some(picked) = pass.picked.as_mut() else {
-            return;
-        };
-        if wakes.is_empty() {
+        if pass.picked.is_none() || wakes.is_empty() {
             return;
         }
         let from = pass.class;
@@ -641,51 +645,29 @@ impl Engine {
                 }
             }
         }
-        for (&k, &flags) in &wakes.keys {
+        for &k in &wakes.keys {
             let key = &self.index.keys[k as usize];
-            let class = key.class.rank();
-            if class < from {
-                continue;
-            }
-            let runs = &mut pass.classes[class];
-            let Ok(i) = runs.binary_search_by_key(&key.tenant, |run| run.tenant) else {
+            let Some(run) = pass.open_run(key.class.rank(), key.tenant) else {
                 continue;
             };
-            let run = &mut runs[i];
-            if !run.open() {
-                continue;
+            if let Some(&id) = key.busy.range(run.after()..).next() {
+                run.pick(id);
             }
-            let after = run.after();
-            if flags & WAKE_CAPACITY != 0 {
-                picked.chains.insert(k);
-                if let Some(&id) = key.busy.range(after..).next() {
-                    run.pick(id);
-                }
-            }
+            let picked = pass.picked.as_mut().expect("incremental pass");
+            picked.chains.insert(k);
         }
         // Held requests of the models woken, once a pass: behind the walk nothing joins them.
+        let picked = pass.picked.as_mut().expect("incremental pass");
         let models = wakes.held_models & !picked.held_models;
         if models != 0 {
             picked.held_models |= models;
-            let filed = (0..64u16)
-                .filter(|&m| models & (1 << m) != 0)
-                .chain([ANY_MODEL]);
-            for m in filed {
+            for m in with_any_model(models) {
                 let Some(keys) = self.index.held_keys.get(&m) else {
                     continue;
                 };
                 for &k in keys {
                     let key = &self.index.keys[k as usize];
-                    let class = key.class.rank();
-                    if class < from {
-                        continue;
-                    }
-                    let runs = &mut pass.classes[class];
-                    let Ok(i) = runs.binary_search_by_key(&key.tenant, |run| run.tenant) else {
-                        continue;
-                    };
-                    let run = &mut runs[i];
-                    if run.open() {
+                    if let Some(run) = pass.open_run(key.class.rank(), key.tenant) {
                         for &id in key.held.range(run.after()..) {
                             run.pick(id);
                         }

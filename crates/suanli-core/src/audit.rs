@@ -436,6 +436,12 @@ impl Engine {
         if *self.preemptible() != preemptible {
             return mismatch("preemptible leases", self.preemptible(), &preemptible);
         }
+        if let Some(detail) = self.victim_index_fault() {
+            return Err(AuditError::Counter {
+                counter: "preemptible leases by node group",
+                detail,
+            });
+        }
         if due.len() != live {
             return mismatch("lease ends due", &due.len(), &live);
         }

@@ -57,6 +57,7 @@ mod preempt;
 
 use incremental::{FitBounds, GroupChange, Picked, QueueIndex, Wakes};
 pub use legacy::EngineBeforeIncremental;
+use preempt::VictimIndex;
 
 /// Longest duration a request may ask for: one year.
 pub const MAX_DURATION_MS: Millis = 366 * 24 * 3600 * 1000;
@@ -419,6 +420,10 @@ pub struct Engine {
     /// Live leases a preemption may end (spot, or holding borrowed capacity): the victim search
     /// looks only at these, not at every request.
     preemptible: BTreeSet<RequestId>,
+    /// The preemptible leases by node group (derived from `preemptible`; built when missing,
+    /// at the next command).
+    #[serde(skip)]
+    victim_index: Option<VictimIndex>,
     pub(crate) reservation: Option<Reservation>,
     /// Whether something happened since the last pass that a pass could act on (capacity freed,
     /// a request queued, the fleet or a tenant changed). Without it, and before the first of
@@ -471,6 +476,13 @@ pub struct PassCounts {
     pub arrivals: u64,
     /// Requests tried by passes of all kinds.
     pub tried: u64,
+    /// Requests an incremental pass looked at to find the next victim search worth making.
+    pub looked_at: u64,
+    /// Requests an incremental pass passed over without trying them: it could tell that
+    /// trying would change nothing.
+    pub passed_over: u64,
+    /// Victim searches made (each a walk over the preemptible leases of some node groups).
+    pub searches: u64,
 }
 
 /// Victim searches (each a scan of the live leases) one pass may make; requests beyond them
@@ -602,6 +614,7 @@ impl Engine {
             spot_leases: 0,
             borrowing_leases: 0,
             preemptible: BTreeSet::new(),
+            victim_index: Some(VictimIndex::default()),
             reservation: None,
             pass_due: false,
             timed: BTreeSet::new(),
@@ -658,6 +671,9 @@ impl Engine {
     pub fn apply_into(&mut self, command: Command, now: Millis, out: &mut Vec<Event>) {
         let before = self.now;
         self.now = self.now.max(now);
+        if self.victim_index.is_none() {
+            self.victim_index = Some(VictimIndex::of(self));
+        }
         let frees_or_reshapes = !matches!(
             command,
             Command::Submit(_)
@@ -1471,7 +1487,12 @@ impl Engine {
         if lease.borrowed > 0 {
             self.borrowing_leases -= 1;
         }
-        self.preemptible.remove(&id);
+        if self.preemptible.remove(&id) {
+            self.victim_index
+                .as_mut()
+                .expect("built at every command")
+                .remove(&self.supply, id, priority, &lease);
+        }
         self.ends.remove(&(lease.end, id));
         if requeue {
             let r = self.requests.get_mut(&id).expect("live lease");
@@ -1669,6 +1690,12 @@ impl Engine {
         let preemptible = r.priority == Priority::Spot || borrowed > 0;
         if preemptible {
             self.preemptible.insert(id);
+            let r = &self.requests[&id];
+            let lease = r.lease.as_ref().expect("just placed");
+            self.victim_index
+                .as_mut()
+                .expect("built at every command")
+                .add(&self.supply, id, r.priority, lease);
         }
         self.ends.insert((end, id));
         // What others' tries read changed: capacity was taken, a lease others may preempt
@@ -1697,6 +1724,16 @@ impl Engine {
     /// The live leases a preemption may end, for audits.
     pub(crate) fn preemptible(&self) -> &BTreeSet<RequestId> {
         &self.preemptible
+    }
+
+    /// What is wrong with the preemptible leases by node group, if they are built: for audits.
+    pub(crate) fn victim_index_fault(&self) -> Option<String> {
+        self.victim_index.as_ref().and_then(|v| v.fault(self))
+    }
+
+    /// The preemptible leases by node group.
+    pub(crate) fn victims(&self) -> &VictimIndex {
+        self.victim_index.as_ref().expect("built at every command")
     }
 
     /// Lease end times waiting to expire, for audits.
@@ -2382,6 +2419,41 @@ mod tests {
             reason: EndReason::Preempted
         }));
         assert_eq!(e.request(spot).unwrap().state, RequestState::Queued);
+    }
+
+    #[test]
+    fn no_victim_search_where_no_lease_could_be_a_victim() {
+        let mut e = engine(vec![pool(
+            "p",
+            External,
+            5,
+            &[("h100", 8, 1, 1000), ("a800", 8, 1, 800)],
+        )]);
+        // The a800 node is full of standard work; a spot lease holds the h100 node.
+        submit(&mut e, gang("a", 1, 8, "a800"), 0);
+        let mut spot = gang("a", 1, 8, "h100");
+        spot.priority = Priority::Spot;
+        let spot = submit(&mut e, spot, 0);
+        let waiting = submit(&mut e, gang("a", 1, 8, "a800"), 1);
+        let before = e.pass_counts().searches;
+        for now in 2..5 {
+            ok(e.apply(Command::Tick, now));
+        }
+        assert_eq!(e.request(waiting).unwrap().state, RequestState::Queued);
+        assert_eq!(
+            e.pass_counts().searches,
+            before,
+            "no a800 lease may be preempted: nothing to search"
+        );
+        // Work that may use the h100 searches, and preempts the spot lease.
+        let mut either = gang("a", 1, 8, "a800");
+        either.constraints.models = vec!["a800".into(), "h100".into()];
+        let either = submit(&mut e, either, 5);
+        let ev = ok(e.apply(Command::Tick, 6));
+        assert!(placed(&ev, either), "{ev:?}");
+        assert_eq!(e.pass_counts().searches, before + 1);
+        assert_eq!(e.request(spot).map(|r| r.state), None, "ended, not requeued");
+        assert_eq!(e.audit(), Ok(()));
     }
 
     /// Two groups of one 8-device node, each half standard and half spot work.

@@ -472,7 +472,12 @@ impl Engine {
                                     .nodes_with_at_least(devices_per_node)
                                     >= nodes
                         }),
-                        Shape::Elastic { .. } => fit.could_hold(&key.filter, &key.shape),
+                        // An elastic request that could use none of the freed groups has no
+                        // more capacity than before.
+                        Shape::Elastic { .. } => {
+                            groups.iter().any(|&g| supply.admits(&key.filter, g))
+                                && fit.could_hold(&key.filter, &key.shape)
+                        }
                     };
                     if holds {
                         woken.push(k);
@@ -529,6 +534,10 @@ impl Engine {
     /// not; see the module documentation.
     pub(super) fn search_stale(&self, r: &Request) -> bool {
         let key = &self.index.keys[r.key as usize];
+        if key.filter.models & self.victims().models() == 0 {
+            // No lease the search could end.
+            return false;
+        }
         let s = key.searched_at;
         s == 0
             || self.fleet_woke > s
@@ -604,7 +613,7 @@ impl Engine {
         {
             next = Some(next.map_or(id, |n| n.min(id)));
         }
-        if searches_left && class != Priority::Spot.rank() {
+        if searches_left && class != Priority::Spot.rank() && self.victims().models() != 0 {
             // Each id is looked at once a pass: the walk moves past it.
             let until = next.unwrap_or(RequestId(u64::MAX));
             let found = waiting.and_then(|set| {

@@ -146,6 +146,7 @@ impl From<EngineBeforeIncremental> for Engine {
             spot_leases: old.spot_leases,
             borrowing_leases: old.borrowing_leases,
             preemptible: old.preemptible,
+            victim_index: None,
             reservation: old.reservation,
             pass_due: old.pass_due,
             timed: BTreeSet::new(),

@@ -137,6 +137,7 @@ impl Engine {
                         let id =
                             self.next_pick(class, run, state.preemption_budget > 0, &mut looked_at);
                         walked = walked.saturating_add(looked_at / 16);
+                        self.pass_counts.looked_at += u64::from(looked_at);
                         id
                     } else {
                         let id = run.ids.get(run.walked).copied();
@@ -160,6 +161,7 @@ impl Engine {
                 };
                 let incremental = pass.classes[pass.class][i].picked.is_some();
                 if incremental && self.try_changes_nothing(id, state.preemption_budget > 0) {
+                    self.pass_counts.passed_over += 1;
                     if pass.classes[pass.class][i].open() {
                         heap.push(Reverse((share, i)));
                     }

@@ -1,10 +1,135 @@
 //! Victim search: which spot leases, and which leases on borrowed capacity, a critical or
 //! standard request that does not fit may end to make room, fewest victims first. A search
-//! costs a walk over the preemptible leases, so a pass allows only so many; and a search that
-//! found nothing is not made again for the same shape until something it read changed (see
-//! `incremental`).
+//! walks the preemptible leases of the request's node groups ([`VictimIndex`]), so a pass
+//! allows only so many; a search that found nothing is not made again for the same shape until
+//! something it read changed, and none is made for a shape whose models hold no preemptible
+//! lease (see `incremental`).
 
 use super::*;
+
+/// The order victims are chosen in: spot before reclaimed borrowing, youngest first.
+type VictimOrder = (Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>);
+
+/// The preemptible leases by node group, in the order victims are chosen, so a search walks
+/// only the leases of the groups its request could use. Derived from the live leases (built
+/// when an engine is loaded, kept up to date as leases start and end).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct VictimIndex {
+    /// Per group, the preemptible leases with a slice in it.
+    by_group: Vec<BTreeSet<VictimOrder>>,
+    /// Per group, the devices those leases hold in it.
+    devices: Vec<u64>,
+    /// Per model, the preemptible leases with a slice on it.
+    per_model: Vec<u32>,
+    /// The models with a preemptible lease (bit `m` for model `m`).
+    models: u64,
+}
+
+impl VictimIndex {
+    /// The index of an engine's preemptible leases.
+    pub(super) fn of(e: &Engine) -> VictimIndex {
+        let mut index = VictimIndex::default();
+        for &id in &e.preemptible {
+            let r = &e.requests[&id];
+            if let Some(lease) = &r.lease {
+                index.add(&e.supply, id, r.priority, lease);
+            }
+        }
+        index
+    }
+
+    fn order(id: RequestId, priority: Priority, lease: &Lease) -> VictimOrder {
+        (Reverse(priority), Reverse(lease.start), Reverse(id))
+    }
+
+    /// A preemptible lease was placed.
+    pub(super) fn add(
+        &mut self,
+        supply: &Supply,
+        id: RequestId,
+        priority: Priority,
+        lease: &Lease,
+    ) {
+        let order = Self::order(id, priority, lease);
+        let mut models = 0u64;
+        for s in &lease.slices {
+            let g = s.group as usize;
+            if self.by_group.len() <= g {
+                self.by_group.resize_with(g + 1, BTreeSet::new);
+                self.devices.resize(g + 1, 0);
+            }
+            self.by_group[g].insert(order);
+            self.devices[g] += s.devices as u64;
+            models |= 1 << supply.groups[g].model.0;
+        }
+        for m in (0..64).filter(|m| models & (1 << m) != 0) {
+            if self.per_model.len() <= m {
+                self.per_model.resize(m + 1, 0);
+            }
+            self.per_model[m] += 1;
+            self.models |= 1 << m;
+        }
+    }
+
+    /// A preemptible lease ended.
+    pub(super) fn remove(
+        &mut self,
+        supply: &Supply,
+        id: RequestId,
+        priority: Priority,
+        lease: &Lease,
+    ) {
+        let order = Self::order(id, priority, lease);
+        let mut models = 0u64;
+        for s in &lease.slices {
+            let g = s.group as usize;
+            self.by_group[g].remove(&order);
+            self.devices[g] -= s.devices as u64;
+            models |= 1 << supply.groups[g].model.0;
+        }
+        for m in (0..64).filter(|m| models & (1 << m) != 0) {
+            self.per_model[m] -= 1;
+            if self.per_model[m] == 0 {
+                self.models &= !(1 << m);
+            }
+        }
+    }
+
+    /// The models with a preemptible lease (bit `m` for model `m`).
+    pub(super) fn models(&self) -> u64 {
+        self.models
+    }
+
+    /// What differs from the index rebuilt from the engine's leases, if anything: for the
+    /// audit.
+    pub(crate) fn fault(&self, e: &Engine) -> Option<String> {
+        let expect = VictimIndex::of(e);
+        if self.models != expect.models {
+            return Some(format!(
+                "models with preemptible leases {:#b}, rebuilt {:#b}",
+                self.models, expect.models
+            ));
+        }
+        let groups = self.by_group.len().max(expect.by_group.len());
+        for g in 0..groups as u32 {
+            let (have, want) = (self.in_group(g), expect.in_group(g));
+            if !have.eq(want) || self.devices_in(g) != expect.devices_in(g) {
+                return Some(format!("preemptible leases of node group {g} differ"));
+            }
+        }
+        None
+    }
+
+    /// The preemptible leases with a slice in group `g`, most expendable first.
+    fn in_group(&self, g: u32) -> impl Iterator<Item = &VictimOrder> {
+        self.by_group.get(g as usize).into_iter().flatten()
+    }
+
+    /// The devices preemptible leases hold in group `g`.
+    fn devices_in(&self, g: u32) -> u64 {
+        self.devices.get(g as usize).copied().unwrap_or(0)
+    }
+}
 
 impl Engine {
     /// Frees capacity for a critical or standard request by preempting spot leases and leases
@@ -34,45 +159,49 @@ impl Engine {
             return false;
         }
         *budget -= 1;
+        self.pass_counts.searches += 1;
         let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
-        let mut is_candidate = vec![false; self.supply.groups.len()];
-        for &g in &candidates {
-            is_candidate[g as usize] = true;
-        }
-        // Victims, most expendable first: spot before reclaimed borrowing, youngest first.
-        let mut victims: Vec<(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)> = self
-            .preemptible
-            .iter()
-            .map(|vid| (vid, &self.requests[vid]))
-            .filter(|(_, v)| {
-                let Some(l) = v.lease.as_ref() else {
-                    return false;
-                };
-                let eligible = v.priority == Priority::Spot
-                    || (within_quota
-                        && l.borrowed > 0
-                        && v.tenant != r.tenant
-                        && v.priority >= r.priority);
-                eligible && l.slices.iter().any(|s| is_candidate[s.group as usize])
-            })
-            .map(|(&vid, v)| {
-                (
-                    Reverse(v.priority),
-                    Reverse(v.lease.as_ref().expect("lease").start),
-                    Reverse(vid),
-                )
-            })
-            .collect();
-        victims.sort_unstable();
+        let eligible = |vid: &RequestId| {
+            let v = &self.requests[vid];
+            v.priority == Priority::Spot
+                || (within_quota
+                    && v.lease.as_ref().is_some_and(|l| l.borrowed > 0)
+                    && v.tenant != r.tenant
+                    && v.priority >= r.priority)
+        };
         let chosen = match r.shape {
             Shape::Gang {
                 nodes,
                 devices_per_node,
-            } => self.gang_victims(&candidates, &victims, nodes, devices_per_node),
+            } => self.gang_victims(&candidates, eligible, nodes, devices_per_node),
             Shape::Elastic {
                 tflops,
                 min_chunk_tflops,
-            } => self.elastic_victims(&candidates, &victims, tflops, min_chunk_tflops),
+            } => {
+                // Not even every preemptible lease of the groups would make room.
+                let could_free: Tflops = candidates
+                    .iter()
+                    .map(|&g| {
+                        let group = &self.supply.groups[g as usize];
+                        (group.nodes.free_devices() + self.victims().devices_in(g))
+                            * group.tflops_per_device as u64
+                    })
+                    .sum();
+                if could_free < tflops {
+                    self.searched(id);
+                    return false;
+                }
+                // Victims of every candidate group, most expendable first.
+                let mut victims: Vec<VictimOrder> = candidates
+                    .iter()
+                    .flat_map(|&g| self.victims().in_group(g))
+                    .filter(|(_, _, Reverse(vid))| eligible(vid))
+                    .copied()
+                    .collect();
+                victims.sort_unstable();
+                victims.dedup();
+                self.elastic_victims(&candidates, &victims, tflops, min_chunk_tflops)
+            }
         };
         let Some(chosen) = chosen else {
             self.searched(id);
@@ -104,23 +233,30 @@ impl Engine {
     pub(super) fn gang_victims(
         &self,
         candidates: &[u32],
-        victims: &[(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)],
+        eligible: impl Fn(&RequestId) -> bool,
         nodes: u32,
         m: u16,
     ) -> Option<Vec<RequestId>> {
         let mut best: Option<(usize, Tflops, Vec<RequestId>)> = None;
         for &g in candidates {
-            let mut free = self.supply.groups[g as usize]
-                .nodes
-                .free_per_node()
-                .to_vec();
+            let group = &self.supply.groups[g as usize];
+            // Not even every preemptible lease of the group would make room.
+            let could_free = group.nodes.free_devices() + self.victims().devices_in(g);
+            if could_free < nodes as u64 * m as u64 {
+                continue;
+            }
+            let mut free = group.nodes.free_per_node().to_vec();
             let mut fit = free.iter().filter(|&&f| f >= m).count() as u32;
             let mut chosen = Vec::new();
             let mut freed: Tflops = 0;
-            for &(_, _, Reverse(vid)) in victims {
+            for (_, _, Reverse(vid)) in self.victims().in_group(g) {
                 if fit >= nodes || best.as_ref().is_some_and(|b| chosen.len() >= b.0) {
                     break;
                 }
+                if !eligible(vid) {
+                    continue;
+                }
+                let vid = *vid;
                 let lease = self.requests[&vid].lease.as_ref().expect("victim lease");
                 let mut touches = false;
                 for s in lease.slices.iter().filter(|s| s.group == g) {
@@ -156,7 +292,7 @@ impl Engine {
     pub(super) fn elastic_victims(
         &self,
         candidates: &[u32],
-        victims: &[(Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>)],
+        victims: &[VictimOrder],
         tflops: Tflops,
         min_chunk: Tflops,
     ) -> Option<Vec<RequestId>> {

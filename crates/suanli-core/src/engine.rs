@@ -2452,7 +2452,11 @@ mod tests {
         let ev = ok(e.apply(Command::Tick, 6));
         assert!(placed(&ev, either), "{ev:?}");
         assert_eq!(e.pass_counts().searches, before + 1);
-        assert_eq!(e.request(spot).map(|r| r.state), None, "ended, not requeued");
+        assert_eq!(
+            e.request(spot).map(|r| r.state),
+            None,
+            "ended, not requeued"
+        );
         assert_eq!(e.audit(), Ok(()));
     }
 

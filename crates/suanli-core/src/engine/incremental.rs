@@ -452,7 +452,7 @@ impl Engine {
             .unwrap_or(0);
         // An elastic request may take pieces of every model it allows: no more TFLOPS than
         // the fleet has free.
-        let free: Tflops = fit.models.iter().map(|f| f.0).sum();
+        let free: Tflops = fit.models.iter().map(|f| f.total).sum();
         let mut woken = Vec::new();
         for m in filed {
             for (gang, bound) in [(true, most_devices), (false, free)] {
@@ -764,38 +764,58 @@ fn lets_more_through(now: &Reservation, before: Option<&Reservation>) -> bool {
 /// so that an incremental pass can tell, without planning, that a request cannot fit.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FitBounds {
-    /// Per model: free TFLOPS in all, the most free TFLOPS in one group, and, by devices per
-    /// node, the most nodes of one group with that many free.
-    models: Vec<(Tflops, Tflops, Vec<u32>)>,
+    models: Vec<ModelFit>,
+}
+
+/// What the free capacity of one model could hold at most.
+#[derive(Clone, Debug, Default)]
+struct ModelFit {
+    /// Free TFLOPS in all.
+    total: Tflops,
+    /// By devices per node, the most nodes of one group with that many free.
+    nodes: Vec<u32>,
+    /// The free TFLOPS of each group with some free, ascending.
+    frees: Vec<Tflops>,
+    /// `frees` summed from each index to the end (one longer, ending in 0).
+    from: Vec<Tflops>,
 }
 
 impl FitBounds {
     fn of(supply: &Supply) -> FitBounds {
-        let mut models = vec![(0, 0, Vec::new()); supply.catalogue.len()];
+        let mut models = vec![ModelFit::default(); supply.catalogue.len()];
         for g in 0..supply.groups.len() as u32 {
             let stats = supply.stats(g);
             if stats.free_devices == 0 {
                 continue;
             }
             let group = &supply.groups[g as usize];
-            let (total, most, nodes) = &mut models[group.model.0 as usize];
+            let fit = &mut models[group.model.0 as usize];
             let free = stats.free_devices * group.tflops_per_device as u64;
-            *total += free;
-            *most = (*most).max(free);
+            fit.total += free;
+            fit.frees.push(free);
             let per_node = group.nodes.devices_per_node() as usize;
-            if nodes.len() <= per_node {
-                nodes.resize(per_node + 1, 0);
+            if fit.nodes.len() <= per_node {
+                fit.nodes.resize(per_node + 1, 0);
             }
-            for (m, n) in nodes.iter_mut().enumerate().take(per_node + 1).skip(1) {
+            for (m, n) in fit.nodes.iter_mut().enumerate().take(per_node + 1).skip(1) {
                 *n = (*n).max(group.nodes.nodes_with_at_least(m as u16));
+            }
+        }
+        for fit in &mut models {
+            fit.frees.sort_unstable();
+            fit.from = vec![0; fit.frees.len() + 1];
+            for i in (0..fit.frees.len()).rev() {
+                fit.from[i] = fit.from[i + 1] + fit.frees[i];
             }
         }
         FitBounds { models }
     }
 
     /// Whether the free capacity could hold a request of this filter and shape: a necessary
-    /// condition for a placement (a gang needs its nodes free in one group; an elastic request
-    /// its TFLOPS in all and a first piece in one group).
+    /// condition for a placement. A gang needs its nodes free in one group. An elastic
+    /// request takes a group for what is still missing only if the group has at least
+    /// min(min chunk, missing) free: so, of the groups with less than min(min chunk, amount),
+    /// it can take one only, for its last piece.
     fn could_hold(&self, filter: &Filter, shape: &Shape) -> bool {
         let allowed = self
             .models
@@ -807,17 +827,25 @@ impl FitBounds {
             Shape::Gang {
                 nodes,
                 devices_per_node,
-            } => allowed.into_iter().any(|(_, _, most)| {
-                most.get(devices_per_node as usize)
+            } => allowed.into_iter().any(|fit| {
+                fit.nodes
+                    .get(devices_per_node as usize)
                     .is_some_and(|&n| n >= nodes)
             }),
             Shape::Elastic {
                 tflops,
                 min_chunk_tflops,
             } => {
-                let (total, most) =
-                    allowed.fold((0, 0), |(t, m), &(total, most, _)| (t + total, m.max(most)));
-                total >= tflops && most >= min_chunk_tflops.min(tflops)
+                let piece = min_chunk_tflops.min(tflops);
+                let (mut pieces, mut last) = (0, 0);
+                for fit in allowed {
+                    let i = fit.frees.partition_point(|&f| f < piece);
+                    pieces += fit.from[i];
+                    if i > 0 {
+                        last = last.max(fit.frees[i - 1]);
+                    }
+                }
+                pieces > 0 && pieces + last >= tflops
             }
         }
     }
@@ -978,5 +1006,40 @@ impl Engine {
             return Some(format!("request {id} is not woken at {at}"));
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::PoolKind::External;
+    use crate::testkit::{elastic, engine, ok, pool, submit};
+
+    #[test]
+    fn the_fit_bound_of_an_elastic_request_counts_one_small_group_for_its_last_piece() {
+        const H100: u64 = 989;
+        // (devices asked, devices of the smallest piece, whether it is placed)
+        for (devices, chunk, fits) in [(5, 3, true), (7, 3, false), (7, 1, true), (8, 1, false)] {
+            // Free h100 groups of 4, 2 and 1 devices, the largest the cheapest (taken first).
+            let mut e = engine(vec![
+                pool("p1", External, 5, &[("h100", 4, 1, 900)]),
+                pool("p2", External, 5, &[("h100", 2, 1, 1000)]),
+                pool("p3", External, 5, &[("h100", 1, 1, 1000)]),
+            ]);
+            let spec = elastic("a", devices * H100, chunk * H100);
+            // The request's filter, from a copy of the engine (a submission may place it).
+            let mut copy = e.clone();
+            let copied = submit(&mut copy, spec.clone(), 0);
+            let r = &copy.requests[&copied];
+            let bound = FitBounds::of(&e.supply).could_hold(&r.filter, &r.shape);
+            let id = submit(&mut e, spec, 0);
+            ok(e.apply(Command::Tick, 1));
+            let is_placed = e.requests[&id].lease.is_some();
+            assert_eq!(is_placed, fits, "{devices} devices in pieces of {chunk}");
+            assert_eq!(
+                bound, fits,
+                "the bound for {devices} devices in pieces of {chunk}"
+            );
+        }
     }
 }

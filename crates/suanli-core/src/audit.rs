@@ -374,7 +374,11 @@ impl Engine {
                 ),
             });
         }
-        match self.pass_fault().or_else(|| self.queue_index_fault()) {
+        match self
+            .pass_fault()
+            .or_else(|| self.queue_index_fault())
+            .or_else(|| self.estimate_fault())
+        {
             Some(detail) => Err(AuditError::Queue { detail }),
             None => Ok(()),
         }
@@ -439,6 +443,12 @@ impl Engine {
         if let Some(detail) = self.victim_index_fault() {
             return Err(AuditError::Counter {
                 counter: "preemptible leases by node group",
+                detail,
+            });
+        }
+        if let Some(detail) = self.lease_ends_fault() {
+            return Err(AuditError::Counter {
+                counter: "lease ends by node group",
                 detail,
             });
         }

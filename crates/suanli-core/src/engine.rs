@@ -55,6 +55,7 @@ mod legacy;
 mod pass;
 mod preempt;
 
+use estimate::EndsByGroup;
 use incremental::{FitBounds, GroupChange, Picked, QueueIndex, Wakes};
 pub use legacy::EngineBeforeIncremental;
 use preempt::VictimIndex;
@@ -424,6 +425,10 @@ pub struct Engine {
     /// at the next command).
     #[serde(skip)]
     victim_index: Option<VictimIndex>,
+    /// The live leases of each node group by end time (derived from `ends`; built when
+    /// missing, at the next command).
+    #[serde(skip)]
+    lease_ends: Option<EndsByGroup>,
     pub(crate) reservation: Option<Reservation>,
     /// Whether something happened since the last pass that a pass could act on (capacity freed,
     /// a request queued, the fleet or a tenant changed). Without it, and before the first of
@@ -615,6 +620,7 @@ impl Engine {
             borrowing_leases: 0,
             preemptible: BTreeSet::new(),
             victim_index: Some(VictimIndex::default()),
+            lease_ends: Some(EndsByGroup::default()),
             reservation: None,
             pass_due: false,
             timed: BTreeSet::new(),
@@ -673,6 +679,9 @@ impl Engine {
         self.now = self.now.max(now);
         if self.victim_index.is_none() {
             self.victim_index = Some(VictimIndex::of(self));
+        }
+        if self.lease_ends.is_none() {
+            self.lease_ends = Some(EndsByGroup::of(self));
         }
         let frees_or_reshapes = !matches!(
             command,
@@ -1494,6 +1503,9 @@ impl Engine {
                 .remove(&self.supply, id, priority, &lease);
         }
         self.ends.remove(&(lease.end, id));
+        if let Some(ends) = self.lease_ends.as_mut() {
+            ends.remove(id, &lease);
+        }
         if requeue {
             let r = self.requests.get_mut(&id).expect("live lease");
             r.state = RequestState::Queued;
@@ -1698,6 +1710,9 @@ impl Engine {
                 .add(&self.supply, id, r.priority, lease);
         }
         self.ends.insert((end, id));
+        if let Some(ends) = self.lease_ends.as_mut() {
+            ends.add(id, self.requests[&id].lease.as_ref().expect("just placed"));
+        }
         // What others' tries read changed: capacity was taken, a lease others may preempt
         // was placed, the tenant's usage grew.
         let change = if preemptible {
@@ -1729,6 +1744,12 @@ impl Engine {
     /// What is wrong with the preemptible leases by node group, if they are built: for audits.
     pub(crate) fn victim_index_fault(&self) -> Option<String> {
         self.victim_index.as_ref().and_then(|v| v.fault(self))
+    }
+
+    /// What is wrong with the live leases by node group and end time, if they are built: for
+    /// audits.
+    pub(crate) fn lease_ends_fault(&self) -> Option<String> {
+        self.lease_ends.as_ref().and_then(|v| v.fault(self))
     }
 
     /// The preemptible leases by node group.

@@ -1,9 +1,65 @@
 //! Reservation estimates: when the capacity a waiting request needs frees up, from the end
 //! times of the live leases, and which node groups it would use. The first request of a pass
 //! that does not fit holds a reservation; later ones are backfilled only if they end before
-//! it or use none of its groups.
+//! it or use none of its groups. A gang fits in one group, so its estimate walks only the
+//! leases of its candidate groups, group by group ([`EndsByGroup`]), and stops a group's walk
+//! once it is later than another group's fit.
 
 use super::*;
+
+/// The live leases of each node group by end time. Derived from the live leases (built when an
+/// engine is loaded, kept up to date as leases start and end).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct EndsByGroup {
+    by_group: Vec<BTreeSet<(Millis, RequestId)>>,
+}
+
+impl EndsByGroup {
+    /// The index of an engine's live leases.
+    pub(super) fn of(e: &Engine) -> EndsByGroup {
+        let mut index = EndsByGroup::default();
+        for &(_, id) in &e.ends {
+            if let Some(lease) = &e.requests[&id].lease {
+                index.add(id, lease);
+            }
+        }
+        index
+    }
+
+    /// A lease was placed.
+    pub(super) fn add(&mut self, id: RequestId, lease: &Lease) {
+        for s in &lease.slices {
+            let g = s.group as usize;
+            if self.by_group.len() <= g {
+                self.by_group.resize_with(g + 1, BTreeSet::new);
+            }
+            self.by_group[g].insert((lease.end, id));
+        }
+    }
+
+    /// A lease ended.
+    pub(super) fn remove(&mut self, id: RequestId, lease: &Lease) {
+        for s in &lease.slices {
+            if let Some(set) = self.by_group.get_mut(s.group as usize) {
+                set.remove(&(lease.end, id));
+            }
+        }
+    }
+
+    fn in_group(&self, g: u32) -> impl Iterator<Item = &(Millis, RequestId)> {
+        self.by_group.get(g as usize).into_iter().flatten()
+    }
+
+    /// What differs from the index rebuilt from the engine's leases, if anything: for the
+    /// audit.
+    pub(crate) fn fault(&self, e: &Engine) -> Option<String> {
+        let expect = EndsByGroup::of(e);
+        let groups = self.by_group.len().max(expect.by_group.len());
+        (0..groups as u32)
+            .find(|&g| !self.in_group(g).eq(expect.in_group(g)))
+            .map(|g| format!("lease ends of node group {g} differ"))
+    }
+}
 
 impl Engine {
     /// The reservation of a request that does not fit now.
@@ -28,6 +84,18 @@ impl Engine {
         r: &Probe,
         candidates: &[u32],
         is_candidate: &[bool],
+    ) -> Option<Millis> {
+        self.estimate(r, candidates, is_candidate, true)
+    }
+
+    /// [`Engine::earliest_fit`], for a gang by its groups' own leases if `by_group` (and they
+    /// are indexed), else by a walk over every live lease.
+    fn estimate(
+        &self,
+        r: &Probe,
+        candidates: &[u32],
+        is_candidate: &[bool],
+        by_group: bool,
     ) -> Option<Millis> {
         // The candidate groups' free devices per node, refilled lease by lease. What the fit
         // needs is kept up to date as devices come back, so each lease costs only its slices:
@@ -57,6 +125,10 @@ impl Engine {
         if fits(best_nodes, free_tflops) {
             return Some(self.now.max(r.start_after));
         }
+        if let (Shape::Gang { nodes, .. }, Some(ends), true) = (r.shape, &self.lease_ends, by_group)
+        {
+            return self.earliest_gang_fit(ends, scratch, nodes, per_node, r.start_after);
+        }
         for &(end, id) in &self.ends {
             let mut touched = false;
             for s in &self.requests[&id].lease.as_ref().expect("live").slices {
@@ -81,5 +153,71 @@ impl Engine {
             }
         }
         None
+    }
+
+    /// [`Engine::earliest_fit`] of a gang that does not fit now: the earliest of its candidate
+    /// groups' fits, each found from the group's own leases (`free` holds each group's free
+    /// devices per node and the nodes with room).
+    fn earliest_gang_fit(
+        &self,
+        ends: &EndsByGroup,
+        free: FxHashMap<u32, (Vec<u16>, u64)>,
+        nodes: u32,
+        per_node: u16,
+        start_after: Millis,
+    ) -> Option<Millis> {
+        let mut best: Option<Millis> = None;
+        for (g, (mut free, mut roomy)) in free {
+            for &(end, id) in ends.in_group(g) {
+                if best.is_some_and(|b| end >= b) {
+                    break;
+                }
+                let lease = self.requests[&id].lease.as_ref().expect("live");
+                for s in lease.slices.iter().filter(|s| s.group == g) {
+                    let before = free[s.node as usize];
+                    free[s.node as usize] += s.devices;
+                    if before < per_node && free[s.node as usize] >= per_node {
+                        roomy += 1;
+                    }
+                }
+                if roomy >= nodes as u64 {
+                    best = Some(end);
+                    break;
+                }
+            }
+        }
+        best.map(|end| end.max(start_after))
+    }
+}
+
+impl Engine {
+    /// Where a gang's estimate by its groups' leases differs from the walk over every live
+    /// lease, if anywhere: for the audit, over the first waiting gangs.
+    pub(crate) fn estimate_fault(&self) -> Option<String> {
+        let mut ids: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.in_queue && matches!(r.shape, Shape::Gang { .. }))
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter().take(16).find_map(|id| {
+            let r = &self.requests[&id];
+            let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
+            let mut is = vec![false; self.supply.groups.len()];
+            for &g in &candidates {
+                is[g as usize] = true;
+            }
+            let (by_group, walked) = (
+                self.estimate(&r.probe(), &candidates, &is, true),
+                self.estimate(&r.probe(), &candidates, &is, false),
+            );
+            (by_group != walked).then(|| {
+                format!(
+                    "request {id} fits at {by_group:?} by its groups' leases, at {walked:?} by \
+                     every lease"
+                )
+            })
+        })
     }
 }

@@ -147,6 +147,7 @@ impl From<EngineBeforeIncremental> for Engine {
             borrowing_leases: old.borrowing_leases,
             preemptible: old.preemptible,
             victim_index: None,
+            lease_ends: None,
             reservation: old.reservation,
             pass_due: old.pass_due,
             timed: BTreeSet::new(),

@@ -58,7 +58,7 @@ mod preempt;
 use estimate::EndsByGroup;
 use incremental::{FitBounds, GroupChange, Picked, QueueIndex, Wakes};
 pub use legacy::EngineBeforeIncremental;
-use preempt::VictimIndex;
+use preempt::{Preempted, VictimIndex};
 
 /// Longest duration a request may ask for: one year.
 pub const MAX_DURATION_MS: Millis = 366 * 24 * 3600 * 1000;
@@ -1620,11 +1620,22 @@ impl Engine {
                 return Start::Waits;
             }
             if let Some(p) = pass.as_mut() {
-                if self.try_preempt(id, &mut p.preemption_budget, out) {
-                    p.failed.clear();
-                    return Start::Placed;
+                match self.try_preempt(id, &mut p.preemption_budget, out) {
+                    Preempted::Placed => {
+                        p.failed.clear();
+                        return Start::Placed;
+                    }
+                    Preempted::Freed(WaitReason::Quota) => {
+                        // Capacity came free, but the plan's size is beyond the quota.
+                        p.failed.clear();
+                        self.set_reason(id, WaitReason::Quota);
+                        return Start::Waits;
+                    }
+                    Preempted::Freed(_) => p.failed.clear(),
+                    Preempted::Nothing => {
+                        p.failed.insert(memo);
+                    }
                 }
-                p.failed.insert(memo);
                 if self.reservation.is_none() {
                     self.reservation = Some(self.reserve(id));
                 }

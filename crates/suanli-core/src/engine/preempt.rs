@@ -7,6 +7,18 @@
 
 use super::*;
 
+/// What a victim search did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Preempted {
+    /// It found no victims, or was not made.
+    Nothing,
+    /// It ended victims and placed the request.
+    Placed,
+    /// It ended victims, and the request waits still, for this reason: what a try right after
+    /// would find.
+    Freed(WaitReason),
+}
+
 /// The order victims are chosen in: spot before reclaimed borrowing, youngest first.
 type VictimOrder = (Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>);
 
@@ -19,6 +31,8 @@ pub(crate) struct VictimIndex {
     by_group: Vec<BTreeSet<VictimOrder>>,
     /// Per group, the devices those leases hold in it.
     devices: Vec<u64>,
+    /// Per group and node, the devices those leases hold on it.
+    on_node: Vec<Vec<u16>>,
     /// Per model, the preemptible leases with a slice on it.
     per_model: Vec<u32>,
     /// The models with a preemptible lease (bit `m` for model `m`).
@@ -57,9 +71,15 @@ impl VictimIndex {
             if self.by_group.len() <= g {
                 self.by_group.resize_with(g + 1, BTreeSet::new);
                 self.devices.resize(g + 1, 0);
+                self.on_node.resize_with(g + 1, Vec::new);
             }
             self.by_group[g].insert(order);
             self.devices[g] += s.devices as u64;
+            let on_node = &mut self.on_node[g];
+            if on_node.len() <= s.node as usize {
+                on_node.resize(s.node as usize + 1, 0);
+            }
+            on_node[s.node as usize] += s.devices;
             models |= 1 << supply.groups[g].model.0;
         }
         for m in (0..64).filter(|m| models & (1 << m) != 0) {
@@ -85,6 +105,7 @@ impl VictimIndex {
             let g = s.group as usize;
             self.by_group[g].remove(&order);
             self.devices[g] -= s.devices as u64;
+            self.on_node[g][s.node as usize] -= s.devices;
             models |= 1 << supply.groups[g].model.0;
         }
         for m in (0..64).filter(|m| models & (1 << m) != 0) {
@@ -113,7 +134,17 @@ impl VictimIndex {
         let groups = self.by_group.len().max(expect.by_group.len());
         for g in 0..groups as u32 {
             let (have, want) = (self.in_group(g), expect.in_group(g));
-            if !have.eq(want) || self.devices_in(g) != expect.devices_in(g) {
+            let on_node = |index: &VictimIndex| {
+                let mut v = index.on_node.get(g as usize).cloned().unwrap_or_default();
+                while v.last() == Some(&0) {
+                    v.pop();
+                }
+                v
+            };
+            if !have.eq(want)
+                || self.devices_in(g) != expect.devices_in(g)
+                || on_node(self) != on_node(&expect)
+            {
                 return Some(format!("preemptible leases of node group {g} differ"));
             }
         }
@@ -129,6 +160,18 @@ impl VictimIndex {
     fn devices_in(&self, g: u32) -> u64 {
         self.devices.get(g as usize).copied().unwrap_or(0)
     }
+
+    /// The nodes of group `g` that would have `m` devices free were every preemptible lease
+    /// on them ended, given what each has free now.
+    fn nodes_that_could_free(&self, g: u32, free: &[u16], m: u16) -> u32 {
+        let on_node = self.on_node.get(g as usize).map_or(&[][..], Vec::as_slice);
+        free.iter()
+            .enumerate()
+            .filter(|&(n, &f)| {
+                u32::from(f) + u32::from(on_node.get(n).copied().unwrap_or(0)) >= u32::from(m)
+            })
+            .count() as u32
+    }
 }
 
 impl Engine {
@@ -139,24 +182,24 @@ impl Engine {
         id: RequestId,
         budget: &mut u32,
         out: &mut Vec<Event>,
-    ) -> bool {
+    ) -> Preempted {
         let r = &self.requests[&id];
         if r.priority == Priority::Spot {
-            return false;
+            return Preempted::Nothing;
         }
         // The last search for this request's shape found nothing and nothing it read changed.
         if !self.search_stale(r) {
-            return false;
+            return Preempted::Nothing;
         }
         if *budget == 0 {
-            return false;
+            return Preempted::Nothing;
         }
         let t = &self.tenants[r.tenant.0 as usize];
         let need = self.supply.min_tflops(&r.filter, &r.shape);
         let within_quota = t.used + need <= t.spec.quota_tflops;
         if self.spot_leases == 0 && (!within_quota || self.borrowing_leases == 0) {
             self.searched(id);
-            return false;
+            return Preempted::Nothing;
         }
         *budget -= 1;
         self.pass_counts.searches += 1;
@@ -189,7 +232,7 @@ impl Engine {
                     .sum();
                 if could_free < tflops {
                     self.searched(id);
-                    return false;
+                    return Preempted::Nothing;
                 }
                 // Victims of every candidate group, most expendable first.
                 let mut victims: Vec<VictimOrder> = candidates
@@ -205,7 +248,7 @@ impl Engine {
         };
         let Some(chosen) = chosen else {
             self.searched(id);
-            return false;
+            return Preempted::Nothing;
         };
         for v in chosen {
             self.end_lease(v, RequestState::Preempted, EndReason::Preempted, out);
@@ -219,13 +262,14 @@ impl Engine {
             Some(plan) => {
                 let size = self.supply.plan_size(&plan, &r.shape);
                 if !self.quota_allows(r.tenant, size.0) {
-                    return false;
+                    // The plan counts more against quota than the least the shape could.
+                    return Preempted::Freed(WaitReason::Quota);
                 }
                 self.dequeue(id);
                 self.place(id, &plan, size, out);
-                true
+                Preempted::Placed
             }
-            _ => false,
+            None => Preempted::Freed(WaitReason::CapacityBusy),
         }
     }
 
@@ -242,7 +286,12 @@ impl Engine {
             let group = &self.supply.groups[g as usize];
             // Not even every preemptible lease of the group would make room.
             let could_free = group.nodes.free_devices() + self.victims().devices_in(g);
-            if could_free < nodes as u64 * m as u64 {
+            if could_free < nodes as u64 * m as u64
+                || self
+                    .victims()
+                    .nodes_that_could_free(g, group.nodes.free_per_node(), m)
+                    < nodes
+            {
                 continue;
             }
             let mut free = group.nodes.free_per_node().to_vec();

@@ -446,6 +446,12 @@ impl Engine {
                 detail,
             });
         }
+        if let Some(detail) = self.candidate_cache_fault() {
+            return Err(AuditError::Counter {
+                counter: "candidate groups by filter",
+                detail,
+            });
+        }
         if let Some(detail) = self.lease_ends_fault() {
             return Err(AuditError::Counter {
                 counter: "lease ends by node group",

@@ -429,6 +429,10 @@ pub struct Engine {
     /// missing, at the next command).
     #[serde(skip)]
     lease_ends: Option<EndsByGroup>,
+    /// The groups each filter reserved for or searched for admits in healthy pools, until the
+    /// fleet changes (derived; at most [`CANDIDATE_CACHE`] filters).
+    #[serde(skip)]
+    candidate_cache: FxHashMap<u64, (Filter, Vec<u32>)>,
     pub(crate) reservation: Option<Reservation>,
     /// Whether something happened since the last pass that a pass could act on (capacity freed,
     /// a request queued, the fleet or a tenant changed). Without it, and before the first of
@@ -489,6 +493,9 @@ pub struct PassCounts {
     /// Victim searches made (each a walk over the preemptible leases of some node groups).
     pub searches: u64,
 }
+
+/// Filters whose admitted groups are kept at most (see [`Engine::candidates_of`]).
+const CANDIDATE_CACHE: usize = 4096;
 
 /// Victim searches (each a scan of the live leases) one pass may make; requests beyond them
 /// wait for the next pass. Bounds a pass over a long queue on a full fleet.
@@ -621,6 +628,7 @@ impl Engine {
             preemptible: BTreeSet::new(),
             victim_index: Some(VictimIndex::default()),
             lease_ends: Some(EndsByGroup::default()),
+            candidate_cache: FxHashMap::default(),
             reservation: None,
             pass_due: false,
             timed: BTreeSet::new(),
@@ -703,6 +711,9 @@ impl Engine {
                 | Command::SetTenant(_)
                 | Command::SetPoolRuntimes { .. }
         );
+        if reshapes {
+            self.candidate_cache.clear();
+        }
         let result = match command {
             Command::RegisterPool(spec) => self.register_pool(spec).map(|p| {
                 out.push(Event::PoolRegistered { pool: p });
@@ -748,6 +759,7 @@ impl Engine {
             Command::SetPoolRuntimes { pool, runtimes } => self.set_runtimes(&pool, runtimes, out),
         };
         if result.is_ok() && reshapes {
+            self.candidate_cache.clear();
             self.wake_all();
         }
         match result {
@@ -1750,6 +1762,47 @@ impl Engine {
     /// The live leases a preemption may end, for audits.
     pub(crate) fn preemptible(&self) -> &BTreeSet<RequestId> {
         &self.preemptible
+    }
+
+    /// The groups a waiting request could use ([`Supply::candidate_groups`]), kept per filter
+    /// and shape until the fleet changes: a reservation and a victim search each need them,
+    /// and finding them reads every group.
+    pub(crate) fn candidates_of(&mut self, id: RequestId) -> Vec<u32> {
+        let r = &self.requests[&id];
+        let cached = self
+            .candidate_cache
+            .get(&r.filter_key)
+            .filter(|(filter, _)| *filter == r.filter);
+        let admitted = match cached {
+            Some((_, groups)) => groups,
+            None => {
+                if self.candidate_cache.len() >= CANDIDATE_CACHE {
+                    self.candidate_cache.clear();
+                }
+                let groups = self.supply.admitted_groups(&r.filter);
+                let entry = (r.filter.clone(), groups);
+                &self
+                    .candidate_cache
+                    .entry(r.filter_key)
+                    .insert_entry(entry)
+                    .into_mut()
+                    .1
+            }
+        };
+        admitted
+            .iter()
+            .copied()
+            .filter(|&g| self.supply.could_hold(g, &r.shape))
+            .collect()
+    }
+
+    /// A filter whose groups kept for reservations and searches are no longer what it admits,
+    /// if any: for audits.
+    pub(crate) fn candidate_cache_fault(&self) -> Option<String> {
+        self.candidate_cache.values().find_map(|(filter, groups)| {
+            let now = self.supply.admitted_groups(filter);
+            (now != *groups).then(|| format!("a filter kept groups {groups:?}, admits {now:?}"))
+        })
     }
 
     /// What is wrong with the preemptible leases by node group, if they are built: for audits.

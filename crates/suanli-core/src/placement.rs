@@ -369,12 +369,20 @@ impl Supply {
     /// Groups that satisfy the filter, could hold the shape, and sit in a healthy pool.
     pub fn candidate_groups(&self, f: &Filter, shape: &Shape) -> Vec<u32> {
         (0..self.groups.len() as u32)
-            .filter(|&g| {
-                self.pools[self.groups[g as usize].pool.0 as usize].health == PoolHealth::Healthy
-                    && self.admits(f, g)
-                    && self.could_hold(g, shape)
-            })
+            .filter(|&g| self.healthy_and_admitted(f, g) && self.could_hold(g, shape))
             .collect()
+    }
+
+    /// Groups that satisfy the filter and sit in a healthy pool, whatever the shape.
+    pub fn admitted_groups(&self, f: &Filter) -> Vec<u32> {
+        (0..self.groups.len() as u32)
+            .filter(|&g| self.healthy_and_admitted(f, g))
+            .collect()
+    }
+
+    fn healthy_and_admitted(&self, f: &Filter, g: u32) -> bool {
+        self.pools[self.groups[g as usize].pool.0 as usize].health == PoolHealth::Healthy
+            && self.admits(f, g)
     }
 
     /// Whether any pool, healthy or not, could ever run the request.

@@ -63,9 +63,9 @@ impl EndsByGroup {
 
 impl Engine {
     /// The reservation of a request that does not fit now.
-    pub(super) fn reserve(&self, id: RequestId) -> Reservation {
+    pub(super) fn reserve(&mut self, id: RequestId) -> Reservation {
+        let candidates = self.candidates_of(id);
         let r = &self.requests[&id];
-        let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
         let mut groups = vec![false; self.supply.groups.len()];
         for &g in &candidates {
             groups[g as usize] = true;

@@ -148,6 +148,7 @@ impl From<EngineBeforeIncremental> for Engine {
             preemptible: old.preemptible,
             victim_index: None,
             lease_ends: None,
+            candidate_cache: FxHashMap::default(),
             reservation: old.reservation,
             pass_due: old.pass_due,
             timed: BTreeSet::new(),

@@ -203,7 +203,8 @@ impl Engine {
         }
         *budget -= 1;
         self.pass_counts.searches += 1;
-        let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
+        let candidates = self.candidates_of(id);
+        let r = &self.requests[&id];
         let eligible = |vid: &RequestId| {
             let v = &self.requests[vid];
             v.priority == Priority::Spot

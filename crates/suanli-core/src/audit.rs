@@ -440,23 +440,12 @@ impl Engine {
         if *self.preemptible() != preemptible {
             return mismatch("preemptible leases", self.preemptible(), &preemptible);
         }
-        if let Some(detail) = self.victim_index_fault() {
-            return Err(AuditError::Counter {
-                counter: "preemptible leases by node group",
-                detail,
-            });
-        }
-        if let Some(detail) = self.candidate_cache_fault() {
-            return Err(AuditError::Counter {
-                counter: "candidate groups by filter",
-                detail,
-            });
-        }
-        if let Some(detail) = self.lease_ends_fault() {
-            return Err(AuditError::Counter {
-                counter: "lease ends by node group",
-                detail,
-            });
+        let derived = [
+            ("live leases by node group", self.lease_index_fault()),
+            ("candidate groups by filter", self.candidate_cache_fault()),
+        ];
+        if let Some((counter, Some(detail))) = derived.into_iter().find(|(_, f)| f.is_some()) {
+            return Err(AuditError::Counter { counter, detail });
         }
         if due.len() != live {
             return mismatch("lease ends due", &due.len(), &live);

@@ -369,6 +369,61 @@ pub struct QuotePart {
     pub devices: u64,
 }
 
+/// The live leases indexed by node group, for the victim search and the reservation estimate.
+/// Derived from the leases: left out of snapshots, built when an engine is loaded, kept up to
+/// date as leases start and end.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LeaseIndex {
+    victims: VictimIndex,
+    ends: EndsByGroup,
+}
+
+impl LeaseIndex {
+    fn of(e: &Engine) -> LeaseIndex {
+        let mut index = LeaseIndex::default();
+        for &(_, id) in &e.ends {
+            let r = &e.requests[&id];
+            if let Some(lease) = &r.lease {
+                let preemptible = e.preemptible.contains(&id);
+                index.count(&e.supply, id, r.priority, lease, preemptible, true);
+            }
+        }
+        index
+    }
+
+    /// A lease was placed (`placed`) or ended.
+    fn count(
+        &mut self,
+        supply: &Supply,
+        id: RequestId,
+        priority: Priority,
+        lease: &Lease,
+        preemptible: bool,
+        placed: bool,
+    ) {
+        self.ends.count(id, lease, placed);
+        if preemptible {
+            self.victims.count(supply, id, priority, lease, placed);
+        }
+    }
+}
+
+impl Lease {
+    /// Gives the devices this lease holds in group `g` back to `free` (that group's free
+    /// devices per node): how many nodes it brings to `m` free, or `None` if it holds none
+    /// there.
+    pub(crate) fn refill(&self, g: u32, free: &mut [u16], m: u16) -> Option<u32> {
+        let mut reached = None;
+        for s in self.slices.iter().filter(|s| s.group == g) {
+            let before = free[s.node as usize];
+            free[s.node as usize] += s.devices;
+            let now = u32::from(before < m && free[s.node as usize] >= m);
+            reached = Some(reached.unwrap_or(0) + now);
+        }
+        reached
+    }
+}
+
 /// The reservation of the first request that could not be placed in the last pass.
 #[derive(Clone, Debug, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Reservation {
@@ -421,14 +476,10 @@ pub struct Engine {
     /// Live leases a preemption may end (spot, or holding borrowed capacity): the victim search
     /// looks only at these, not at every request.
     preemptible: BTreeSet<RequestId>,
-    /// The preemptible leases by node group (derived from `preemptible`; built when missing,
-    /// at the next command).
+    /// The live leases indexed by node group (derived from them; built when missing, at the
+    /// next command).
     #[serde(skip)]
-    victim_index: Option<VictimIndex>,
-    /// The live leases of each node group by end time (derived from `ends`; built when
-    /// missing, at the next command).
-    #[serde(skip)]
-    lease_ends: Option<EndsByGroup>,
+    lease_index: Option<LeaseIndex>,
     /// The groups each filter reserved for or searched for admits in healthy pools, until the
     /// fleet changes (derived; at most [`CANDIDATE_CACHE`] filters).
     #[serde(skip)]
@@ -626,8 +677,7 @@ impl Engine {
             spot_leases: 0,
             borrowing_leases: 0,
             preemptible: BTreeSet::new(),
-            victim_index: Some(VictimIndex::default()),
-            lease_ends: Some(EndsByGroup::default()),
+            lease_index: Some(LeaseIndex::default()),
             candidate_cache: FxHashMap::default(),
             reservation: None,
             pass_due: false,
@@ -685,11 +735,8 @@ impl Engine {
     pub fn apply_into(&mut self, command: Command, now: Millis, out: &mut Vec<Event>) {
         let before = self.now;
         self.now = self.now.max(now);
-        if self.victim_index.is_none() {
-            self.victim_index = Some(VictimIndex::of(self));
-        }
-        if self.lease_ends.is_none() {
-            self.lease_ends = Some(EndsByGroup::of(self));
+        if self.lease_index.is_none() {
+            self.lease_index = Some(LeaseIndex::of(self));
         }
         let frees_or_reshapes = !matches!(
             command,
@@ -711,9 +758,6 @@ impl Engine {
                 | Command::SetTenant(_)
                 | Command::SetPoolRuntimes { .. }
         );
-        if reshapes {
-            self.candidate_cache.clear();
-        }
         let result = match command {
             Command::RegisterPool(spec) => self.register_pool(spec).map(|p| {
                 out.push(Event::PoolRegistered { pool: p });
@@ -758,8 +802,10 @@ impl Engine {
             }
             Command::SetPoolRuntimes { pool, runtimes } => self.set_runtimes(&pool, runtimes, out),
         };
-        if result.is_ok() && reshapes {
+        if reshapes {
             self.candidate_cache.clear();
+        }
+        if result.is_ok() && reshapes {
             self.wake_all();
         }
         match result {
@@ -1254,10 +1300,7 @@ impl Engine {
                 ));
             }
             let candidates = self.supply.candidate_groups(&filter, &spec.shape);
-            let mut is = vec![false; self.supply.groups.len()];
-            for &g in &candidates {
-                is[g as usize] = true;
-            }
+            let is = self.supply.group_mask(&candidates);
             let probe = Probe {
                 shape: spec.shape,
                 start_after: spec.start_after_ms.unwrap_or(0),
@@ -1508,16 +1551,12 @@ impl Engine {
         if lease.borrowed > 0 {
             self.borrowing_leases -= 1;
         }
-        if self.preemptible.remove(&id) {
-            self.victim_index
-                .as_mut()
-                .expect("built at every command")
-                .remove(&self.supply, id, priority, &lease);
-        }
+        let preemptible = self.preemptible.remove(&id);
         self.ends.remove(&(lease.end, id));
-        if let Some(ends) = self.lease_ends.as_mut() {
-            ends.remove(id, &lease);
-        }
+        self.lease_index
+            .as_mut()
+            .expect("built at every command")
+            .count(&self.supply, id, priority, &lease, preemptible, false);
         if requeue {
             let r = self.requests.get_mut(&id).expect("live lease");
             r.state = RequestState::Queued;
@@ -1725,17 +1764,20 @@ impl Engine {
         let preemptible = r.priority == Priority::Spot || borrowed > 0;
         if preemptible {
             self.preemptible.insert(id);
-            let r = &self.requests[&id];
-            let lease = r.lease.as_ref().expect("just placed");
-            self.victim_index
-                .as_mut()
-                .expect("built at every command")
-                .add(&self.supply, id, r.priority, lease);
         }
         self.ends.insert((end, id));
-        if let Some(ends) = self.lease_ends.as_mut() {
-            ends.add(id, self.requests[&id].lease.as_ref().expect("just placed"));
-        }
+        let r = &self.requests[&id];
+        self.lease_index
+            .as_mut()
+            .expect("built at every command")
+            .count(
+                &self.supply,
+                id,
+                r.priority,
+                r.lease.as_ref().expect("just placed"),
+                preemptible,
+                true,
+            );
         // What others' tries read changed: capacity was taken, a lease others may preempt
         // was placed, the tenant's usage grew.
         let change = if preemptible {
@@ -1764,9 +1806,9 @@ impl Engine {
         &self.preemptible
     }
 
-    /// The groups a waiting request could use ([`Supply::candidate_groups`]), kept per filter
-    /// and shape until the fleet changes: a reservation and a victim search each need them,
-    /// and finding them reads every group.
+    /// The groups a waiting request could use ([`Supply::candidate_groups`]). What its filter
+    /// admits is kept until the fleet changes: a reservation and a victim search each need
+    /// it, and finding it reads every group.
     pub(crate) fn candidates_of(&mut self, id: RequestId) -> Vec<u32> {
         let r = &self.requests[&id];
         let cached = self
@@ -1805,20 +1847,28 @@ impl Engine {
         })
     }
 
-    /// What is wrong with the preemptible leases by node group, if they are built: for audits.
-    pub(crate) fn victim_index_fault(&self) -> Option<String> {
-        self.victim_index.as_ref().and_then(|v| v.fault(self))
-    }
-
-    /// What is wrong with the live leases by node group and end time, if they are built: for
-    /// audits.
-    pub(crate) fn lease_ends_fault(&self) -> Option<String> {
-        self.lease_ends.as_ref().and_then(|v| v.fault(self))
+    /// What is wrong with the live leases by node group, if they are built: for audits.
+    pub(crate) fn lease_index_fault(&self) -> Option<String> {
+        let index = self.lease_index.as_ref()?;
+        let expect = LeaseIndex::of(self);
+        index
+            .victims
+            .fault(&expect.victims)
+            .or_else(|| index.ends.fault(&expect.ends))
     }
 
     /// The preemptible leases by node group.
     pub(crate) fn victims(&self) -> &VictimIndex {
-        self.victim_index.as_ref().expect("built at every command")
+        &self
+            .lease_index
+            .as_ref()
+            .expect("built at every command")
+            .victims
+    }
+
+    /// The live leases by node group and end time, if they are built.
+    pub(crate) fn lease_ends(&self) -> Option<&EndsByGroup> {
+        self.lease_index.as_ref().map(|index| &index.ends)
     }
 
     /// Lease end times waiting to expire, for audits.

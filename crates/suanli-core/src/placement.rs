@@ -373,6 +373,15 @@ impl Supply {
             .collect()
     }
 
+    /// A flag per group, set for `groups`.
+    pub fn group_mask(&self, groups: &[u32]) -> Vec<bool> {
+        let mut mask = vec![false; self.groups.len()];
+        for &g in groups {
+            mask[g as usize] = true;
+        }
+        mask
+    }
+
     /// Groups that satisfy the filter and sit in a healthy pool, whatever the shape.
     pub fn admitted_groups(&self, f: &Filter) -> Vec<u32> {
         (0..self.groups.len() as u32)

@@ -328,10 +328,7 @@ impl Engine {
                     Some(res) if res.request == id => res.at,
                     _ => {
                         let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
-                        let mut is = vec![false; self.supply.groups.len()];
-                        for &g in &candidates {
-                            is[g as usize] = true;
-                        }
+                        let is = self.supply.group_mask(&candidates);
                         self.earliest_fit(&r.probe(), &candidates, &is)
                     }
                 }

@@ -7,41 +7,24 @@
 
 use super::*;
 
-/// The live leases of each node group by end time. Derived from the live leases (built when an
-/// engine is loaded, kept up to date as leases start and end).
+/// The live leases of each node group by end time (part of [`super::LeaseIndex`]).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct EndsByGroup {
     by_group: Vec<BTreeSet<(Millis, RequestId)>>,
 }
 
 impl EndsByGroup {
-    /// The index of an engine's live leases.
-    pub(super) fn of(e: &Engine) -> EndsByGroup {
-        let mut index = EndsByGroup::default();
-        for &(_, id) in &e.ends {
-            if let Some(lease) = &e.requests[&id].lease {
-                index.add(id, lease);
-            }
-        }
-        index
-    }
-
-    /// A lease was placed.
-    pub(super) fn add(&mut self, id: RequestId, lease: &Lease) {
+    /// A lease was placed (`placed`) or ended.
+    pub(super) fn count(&mut self, id: RequestId, lease: &Lease, placed: bool) {
         for s in &lease.slices {
             let g = s.group as usize;
             if self.by_group.len() <= g {
                 self.by_group.resize_with(g + 1, BTreeSet::new);
             }
-            self.by_group[g].insert((lease.end, id));
-        }
-    }
-
-    /// A lease ended.
-    pub(super) fn remove(&mut self, id: RequestId, lease: &Lease) {
-        for s in &lease.slices {
-            if let Some(set) = self.by_group.get_mut(s.group as usize) {
-                set.remove(&(lease.end, id));
+            if placed {
+                self.by_group[g].insert((lease.end, id));
+            } else {
+                self.by_group[g].remove(&(lease.end, id));
             }
         }
     }
@@ -50,10 +33,9 @@ impl EndsByGroup {
         self.by_group.get(g as usize).into_iter().flatten()
     }
 
-    /// What differs from the index rebuilt from the engine's leases, if anything: for the
-    /// audit.
-    pub(crate) fn fault(&self, e: &Engine) -> Option<String> {
-        let expect = EndsByGroup::of(e);
+    /// What differs from `expect`, the index rebuilt from the engine's leases, if anything: for
+    /// the audit.
+    pub(super) fn fault(&self, expect: &EndsByGroup) -> Option<String> {
         let groups = self.by_group.len().max(expect.by_group.len());
         (0..groups as u32)
             .find(|&g| !self.in_group(g).eq(expect.in_group(g)))
@@ -66,10 +48,7 @@ impl Engine {
     pub(super) fn reserve(&mut self, id: RequestId) -> Reservation {
         let candidates = self.candidates_of(id);
         let r = &self.requests[&id];
-        let mut groups = vec![false; self.supply.groups.len()];
-        for &g in &candidates {
-            groups[g as usize] = true;
-        }
+        let groups = self.supply.group_mask(&candidates);
         Reservation {
             request: id,
             at: self.earliest_fit(&r.probe(), &candidates, &groups),
@@ -125,7 +104,8 @@ impl Engine {
         if fits(best_nodes, free_tflops) {
             return Some(self.now.max(r.start_after));
         }
-        if let (Shape::Gang { nodes, .. }, Some(ends), true) = (r.shape, &self.lease_ends, by_group)
+        if let (Shape::Gang { nodes, .. }, Some(ends), true) =
+            (r.shape, self.lease_ends(), by_group)
         {
             return self.earliest_gang_fit(ends, scratch, nodes, per_node, r.start_after);
         }
@@ -173,13 +153,7 @@ impl Engine {
                     break;
                 }
                 let lease = self.requests[&id].lease.as_ref().expect("live");
-                for s in lease.slices.iter().filter(|s| s.group == g) {
-                    let before = free[s.node as usize];
-                    free[s.node as usize] += s.devices;
-                    if before < per_node && free[s.node as usize] >= per_node {
-                        roomy += 1;
-                    }
-                }
+                roomy += u64::from(lease.refill(g, &mut free, per_node).unwrap_or(0));
                 if roomy >= nodes as u64 {
                     best = Some(end);
                     break;
@@ -204,10 +178,7 @@ impl Engine {
         ids.into_iter().take(16).find_map(|id| {
             let r = &self.requests[&id];
             let candidates = self.supply.candidate_groups(&r.filter, &r.shape);
-            let mut is = vec![false; self.supply.groups.len()];
-            for &g in &candidates {
-                is[g as usize] = true;
-            }
+            let is = self.supply.group_mask(&candidates);
             let (by_group, walked) = (
                 self.estimate(&r.probe(), &candidates, &is, true),
                 self.estimate(&r.probe(), &candidates, &is, false),

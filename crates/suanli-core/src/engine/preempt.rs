@@ -23,8 +23,7 @@ pub(super) enum Preempted {
 type VictimOrder = (Reverse<Priority>, Reverse<Millis>, Reverse<RequestId>);
 
 /// The preemptible leases by node group, in the order victims are chosen, so a search walks
-/// only the leases of the groups its request could use. Derived from the live leases (built
-/// when an engine is loaded, kept up to date as leases start and end).
+/// only the leases of the groups its request could use (part of [`super::LeaseIndex`]).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct VictimIndex {
     /// Per group, the preemptible leases with a slice in it.
@@ -40,77 +39,54 @@ pub(crate) struct VictimIndex {
 }
 
 impl VictimIndex {
-    /// The index of an engine's preemptible leases.
-    pub(super) fn of(e: &Engine) -> VictimIndex {
-        let mut index = VictimIndex::default();
-        for &id in &e.preemptible {
-            let r = &e.requests[&id];
-            if let Some(lease) = &r.lease {
-                index.add(&e.supply, id, r.priority, lease);
-            }
-        }
-        index
-    }
-
     fn order(id: RequestId, priority: Priority, lease: &Lease) -> VictimOrder {
         (Reverse(priority), Reverse(lease.start), Reverse(id))
     }
 
-    /// A preemptible lease was placed.
-    pub(super) fn add(
+    /// A preemptible lease was placed (`placed`) or ended.
+    pub(super) fn count(
         &mut self,
         supply: &Supply,
         id: RequestId,
         priority: Priority,
         lease: &Lease,
+        placed: bool,
     ) {
         let order = Self::order(id, priority, lease);
         let mut models = 0u64;
         for s in &lease.slices {
-            let g = s.group as usize;
+            let (g, n) = (s.group as usize, s.node as usize);
             if self.by_group.len() <= g {
                 self.by_group.resize_with(g + 1, BTreeSet::new);
                 self.devices.resize(g + 1, 0);
                 self.on_node.resize_with(g + 1, Vec::new);
             }
-            self.by_group[g].insert(order);
-            self.devices[g] += s.devices as u64;
-            let on_node = &mut self.on_node[g];
-            if on_node.len() <= s.node as usize {
-                on_node.resize(s.node as usize + 1, 0);
+            if self.on_node[g].len() <= n {
+                self.on_node[g].resize(n + 1, 0);
             }
-            on_node[s.node as usize] += s.devices;
+            if placed {
+                self.by_group[g].insert(order);
+                self.devices[g] += s.devices as u64;
+                self.on_node[g][n] += s.devices;
+            } else {
+                self.by_group[g].remove(&order);
+                self.devices[g] -= s.devices as u64;
+                self.on_node[g][n] -= s.devices;
+            }
             models |= 1 << supply.groups[g].model.0;
         }
         for m in (0..64).filter(|m| models & (1 << m) != 0) {
             if self.per_model.len() <= m {
                 self.per_model.resize(m + 1, 0);
             }
-            self.per_model[m] += 1;
-            self.models |= 1 << m;
-        }
-    }
-
-    /// A preemptible lease ended.
-    pub(super) fn remove(
-        &mut self,
-        supply: &Supply,
-        id: RequestId,
-        priority: Priority,
-        lease: &Lease,
-    ) {
-        let order = Self::order(id, priority, lease);
-        let mut models = 0u64;
-        for s in &lease.slices {
-            let g = s.group as usize;
-            self.by_group[g].remove(&order);
-            self.devices[g] -= s.devices as u64;
-            self.on_node[g][s.node as usize] -= s.devices;
-            models |= 1 << supply.groups[g].model.0;
-        }
-        for m in (0..64).filter(|m| models & (1 << m) != 0) {
-            self.per_model[m] -= 1;
-            if self.per_model[m] == 0 {
+            if placed {
+                self.per_model[m] += 1;
+            } else {
+                self.per_model[m] -= 1;
+            }
+            if self.per_model[m] > 0 {
+                self.models |= 1 << m;
+            } else {
                 self.models &= !(1 << m);
             }
         }
@@ -121,10 +97,9 @@ impl VictimIndex {
         self.models
     }
 
-    /// What differs from the index rebuilt from the engine's leases, if anything: for the
-    /// audit.
-    pub(crate) fn fault(&self, e: &Engine) -> Option<String> {
-        let expect = VictimIndex::of(e);
+    /// What differs from `expect`, the index rebuilt from the engine's leases, if anything: for
+    /// the audit.
+    pub(super) fn fault(&self, expect: &VictimIndex) -> Option<String> {
         if self.models != expect.models {
             return Some(format!(
                 "models with preemptible leases {:#b}, rebuilt {:#b}",
@@ -143,7 +118,7 @@ impl VictimIndex {
             };
             if !have.eq(want)
                 || self.devices_in(g) != expect.devices_in(g)
-                || on_node(self) != on_node(&expect)
+                || on_node(self) != on_node(expect)
             {
                 return Some(format!("preemptible leases of node group {g} differ"));
             }
@@ -176,7 +151,7 @@ impl VictimIndex {
 
 impl Engine {
     /// Frees capacity for a critical or standard request by preempting spot leases and leases
-    /// on borrowed capacity, fewest victims first; then places it. Returns whether it was placed.
+    /// on borrowed capacity, fewest victims first; then places it. Returns what it did.
     pub(super) fn try_preempt(
         &mut self,
         id: RequestId,
@@ -306,19 +281,10 @@ impl Engine {
                 if !eligible(vid) {
                     continue;
                 }
-                let vid = *vid;
-                let lease = self.requests[&vid].lease.as_ref().expect("victim lease");
-                let mut touches = false;
-                for s in lease.slices.iter().filter(|s| s.group == g) {
-                    let before = free[s.node as usize];
-                    free[s.node as usize] += s.devices;
-                    if before < m && free[s.node as usize] >= m {
-                        fit += 1;
-                    }
-                    touches = true;
-                }
-                if touches {
-                    chosen.push(vid);
+                let lease = self.requests[vid].lease.as_ref().expect("victim lease");
+                if let Some(reached) = lease.refill(g, &mut free, m) {
+                    fit += reached;
+                    chosen.push(*vid);
                     freed += lease.tflops;
                 }
             }

@@ -69,11 +69,31 @@ impl EtcdCluster {
             );
             return None;
         };
+        // A port found free can be taken (by another test's outgoing connection) before etcd
+        // binds it; a member that lost the race exits, and a cluster of two out of three would
+        // lose its quorum with the first kill. So every member must answer, or all start again
+        // on other ports.
+        for attempt in 1..=5 {
+            let mut cluster = Self::start_on_free_ports(n);
+            match cluster.wait_for_every_member() {
+                Ok(()) => return Some(cluster),
+                Err(why) => eprintln!("etcd cluster, attempt {attempt}: {why}; starting again"),
+            }
+        }
+        panic!("an etcd cluster of {n} did not start in 5 attempts");
+    }
+
+    fn start_on_free_ports(n: usize) -> Self {
+        let mut ports = std::collections::BTreeSet::new();
+        while ports.len() < 2 * n {
+            ports.insert(free_port());
+        }
+        let mut ports = ports.into_iter();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
+                client: ports.next().unwrap(),
+                peer: ports.next().unwrap(),
                 child: None,
             })
             .collect();
@@ -90,8 +110,39 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.start_member(i);
         }
-        cluster.wait_for_leader();
-        Some(cluster)
+        cluster
+    }
+
+    /// Waits until every member runs and answers, and the cluster has a leader.
+    fn wait_for_every_member(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for (i, m) in self.members.iter_mut().enumerate() {
+                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                    m.child = None;
+                    return Err(format!(
+                        "member {i} exited ({status})\n{}",
+                        self.log_tails(5)
+                    ));
+                }
+            }
+            let answering = self
+                .members
+                .iter()
+                .filter(|m| http(m.client, "POST", "/v3/maintenance/status", "{}").is_some())
+                .count();
+            if answering == self.members.len() && self.leader().is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{answering} of {} members answer after 30 s\n{}",
+                    self.members.len(),
+                    self.log_tails(5)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn start_member(&mut self, i: usize) {
@@ -170,11 +221,33 @@ impl EtcdCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "etcd has no leader after 60 s; logs in {}",
-                self.dir.path().display()
+                "etcd has no leader after 60 s; the members' last log lines:\n{}",
+                self.log_tails(20)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The last `n` lines of every member's log, for a failure's message: the temporary
+    /// folder that holds them is gone once the test has failed.
+    fn log_tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let state = if m.child.is_some() {
+                "running"
+            } else {
+                "stopped"
+            };
+            out.push_str(&format!("--- member {i} ({state})\n"));
+            let log = std::fs::read_to_string(self.dir.path().join(format!("m{i}.log")))
+                .unwrap_or_else(|e| format!("(no log: {e})"));
+            let lines: Vec<&str> = log.lines().collect();
+            for line in &lines[lines.len().saturating_sub(n)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Whether `key` exists, read through etcd's JSON gateway.

@@ -7,10 +7,12 @@
 
 use super::*;
 
-/// The live leases of each node group by end time (part of [`super::LeaseIndex`]).
+/// The live leases' slices of each node group by end time (part of [`super::LeaseIndex`]):
+/// `(end, lease, node, devices)`. An estimate walks these and reads no request, so a walk is
+/// a scan of one ordered set rather than a lookup and a list of slices per lease.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct EndsByGroup {
-    by_group: Vec<BTreeSet<(Millis, RequestId)>>,
+    by_group: Vec<BTreeSet<(Millis, RequestId, u32, u16)>>,
 }
 
 impl EndsByGroup {
@@ -21,15 +23,16 @@ impl EndsByGroup {
             if self.by_group.len() <= g {
                 self.by_group.resize_with(g + 1, BTreeSet::new);
             }
+            let entry = (lease.end, id, s.node, s.devices);
             if placed {
-                self.by_group[g].insert((lease.end, id));
+                self.by_group[g].insert(entry);
             } else {
-                self.by_group[g].remove(&(lease.end, id));
+                self.by_group[g].remove(&entry);
             }
         }
     }
 
-    fn in_group(&self, g: u32) -> impl Iterator<Item = &(Millis, RequestId)> {
+    fn in_group(&self, g: u32) -> impl Iterator<Item = &(Millis, RequestId, u32, u16)> {
         self.by_group.get(g as usize).into_iter().flatten()
     }
 
@@ -107,7 +110,7 @@ impl Engine {
         if let (Shape::Gang { nodes, .. }, Some(ends), true) =
             (r.shape, self.lease_ends(), by_group)
         {
-            return self.earliest_gang_fit(ends, scratch, nodes, per_node, r.start_after);
+            return Self::earliest_gang_fit(ends, scratch, nodes, per_node, r.start_after);
         }
         for &(end, id) in &self.ends {
             let mut touched = false;
@@ -139,7 +142,6 @@ impl Engine {
     /// groups' fits, each found from the group's own leases (`free` holds each group's free
     /// devices per node and the nodes with room).
     fn earliest_gang_fit(
-        &self,
         ends: &EndsByGroup,
         free: FxHashMap<u32, (Vec<u16>, u64)>,
         nodes: u32,
@@ -148,15 +150,21 @@ impl Engine {
     ) -> Option<Millis> {
         let mut best: Option<Millis> = None;
         for (g, (mut free, mut roomy)) in free {
-            for &(end, id) in ends.in_group(g) {
+            // A lease's slices are consecutive, so a fit found within a lease is at its end,
+            // as after the whole lease.
+            for &(end, _, node, devices) in ends.in_group(g) {
                 if best.is_some_and(|b| end >= b) {
                     break;
                 }
-                let lease = self.requests[&id].lease.as_ref().expect("live");
-                roomy += u64::from(lease.refill(g, &mut free, per_node).unwrap_or(0));
-                if roomy >= nodes as u64 {
-                    best = Some(end);
-                    break;
+                let free = &mut free[node as usize];
+                let before = *free;
+                *free += devices;
+                if before < per_node && *free >= per_node {
+                    roomy += 1;
+                    if roomy >= nodes as u64 {
+                        best = Some(end);
+                        break;
+                    }
                 }
             }
         }

@@ -443,6 +443,7 @@ impl Engine {
         let derived = [
             ("live leases by node group", self.lease_index_fault()),
             ("candidate groups by filter", self.candidate_cache_fault()),
+            ("fit bounds", self.fit_fault()),
         ];
         if let Some((counter, Some(detail))) = derived.into_iter().find(|(_, f)| f.is_some()) {
             return Err(AuditError::Counter { counter, detail });

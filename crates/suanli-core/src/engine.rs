@@ -507,7 +507,7 @@ pub struct Engine {
     pass_counts: PassCounts,
     /// What the free capacity could hold, until it changes (derived).
     #[serde(skip)]
-    fit: Option<FitBounds>,
+    fit: FitBounds,
     /// The pass under way, when the last tick did not finish it.
     pass: Option<PassInProgress>,
     /// Passes made so far (full and arrivals-only).
@@ -689,7 +689,7 @@ impl Engine {
             pending: Wakes::default(),
             inbox: Wakes::default(),
             pass_counts: PassCounts::default(),
-            fit: None,
+            fit: FitBounds::default(),
             pass: None,
             passes: 0,
             fleet_epoch: 0,
@@ -1845,6 +1845,11 @@ impl Engine {
             let now = self.supply.admitted_groups(filter);
             (now != *groups).then(|| format!("a filter kept groups {groups:?}, admits {now:?}"))
         })
+    }
+
+    /// Where the fit bounds kept differ from bounds made afresh, if anywhere: for audits.
+    pub(crate) fn fit_fault(&self) -> Option<String> {
+        self.fit.fault(&self.supply)
     }
 
     /// What is wrong with the live leases by node group, if they are built: for audits.

@@ -390,7 +390,7 @@ impl Engine {
 
     /// Everything may decide differently: the fleet or a tenant changed.
     pub(super) fn wake_all(&mut self) {
-        self.fit = None;
+        self.fit.mark(u64::MAX);
         self.fleet_woke = self.next_stamp();
         self.wake(|w| w.full = true);
     }
@@ -402,7 +402,10 @@ impl Engine {
     /// also make the keys' victim searches worth making again; those are found by the pass
     /// itself, as long as it has searches left.
     pub(super) fn wake_groups(&mut self, mut groups: Vec<u32>, change: GroupChange) {
-        self.fit = None;
+        let models: u64 = groups.iter().fold(0, |mask, &g| {
+            mask | 1 << self.supply.groups[g as usize].model.0
+        });
+        self.fit.mark(models);
         if self.queue.len() == 0 {
             // Nothing waits: nothing to wake, and a key's search stamp starts afresh when a
             // request of it next waits for capacity.
@@ -411,9 +414,6 @@ impl Engine {
         let stamp = self.next_stamp();
         groups.sort_unstable();
         groups.dedup();
-        let models: u64 = groups.iter().fold(0, |mask, &g| {
-            mask | 1 << self.supply.groups[g as usize].model.0
-        });
         let index = &mut self.index;
         if change != GroupChange::Taken {
             if index.model_woke.len() < self.supply.catalogue.len() {
@@ -442,7 +442,8 @@ impl Engine {
         if !busy_here {
             return;
         }
-        let fit = self.fit.insert(FitBounds::of(&self.supply));
+        self.fit.refresh(&self.supply);
+        let fit = &self.fit;
         let supply = &self.supply;
         // A gang fits in one group: no more devices than a freed group has free.
         let most_devices = groups
@@ -760,15 +761,28 @@ fn lets_more_through(now: &Reservation, before: Option<&Reservation>) -> bool {
     !(covers && not_later && before.groups.len() == now.groups.len())
 }
 
-/// What the fleet's free capacity could hold at most, per model: kept until capacity changes,
-/// so that an incremental pass can tell, without planning, that a request cannot fit.
-#[derive(Clone, Debug, Default)]
+/// What the fleet's free capacity could hold at most, per model: kept until capacity changes
+/// (each model's bound rebuilt from its own groups when they changed), so that an incremental
+/// pass can tell, without planning, that a request cannot fit.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FitBounds {
     models: Vec<ModelFit>,
+    /// Models whose capacity changed since their bound was made (bit `m` for model `m`).
+    stale: u64,
+}
+
+impl Default for FitBounds {
+    /// Every model stale: bounds are made when first asked for.
+    fn default() -> FitBounds {
+        FitBounds {
+            models: Vec::new(),
+            stale: u64::MAX,
+        }
+    }
 }
 
 /// What the free capacity of one model could hold at most.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct ModelFit {
     /// Free TFLOPS in all.
     total: Tflops,
@@ -780,16 +794,16 @@ struct ModelFit {
     from: Vec<Tflops>,
 }
 
-impl FitBounds {
-    fn of(supply: &Supply) -> FitBounds {
-        let mut models = vec![ModelFit::default(); supply.catalogue.len()];
-        for g in 0..supply.groups.len() as u32 {
+impl ModelFit {
+    /// The bound of model `m` from its groups' free capacity now.
+    fn of(supply: &Supply, m: usize) -> ModelFit {
+        let mut fit = ModelFit::default();
+        for &g in supply.groups_of_model(m) {
             let stats = supply.stats(g);
             if stats.free_devices == 0 {
                 continue;
             }
             let group = &supply.groups[g as usize];
-            let fit = &mut models[group.model.0 as usize];
             let free = stats.free_devices * group.tflops_per_device as u64;
             fit.total += free;
             fit.frees.push(free);
@@ -797,18 +811,54 @@ impl FitBounds {
             if fit.nodes.len() <= per_node {
                 fit.nodes.resize(per_node + 1, 0);
             }
-            for (m, n) in fit.nodes.iter_mut().enumerate().take(per_node + 1).skip(1) {
-                *n = (*n).max(group.nodes.nodes_with_at_least(m as u16));
+            for (d, n) in fit.nodes.iter_mut().enumerate().take(per_node + 1).skip(1) {
+                *n = (*n).max(group.nodes.nodes_with_at_least(d as u16));
             }
         }
-        for fit in &mut models {
-            fit.frees.sort_unstable();
-            fit.from = vec![0; fit.frees.len() + 1];
-            for i in (0..fit.frees.len()).rev() {
-                fit.from[i] = fit.from[i + 1] + fit.frees[i];
-            }
+        fit.frees.sort_unstable();
+        fit.from = vec![0; fit.frees.len() + 1];
+        for i in (0..fit.frees.len()).rev() {
+            fit.from[i] = fit.from[i + 1] + fit.frees[i];
         }
-        FitBounds { models }
+        fit
+    }
+}
+
+impl FitBounds {
+    /// Every model's bound made afresh: what [`FitBounds::refresh`] must agree with.
+    pub(super) fn of(supply: &Supply) -> FitBounds {
+        let mut fit = FitBounds::default();
+        fit.refresh(supply);
+        fit
+    }
+
+    /// The capacity of these models (bit `m` for model `m`) changed.
+    pub(super) fn mark(&mut self, models: u64) {
+        self.stale |= models;
+    }
+
+    /// Brings the bounds of the models that changed up to date.
+    pub(super) fn refresh(&mut self, supply: &Supply) {
+        if self.stale == 0 {
+            return;
+        }
+        let models = supply.catalogue.len();
+        self.models.resize_with(models, ModelFit::default);
+        for m in (0..models).filter(|&m| self.stale & (1 << m) != 0) {
+            self.models[m] = ModelFit::of(supply, m);
+        }
+        self.stale = 0;
+    }
+
+    /// Where the bounds kept differ from bounds made afresh, if anywhere: for the audit.
+    pub(super) fn fault(&self, supply: &Supply) -> Option<String> {
+        if self.stale != 0 {
+            return None;
+        }
+        let fresh = FitBounds::of(supply);
+        (0..fresh.models.len())
+            .find(|&m| self.models.get(m) != fresh.models.get(m))
+            .map(|m| format!("the fit bound of model {m} differs from one made afresh"))
     }
 
     /// Whether the free capacity could hold a request of this filter and shape: a necessary
@@ -872,9 +922,9 @@ impl Engine {
         {
             return false;
         }
-        let fit = self.fit.get_or_insert_with(|| FitBounds::of(&self.supply));
+        self.fit.refresh(&self.supply);
         let r = &self.requests[&id];
-        !fit.could_hold(&r.filter, &r.shape)
+        !self.fit.could_hold(&r.filter, &r.shape)
     }
 }
 

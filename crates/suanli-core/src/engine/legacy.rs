@@ -161,7 +161,7 @@ impl From<EngineBeforeIncremental> for Engine {
             },
             inbox: Wakes::default(),
             pass_counts: PassCounts::default(),
-            fit: None,
+            fit: FitBounds::default(),
             pass: old.pass.map(|p| PassInProgress {
                 id: p.id,
                 classes: p.classes.map(|runs| {

@@ -1811,10 +1811,11 @@ impl Engine {
     /// it, and finding it reads every group.
     pub(crate) fn candidates_of(&mut self, id: RequestId) -> Vec<u32> {
         let r = &self.requests[&id];
-        let cached = self
-            .candidate_cache
-            .get(&r.filter_key)
-            .filter(|(filter, _)| *filter == r.filter);
+        // Filters are told apart by their 64-bit key, as the slice's memo of what did not fit
+        // and the queue's shape keys tell them (the audit checks that no two waiting requests
+        // share a key with different filters): comparing the filters themselves here read
+        // each request's lists at every search and reservation.
+        let cached = self.candidate_cache.get(&r.filter_key);
         let admitted = match cached {
             Some((_, groups)) => groups,
             None => {
@@ -1841,9 +1842,16 @@ impl Engine {
     /// A filter whose groups kept for reservations and searches are no longer what it admits,
     /// if any: for audits.
     pub(crate) fn candidate_cache_fault(&self) -> Option<String> {
-        self.candidate_cache.values().find_map(|(filter, groups)| {
+        let kept = self.candidate_cache.values().find_map(|(filter, groups)| {
             let now = self.supply.admitted_groups(filter);
             (now != *groups).then(|| format!("a filter kept groups {groups:?}, admits {now:?}"))
+        });
+        kept.or_else(|| {
+            self.requests.iter().find_map(|(id, r)| {
+                let (filter, _) = self.candidate_cache.get(&r.filter_key)?;
+                (*filter != r.filter)
+                    .then(|| format!("request {id}'s filter has the key of another filter kept"))
+            })
         })
     }
 

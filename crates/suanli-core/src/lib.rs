@@ -47,6 +47,7 @@ mod queue;
 mod testkit;
 
 pub use audit::AuditError;
+pub use capacity::Slice;
 pub use catalogue::{AcceleratorModel, Catalogue};
 pub use engine::{
     Command, Engine, EngineBeforeIncremental, EngineConfig, Event, PASS_SLICE, PassCounts, Quote,

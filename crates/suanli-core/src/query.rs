@@ -136,6 +136,18 @@ pub struct LeaseView {
     pub parts: Vec<LeasePart>,
 }
 
+/// A placed request's lease by node group, without names: what a shell that keeps its own
+/// tables of the fleet reads at every placement ([`Engine::lease_groups`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseGroups<'a> {
+    /// When it expires.
+    pub end: Millis,
+    /// Price per hour fixed at placement, in fen.
+    pub price_fen_per_hour: u64,
+    /// Its slices: node group (as [`Engine::group_place`] names it), node and devices.
+    pub slices: &'a [crate::capacity::Slice],
+}
+
 /// A live request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestView {
@@ -267,6 +279,30 @@ impl Engine {
             live_leases: t.live_leases,
             queued: t.queued,
         })
+    }
+
+    /// A placed request's lease by node group ([`LeaseGroups`]); `None` if it holds none.
+    /// [`Engine::request`] gives the same with names, copied.
+    pub fn lease_groups(&self, id: RequestId) -> Option<LeaseGroups<'_>> {
+        let lease = self.requests.get(&id)?.lease.as_ref()?;
+        Some(LeaseGroups {
+            end: lease.end,
+            price_fen_per_hour: lease.price_fen_per_hour,
+            slices: &lease.slices,
+        })
+    }
+
+    /// Where node group `g` (as leases number groups) is: its pool's id, its index in the
+    /// pool and its model's id.
+    pub fn group_place(&self, g: u32) -> Option<(&str, u32, &str)> {
+        let s = &self.supply;
+        let group = s.groups.get(g as usize)?;
+        let pool = &s.pools[group.pool.0 as usize];
+        Some((
+            &pool.spec.id,
+            g - pool.groups.start,
+            &s.catalogue.model(group.model).id,
+        ))
     }
 
     /// A live (queued, placed or running) request.

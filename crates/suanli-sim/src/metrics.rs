@@ -148,6 +148,10 @@ impl Timeline {
     }
 }
 
+/// Where an engine node group is in the layout: its pool, its group (if the layout has it)
+/// and its model.
+type GroupPlace = (u32, Option<u32>, u16);
+
 /// Follows the engine's events and integrates what a [`Summary`] reports.
 #[derive(Clone, Debug)]
 pub struct Recorder {
@@ -158,6 +162,8 @@ pub struct Recorder {
     jobs: Vec<JobRecord>,
     live: FxHashMap<RequestId, u32>,
     leases: FxHashMap<RequestId, Footprint>,
+    /// Per engine node group, once looked up: see [`Recorder::place_of`].
+    group_places: Vec<Option<Option<GroupPlace>>>,
     pending: Option<JobRecord>,
     waiting: Waiting,
     healthy: Vec<bool>,
@@ -202,6 +208,7 @@ impl Recorder {
             jobs: Vec::new(),
             live: FxHashMap::default(),
             leases: FxHashMap::default(),
+            group_places: Vec::new(),
             pending: None,
             waiting: Waiting::default(),
             window_start: None,
@@ -406,7 +413,7 @@ impl Recorder {
                 None => self.command_rejections += 1,
             },
             Event::Placed { request } => {
-                let lease = engine.request(*request).and_then(|r| r.lease);
+                let lease = engine.lease_groups(*request);
                 let end = lease.as_ref().map(|l| l.end);
                 let Some(&ix) = self.live.get(request) else {
                     return end;
@@ -426,14 +433,11 @@ impl Recorder {
                         tenant,
                         attempt,
                     };
-                    for part in &lease.parts {
-                        let (Some(pool), Some(&model)) = (
-                            self.layout.pool(&part.pool),
-                            self.model_bits.get(&part.model),
-                        ) else {
+                    for part in lease.slices {
+                        let Some((pool, group, model)) = self.place_of(engine, part.group) else {
                             continue;
                         };
-                        if let Some(g) = self.layout.group(pool, part.group) {
+                        if let Some(g) = group {
                             let devices = u64::from(part.devices);
                             match fp.billed.iter_mut().find(|b| b.0 == g) {
                                 Some(b) => b.1 += devices,
@@ -481,6 +485,26 @@ impl Recorder {
             _ => {}
         }
         None
+    }
+
+    /// Where an engine node group is in the layout: its pool, its group (if the layout has
+    /// it) and its model; `None` for a pool or model the layout does not know. Found by name
+    /// once per group, not at every placement.
+    fn place_of(&mut self, engine: &Engine, g: u32) -> Option<GroupPlace> {
+        if let Some(&Some(known)) = self.group_places.get(g as usize) {
+            return known;
+        }
+        let place = engine.group_place(g).and_then(|(pool, group, model)| {
+            let pool = self.layout.pool(pool)?;
+            let model = *self.model_bits.get(model)?;
+            Some((pool, self.layout.group(pool, group), model))
+        });
+        if self.group_places.len() <= g as usize {
+            self.group_places.resize(g as usize + 1, None);
+        }
+        // Groups are only ever added to the engine: what a number names does not change.
+        self.group_places[g as usize] = Some(place);
+        place
     }
 
     fn unqueue(&mut self, ix: u32, now: Millis) {

@@ -2093,6 +2093,34 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_by_node_group_names_what_the_request_view_names() {
+        let mut e = three_pools();
+        let id = submit(&mut e, elastic("a", 989 * 20, 989), 0);
+        let view = e.request(id).unwrap().lease.unwrap();
+        let groups = e.lease_groups(id).expect("placed");
+        assert_eq!(
+            (groups.end, groups.price_fen_per_hour),
+            (view.end, view.price_fen_per_hour)
+        );
+        let named: Vec<(String, u32, String, u32, u16)> = groups
+            .slices
+            .iter()
+            .map(|s| {
+                let (pool, group, model) = e.group_place(s.group).expect("a group of the fleet");
+                (pool.into(), group, model.into(), s.node, s.devices)
+            })
+            .collect();
+        let viewed: Vec<_> = view
+            .parts
+            .iter()
+            .map(|p| (p.pool.clone(), p.group, p.model.clone(), p.node, p.devices))
+            .collect();
+        assert_eq!(named, viewed);
+        assert!(e.group_place(u32::MAX).is_none());
+        assert!(e.lease_groups(RequestId(999)).is_none());
+    }
+
+    #[test]
     fn subsidies_cover_pools_registered_after_them_and_reject_bad_rates() {
         let mut e = engine(vec![pool("far", External, 40, &[("h100", 8, 1, 1000)])]);
         ok(e.apply(

@@ -98,6 +98,11 @@ impl NodeSet {
             .unwrap_or(0)
     }
 
+    /// Nodes with exactly `m` free devices.
+    pub fn nodes_with_exactly(&self, m: u16) -> u32 {
+        self.buckets.get(m as usize).map_or(0, |b| b.len() as u32)
+    }
+
     /// Nodes with at least `m` free devices.
     pub fn nodes_with_at_least(&self, m: u16) -> u32 {
         if m > self.devices_per_node {

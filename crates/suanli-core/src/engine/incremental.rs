@@ -811,8 +811,11 @@ impl ModelFit {
             if fit.nodes.len() <= per_node {
                 fit.nodes.resize(per_node + 1, 0);
             }
-            for (d, n) in fit.nodes.iter_mut().enumerate().take(per_node + 1).skip(1) {
-                *n = (*n).max(group.nodes.nodes_with_at_least(d as u16));
+            // Nodes with at least d free, for every d, summed from the most free down.
+            let mut at_least = 0;
+            for d in (1..=per_node).rev() {
+                at_least += group.nodes.nodes_with_exactly(d as u16);
+                fit.nodes[d] = fit.nodes[d].max(at_least);
             }
         }
         fit.frees.sort_unstable();

@@ -10,11 +10,13 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use suanli_billing::Fen;
-use suanli_core::{Catalogue, Policy};
+use suanli_core::{Catalogue, Millis, Policy};
 use suanli_sim::accounts::{SubsidyPolicy, parse_yuan};
 use suanli_sim::compare::{GridConfig, run_grid, write_report};
 use suanli_sim::job::DEFAULT_REFERENCE_TFLOPS;
-use suanli_sim::{Failures, RequestRule, SimConfig, Summary, Workload, fleet_by_name, simulate};
+use suanli_sim::{
+    Failures, RequestRule, SimConfig, Steadiness, Summary, Workload, fleet_by_name, simulate,
+};
 
 use crate::client::GlobalArgs;
 
@@ -71,14 +73,22 @@ pub struct RunArgs {
     #[arg(long)]
     pub by_pool: bool,
     /// Schedule at multiples of this many milliseconds of simulated time instead of at every
-    /// lease end and arrival that calls for a pass: far fewer passes over a long queue, a lease
-    /// holding its capacity until the next tick.
+    /// lease end and arrival that calls for a pass, as a scheduler running at an interval does:
+    /// a lease holds its capacity until the next tick.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400_000), value_name = "MS")]
     pub tick_ms: Option<u64>,
     /// Make every scheduling pass walk every waiting request, instead of trying only the
     /// requests whose answer could have changed: the same decisions, slower (for comparison).
     #[arg(long)]
     pub full_passes: bool,
+    /// Measure from this many hours after the first arrival (the fleet filling up is left
+    /// out of utilisation, waits and the offered load) [default: from the first arrival].
+    #[arg(long, value_parser = non_negative, value_name = "HOURS")]
+    pub warmup_hours: Option<f64>,
+    /// Turn away jobs arriving while this many wait (as the broker's max_waiting does) and go
+    /// on with the rest [default: no limit].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), value_name = "JOBS")]
+    pub queue_limit: Option<u64>,
     #[command(flatten)]
     pub subsidy: SubsidyArgs,
 }
@@ -135,9 +145,14 @@ pub struct CompareArgs {
     /// Policies [default: cheapest,lowest_latency,best_fit].
     #[arg(long, value_delimiter = ',', value_parser = parse_policy, value_name = "POLICY,...")]
     pub policies: Vec<Policy>,
-    /// Synthetic jobs per run.
-    #[arg(long, default_value_t = 10_000)]
-    pub jobs: u64,
+    /// Hours of each run left out of the figures while the fleet fills up [default: the
+    /// longest run time, --max-hours].
+    #[arg(long, value_parser = non_negative, value_name = "HOURS")]
+    pub warmup_hours: Option<f64>,
+    /// Hours of arrivals measured after the warm-up: each run is fed the jobs arriving in
+    /// warm-up plus measurement at its demand.
+    #[arg(long, default_value_t = 192.0, value_parser = positive, value_name = "HOURS")]
+    pub measure_hours: f64,
     /// Seed of the synthetic workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -150,9 +165,10 @@ pub struct CompareArgs {
     /// Runs at once [default: one per core].
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Stop a run's arrivals once this many jobs wait (it is saturated).
-    #[arg(long, default_value_t = 2_000)]
-    pub max_waiting: u64,
+    /// Turn away the jobs arriving while this many wait (the fleet is saturated), as the
+    /// broker refuses submissions beyond its max_waiting.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_limit: u64,
     /// The subsidy policy of every run of the grid.
     #[command(flatten)]
     pub subsidy: SubsidyArgs,
@@ -162,6 +178,13 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
     Policy::from_name(s).ok_or_else(|| {
         format!("{s:?} is not cheapest, cheapest_after_subsidy, lowest_latency or best_fit")
     })
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number of at least 0")),
+    }
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -197,6 +220,8 @@ fn single(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<()> {
         }),
         record_commands: false,
         max_waiting: None,
+        queue_limit: a.queue_limit,
+        warmup_ms: a.warmup_hours.map_or(0, |h| (h * 3.6e6).round() as Millis),
         subsidy: a.subsidy.policy(),
         tick_interval_ms: a.tick_ms,
         full_passes: a.full_passes,
@@ -249,10 +274,22 @@ fn human(s: &Summary, by_pool: bool) -> String {
     );
     let _ = writeln!(
         o,
-        "offered demand {:.0}P over {:.1} days of arrivals; run {:.1} days",
+        "offered demand {:.0}P over {:.1} days of arrivals measured{}; run {:.1} days; {}",
         s.offered_p,
         s.window_h / 24.0,
-        s.makespan_h / 24.0
+        if s.warmup_h > 0.0 {
+            format!(" after a warm-up of {:.1} h", s.warmup_h)
+        } else {
+            String::new()
+        },
+        s.makespan_h / 24.0,
+        match s.steadiness {
+            Steadiness::Steady => "steady state".to_string(),
+            Steadiness::Filling => "NOT steady: utilisation still rising (warm up longer)".into(),
+            Steadiness::Saturated =>
+                "saturated: the queue grows, or arrivals were turned away".into(),
+            Steadiness::TooShort => "too short to tell a steady state".into(),
+        }
     );
     let _ = writeln!(
         o,
@@ -268,6 +305,12 @@ fn human(s: &Summary, by_pool: bool) -> String {
         s.skipped_rows,
         if s.saturated {
             format!("; saturated: {} jobs not fed", s.not_submitted)
+        } else if s.turned_away > 0 {
+            format!(
+                "; turned away at the queue's limit: {} ({:.1}% of the window's arrivals)",
+                s.turned_away,
+                s.turned_away_share * 100.0
+            )
         } else {
             String::new()
         }
@@ -383,8 +426,10 @@ fn compare(g: &GlobalArgs, a: &CompareArgs) -> anyhow::Result<()> {
         fleets: a.fleets.clone(),
         size_factor: a.size_factor,
         threads: a.threads,
-        max_waiting: a.max_waiting,
+        queue_limit: a.queue_limit,
         subsidy: a.subsidy.policy(),
+        measure_h: a.measure_hours,
+        warmup_h: a.warmup_hours.unwrap_or(a.max_hours),
         ..GridConfig::default()
     };
     if !a.demands.is_empty() {
@@ -393,7 +438,6 @@ fn compare(g: &GlobalArgs, a: &CompareArgs) -> anyhow::Result<()> {
     if !a.policies.is_empty() {
         config.policies = a.policies.clone();
     }
-    config.workload.jobs = a.jobs;
     config.workload.seed = a.seed;
     config.workload.max_duration_s = a.max_hours * 3600.0;
     let started = Instant::now();

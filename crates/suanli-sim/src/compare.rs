@@ -5,6 +5,14 @@
 //! time); each level becomes a load factor of the synthetic workload, measured once from the
 //! generated jobs, so every fleet and policy sees the very same jobs at a given level.
 //!
+//! The report describes each fleet once filled, not while it fills: every run is fed the jobs
+//! arriving over a warm-up (by default the longest run time, after which every job running
+//! arrived after the start) and a measurement window, and its figures are taken over the
+//! window. Jobs arriving while the queue is at its limit are turned away, as the broker turns
+//! them away, so a saturated fleet stays saturated over the whole window with a bounded queue
+//! and its figures settle too. Each run says whether its window was steady
+//! ([`crate::metrics::Steadiness`]).
+//!
 //! A subsidy policy ([`GridConfig::subsidy`]) applies to every run: the report then gives what
 //! it cost the district (the vouchers' share of the bill) in each run, and at each fleet's
 //! saturation point.
@@ -14,12 +22,12 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use suanli_core::{Catalogue, Fleet, Policy};
+use suanli_core::{Catalogue, Fleet, Millis, Policy};
 
 use crate::accounts::SubsidyPolicy;
 use crate::error::SimError;
 use crate::job::{RequestBuilder, RequestRule};
-use crate::metrics::{Series, Summary};
+use crate::metrics::{Series, Steadiness, Summary};
 use crate::run::{SimConfig, simulate};
 use crate::svg::{Chart, Line, render};
 use crate::synthetic::SyntheticConfig;
@@ -27,6 +35,9 @@ use crate::workload::{Workload, fleet_by_name};
 
 /// p99 wait above which the report calls a fleet saturated, in seconds.
 pub const SATURATION_P99_WAIT_S: f64 = 3600.0;
+
+/// Synthetic jobs generated to measure the workload's offered load at load factor 1.
+const CALIBRATION_JOBS: u64 = 100_000;
 
 /// What the grid runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,21 +48,26 @@ pub struct GridConfig {
     pub demands_p: Vec<f64>,
     /// Default placement policies.
     pub policies: Vec<Policy>,
-    /// The synthetic workload (its `jobs`, `seed` and `max_duration_s` matter most).
+    /// The synthetic workload (its `seed` and `max_duration_s` matter most; how many jobs a
+    /// run is fed follows from `warmup_h` and `measure_h`).
     pub workload: SyntheticConfig,
+    /// Hours of each run left out of its figures while the fleet fills up.
+    pub warmup_h: f64,
+    /// Hours of arrivals measured after the warm-up.
+    pub measure_h: f64,
     /// Device counts are multiplied by this.
     pub size_factor: f64,
     /// Runs at once; 0 = one per core.
     pub threads: usize,
-    /// A run stops taking arrivals once this many jobs wait (it is saturated).
-    pub max_waiting: u64,
+    /// Jobs arriving while this many wait are turned away (the fleet is saturated).
+    pub queue_limit: u64,
     /// The subsidy policy of every run; `None` = no voucher (subsidy 0).
     pub subsidy: Option<SubsidyPolicy>,
 }
 
 impl Default for GridConfig {
     fn default() -> Self {
-        let mut workload = SyntheticConfig::philly_fit(10_000, 1);
+        let mut workload = SyntheticConfig::philly_fit(CALIBRATION_JOBS, 1);
         workload.max_duration_s = 2.0 * 86_400.0;
         GridConfig {
             fleets: vec!["futian-2024".into(), "futian-2025".into()],
@@ -62,7 +78,9 @@ impl Default for GridConfig {
             workload,
             size_factor: 4.0,
             threads: 0,
-            max_waiting: 2_000,
+            queue_limit: 2_000,
+            warmup_h: 48.0,
+            measure_h: 192.0,
             subsidy: None,
         }
     }
@@ -90,7 +108,9 @@ fn base_offered_p(config: &GridConfig, catalogue: &Catalogue) -> Result<f64, Sim
         ..RequestRule::default()
     };
     let builder = RequestBuilder::new(catalogue, &rule);
-    let workload = Workload::synthetic(config.workload.clone(), catalogue)?;
+    let mut calibration = config.workload.clone();
+    calibration.jobs = CALIBRATION_JOBS;
+    let workload = Workload::synthetic(calibration, catalogue)?;
     let (mut work, mut first, mut last) = (0.0f64, None, 0);
     for mut job in workload.jobs {
         rule.scale(&mut job);
@@ -100,6 +120,23 @@ fn base_offered_p(config: &GridConfig, catalogue: &Catalogue) -> Result<f64, Sim
     }
     let span = last.saturating_sub(first.unwrap_or(0)).max(1) as f64;
     Ok(work / span / 1000.0)
+}
+
+/// The workload of a run at `load_factor`: the jobs arriving within the warm-up and the
+/// measurement window (at least one).
+fn run_workload(config: &GridConfig, catalogue: &Catalogue, load_factor: f64) -> SyntheticConfig {
+    let span_ms = (config.warmup_h + config.measure_h) * 3.6e6;
+    let mut all = config.workload.clone();
+    all.jobs = u64::MAX;
+    let mut workload = config.workload.clone();
+    workload.jobs = crate::synthetic::Synthetic::new(all, catalogue)
+        .map(|g| {
+            g.take_while(|j| (j.submit_ms as f64 / load_factor).round() <= span_ms)
+                .count() as u64
+        })
+        .unwrap_or(0)
+        .max(1);
+    workload
 }
 
 /// Runs the grid; `progress(done, total)` is called after each run.
@@ -124,17 +161,39 @@ pub fn run_grid(
             format!("{d} is not a positive demand"),
         ));
     }
+    if !(config.warmup_h.is_finite() && config.warmup_h >= 0.0) {
+        return Err(SimError::option(
+            "warmup_h",
+            format!("{} is not a number of hours", config.warmup_h),
+        ));
+    }
+    if !(config.measure_h.is_finite() && config.measure_h > 0.0) {
+        return Err(SimError::option(
+            "measure_h",
+            format!("{} is not a positive number of hours", config.measure_h),
+        ));
+    }
+    if config.queue_limit == 0 {
+        return Err(SimError::option("queue_limit", "must let a job wait"));
+    }
+    // Validates the workload's settings before the jobs of any run are counted.
+    crate::synthetic::Synthetic::new(config.workload.clone(), catalogue)?;
     let fleets: Vec<Fleet> = config
         .fleets
         .iter()
         .map(|f| fleet_by_name(f, catalogue))
         .collect::<Result<_, _>>()?;
     let base = base_offered_p(config, catalogue)?;
+    let workloads: Vec<SyntheticConfig> = config
+        .demands_p
+        .iter()
+        .map(|d| run_workload(config, catalogue, d / base))
+        .collect();
     let mut tasks = Vec::new();
     for fleet in &fleets {
-        for &demand_p in &config.demands_p {
+        for (level, &demand_p) in config.demands_p.iter().enumerate() {
             for &policy in &config.policies {
-                tasks.push((fleet, demand_p, policy));
+                tasks.push((fleet, demand_p, &workloads[level], policy));
             }
         }
     }
@@ -153,7 +212,7 @@ pub fn run_grid(
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(fleet, demand_p, policy)) = tasks.get(i) else {
+                    let Some(&(fleet, demand_p, workload, policy)) = tasks.get(i) else {
                         break;
                     };
                     let sim = SimConfig {
@@ -164,11 +223,12 @@ pub fn run_grid(
                             ..RequestRule::default()
                         },
                         seed: config.workload.seed,
-                        max_waiting: Some(config.max_waiting),
+                        queue_limit: Some(config.queue_limit),
+                        warmup_ms: (config.warmup_h * 3.6e6).round() as Millis,
                         subsidy: config.subsidy.clone(),
                         ..SimConfig::default()
                     };
-                    let result = Workload::synthetic(config.workload.clone(), catalogue)
+                    let result = Workload::synthetic(workload.clone(), catalogue)
                         .and_then(|w| simulate(fleet, catalogue, w, &sim))
                         .map(|f| GridRun {
                             fleet: fleet.name.clone(),
@@ -192,10 +252,20 @@ pub fn run_grid(
         .collect()
 }
 
-/// A run is saturated when its p99 wait passes [`SATURATION_P99_WAIT_S`] or it was stopped
-/// because too many jobs waited.
+/// A run is saturated when its p99 wait passes [`SATURATION_P99_WAIT_S`], its queue grew, or
+/// arrivals were turned away.
 fn is_saturated(s: &Summary) -> bool {
-    s.saturated || s.wait_p99_s > SATURATION_P99_WAIT_S
+    s.saturated || s.steadiness == Steadiness::Saturated || s.wait_p99_s > SATURATION_P99_WAIT_S
+}
+
+/// How the table marks a run's window.
+fn steadiness_label(s: &Summary) -> &'static str {
+    match s.steadiness {
+        Steadiness::Steady => "steady",
+        Steadiness::Filling => "**still filling**",
+        Steadiness::Saturated => "saturated",
+        Steadiness::TooShort => "**too short**",
+    }
 }
 
 /// Yuan, rounded to the yuan, with thousands separators.
@@ -245,16 +315,23 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
     let _ = writeln!(o, "# Capacity planning: {}\n", config.fleets.join(" vs "));
     let _ = writeln!(
         o,
-        "Every run feeds the same {} synthetic jobs (Philly-fitted, seed {}, sizes x{}, run \
-         times cut to {:.0} h) to the allocation engine on a virtual clock, with arrivals \
-         compressed to offer the demand of each row. Demand and capacity are in P (1P = 1000 \
-         dense FP16 TFLOPS); a job naming no model takes devices of at least 312 TFLOPS. \
-         Utilisation is over the arrival window; waits run from arrival to first placement. \
-         Produced by `suanli sim compare`.\n",
-        w.jobs,
+        "Every run feeds synthetic jobs (Philly-fitted, seed {}, sizes x{}, run times cut to \
+         {:.0} h) to the allocation engine on a virtual clock, with arrivals compressed to offer \
+         the demand of each row: the jobs arriving over a warm-up of {:.0} h and a measurement \
+         window of {:.0} h, so that every fleet and policy sees the same jobs at a given demand \
+         (more jobs at higher demand). The figures are taken over the window only, once the \
+         fleet has filled up: utilisation over its time, waits and completion times of the jobs \
+         arriving in it; the chart of utilisation over time marks where it starts. Jobs arriving \
+         while {} wait are turned away, as the broker turns them away, and counted. Demand and \
+         capacity are in P (1P = 1000 dense FP16 TFLOPS); a job naming no model takes devices \
+         of at least 312 TFLOPS. Waits run from arrival to first placement. Produced by \
+         `suanli sim compare`.\n",
         w.seed,
         config.size_factor,
-        w.max_duration_s / 3600.0
+        w.max_duration_s / 3600.0,
+        config.warmup_h,
+        config.measure_h,
+        config.queue_limit
     );
     let _ = writeln!(o, "## Reading\n");
     let mut fleets: Vec<&str> = runs.iter().map(|r| r.fleet.as_str()).collect();
@@ -291,10 +368,13 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
                     hours(SATURATION_P99_WAIT_S),
                     s.demand_p,
                     hours(s.summary.wait_p99_s),
-                    if s.summary.saturated {
-                        " and the queue passed the grid's limit"
+                    if s.summary.turned_away_share > 0.0 {
+                        format!(
+                            " and {:.0}% of the jobs are turned away at the queue's limit",
+                            s.summary.turned_away_share * 100.0
+                        )
                     } else {
-                        ""
+                        String::new()
                     },
                     s.summary.utilisation * 100.0
                 );
@@ -338,20 +418,44 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
             );
         }
     }
+    let not_steady: Vec<String> = runs
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.summary.steadiness,
+                Steadiness::Filling | Steadiness::TooShort
+            )
+        })
+        .map(|r| format!("{} {} at {:.0}P", r.fleet, r.policy.as_str(), r.demand_p))
+        .collect();
     let _ = writeln!(
         o,
-        "\nA fleet counts as saturated once the p99 wait passes {}, or once more than {} jobs \
-         wait: such a run stops taking arrivals there (marked *stopped* below; its figures cover \
-         the jobs fed until then). Utilisation cannot reach \
-         100%: jobs naming no model cannot use the H20 and RTX 4090 devices, large gangs need \
-         whole nodes in one node group, and the engine holds capacity for the first waiting \
-         job (EASY backfill). Utilisation is averaged from the first arrival, while the fleet still fills \
-         up: with run times up to {:.0} h, a window of a few days reads low; more `--jobs` give a \
-         longer window (each run then costs more, most where queues are long).\n",
+        "\nA fleet counts as saturated once the p99 wait passes {}, once its queue grows over \
+         the window (the mean number waiting in the window's second half at least twice the \
+         first's), or once jobs are turned away at the queue's limit of {}: the share turned \
+         away is then what the fleet cannot serve, and the waits are those of a full queue. \
+         Utilisation cannot reach 100%: jobs naming no model cannot use the H20 and RTX 4090 \
+         devices, large gangs need whole nodes in one node group, and the engine holds capacity \
+         for the first waiting job (EASY backfill).\n",
         hours(SATURATION_P99_WAIT_S),
-        config.max_waiting,
-        config.workload.max_duration_s / 3600.0
+        config.queue_limit,
     );
+    if not_steady.is_empty() {
+        let _ = writeln!(
+            o,
+            "Every run reached a steady state within its warm-up: over its window, utilisation \
+             rose by at most 5 points and the queue did not grow (or the run is saturated).\n"
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "**Not steady**: {} still filled up during the window (utilisation rose by more \
+             than 5 points from its first half to its second) or had too short a window; read \
+             their figures as a lower bound of utilisation, and run again with a longer \
+             `--warmup-hours` or `--measure-hours`.\n",
+            not_steady.join(", ")
+        );
+    }
     let _ = writeln!(o, "## Charts\n");
     for (file, chart) in charts {
         let _ = writeln!(o, "![{}]({file})\n", chart.title);
@@ -359,23 +463,25 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
     let _ = writeln!(o, "## All runs\n");
     let _ = writeln!(
         o,
-        "| fleet | policy | demand P | offered P | window (h) | utilisation | local | external | wait mean | wait p50 | wait p99 | JCT mean | slowdown | Jain | fragmentation | stranded P | unserved | cost (CNY) | subsidy (CNY) | tenants paid (CNY) |"
+        "| fleet | policy | demand P | offered P | jobs | window (h) | state | turned away | utilisation | local | external | wait mean | wait p50 | wait p99 | JCT mean | slowdown | Jain | fragmentation | stranded P | unserved | cost (CNY) | subsidy (CNY) | tenants paid (CNY) |"
     );
     let _ = writeln!(
         o,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in runs {
         let s = &r.summary;
         let _ = writeln!(
             o,
-            "| {} | {} | {:.0}{} | {:.0} | {:.0} | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.2} | {:.3} | {:.1}% | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.2} | {:.3} | {:.1}% | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
             r.fleet,
             r.policy.as_str(),
             r.demand_p,
-            if s.saturated { " (stopped)" } else { "" },
             s.offered_p,
+            s.jobs + s.turned_away,
             s.window_h,
+            steadiness_label(s),
+            s.turned_away_share * 100.0,
             s.utilisation * 100.0,
             s.utilisation_local * 100.0,
             s.utilisation_external * 100.0,
@@ -395,8 +501,8 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
     }
     let _ = writeln!(
         o,
-        "\nCost is what the leases were charged by the billing rules: each lease at the prices \
-         fixed at placement for the time it was held. {}",
+        "\nCost is what the leases were charged by the billing rules, over the whole run (warm-up \
+         included): each lease at the prices fixed at placement for the time it was held. {}",
         match &config.subsidy {
             Some(p) => format!(
                 "Subsidy is what the compute vouchers paid of it, tenants paid the rest; every \
@@ -456,6 +562,7 @@ fn charts(config: &GridConfig, runs: &[GridRun]) -> Vec<(String, Chart)> {
                 log_floor: 0.0,
                 y_range: Some((0.0, 100.0)),
                 lines: against_demand(|s| s.utilisation * 100.0),
+                marker: None,
             },
         ),
         (
@@ -469,6 +576,7 @@ fn charts(config: &GridConfig, runs: &[GridRun]) -> Vec<(String, Chart)> {
                 log_floor: 0.01,
                 y_range: None,
                 lines: against_demand(|s| s.wait_p99_s / 3600.0),
+                marker: None,
             },
         ),
         (
@@ -499,6 +607,8 @@ fn charts(config: &GridConfig, runs: &[GridRun]) -> Vec<(String, Chart)> {
                         colour: i * 3,
                     })
                     .collect(),
+                marker: (config.warmup_h > 0.0)
+                    .then(|| (config.warmup_h / 24.0, "measured from here".to_string())),
             },
         ),
         (
@@ -529,6 +639,7 @@ fn charts(config: &GridConfig, runs: &[GridRun]) -> Vec<(String, Chart)> {
                         colour: i * 3,
                     })
                     .collect(),
+                marker: None,
             },
         ),
     ]
@@ -543,6 +654,8 @@ mod tests {
         let mut workload = SyntheticConfig::philly_fit(300, 3);
         workload.max_duration_s = 3600.0;
         let config = GridConfig {
+            warmup_h: 1.0,
+            measure_h: 48.0,
             demands_p: vec![500.0, 4000.0],
             policies: vec![Policy::Cheapest, Policy::BestFit],
             workload,

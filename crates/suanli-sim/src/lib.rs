@@ -57,7 +57,7 @@ pub use accounts::SubsidyPolicy;
 pub use driver::{Finished, replay};
 pub use error::{RowError, SimError};
 pub use job::{Job, JobShape, RequestRule};
-pub use metrics::{Series, Summary};
+pub use metrics::{Series, Steadiness, Summary};
 pub use run::{Failures, SimConfig, simulate};
 pub use synthetic::{Arrivals, SyntheticConfig};
 pub use workload::{Workload, fleet_by_name};

@@ -2,9 +2,17 @@
 //! and the [`Summary`] it ends with.
 //!
 //! Definitions (all times on the virtual clock):
-//! - **measurement window**: from the first arrival to the last. Utilisation, its breakdowns,
-//!   the timeline and fragmentation are taken over the window, so the drain after the last
-//!   arrival (when the fleet empties) does not dilute them.
+//! - **measurement window**: from the first arrival, or from the end of a stated warm-up after
+//!   it ([`Recorder::measure_after`]), to the last arrival. Utilisation, its breakdowns,
+//!   fragmentation, the offered load and the figures of jobs (waits, completion times,
+//!   slowdowns, fairness) are taken over the window: the drain after the last arrival (when the
+//!   fleet empties) does not dilute them, nor, with a warm-up, the filling of an empty fleet.
+//!   Counts of jobs, the bill and the time series cover the whole run.
+//! - **steady state** ([`Steadiness`]): the window's samples split in two halves; a queue that
+//!   at least doubles from the first half to the second (by more than 10 jobs), or arrivals
+//!   turned away at the queue's limit, mean the fleet is saturated; utilisation rising by more
+//!   than 5 points beyond what the offered load rose by means it was still filling up;
+//!   otherwise the run measured a steady state.
 //! - **utilisation**: time-weighted TFLOPS held by leases over rated TFLOPS, overall, local
 //!   (the centre and the clouds) vs external, by model and by pool.
 //! - **wait**: from a job's arrival to its first placement, over jobs that were placed.
@@ -148,6 +156,81 @@ impl Timeline {
     }
 }
 
+/// What the recorder saw at one sample instant.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Millis,
+    /// Share of the free devices no waiting request could use, when something waits and a
+    /// device is free.
+    stranded_share: Option<f64>,
+    stranded_tflops: Tflops,
+    waiting: u64,
+    allocated: Tflops,
+    /// The window's offered compute so far (TFLOPS x milliseconds of run time).
+    demanded: u128,
+}
+
+/// Whether a run's measurement window shows a steady state (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Steadiness {
+    /// Utilisation and the queue held level over the window.
+    #[default]
+    Steady,
+    /// Utilisation rose over the window by more than the offered load did: the fleet was
+    /// filling up; a longer warm-up is needed.
+    Filling,
+    /// The queue grew, or arrivals were turned away: demand exceeds what the fleet serves, and
+    /// waits grow with the length of the run.
+    Saturated,
+    /// Too few samples in the window to tell (shorter than 8 hours).
+    TooShort,
+}
+
+impl Steadiness {
+    /// Lower-case name, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Steadiness::Steady => "steady",
+            Steadiness::Filling => "filling",
+            Steadiness::Saturated => "saturated",
+            Steadiness::TooShort => "too_short",
+        }
+    }
+
+    /// The verdict over the samples of a window, in time order.
+    fn of(samples: &[Sample], capacity: Tflops, turned_away: bool) -> Steadiness {
+        if turned_away {
+            return Steadiness::Saturated;
+        }
+        if samples.len() < 8 {
+            return Steadiness::TooShort;
+        }
+        let (first, second) = samples.split_at(samples.len() / 2);
+        let mean_of = |half: &[Sample], f: fn(&Sample) -> f64| {
+            half.iter().map(f).sum::<f64>() / half.len() as f64
+        };
+        let queue = |s: &Sample| s.waiting as f64;
+        let used = |s: &Sample| s.allocated as f64;
+        if mean_of(second, queue) > 2.0 * mean_of(first, queue) + 10.0 {
+            return Steadiness::Saturated;
+        }
+        // Offered TFLOPS over each half: bursty arrivals offer more in one half than the other,
+        // and the use that follows them is not filling up.
+        let offered = |from: &Sample, to: &Sample| {
+            (to.demanded - from.demanded) as f64 / (to.at - from.at).max(1) as f64
+        };
+        let (start, middle, end) = (&first[0], &second[0], &second[second.len() - 1]);
+        let offered_rise = (offered(middle, end) - offered(start, middle)).max(0.0);
+        let rise = mean_of(second, used) - mean_of(first, used) - offered_rise;
+        if rise > 0.05 * capacity.max(1) as f64 {
+            Steadiness::Filling
+        } else {
+            Steadiness::Steady
+        }
+    }
+}
+
 /// Where an engine node group is in the layout: its pool, its group (if the layout has it)
 /// and its model.
 type GroupPlace = (u32, Option<u32>, u16);
@@ -169,6 +252,13 @@ pub struct Recorder {
     healthy: Vec<bool>,
     window_start: Option<Millis>,
     window_end: Millis,
+    /// The measurement window starts this long after the first arrival.
+    warmup: Millis,
+    /// Whether the warm-up is over (always, without one).
+    measuring: bool,
+    /// Arrivals turned away at the queue's limit: in all, and in the window.
+    turned_away: u64,
+    turned_away_in_window: u64,
     allocated: Area,
     local: Area,
     pools: Vec<Area>,
@@ -176,8 +266,7 @@ pub struct Recorder {
     queue: Area,
     in_system: Area,
     timeline: Timeline,
-    /// (stranded share when something waits, stranded TFLOPS) per sample instant.
-    samples: Vec<(Option<f64>, Tflops)>,
+    samples: Vec<Sample>,
     sample_every: Millis,
     next_sample: Millis,
     cost_fen_ms: u128,
@@ -213,6 +302,10 @@ impl Recorder {
             waiting: Waiting::default(),
             window_start: None,
             window_end: Millis::MAX,
+            warmup: 0,
+            measuring: true,
+            turned_away: 0,
+            turned_away_in_window: 0,
             allocated: Area::default(),
             local: Area::default(),
             queue: Area::default(),
@@ -231,6 +324,36 @@ impl Recorder {
             demanded_tflops_ms: 0,
             last_event: 0,
         }
+    }
+
+    /// Starts the measurement window `warmup` after the first arrival instead of at it (see
+    /// the module documentation). Call before the first event.
+    pub fn measure_after(&mut self, warmup: Millis) {
+        self.warmup = warmup;
+        self.measuring = warmup == 0;
+    }
+
+    /// Where the measurement window starts (the first arrival until there is one).
+    fn measure_start(&self) -> Millis {
+        self.window_start.unwrap_or(0).saturating_add(self.warmup)
+    }
+
+    /// Ends the warm-up at `at`: what was integrated so far is dropped, and the window's
+    /// figures start from zero. The series and the bill keep the whole run.
+    fn begin_measurement(&mut self, at: Millis) {
+        self.measuring = true;
+        let cut = self.window_end;
+        self.flush_timeline(at, cut);
+        let window_areas = [&mut self.allocated, &mut self.local]
+            .into_iter()
+            .chain(self.pools.iter_mut())
+            .chain(self.models.iter_mut());
+        for a in window_areas {
+            a.advance(at, cut);
+            a.area = 0;
+        }
+        self.demanded_tflops_ms = 0;
+        self.samples.retain(|s| s.at >= at);
     }
 
     /// The fleet layout.
@@ -270,19 +393,12 @@ impl Recorder {
                 t
             }
         };
-        let models = if spec.constraints.models.is_empty() {
-            u64::MAX
-        } else {
-            spec.constraints
-                .models
-                .iter()
-                .filter_map(|m| self.model_bits.get(m))
-                .fold(0u64, |mask, &i| mask | 1u64 << (i as u32 % 64))
-        };
+        let models = self.model_mask(spec);
         let demand = self.waiting.intern(Demand {
             models,
             shape: spec.shape,
         });
+        self.note_demand(spec, models, now);
         if self.window_start.is_none() {
             self.window_start = Some(now);
             self.timeline.start = now;
@@ -302,6 +418,26 @@ impl Recorder {
             queued: false,
             fate: Fate::Live,
         });
+    }
+
+    /// Models a request accepts, as a mask of the layout's model bits.
+    fn model_mask(&self, spec: &RequestSpec) -> u64 {
+        if spec.constraints.models.is_empty() {
+            u64::MAX
+        } else {
+            spec.constraints
+                .models
+                .iter()
+                .filter_map(|m| self.model_bits.get(m))
+                .fold(0u64, |mask, &i| mask | 1u64 << (i as u32 % 64))
+        }
+    }
+
+    /// Counts an arrival's compute (TFLOPS x run time) in the offered load of the window.
+    fn note_demand(&mut self, spec: &RequestSpec, models: u64, now: Millis) {
+        if !self.measuring || now > self.window_end {
+            return;
+        }
         let tflops = match spec.shape {
             Shape::Elastic { tflops, .. } => tflops,
             // A gang's TFLOPS depend on the model placement picks; count its devices at the
@@ -318,9 +454,17 @@ impl Recorder {
                 nodes as Tflops * devices_per_node as Tflops * smallest
             }
         };
-        if now <= self.window_end {
-            self.demanded_tflops_ms += tflops as u128 * spec.duration_ms as u128;
+        self.demanded_tflops_ms += tflops as u128 * spec.duration_ms as u128;
+    }
+
+    /// An arrival turned away because the queue was at its limit: offered, never submitted.
+    pub fn turn_away(&mut self, spec: &RequestSpec, now: Millis) {
+        self.turned_away += 1;
+        if self.measuring && now <= self.window_end {
+            self.turned_away_in_window += 1;
         }
+        let models = self.model_mask(spec);
+        self.note_demand(spec, models, now);
     }
 
     fn area_list_mut(&mut self) -> impl Iterator<Item = &mut Area> {
@@ -352,10 +496,20 @@ impl Recorder {
     /// Samples fragmentation if a sample is due before `now`; the engine is in the state it
     /// held since the last event.
     pub fn sample_before(&mut self, now: Millis, engine: &Engine) {
+        self.take_samples_before(now, engine);
+        if !self.measuring && self.window_start.is_some() {
+            let at = self.measure_start();
+            if at <= now && at <= self.window_end {
+                self.begin_measurement(at);
+            }
+        }
+    }
+
+    fn take_samples_before(&mut self, now: Millis, engine: &Engine) {
         if now <= self.next_sample || self.next_sample > self.window_end {
             return;
         }
-        let value = if self.waiting.any() {
+        let (stranded_share, stranded_tflops) = if self.waiting.any() {
             let s = stranded(
                 &self.layout,
                 &engine.node_free_table(),
@@ -371,7 +525,14 @@ impl Recorder {
         };
         // The state held over the whole gap, so one sample stands for every due instant.
         while self.next_sample < now && self.next_sample <= self.window_end {
-            self.samples.push(value);
+            self.samples.push(Sample {
+                at: self.next_sample,
+                stranded_share,
+                stranded_tflops,
+                waiting: self.queue.value,
+                allocated: self.allocated.value,
+                demanded: self.demanded_tflops_ms,
+            });
             self.next_sample += self.sample_every;
             if self.samples.len() >= MAX_SAMPLES {
                 self.samples = self.samples.iter().step_by(2).copied().collect();
@@ -638,8 +799,20 @@ pub struct Summary {
     pub saturated: bool,
     /// Jobs of the workload not fed because the run was stopped as saturated.
     pub not_submitted: u64,
-    /// Length of the measurement window (first to last arrival), hours.
+    /// Arrivals turned away because the queue was at its limit (see `queue_limit`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub turned_away: u64,
+    /// Of the arrivals in the measurement window, the share turned away.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub turned_away_share: f64,
+    /// From the first arrival to the start of the measurement window, hours (0: no warm-up).
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub warmup_h: f64,
+    /// Length of the measurement window (from the first arrival, or the end of the warm-up,
+    /// to the last arrival), hours.
     pub window_h: f64,
+    /// Whether the window measured a steady state (see the module documentation).
+    pub steadiness: Steadiness,
     /// From the first arrival to the last event, hours.
     pub makespan_h: f64,
     /// Time-weighted share of the fleet's TFLOPS held by leases over the window.
@@ -724,6 +897,14 @@ pub struct Summary {
     pub digest: String,
 }
 
+fn is_zero(x: &u64) -> bool {
+    *x == 0
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
 /// The series behind the charts.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Series {
@@ -773,24 +954,32 @@ impl Recorder {
         let billing = self.billing.figures()?;
         self.close_window(end);
         let cut = self.window_end;
+        // The window: from the end of the warm-up (empty if the arrivals stopped before it).
+        let measured_from = self.measure_start().min(cut);
+        if !self.measuring {
+            self.begin_measurement(measured_from);
+        }
         self.flush_timeline(cut, cut);
         for a in self.area_list_mut() {
             a.advance(cut, cut);
         }
         self.queue.advance(end, Millis::MAX);
         self.in_system.advance(end, Millis::MAX);
-        let window = (cut - start).max(1) as u128;
+        let window = (cut - measured_from).max(1) as u128;
         let run = (end - start).max(1) as u128;
         let l = &self.layout;
         let mut s = Summary {
             capacity_p: l.capacity as f64 / 1000.0,
             // One arrival instant has no rate: no offered load.
-            offered_p: if cut > start {
+            offered_p: if cut > measured_from {
                 ratio(self.demanded_tflops_ms, window) / 1000.0
             } else {
                 0.0
             },
-            window_h: (cut - start) as f64 / 3.6e6,
+            warmup_h: (measured_from - start) as f64 / 3.6e6,
+            window_h: (cut - measured_from) as f64 / 3.6e6,
+            turned_away: self.turned_away,
+            steadiness: Steadiness::of(&self.samples, l.capacity, self.turned_away_in_window > 0),
             makespan_h: (end - start) as f64 / 3.6e6,
             utilisation: ratio(self.allocated.area, l.capacity as u128 * window),
             utilisation_local: ratio(self.local.area, l.local_capacity as u128 * window),
@@ -822,8 +1011,12 @@ impl Recorder {
         let mut jcts = Vec::new();
         let mut slowdowns = Vec::new();
         let mut tenant_slowdown = vec![(0.0f64, 0u64); self.tenant_names.len()];
+        let mut arrived_in_window = self.turned_away_in_window;
         for j in &self.jobs {
             s.jobs += 1;
+            // Counts cover the run; the figures of jobs, the jobs arriving in the window.
+            let measured = j.submit >= measured_from && j.submit <= cut;
+            arrived_in_window += u64::from(measured);
             match j.fate {
                 Fate::Rejected => {
                     s.rejected += 1;
@@ -832,13 +1025,15 @@ impl Recorder {
                 Fate::Live => {}
                 Fate::Ended(RequestState::Completed) => {
                     s.completed += 1;
-                    let jct = (j.end - j.submit) as f64;
-                    let bsd = (jct / j.duration.max(SLOWDOWN_BOUND_MS) as f64).max(1.0);
-                    jcts.push(jct / 1000.0);
-                    slowdowns.push(bsd);
-                    if let Some(t) = tenant_slowdown.get_mut(j.tenant as usize) {
-                        t.0 += bsd;
-                        t.1 += 1;
+                    if measured {
+                        let jct = (j.end - j.submit) as f64;
+                        let bsd = (jct / j.duration.max(SLOWDOWN_BOUND_MS) as f64).max(1.0);
+                        jcts.push(jct / 1000.0);
+                        slowdowns.push(bsd);
+                        if let Some(t) = tenant_slowdown.get_mut(j.tenant as usize) {
+                            t.0 += bsd;
+                            t.1 += 1;
+                        }
                     }
                 }
                 Fate::Ended(RequestState::Failed) => s.failed += 1,
@@ -849,9 +1044,15 @@ impl Recorder {
             s.requeues += j.requeues as u64;
             if let Some(p) = j.placed {
                 s.placed += 1;
-                waits.push((p - j.submit) as f64 / 1000.0);
+                if measured {
+                    waits.push((p - j.submit) as f64 / 1000.0);
+                }
             }
         }
+        s.turned_away_share = ratio(
+            u128::from(self.turned_away_in_window),
+            u128::from(arrived_in_window),
+        );
         s.arrival_rate_per_h = s.submitted as f64 / (run as f64 / 3.6e6);
         waits.sort_by(f64::total_cmp);
         jcts.sort_by(f64::total_cmp);
@@ -877,9 +1078,17 @@ impl Recorder {
             sum * sum / (shares.len() as f64 * squares)
         };
         self.bill_into(&mut s, &billing);
-        let fragments: Vec<f64> = self.samples.iter().filter_map(|x| x.0).collect();
+        let fragments: Vec<f64> = self
+            .samples
+            .iter()
+            .filter_map(|x| x.stranded_share)
+            .collect();
         s.fragmentation = mean(&fragments);
-        let stranded: Vec<f64> = self.samples.iter().map(|x| x.1 as f64 / 1000.0).collect();
+        let stranded: Vec<f64> = self
+            .samples
+            .iter()
+            .map(|x| x.stranded_tflops as f64 / 1000.0)
+            .collect();
         s.stranded_p = mean(&stranded);
         s.fragmentation_samples = fragments.len() as u64;
 
@@ -969,5 +1178,79 @@ mod tests {
         assert_eq!(t.step, 20);
         let total: u128 = t.buckets.iter().sum();
         assert_eq!(total, 100 + (10 * MAX_BUCKETS as u128 + 5 - 25));
+    }
+
+    fn samples(points: &[(u64, Tflops)]) -> Vec<Sample> {
+        points
+            .iter()
+            .enumerate()
+            .map(|(i, &(waiting, allocated))| Sample {
+                at: i as Millis * 3_600_000,
+                stranded_share: None,
+                stranded_tflops: 0,
+                waiting,
+                allocated,
+                demanded: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steadiness_tells_a_level_window_from_a_filling_or_saturated_one() {
+        // Utilisation 70% +- 2 points, a queue of 5 +- 3.
+        let level = samples(&[(5, 700), (8, 720), (2, 690), (5, 700), (6, 710), (4, 680)]);
+        let level: Vec<Sample> = level.iter().chain(&level).copied().collect();
+        assert_eq!(Steadiness::of(&level, 1000, false), Steadiness::Steady);
+        // Arrivals turned away in the window: saturated, whatever the samples say.
+        assert_eq!(Steadiness::of(&level, 1000, true), Steadiness::Saturated);
+        // Utilisation from 50% to 70%: still filling.
+        let filling = samples(
+            &[(0, 500); 4]
+                .iter()
+                .chain(&[(0, 700); 4])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(Steadiness::of(&filling, 1000, false), Steadiness::Filling);
+        // The same rise while the offered load rose as much (500 then 700 TFLOPS): following
+        // a burst of arrivals is not filling up.
+        let mut following = filling.clone();
+        let hour = 3_600_000u128;
+        for (i, s) in following.iter_mut().enumerate() {
+            let i = i as u128;
+            s.demanded = 500 * hour * i.min(4) + 700 * hour * i.saturating_sub(4);
+        }
+        assert_eq!(Steadiness::of(&following, 1000, false), Steadiness::Steady);
+        // Utilisation up by exactly 5 points: steady.
+        let flat = samples(
+            &[(0, 500); 4]
+                .iter()
+                .chain(&[(0, 550); 4])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(Steadiness::of(&flat, 1000, false), Steadiness::Steady);
+        // A queue from 100 to 300 at full use: saturated.
+        let growing = samples(
+            &[(100, 990); 4]
+                .iter()
+                .chain(&[(300, 990); 4])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(Steadiness::of(&growing, 1000, false), Steadiness::Saturated);
+        // A queue from 2 to 12 is noise, not growth (at most twice the first half plus 10).
+        let small = samples(
+            &[(2, 990); 4]
+                .iter()
+                .chain(&[(12, 990); 4])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(Steadiness::of(&small, 1000, false), Steadiness::Steady);
+        assert_eq!(
+            Steadiness::of(&level[..7], 1000, false),
+            Steadiness::TooShort
+        );
     }
 }

@@ -12,8 +12,9 @@
 //!
 //! With [`SimConfig::tick_interval_ms`] set, the ticks those events call for come at the next
 //! multiple of the interval instead, one for all of them: a lease then holds its capacity until
-//! that tick, and a queued job waits for it. On a long queue this trades a little precision
-//! for far fewer passes.
+//! that tick, and a queued job waits for it. This models a scheduler that runs at an interval
+//! (as Slurm's backfill does); it is no longer needed for speed, since a pass at every event
+//! tries only the requests whose answer could have changed.
 //!
 //! Every decision is the engine's: the loop only chooses *when* to apply commands.
 
@@ -59,6 +60,14 @@ pub struct SimConfig {
     /// Stop feeding arrivals once more jobs than this wait: the fleet is saturated, and every
     /// scheduling pass would walk an ever longer queue. `None` = feed the whole workload.
     pub max_waiting: Option<u64>,
+    /// Turn away the jobs that arrive while this many wait, as the broker refuses submissions
+    /// beyond its `max_waiting`, and go on with the rest: a saturated fleet then stays
+    /// saturated, with a bounded queue, for as long as jobs arrive. `None` = no limit.
+    pub queue_limit: Option<u64>,
+    /// Measure from this long after the first arrival, so that the figures describe the
+    /// fleet once filled rather than while it fills (see [`crate::metrics`]). 0 = from the
+    /// first arrival.
+    pub warmup_ms: Millis,
     /// The voucher every tenant receives at the start, valid for the whole run; `None` = no
     /// subsidy (leases are still charged). See [`crate::accounts`].
     pub subsidy: Option<SubsidyPolicy>,
@@ -79,6 +88,8 @@ impl Default for SimConfig {
             failures: None,
             record_commands: false,
             max_waiting: None,
+            queue_limit: None,
+            warmup_ms: 0,
             subsidy: None,
             tick_interval_ms: None,
             full_passes: false,
@@ -124,6 +135,12 @@ pub fn simulate(
     config: &SimConfig,
 ) -> Result<Finished, SimError> {
     config.rule.validate(catalogue)?;
+    if config.queue_limit == Some(0) {
+        return Err(SimError::option(
+            "queue_limit",
+            "must let at least one job wait",
+        ));
+    }
     if let Some(f) = config.failures
         && !(f.mtbf_h.is_finite() && f.mtbf_h > 0.0 && f.mttr_h.is_finite() && f.mttr_h > 0.0)
     {
@@ -144,6 +161,7 @@ pub fn simulate(
     let layout = Layout::new(fleet, catalogue);
     let capacity: Tflops = layout.capacity;
     let mut driver = Driver::new(engine, layout, true, config.record_commands);
+    driver.recorder_mut().measure_after(config.warmup_ms);
     // Quotas are not the question here: every tenant may hold the whole fleet, with equal weight.
     for tenant in &workload.tenants {
         let spec = TenantSpec {
@@ -273,6 +291,13 @@ pub fn simulate(
                 .get(job.tenant as usize)
                 .map_or("unknown", String::as_str);
             let spec = builder.request(&job, tenant, now);
+            if config
+                .queue_limit
+                .is_some_and(|limit| driver.recorder_mut().waiting_count() >= limit)
+            {
+                driver.recorder_mut().turn_away(&spec, now);
+                continue;
+            }
             if let Some(deadline) = spec.deadline_ms {
                 // The instant the job can no longer make its deadline if it has not started.
                 deadlines.push(Reverse(

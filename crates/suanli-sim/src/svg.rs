@@ -36,6 +36,8 @@ pub struct Chart {
     pub y_range: Option<(f64, f64)>,
     /// The lines.
     pub lines: Vec<Line>,
+    /// A vertical mark at this x, with its label (for example, where a measurement starts).
+    pub marker: Option<(f64, String)>,
 }
 
 const PALETTE: [&str; 6] = [
@@ -224,6 +226,17 @@ pub fn render(chart: &Chart) -> String {
         TOP + ph / 2.0,
         escape(&chart.y_label)
     );
+    if let Some((at, text)) = &chart.marker {
+        let p = px(*at);
+        let _ = writeln!(
+            o,
+            r##"<line x1="{p:.1}" y1="{TOP}" x2="{p:.1}" y2="{:.1}" stroke="#444" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"##,
+            TOP + ph,
+            p + 4.0,
+            TOP + ph - 8.0,
+            escape(text)
+        );
+    }
     for (i, line) in chart.lines.iter().enumerate() {
         let colour = PALETTE[line.colour % PALETTE.len()];
         let dash = if line.dashed {
@@ -286,6 +299,7 @@ mod tests {
                 dashed: true,
                 colour: 1,
             }],
+            marker: Some((4.0, "from here".into())),
         };
         let svg = render(&chart);
         assert_eq!(svg, render(&chart));
@@ -294,6 +308,12 @@ mod tests {
         assert!(svg.contains("a &amp; b"));
         assert!(svg.contains("<polyline"));
         assert!(svg.contains("stroke-dasharray"));
+        // The marker is a vertical line at x = 4 of 0..10 (the plot spans 70..740), labelled.
+        assert!(
+            svg.contains(r#"<line x1="338.0" y1="40" x2="338.0""#),
+            "{svg}"
+        );
+        assert!(svg.contains(">from here</text>"));
         assert!(svg.trim_end().ends_with("</svg>"));
     }
 

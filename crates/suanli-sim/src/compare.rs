@@ -258,6 +258,16 @@ fn is_saturated(s: &Summary) -> bool {
     s.saturated || s.steadiness == Steadiness::Saturated || s.wait_p99_s > SATURATION_P99_WAIT_S
 }
 
+/// A wait of a run for the report: a saturated run's waits grow with the length of the run
+/// (low priorities wait behind a queue that never empties), and are marked so.
+fn wait_cell(s: &Summary, seconds: f64) -> String {
+    if s.steadiness == Steadiness::Saturated && seconds > 0.0 {
+        format!("{}, growing", hours(seconds))
+    } else {
+        hours(seconds)
+    }
+}
+
 /// How the table marks a run's window.
 fn steadiness_label(s: &Summary) -> &'static str {
     match s.steadiness {
@@ -367,7 +377,7 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
                      (utilisation {:.0}%).",
                     hours(SATURATION_P99_WAIT_S),
                     s.demand_p,
-                    hours(s.summary.wait_p99_s),
+                    wait_cell(&s.summary, s.summary.wait_p99_s),
                     if s.summary.turned_away_share > 0.0 {
                         format!(
                             " and {:.0}% of the jobs are turned away at the queue's limit",
@@ -433,8 +443,9 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
         "\nA fleet counts as saturated once the p99 wait passes {}, once its queue grows over \
          the window (the mean number waiting in the window's second half at least twice the \
          first's), or once jobs are turned away at the queue's limit of {}: the share turned \
-         away is then what the fleet cannot serve, and the waits are those of a full queue. \
-         Utilisation cannot reach 100%: jobs naming no model cannot use the H20 and RTX 4090 \
+         away is then what the fleet cannot serve. A saturated fleet's waits are marked \
+         *growing*: low priorities wait behind a queue that never empties, so they lengthen \
+         with the run; read its utilisation and the share turned away instead. Utilisation cannot reach 100%: jobs naming no model cannot use the H20 and RTX 4090 \
          devices, large gangs need whole nodes in one node group, and the engine holds capacity \
          for the first waiting job (EASY backfill).\n",
         hours(SATURATION_P99_WAIT_S),
@@ -485,9 +496,9 @@ fn markdown(config: &GridConfig, runs: &[GridRun], charts: &[(String, Chart)]) -
             s.utilisation * 100.0,
             s.utilisation_local * 100.0,
             s.utilisation_external * 100.0,
-            hours(s.wait_mean_s),
+            wait_cell(s, s.wait_mean_s),
             hours(s.wait_p50_s),
-            hours(s.wait_p99_s),
+            wait_cell(s, s.wait_p99_s),
             hours(s.jct_mean_s),
             s.bounded_slowdown_mean,
             s.jain_fairness,
@@ -692,6 +703,28 @@ mod tests {
             );
         }
         assert!(report.contains("| subsidy (CNY) | tenants paid (CNY) |"));
+        // Saturated runs mark their waits as growing; the others do not. (futian-2024 at
+        // 4000P saturates with these jobs, futian-2025 does not.)
+        assert!(
+            runs.iter()
+                .any(|r| r.summary.steadiness == Steadiness::Saturated)
+        );
+        for r in &runs {
+            let row = report
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "| {} | {} | {:.0} |",
+                        r.fleet,
+                        r.policy.as_str(),
+                        r.demand_p
+                    ))
+                })
+                .unwrap();
+            let saturated =
+                r.summary.steadiness == Steadiness::Saturated && r.summary.wait_p99_s > 0.0;
+            assert_eq!(row.contains(", growing"), saturated, "{row}");
+        }
         assert_eq!(
             report
                 .matches("the subsidy (40% on all pools, unlimited) cost the district ¥")

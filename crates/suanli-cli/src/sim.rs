@@ -577,6 +577,26 @@ mod tests {
     }
 
     #[test]
+    fn warm_up_and_queue_limit_refuse_what_they_cannot_mean() {
+        let run = parse(&["--warmup-hours", "24", "--queue-limit", "500"])
+            .unwrap()
+            .run;
+        assert_eq!((run.warmup_hours, run.queue_limit), (Some(24.0), Some(500)));
+        for bad in ["-1", "soon", "inf"] {
+            let err = parse(&[&format!("--warmup-hours={bad}")]).unwrap_err();
+            assert!(err.contains("--warmup-hours <HOURS>"), "{bad}: {err}");
+        }
+        for bad in ["0", "-3", "many"] {
+            let err = parse(&[&format!("--queue-limit={bad}")]).unwrap_err();
+            assert!(err.contains("--queue-limit <JOBS>"), "{bad}: {err}");
+            let err = parse(&["compare", &format!("--queue-limit={bad}")]).unwrap_err();
+            assert!(err.contains("--queue-limit <QUEUE_LIMIT>"), "{bad}: {err}");
+        }
+        let err = parse(&["compare", "--measure-hours=0"]).unwrap_err();
+        assert!(err.contains("--measure-hours <HOURS>"), "{err}");
+    }
+
+    #[test]
     fn the_summary_shows_cost_and_subsidy() {
         let s = Summary {
             subsidy_policy: Some("50% on local pools, unlimited".into()),

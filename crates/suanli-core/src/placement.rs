@@ -247,12 +247,12 @@ impl Supply {
         }
     }
 
-    /// What the index should record for a group now.
     /// The node groups of model `m` (none for a model the catalogue does not have).
     pub(crate) fn groups_of_model(&self, m: usize) -> &[u32] {
         self.model_groups.get(m).map_or(&[], Vec::as_slice)
     }
 
+    /// What the index should record for a group now.
     pub fn stats(&self, g: u32) -> GroupStats {
         let group = &self.groups[g as usize];
         if self.pools[group.pool.0 as usize].health != PoolHealth::Healthy {

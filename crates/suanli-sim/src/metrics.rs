@@ -188,16 +188,6 @@ pub enum Steadiness {
 }
 
 impl Steadiness {
-    /// Lower-case name, as in the JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Steadiness::Steady => "steady",
-            Steadiness::Filling => "filling",
-            Steadiness::Saturated => "saturated",
-            Steadiness::TooShort => "too_short",
-        }
-    }
-
     /// The verdict over the samples of a window, in time order.
     fn of(samples: &[Sample], capacity: Tflops, turned_away: bool) -> Steadiness {
         if turned_away {
@@ -1195,6 +1185,11 @@ mod tests {
             .collect()
     }
 
+    /// Four hourly samples of (waiting, allocated) `first`, then four of `second`.
+    fn halves(first: (u64, Tflops), second: (u64, Tflops)) -> Vec<Sample> {
+        samples(&[first, first, first, first, second, second, second, second])
+    }
+
     #[test]
     fn steadiness_tells_a_level_window_from_a_filling_or_saturated_one() {
         // Utilisation 70% +- 2 points, a queue of 5 +- 3.
@@ -1204,13 +1199,7 @@ mod tests {
         // Arrivals turned away in the window: saturated, whatever the samples say.
         assert_eq!(Steadiness::of(&level, 1000, true), Steadiness::Saturated);
         // Utilisation from 50% to 70%: still filling.
-        let filling = samples(
-            &[(0, 500); 4]
-                .iter()
-                .chain(&[(0, 700); 4])
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        let filling = halves((0, 500), (0, 700));
         assert_eq!(Steadiness::of(&filling, 1000, false), Steadiness::Filling);
         // The same rise while the offered load rose as much (500 then 700 TFLOPS): following
         // a burst of arrivals is not filling up.
@@ -1222,31 +1211,13 @@ mod tests {
         }
         assert_eq!(Steadiness::of(&following, 1000, false), Steadiness::Steady);
         // Utilisation up by exactly 5 points: steady.
-        let flat = samples(
-            &[(0, 500); 4]
-                .iter()
-                .chain(&[(0, 550); 4])
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        let flat = halves((0, 500), (0, 550));
         assert_eq!(Steadiness::of(&flat, 1000, false), Steadiness::Steady);
         // A queue from 100 to 300 at full use: saturated.
-        let growing = samples(
-            &[(100, 990); 4]
-                .iter()
-                .chain(&[(300, 990); 4])
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        let growing = halves((100, 990), (300, 990));
         assert_eq!(Steadiness::of(&growing, 1000, false), Steadiness::Saturated);
         // A queue from 2 to 12 is noise, not growth (at most twice the first half plus 10).
-        let small = samples(
-            &[(2, 990); 4]
-                .iter()
-                .chain(&[(12, 990); 4])
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        let small = halves((2, 990), (12, 990));
         assert_eq!(Steadiness::of(&small, 1000, false), Steadiness::Steady);
         assert_eq!(
             Steadiness::of(&level[..7], 1000, false),
